@@ -1,0 +1,1 @@
+"""Method-agnostic machinery: configs, registry, targeting, wrapper layers, model ops, io."""

@@ -1,0 +1,116 @@
+"""Config base: typed dataclasses, validated on construction, JSON round trip.
+
+Every method config inherits the fields every method shares (targets, exclusions,
+alpha, modules to train in full) and adds its own. A config is never modified after
+construction by the library: injection reads it, it never writes to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the method cannot use."""
+
+
+def _targets_tuple(value, field_name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(
+        f"{field_name} must be a module name, a 're:' regex or a list of those; "
+        f"got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields shared by every method.
+
+    target_modules: names matched exactly or by dotted suffix, ``re:`` full-match
+        regexes, optional slice selectors such as ``"qkv[q,v]"``; presets in
+        ``visionpeft.presets``.
+    exclude_modules: same syntax; matches are skipped.
+    alpha: the method's scale numerator; ``None`` picks the method's default.
+    modules_to_save: modules (head, norms) trained in full and saved with the adapter;
+        the base copy stays untouched, so ``disabled()`` still gives the base model.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: tuple[str, ...] = ()
+    exclude_modules: tuple[str, ...] = ()
+    alpha: float | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # frozen dataclass: normalise through object.__setattr__ once, at construction.
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            object.__setattr__(self, name, _targets_tuple(getattr(self, name), name))
+        if not self.target_modules and not self.modules_to_save:
+            raise ConfigError(
+                f"{type(self).__name__}: target_modules is empty; give module names, "
+                "a 're:' regex or a preset from visionpeft.presets"
+            )
+        if self.alpha is not None:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+                raise ConfigError(f"alpha must be a number or None, got {self.alpha!r}")
+            if not self.alpha > 0:
+                raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; raise ConfigError saying what is allowed."""
+
+    # --- serialisation -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if cls.method and method != cls.method:
+            raise ConfigError(f"{cls.__name__} reads method {cls.method!r}, got {method!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} has no field(s) {unknown}; its fields are {sorted(known)}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def check_positive_int(cfg: AdapterConfig, name: str, minimum: int = 1) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"{type(cfg).__name__}.{name} must be an integer >= {minimum}, got {value!r}"
+        )
+
+
+def check_choice(cfg: AdapterConfig, name: str, choices) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(
+            f"{type(cfg).__name__}.{name}={value!r} is not allowed; choose one of {sorted(choices)}"
+        )
+
+
+__all__ = ["AdapterConfig", "ConfigError", "check_positive_int", "check_choice", "field"]

@@ -1,0 +1,201 @@
+"""Saving and loading adapters: safetensors only, atomic writes, strict checks.
+
+A saved adapter is a folder with
+  adapter_config.json        format, version, method, config, every target layer with its
+                             kind, parts and base weight shape
+  adapter_model.safetensors  tensors keyed ``<layer>.<param>`` (whole layer) or
+                             ``<layer>[<part>].<param>`` (a q/k/v/in_proj/out_proj part),
+                             plus ``<module>.<param>`` for modules trained in full
+Loading checks all of it against the model before the model is touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from .layers import AdaptedLayerBase, host_spec
+from .model_ops import InjectionPlan, adapted_layers, attach, get_state, trained_copies
+from .registry import config_from_dict, get_method
+from .targeting import adaptable_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "visionpeft"
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter does not fit the model, or is not one of ours."""
+
+
+def _key(layer: str, part: str, param: str) -> str:
+    return f"{layer}.{param}" if part == "full" else f"{layer}[{part}].{param}"
+
+
+def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (tensors, targets metadata) of one adapter, in the saved layout."""
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, dict] = {}
+    for lname, layer in adapted_layers(model).items():
+        if name not in layer.adapters:
+            continue
+        parts = layer.adapters[name]
+        weight = layer._weights()["weight"]
+        targets[lname] = {"kind": layer.kind, "parts": list(parts.keys()),
+                          "base_shape": list(weight.shape)}
+        for part, mod in parts.items():
+            for pname, tensor in mod.state_dict().items():
+                tensors[_key(lname, part, pname)] = tensor.detach().contiguous()
+    saved_modules = {}
+    for mname, holder in trained_copies(model).items():
+        if name in holder.copies:
+            sd = holder.copies[name].state_dict()
+            saved_modules[mname] = {k: list(v.shape) for k, v in sd.items()}
+            for pname, tensor in sd.items():
+                tensors[f"{mname}.{pname}"] = tensor.detach().contiguous()
+    return tensors, {"targets": targets, "modules_to_save": saved_modules}
+
+
+def _atomic_write_dir(path: Path, write) -> None:
+    """Write a folder's files into a temporary sibling, then swap it in, so that an
+    interrupted save leaves the previous folder as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` to the folder ``path`` (created or replaced atomically)."""
+    state = get_state(model)
+    if name not in state.configs:
+        raise KeyError(f"no adapter named {name!r}; this model has {list(state.configs)}")
+    config = state.configs[name]
+    spec = get_method(config.method)
+    tensors, meta = adapter_tensors(model, name)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "visionpeft_version": __version__,
+           "name": name, "method": config.method, "method_version": spec.version,
+           "config": config.to_dict(), **meta,
+           "trainable_parameters": sum(t.numel() for t in tensors.values())}
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "method": config.method,
+              "name": name}
+
+    def write(folder: Path):
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME), metadata=header)
+        (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+    path = Path(path)
+    _atomic_write_dir(path, write)
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; is it an adapter folder?")
+    doc = json.loads(cfg_file.read_text())
+    if doc.get("format") != FORMAT:
+        kind = "a PEFT adapter" if "peft_type" in doc else "not a visionpeft adapter"
+        raise AdapterFileError(f"{cfg_file} is {kind}; vp.load_adapter reads folders written "
+                               "by vp.save_adapter")
+    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+        raise AdapterFileError(f"{cfg_file} has format_version {doc['format_version']}; this "
+                               f"visionpeft reads up to {FORMAT_VERSION}: upgrade visionpeft")
+    return doc
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Inject an adapter from a folder written by `save_adapter`. Everything (method,
+    version, layers, every tensor's shape) is checked before the model changes."""
+    path = Path(path)
+    doc = read_adapter_config(path)
+    name = name or doc.get("name", "default")
+    spec = get_method(doc["method"])
+    if int(doc.get("method_version", 1)) != spec.version:
+        raise AdapterFileError(f"{path}: saved with {doc['method']} layout version "
+                               f"{doc.get('method_version')}, this visionpeft has {spec.version}")
+    config = config_from_dict(doc["config"])
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    plan = _plan_from_file(model, config, name, doc, tensors, path)
+    return attach(model, plan)
+
+
+def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
+    from .model_ops import plan_injection
+
+    state = get_state(model, required=False)
+    if state is not None and name in state.configs:
+        raise ValueError(f"the model already has an adapter named {name!r}")
+    layers = adaptable_layers(model)
+    targets = {}
+    for lname, info in doc["targets"].items():
+        if lname not in layers:
+            raise AdapterFileError(f"{path}: layer {lname!r} is not in this model (or is not "
+                                   "a Linear/Conv2d/MultiheadAttention here)")
+        kind, module = layers[lname]
+        base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
+        weight = base.in_proj_weight if kind == "mha" else base.weight
+        if kind != info["kind"] or list(weight.shape) != list(info["base_shape"]):
+            raise AdapterFileError(
+                f"{path}: layer {lname}: the adapter was saved for a {info['kind']} weight of "
+                f"shape {tuple(info['base_shape'])}, this model's is a {kind} of shape "
+                f"{tuple(weight.shape)}")
+        for part in info["parts"]:
+            host_spec(base, part)
+        targets[lname] = (kind, tuple(info["parts"]))
+    # modules_to_save come from the file's list, not from re-matching patterns
+    plan = plan_injection(model, config.replace(modules_to_save=()), name, targets=targets)
+    plan.config = config
+    expected: dict[str, torch.Tensor] = {}
+    for lname, (_, mods) in plan.layers.items():
+        for part, mod in mods.items():
+            for pname, t in mod.state_dict().items():
+                expected[_key(lname, part, pname)] = t
+    named = dict(model.named_modules())
+    for mname, shapes in doc.get("modules_to_save", {}).items():
+        if mname not in named:
+            raise AdapterFileError(f"{path}: module {mname!r} (trained in full) is not in this model")
+        module = named[mname]
+        sd = (module.base_layer if hasattr(module, "copies") else module).state_dict()
+        for pname, t in sd.items():
+            expected[f"{mname}.{pname}"] = t
+        plan.save_modules.append(mname)
+        plan.module_states[mname] = {p: f"{mname}.{p}" for p in sd}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{path}: tensors missing from the file: {missing[:8]}; tensors "
+                               f"the model has no place for: {unexpected[:8]}")
+    for key, t in expected.items():
+        if tuple(tensors[key].shape) != tuple(t.shape):
+            raise AdapterFileError(f"{path}: {key}: the file holds shape {tuple(tensors[key].shape)}, "
+                                   f"the model needs {tuple(t.shape)}")
+    for lname, (_, mods) in plan.layers.items():
+        for part, mod in mods.items():
+            prefix = _key(lname, part, "")
+            mod.load_state_dict({k: tensors[prefix + k] for k in mod.state_dict()})
+    plan.module_states = {m: {p: tensors[k] for p, k in keys.items()}
+                          for m, keys in plan.module_states.items()}
+    return plan

@@ -1,0 +1,288 @@
+"""Wrapper layers: they hold the host layer and named adapters, and know no method.
+
+Every wrapper of one model shares one `AdapterState` (active names, scales, disabled,
+routing), so switching adapters changes one object, whatever the number of adapters or
+layers. A wrapper replaces the host layer in its parent; the host layer itself is kept
+untouched as ``base_layer`` (wrap, don't patch), and `remove` puts it back.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import AdapterModule, HostSpec
+
+
+@dataclass
+class AdapterState:
+    """Model-wide adapter settings read by every wrapper at forward time."""
+
+    configs: dict = field(default_factory=dict)  # name -> AdapterConfig
+    active: tuple[str, ...] = ()
+    scales: dict[str, float] = field(default_factory=dict)
+    disabled: bool = False
+    routing: tuple[str | None, ...] | None = None  # one adapter name (or None) per batch row
+    merged: tuple[str, ...] = ()
+    frozen_flags: dict[str, bool] = field(default_factory=dict)  # param -> requires_grad before inject
+
+
+def _rows(part: str, out_features: int) -> tuple[int, int] | None:
+    """Row range of a slice in a fused (3 * d, in) weight; None for the whole weight."""
+    if part in ("full", "in_proj"):
+        return None
+    d = out_features // 3
+    i = "qkv".index(part)
+    return i * d, (i + 1) * d
+
+
+def host_spec(base_layer: nn.Module, part: str) -> HostSpec:
+    """What the adapter of one part sees of a host layer: its rows of the weight."""
+    if isinstance(base_layer, nn.MultiheadAttention):
+        if not base_layer._qkv_same_embed_dim:
+            raise TypeError("MultiheadAttention with kdim/vdim != embed_dim keeps separate "
+                            "q/k/v weights; only the packed in_proj layout can be adapted")
+        e = base_layer.embed_dim
+        return HostSpec("linear", 3 * e if part == "in_proj" else e, e)
+    full = HostSpec.from_module(base_layer)
+    rows = _rows(part, full.out_features)
+    return full if rows is None else HostSpec.from_module(base_layer, rows[1] - rows[0])
+
+
+def _is_autocast() -> bool:
+    return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
+
+
+def _apply_delta(mod: AdapterModule, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * delta(x), casting when the adapter is kept in another dtype than the host."""
+    dtype = mod.compute_dtype
+    if x.dtype == dtype and y.dtype == dtype or _is_autocast():
+        return mod.add_delta(x, y, scale)
+    d = mod.delta(x.to(dtype))
+    return y + (d * scale).to(y.dtype)
+
+
+class AdaptedLayerBase(nn.Module, abc.ABC):
+    """Common bookkeeping: adapters by name and part, merge state, attribute fallthrough."""
+
+    kind: str = ""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()  # name -> ModuleDict(part -> AdapterModule)
+        self.state = state
+        self.merged_names: tuple[str, ...] = ()
+        # kept copies of the host weights while merged: unmerge restores them bit for bit
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            # host code reads e.g. `.weight`, `.in_features`, `.batch_first` of its layers
+            return getattr(self._modules["base_layer"], name)
+
+    # --- adapters -------------------------------------------------------------
+    def host_spec(self, part: str) -> HostSpec:
+        return host_spec(self.base_layer, part)
+
+    def add_adapter(self, name: str, parts: dict[str, AdapterModule]) -> None:
+        self.adapters[name] = nn.ModuleDict(parts)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+
+    def parts(self, name: str):
+        return self.adapters[name].items() if name in self.adapters else ()
+
+    # --- merge --------------------------------------------------------------
+    @abc.abstractmethod
+    def _weights(self) -> dict[str, nn.Parameter]:
+        """{key: host parameter} that adapters of this layer update."""
+
+    def deltas(self, names, scales, fp32: bool = False) -> dict[str, torch.Tensor]:
+        """Sum of scale * dW per host weight, slices placed at their rows.
+
+        Differentiable (the MHA forward uses it); merges call it under no_grad in fp32.
+        """
+        weights = self._weights()
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            for part, mod in self.parts(name):
+                key = "out_proj" if part == "out_proj" else "weight"
+                d = mod.delta_weight()
+                d = (d.float() if fp32 else d) * scales[name]
+                rows = None if key == "out_proj" else _rows(part, weights[key].shape[0])
+                if rows is not None:
+                    pad = [d.new_zeros(d.shape)] * 3
+                    pad["qkv".index(part)] = d
+                    d = torch.cat(pad, 0)
+                out[key] = out[key] + d if key in out else d
+        return out
+
+    @torch.no_grad()
+    def merge(self, names, scales, keep_original: bool = True) -> None:
+        if self.merged_names:
+            raise RuntimeError("layer is already merged; unmerge first")
+        weights = self._weights()
+        new = {}
+        for key, total in self.deltas(names, scales, fp32=True).items():
+            w = weights[key]
+            merged = w.float() + total.to(w.device)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging {names} gives non-finite weights; nothing was merged")
+            new[key] = merged.to(w.dtype)
+        for key, value in new.items():
+            w = weights[key]
+            if keep_original:
+                self._kept[key] = w.data
+            w.data = value
+        self.merged_names = tuple(n for n in names if n in self.adapters)
+        self._merge_scales = {n: scales[n] for n in self.merged_names}
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged_names:
+            return
+        weights = self._weights()
+        if self._kept:
+            for key, original in self._kept.items():
+                weights[key].data = original
+        else:  # merged without a kept copy: subtract in fp32 (not bit-exact in half precision)
+            for key, total in self.deltas(self.merged_names, self._merge_scales, fp32=True).items():
+                w = weights[key]
+                w.data = (w.float() - total.to(w.device)).to(w.dtype)
+        self._kept = {}
+        self.merged_names = ()
+
+    def _apply(self, fn, recurse=True):
+        # kept copies follow .to()/.half() of the model like the weights they stand for
+        out = super()._apply(fn, recurse)
+        self._kept = {k: fn(v) for k, v in self._kept.items()}
+        return out
+
+
+class AdaptedLayer(AdaptedLayerBase):
+    """nn.Linear or nn.Conv2d with adapters; q/k/v slices for a fused Linear."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState):
+        super().__init__(base_layer, state)
+        self.kind = "linear" if isinstance(base_layer, nn.Linear) else "conv2d"
+        self._slices: dict[str, tuple[int, int] | None] = {}
+
+    def add_adapter(self, name, parts):
+        super().add_adapter(name, parts)
+        out = self.base_layer.weight.shape[0]
+        for part in parts:
+            self._slices[part] = _rows(part, out)
+
+    def _weights(self):
+        return {"weight": self.base_layer.weight}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        st = self.state
+        if st.disabled or self.merged_names:
+            return y
+        if st.routing is not None:
+            return self._routed(x, y, st)
+        for name in st.active:
+            if name not in self.adapters:
+                continue
+            scale = st.scales[name]
+            for part, mod in self.adapters[name].items():
+                y = self._add(mod, part, x, y, scale)
+        return y
+
+    def _add(self, mod, part, x, y, scale):
+        rows = self._slices[part]
+        if rows is None:
+            return _apply_delta(mod, x, y, scale)
+        s, e = rows
+        y[..., s:e] = _apply_delta(mod, x, y[..., s:e], scale)
+        return y
+
+    def _routed(self, x, y, st):
+        if x.shape[0] != len(st.routing):
+            raise ValueError(f"routing gives {len(st.routing)} rows but this layer's input "
+                             f"has batch size {x.shape[0]} on dim 0")
+        for name in dict.fromkeys(st.routing):
+            if name is None or name not in self.adapters:
+                continue
+            idx = torch.tensor([i for i, n in enumerate(st.routing) if n == name], device=x.device)
+            xi, yi = x.index_select(0, idx), y.index_select(0, idx)
+            for part, mod in self.adapters[name].items():
+                yi = self._add(mod, part, xi, yi, st.scales[name])
+            y = y.index_copy(0, idx, yi)
+        return y
+
+
+class AdaptedMultiheadAttention(AdaptedLayerBase):
+    """nn.MultiheadAttention with adapters on its in_proj (whole or q/k/v) and out_proj.
+
+    MHA's forward reads its weights directly instead of calling submodules, so adapters
+    act in weight space here: the forward runs the host's own code (batch_first, masks,
+    need_weights all unchanged) with W + dW through ``torch.func.functional_call``.
+    dW is (E, E)-sized, small next to attention over a sequence.
+    """
+
+    kind = "mha"
+
+    def _weights(self):
+        return {"weight": self.base_layer.in_proj_weight,
+                "out_proj": self.base_layer.out_proj.weight}
+
+    def forward(self, *args, **kwargs):
+        st = self.state
+        if st.disabled or self.merged_names:
+            return self.base_layer(*args, **kwargs)
+        if st.routing is not None:
+            raise RuntimeError("per-row routing does not reach nn.MultiheadAttention layers "
+                               "yet; run each adapter's rows as their own batch")
+        names = [n for n in st.active if n in self.adapters]
+        if not names:
+            return self.base_layer(*args, **kwargs)
+        params = {}
+        base = self.base_layer
+        for key, total in self.deltas(names, st.scales).items():
+            pname = "in_proj_weight" if key == "weight" else "out_proj.weight"
+            w = base.in_proj_weight if key == "weight" else base.out_proj.weight
+            params[pname] = w + total.to(w.dtype)
+        return torch.func.functional_call(base, params, args, kwargs)
+
+
+class TrainedCopy(nn.Module):
+    """A module trained in full for an adapter (`modules_to_save`): the base stays frozen
+    and untouched; each adapter owns a copy; the active adapter's copy runs."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+        self.state = state
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "copies"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def current(self) -> nn.Module:
+        st = self.state
+        if st.disabled:
+            return self.base_layer
+        names = [n for n in st.active if n in self.copies]
+        if len(names) > 1:
+            raise RuntimeError(f"adapters {names} each train their own copy of this module; "
+                               "activate only one of them")
+        return self.copies[names[0]] if names else self.base_layer
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
