@@ -5,6 +5,8 @@ Syntax of one entry:
   ``"re:.*attn2.*"``     a full-match regex over dotted module names (adaptable layers only)
   ``"qkv[q,v]"``        only the q and v thirds of a fused projection (Linear out = 3 * d)
   ``"attn[q,v]"``       the same on an nn.MultiheadAttention's in_proj; ``[out]`` its out_proj
+  ``"re:.*visual.*attn[q,v]"``  a regex may end in a selector too: a trailing bracket
+                        that lists part names (q, k, v, in_proj, out, out_proj) is read as one
 A bare nn.MultiheadAttention name adapts its whole in_proj and its out_proj.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import nn
 LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.MultiheadAttention: "mha"}
 FUSED_SLICES = ("q", "k", "v")
 MHA_PARTS = ("in_proj", "q", "k", "v", "out_proj")
-_SLICE_RE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<parts>[A-Za-z_,\s]+)\]$")
+_SLICE_RE = re.compile(r"^(?P<name>.+?)\[(?P<parts>[A-Za-z_,\s]+)\]$")
+_PART_NAMES = {"q", "k", "v", "in_proj", "out", "out_proj"}
 
 
 class TargetError(ValueError):
@@ -38,14 +41,16 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def parse_entry(entry: str) -> tuple[str, tuple[str, ...] | None, bool]:
     """-> (pattern, slice parts or None, is_regex)."""
-    if entry.startswith("re:"):
-        return entry[3:], None, True
-    m = _SLICE_RE.match(entry.strip())
+    is_regex = entry.startswith("re:")
+    body = entry[3:] if is_regex else entry.strip()
+    m = _SLICE_RE.match(body)
     if m:
         parts = tuple(p.strip() for p in m.group("parts").split(",") if p.strip())
-        parts = tuple("out_proj" if p == "out" else p for p in parts)
-        return m.group("name"), parts, False
-    return entry.strip(), None, False
+        # in a regex, only a bracket made of part names is a selector, not a char class
+        if not is_regex or set(parts) <= _PART_NAMES:
+            parts = tuple("out_proj" if p == "out" else p for p in parts)
+            return m.group("name"), parts, is_regex
+    return body, None, is_regex
 
 
 def _matches(name: str, pattern: str, is_regex: bool) -> bool:

@@ -1,0 +1,72 @@
+"""Shared fixtures: offline hub, small thread count, toy hosts, per-method tiny configs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import visionpeft as vp  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# One tiny config per registered method; test_registry_covers_every_method keeps this
+# in step with the registry, so a new method is put under every shared test body.
+METHOD_CONFIGS = {
+    "lora": lambda targets, **kw: vp.LoRAConfig(r=3, alpha=6.0, target_modules=targets, **kw),
+}
+
+
+def make_config(method, targets, **kw):
+    return METHOD_CONFIGS[method](targets, **kw)
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Move every adapter away from its zero init, so that no check passes by dW = 0."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".adapters." in name or ".copies." in name:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+class ToyNet(nn.Module):
+    """Every layer kind at odd, prime and non-square sizes: a fused qkv Linear, convs
+    with stride / padding / dilation / groups, and an nn.MultiheadAttention."""
+
+    def __init__(self, dim=15, batch_first=True):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, 7)
+        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
+        self.conv_dil = nn.Conv2d(5, 6, (3, 2), stride=1, padding=2, dilation=2, bias=False)
+        self.conv_grp = nn.Conv2d(6, 4, 1, groups=2)
+        self.attn = nn.MultiheadAttention(dim, 3, batch_first=batch_first)
+        self.batch_first = batch_first
+        self.head = nn.Linear(7 + 4, 2)
+
+    def forward(self, x, img):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        h, _ = self.attn(q, k, v, need_weights=False)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        t = self.proj(h).mean(1)
+        c = self.conv_grp(self.conv_dil(self.conv(img))).mean((2, 3))
+        return self.head(torch.cat([t, c], -1))
+
+
+TOY_TARGETS = ["qkv[q,v]", "proj", "conv", "conv_dil", "conv_grp", "attn"]
+
+
+def toy_inputs(batch=3, seq=5, dim=15, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, dim, generator=g), torch.randn(batch, 3, 11, 9, generator=g)
+
+
+@pytest.fixture
+def toy():
+    torch.manual_seed(0)
+    return ToyNet().eval()

@@ -1,0 +1,60 @@
+"""Every host family x every method, on tiny configs built locally (no hub)."""
+import copy
+
+import pytest
+import torch
+from conftest import METHOD_CONFIGS, make_config, randomize_adapters
+
+import visionpeft as vp
+from visionpeft.backbones import presets
+from visionpeft.backbones.tiny import TINY_HOSTS, build_tiny, example_inputs, run_host
+from visionpeft.core.targeting import resolve_targets
+
+CASES = [(h, m) for h in TINY_HOSTS for m in sorted(METHOD_CONFIGS)]
+
+
+@pytest.mark.parametrize("host,method", CASES)
+def test_host_adapter_disable_merge_remove(host, method):
+    model = build_tiny(host)
+    base = copy.deepcopy(model).requires_grad_(False)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = example_inputs(host)
+    targets = presets.PRESETS[presets.HOST_PRESETS[host]]
+    vp.inject(model, make_config(method, targets), name="a")
+    assert vp.summary(model).rows, "the preset adapted nothing"
+    randomize_adapters(model, std=0.05)
+    with torch.no_grad():
+        ref = run_host(host, base, inputs)
+        out = run_host(host, model, inputs)
+        with vp.disabled(model):
+            off = run_host(host, model, inputs)
+        vp.merge(model)
+        merged = run_host(host, model, inputs)
+        vp.unmerge(model)
+    assert torch.equal(off, ref)
+    assert (out - ref).abs().max() > 1e-4
+    tol = 1e-5 * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(merged, out, atol=tol, rtol=1e-5)
+    vp.remove(model)
+    new_sd = model.state_dict()
+    assert list(new_sd) == list(sd)
+    assert all(torch.equal(new_sd[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_resolves_on_some_tiny_host(name):
+    preset = presets.PRESETS[name]
+    hits = []
+    for host in TINY_HOSTS:
+        try:
+            hits.append(resolve_targets(build_tiny(host), preset))
+        except vp.TargetError:
+            continue
+    assert any(hits), f"preset {name} matches no tiny host"
+
+
+def test_clip_vision_qkv_touches_only_the_vision_tower():
+    model = build_tiny("open_clip")
+    found = resolve_targets(model, presets.CLIP_VISION_QKV)
+    assert found and all(n.startswith("visual.") for n in found)
+    assert all(parts == ("q", "k", "v") for _, parts in found.values())

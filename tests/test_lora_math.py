@@ -1,0 +1,160 @@
+"""LoRA values against hand-built references: dW = (alpha/r) B A, each layer kind, MHA."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.methods.lora import lora_add_linear
+
+
+def _single(layer, cfg, name="a", seed=0):
+    model = nn.Sequential(layer)
+    vp.inject(model, cfg, name=name)
+    randomize_adapters(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("rs", [False, True])
+def test_linear_delta_weight_is_scaled_BA(rs):
+    model = _single(nn.Linear(17, 11), vp.LoRAConfig(r=3, alpha=5.0, rank_stabilized=rs, target_modules=["0"]))
+    mod = model[0].adapters["a"]["full"]
+    scale = 5.0 / (math.sqrt(3) if rs else 3)
+    expected = scale * mod.lora_B.detach() @ mod.lora_A.detach()
+    torch.testing.assert_close(vp.delta_weight(model, "0"), expected, atol=1e-6, rtol=1e-6)
+    x = torch.randn(2, 4, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.linear(x, model[0].weight + expected, model[0].bias),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_alpha_none_means_scale_one():
+    model = _single(nn.Linear(6, 5), vp.LoRAConfig(r=2, target_modules=["0"]))
+    mod = model[0].adapters["a"]["full"]
+    torch.testing.assert_close(mod.delta_weight(), (mod.lora_B @ mod.lora_A).detach())
+
+
+def test_init_starts_at_zero_delta():
+    model = nn.Sequential(nn.Linear(6, 5))
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]))
+    assert torch.count_nonzero(vp.delta_weight(model, "0")) == 0
+    assert model[0].adapters["default"]["full"].lora_A.abs().sum() > 0
+
+
+CONVS = [
+    dict(in_channels=3, out_channels=5, kernel_size=3),
+    dict(in_channels=4, out_channels=7, kernel_size=(3, 2), stride=2, padding=1),
+    dict(in_channels=5, out_channels=3, kernel_size=3, dilation=2, padding="same"),
+    dict(in_channels=6, out_channels=4, kernel_size=3, groups=2, padding=1),
+    dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1),  # depthwise
+]
+
+
+@pytest.mark.parametrize("kw", CONVS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+def test_conv_forward_equals_conv_with_merged_kernel(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kw)
+    model = _single(conv, vp.LoRAConfig(r=2, alpha=3.0, target_modules=["0"]))
+    mod = model[0].adapters["a"]["full"]
+    dW = 1.5 * (mod.lora_B @ mod.lora_A).detach().reshape(conv.weight.shape)
+    torch.testing.assert_close(vp.delta_weight(model, "0"), dW, atol=1e-6, rtol=1e-6)
+    x = torch.randn(2, kw["in_channels"], 9, 8)
+    expected = F.conv2d(x, conv.weight + dW, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_slices_touch_only_their_rows():
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 30)
+    model = _single(lin, vp.LoRAConfig(r=2, target_modules=["0[q,v]"]))
+    dW = vp.delta_weight(model, "0")
+    assert torch.count_nonzero(dW[10:20]) == 0 and torch.count_nonzero(dW[:10]) > 0
+    q, v = model[0].adapters["a"]["q"], model[0].adapters["a"]["v"]
+    torch.testing.assert_close(dW[:10], (q.lora_B @ q.lora_A).detach())
+    torch.testing.assert_close(dW[20:], (v.lora_B @ v.lora_A).detach())
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.linear(x, lin.weight + dW, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def _manual_mha(x, w_in, b_in, w_out, b_out, heads):
+    """Self-attention written out by hand (batch first), no dropout, no mask."""
+    b, n, e = x.shape
+    q, k, v = F.linear(x, w_in, b_in).chunk(3, -1)
+    split = lambda t: t.view(b, n, heads, e // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    att = (q @ k.transpose(-1, -2) / math.sqrt(e // heads)).softmax(-1)
+    out = (att @ v).transpose(1, 2).reshape(b, n, e)
+    return F.linear(out, w_out, b_out), att.mean(1)
+
+
+@pytest.mark.parametrize("targets", [["0"], ["0[q,v]"], ["0.out_proj"], ["0[k,out]"]])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_equals_manual_attention_with_updated_weights(targets, batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, batch_first=batch_first)
+    model = _single(mha, vp.LoRAConfig(r=2, target_modules=targets))
+    d_in = vp.delta_weight(model, "0")
+    d_out = vp.delta_weight(model, "0.out_proj")
+    assert d_in.shape == (36, 12) and d_out.shape == (12, 12)
+    assert torch.count_nonzero(d_in) + torch.count_nonzero(d_out) > 0
+    x = torch.randn(2, 5, 12)
+    ref, ref_w = _manual_mha(x, mha.in_proj_weight + d_in, mha.in_proj_bias,
+                             mha.out_proj.weight + d_out, mha.out_proj.bias, 3)
+    inp = x if batch_first else x.transpose(0, 1)
+    with torch.no_grad():
+        out, w = model[0](inp, inp, inp, need_weights=True)
+        out_fast, none = model[0](inp, inp, inp, need_weights=False)
+    out = out if batch_first else out.transpose(0, 1)
+    out_fast = out_fast if batch_first else out_fast.transpose(0, 1)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_fast, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, ref_w.detach(), atol=1e-6, rtol=1e-5)
+    assert none is None
+
+
+def test_mha_gradients_reach_the_factors():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    model = _single(mha, vp.LoRAConfig(r=2, target_modules=["0"]))
+    x = torch.randn(2, 3, 8)
+    model[0](x, x, x)[0].sum().backward()
+    for part in ("in_proj", "out_proj"):
+        mod = model[0].adapters["a"][part]
+        assert mod.lora_A.grad is not None and mod.lora_A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(5, 13), (2, 3, 13)])
+def test_fused_add_gradients_match_autograd_reference(shape):
+    """lora_add_linear (addmm-fused) gives the same values and gradients as the plain
+    two-linear form."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    y = torch.randn(*shape[:-1], 7, requires_grad=True)
+    A = torch.randn(3, 13, requires_grad=True)
+    B = torch.randn(7, 3, requires_grad=True)
+    out = lora_add_linear(x, y, A, B, 0.7)
+    ref = y + 0.7 * F.linear(F.linear(x, A), B)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, y, A, B), g)
+    ref_grads = torch.autograd.grad(ref, (x, y, A, B), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_applies_only_in_training():
+    model = _single(nn.Linear(20, 20), vp.LoRAConfig(r=4, dropout=0.5, target_modules=["0"]))
+    x = torch.randn(8, 20)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        c = model(x)
+    assert not torch.allclose(c, a)

@@ -1,0 +1,246 @@
+"""Shared bodies over every registered method on the toy host: switching, merge, remove."""
+import copy
+
+import pytest
+import torch
+from conftest import METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
+
+import visionpeft as vp
+
+METHODS = sorted(METHOD_CONFIGS)
+
+
+def test_registry_covers_every_method():
+    assert sorted(vp.list_methods()) == METHODS
+
+
+def _adapted(method, name="a", seed=0, batch_first=True):
+    torch.manual_seed(0)
+    model = ToyNet(batch_first=batch_first).eval()
+    base = copy.deepcopy(model).requires_grad_(False)
+    vp.inject(model, make_config(method, TOY_TARGETS), name=name)
+    randomize_adapters(model, seed)
+    return base, model
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_disabled_is_base_and_adapter_changes_output(method, batch_first):
+    base, model = _adapted(method, batch_first=batch_first)
+    x, img = toy_inputs()
+    with torch.no_grad():
+        ref = base(x, img)
+        out = model(x, img)
+        with vp.disabled(model):
+            off = model(x, img)
+    assert torch.equal(off, ref)
+    assert (out - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_equals_unmerged_and_round_trips(method):
+    _, model = _adapted(method)
+    x, img = toy_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        live = model(x, img)
+        vp.merge(model)
+        merged = model(x, img)
+        with vp.disabled(model):  # unmerges inside, merges again after
+            pass
+        again = model(x, img)
+    torch.testing.assert_close(merged, live, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, merged, atol=0, rtol=0)
+    vp.unmerge(model)
+    for _ in range(100):
+        vp.merge(model)
+        vp.unmerge(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_merge_is_exact_and_close(method, dtype):
+    _, model = _adapted(method)
+    model.to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, img = (t.to(dtype) for t in toy_inputs())
+    with torch.no_grad():
+        live = model(x, img).float()
+        vp.merge(model)
+        merged = model(x, img).float()
+    vp.unmerge(model)
+    for _ in range(20):
+        vp.merge(model)
+        vp.unmerge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(merged, live, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_without_kept_copy_is_close(method):
+    _, model = _adapted(method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(100):
+        vp.merge(model, keep_original=False)
+        vp.unmerge(model)
+    worst = max((v - before[k]).abs().max().item() for k, v in model.state_dict().items())
+    assert worst <= 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_modules_and_state_dict(method):
+    torch.manual_seed(0)
+    model = ToyNet()
+    originals = {n: m for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.head.weight.requires_grad_(False)
+    flags["head.weight"] = False
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    vp.inject(model, make_config(method, TOY_TARGETS), name="a")
+    vp.inject(model, make_config(method, ["proj", "qkv[k]"]), name="b")
+    randomize_adapters(model)
+    vp.merge(model)
+    vp.remove(model, "a")
+    assert list(model.proj.adapters) == ["b"] and vp.active_adapters(model) == ("b",)
+    vp.remove(model)
+    assert all(model.get_submodule(n) is m for n, m in originals.items() if n)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    new_sd = model.state_dict()
+    assert list(new_sd) == list(sd)
+    assert all(torch.equal(new_sd[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_adapters_active_set_and_scale(method):
+    _, model = _adapted(method, name="a")
+    vp.inject(model, make_config(method, ["proj", "conv", "attn[k]"]), name="b")
+    randomize_adapters(model, seed=1)
+    x, img = toy_inputs()
+    with torch.no_grad():
+        vp.set_active(model, ["a"])
+        ya = model(x, img)
+        vp.set_active(model, "b")
+        yb = model(x, img)
+        vp.set_active(model, [])
+        y0 = model(x, img)
+        vp.set_active(model, ["a", "b"])
+        yab = model(x, img)
+        vp.set_scale(model, "b", 0.0)
+        ya_again = model(x, img)
+        vp.set_scale(model, "b", 1.0)
+    assert not torch.allclose(ya, yb)
+    torch.testing.assert_close(ya_again, ya, atol=1e-6, rtol=0)
+    assert not torch.allclose(yab, ya) and not torch.allclose(yab, yb)
+    with torch.no_grad(), vp.disabled(model):
+        torch.testing.assert_close(model(x, img), y0, atol=0, rtol=0)
+    # merged weights of both adapters match the live sum
+    with torch.no_grad():
+        vp.merge(model)
+        torch.testing.assert_close(model(x, img), yab, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        vp.set_active(model, ["a"])
+    vp.unmerge(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_is_linear_in_delta(method):
+    """set_scale(s) moves the output of a single adapted Linear by s * delta."""
+    lin = torch.nn.Sequential(torch.nn.Linear(13, 11))
+    x = torch.randn(4, 13)
+    vp.inject(lin, make_config(method, ["0"]), name="a")
+    randomize_adapters(lin)
+    with torch.no_grad():
+        y1 = lin(x)
+        vp.set_scale(lin, "a", 2.5)
+        y25 = lin(x)
+        with vp.disabled(lin):
+            y0 = lin(x)
+    torch.testing.assert_close(y25 - y0, 2.5 * (y1 - y0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_routing_equals_each_row_alone(method):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 12), torch.nn.GELU(), torch.nn.Linear(12, 5))
+    vp.inject(model, make_config(method, ["0", "2"]), name="a")
+    vp.inject(model, make_config(method, ["2"]), name="b")
+    randomize_adapters(model)
+    x = torch.randn(4, 3, 9)
+    rows = ["a", None, "b", "a"]
+    with torch.no_grad():
+        with vp.routing(model, rows):
+            mixed = model(x)
+        for i, name in enumerate(rows):
+            if name is None:
+                with vp.disabled(model):
+                    alone = model(x[i:i + 1])
+            else:
+                vp.set_active(model, [name])
+                alone = model(x[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_training_updates_only_adapters(toy):
+    vp.inject(toy, make_config("lora", TOY_TARGETS), name="a")
+    names = [n for n, p in toy.named_parameters() if p.requires_grad]
+    assert names and all(".adapters.a." in n for n in names)
+    assert vp.trainable_parameters(toy) == sum(p.numel() for p in toy.parameters() if p.requires_grad)
+    x, img = toy_inputs()
+    toy.train()
+    base_before = {n: p.clone() for n, p in toy.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in toy.parameters() if p.requires_grad], lr=0.1)
+    toy(x, img).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(p, base_before[n]) for n, p in toy.named_parameters() if not p.requires_grad)
+    b = toy.proj.adapters["a"]["full"].lora_B
+    assert b.abs().sum() > 0, "B should have moved off zero after one step"
+
+
+def test_modules_to_save_trains_a_copy(toy):
+    x, img = toy_inputs()
+    with torch.no_grad():  # MHA picks its kernel by requires_grad: compare frozen to frozen
+        ref = copy.deepcopy(toy).requires_grad_(False)(x, img)
+    vp.inject(toy, vp.LoRAConfig(r=2, target_modules=["proj"], modules_to_save=["head"]), name="a")
+    assert toy.head.copies["a"].weight.requires_grad and not toy.head.base_layer.weight.requires_grad
+    with torch.no_grad():
+        toy.head.copies["a"].weight.add_(1.0)
+        with vp.disabled(toy):
+            assert torch.equal(toy(x, img), ref)
+        assert not torch.allclose(toy(x, img), ref)
+
+
+def test_bad_input_leaves_model_untouched(toy):
+    sd = {k: v.clone() for k, v in toy.state_dict().items()}
+    modules = dict(toy.named_modules())
+    with pytest.raises(ValueError, match=r"rank r=40 is larger.*use r <= 15"):
+        vp.inject(toy, vp.LoRAConfig(r=40, target_modules=["proj", "qkv"]))
+    with pytest.raises(vp.TargetError, match="closest adaptable module names: .*'proj'"):
+        vp.inject(toy, vp.LoRAConfig(target_modules=["projj"]))
+    with pytest.raises(KeyError, match="unknown method"):
+        vp.get_method("nope")
+    assert dict(toy.named_modules()).keys() == modules.keys()
+    assert all(toy.get_submodule(n) is m for n, m in modules.items() if n)
+    assert all(torch.equal(v, sd[k]) for k, v in toy.state_dict().items())
+    assert all(p.requires_grad for p in toy.parameters())
+    vp.inject(toy, vp.LoRAConfig(r=2, target_modules=["proj"]), name="a")
+    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
+        vp.inject(toy, vp.LoRAConfig(r=2, target_modules=["qkv"]), name="a")
+    with pytest.raises(KeyError, match="no adapter named"):
+        vp.set_active(toy, ["zzz"])
+
+
+def test_adapter_follows_host_dtype_and_fp32_adapter_on_half_host():
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 6)).to(torch.bfloat16)
+    vp.inject(lin, vp.LoRAConfig(r=2, target_modules=["0"]), name="a")
+    assert lin[0].adapters["a"]["full"].lora_A.dtype == torch.bfloat16
+    lin[0].adapters["a"].float()  # keep the adapter in fp32, as a training loop may
+    randomize_adapters(lin)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = lin(x)
+        mod = lin[0].adapters["a"]["full"]
+        ref = lin[0].base_layer(x).float() + x.float() @ mod.delta_weight().t()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
