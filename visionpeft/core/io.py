@@ -149,22 +149,26 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
     if state is not None and name in state.configs:
         raise ValueError(f"the model already has an adapter named {name!r}")
     layers = adaptable_layers(model)
-    targets = {}
+    targets, problems = {}, []
     for lname, info in doc["targets"].items():
         if lname not in layers:
-            raise AdapterFileError(f"{path}: layer {lname!r} is not in this model (or is not "
-                                   "a Linear/Conv2d/MultiheadAttention here)")
+            problems.append(f"layer {lname!r} is not in this model (or is not a "
+                            "Linear/Conv2d/MultiheadAttention here)")
+            continue
         kind, module = layers[lname]
         base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
         weight = base.in_proj_weight if kind == "mha" else base.weight
         if kind != info["kind"] or list(weight.shape) != list(info["base_shape"]):
-            raise AdapterFileError(
-                f"{path}: layer {lname}: the adapter was saved for a {info['kind']} weight of "
-                f"shape {tuple(info['base_shape'])}, this model's is a {kind} of shape "
-                f"{tuple(weight.shape)}")
+            problems.append(f"layer {lname}: the adapter was saved for a {info['kind']} weight "
+                            f"of shape {tuple(info['base_shape'])}, this model's is a {kind} "
+                            f"of shape {tuple(weight.shape)}")
+            continue
         for part in info["parts"]:
             host_spec(base, part)
         targets[lname] = (kind, tuple(info["parts"]))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise AdapterFileError(f"{path} does not fit this model: " + "; ".join(problems[:5]) + more)
     # modules_to_save come from the file's list, not from re-matching patterns
     plan = plan_injection(model, config.replace(modules_to_save=()), name, targets=targets)
     plan.config = config

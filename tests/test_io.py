@@ -1,0 +1,154 @@
+"""save_adapter / load_adapter: identical outputs, strict checks, atomic writes."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
+from safetensors import safe_open
+
+import visionpeft as vp
+import visionpeft.core.io as vpio
+
+METHODS = sorted(METHOD_CONFIGS)
+
+
+def _trained(method, dim=15, name="dog"):
+    torch.manual_seed(0)
+    model = ToyNet(dim=dim).eval()
+    cfg = make_config(method, TOY_TARGETS)
+    vp.inject(model, cfg, name=name)
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_then_load_gives_identical_outputs(method, tmp_path):
+    model = _trained(method)
+    x, img = toy_inputs()
+    with torch.no_grad():
+        expected = model(x, img)
+    vp.save_adapter(model, tmp_path / "dog", name="dog")
+    assert sorted(p.name for p in (tmp_path / "dog").iterdir()) == [vpio.CONFIG_NAME, vpio.WEIGHTS_NAME]
+    doc = json.loads((tmp_path / "dog" / vpio.CONFIG_NAME).read_text())
+    assert doc["method"] == method and doc["format"] == "visionpeft"
+    assert doc["targets"]["qkv"] == {"kind": "linear", "parts": ["q", "v"], "base_shape": [45, 15]}
+    with safe_open(str(tmp_path / "dog" / vpio.WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["method"] == method
+        assert "qkv[q].lora_A" in f.keys() or method != "lora"
+
+    torch.manual_seed(0)
+    fresh = ToyNet().eval()
+    vp.load_adapter(fresh, tmp_path / "dog")
+    assert vp.active_adapters(fresh) == ("dog",)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, img), expected)
+    assert vp.trainable_parameters(fresh) == vp.trainable_parameters(model)
+
+
+def test_load_in_a_fresh_process_gives_identical_outputs(tmp_path):
+    model = _trained("lora")
+    x, img = toy_inputs()
+    with torch.no_grad():
+        expected = model(x, img)
+    vp.save_adapter(model, tmp_path / "dog", name="dog")
+    torch.save({"x": x, "img": img}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from conftest import ToyNet
+        import visionpeft as vp
+        torch.manual_seed(0)
+        model = ToyNet().eval()
+        vp.load_adapter(model, {str(tmp_path / 'dog')!r})
+        inp = torch.load({str(tmp_path / 'inputs.pt')!r})
+        with torch.no_grad():
+            torch.save(model(inp["x"], inp["img"]), {str(tmp_path / 'out.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_load_into_other_shapes_raises_and_leaves_model_unchanged(tmp_path):
+    vp.save_adapter(_trained("lora"), tmp_path / "dog", name="dog")
+    other = ToyNet(dim=18).eval()
+    sd = {k: v.clone() for k, v in other.state_dict().items()}
+    modules = dict(other.named_modules())
+    with pytest.raises(vp.AdapterFileError, match=r"layer qkv: the adapter was saved for a linear weight of shape \(45, 15\), this model.s is a linear of shape \(54, 18\)"):
+        vp.load_adapter(other, tmp_path / "dog")
+    assert dict(other.named_modules()) == modules
+    assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
+    assert all(p.requires_grad for p in other.parameters())
+
+
+def test_tensor_shape_mismatch_names_the_tensor(tmp_path):
+    model = _trained("lora")
+    vp.save_adapter(model, tmp_path / "dog", name="dog")
+    cfg = json.loads((tmp_path / "dog" / vpio.CONFIG_NAME).read_text())
+    cfg["config"]["r"] = 2  # the file's tensors hold rank 3
+    (tmp_path / "dog" / vpio.CONFIG_NAME).write_text(json.dumps(cfg))
+    fresh = ToyNet().eval()
+    with pytest.raises(vp.AdapterFileError, match=r"attn\[in_proj\].lora_A: the file holds shape \(3, 15\), the model needs \(2, 15\)"):
+        vp.load_adapter(fresh, tmp_path / "dog")
+    assert not any("Adapted" in type(m).__name__ for m in fresh.modules())
+
+
+def test_interrupted_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch):
+    model = _trained("lora")
+    vp.save_adapter(model, tmp_path / "dog", name="dog")
+    x, img = toy_inputs()
+    with torch.no_grad():
+        expected = model(x, img)
+    randomize_adapters(model, seed=5)
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a file")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(vpio, "save_file", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        vp.save_adapter(model, tmp_path / "dog", name="dog")
+    assert [p.name for p in tmp_path.iterdir()] == ["dog"]  # no temporary left behind
+    fresh = ToyNet().eval()
+    torch.manual_seed(0)
+    fresh = ToyNet().eval()
+    vp.load_adapter(fresh, tmp_path / "dog")
+    with torch.no_grad():
+        assert torch.equal(fresh(x, img), expected)
+
+
+def test_not_our_format_and_future_versions_are_refused(tmp_path):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / vpio.CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(vp.AdapterFileError, match="is a PEFT adapter"):
+        vp.load_adapter(ToyNet(), tmp_path / "peft")
+    vp.save_adapter(_trained("lora"), tmp_path / "dog", name="dog")
+    doc = json.loads((tmp_path / "dog" / vpio.CONFIG_NAME).read_text())
+    doc["format_version"] = 99
+    (tmp_path / "dog" / vpio.CONFIG_NAME).write_text(json.dumps(doc))
+    with pytest.raises(vp.AdapterFileError, match="upgrade visionpeft"):
+        vp.load_adapter(ToyNet(), tmp_path / "dog")
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        vp.load_adapter(ToyNet(), tmp_path)
+
+
+def test_two_adapters_saved_and_loaded_side_by_side(tmp_path):
+    model = _trained("lora", name="dog")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["proj"], modules_to_save=["head"]), name="style")
+    randomize_adapters(model, seed=3)
+    x, img = toy_inputs()
+    with torch.no_grad():
+        expected = model(x, img)
+    vp.save_adapter(model, tmp_path / "dog", name="dog")
+    vp.save_adapter(model, tmp_path / "style", name="style")
+    torch.manual_seed(0)
+    fresh = ToyNet().eval()
+    vp.load_adapter(fresh, tmp_path / "dog")
+    vp.load_adapter(fresh, tmp_path / "style")
+    with torch.no_grad():
+        assert torch.equal(fresh(x, img), expected)
+    with pytest.raises(ValueError, match="already has an adapter named 'dog'"):
+        vp.load_adapter(fresh, tmp_path / "dog")
