@@ -103,7 +103,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     def write(folder: Path):
         save_file({k: v.cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME), metadata=header)
-        (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2))  # model order
 
     path = Path(path)
     _atomic_write_dir(path, write)

@@ -1,1 +1,4 @@
-"""Reserved for later issues (see DESIGN.md section 3)."""
+"""Dataset readers and synthetic generators."""
+from .synthetic import grating_classes
+
+__all__ = ["grating_classes"]

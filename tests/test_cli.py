@@ -1,0 +1,56 @@
+"""The visionpeft command and the quickstart script, run as a user would."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TOY_TARGETS, ToyNet, randomize_adapters
+
+import visionpeft as vp
+from visionpeft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_methods_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in vp.list_methods())
+
+
+def test_info_describes_a_saved_adapter(tmp_path, capsys):
+    model = ToyNet()
+    vp.inject(model, vp.LoRAConfig(r=3, target_modules=TOY_TARGETS), name="dog")
+    randomize_adapters(model)
+    vp.save_adapter(model, tmp_path / "dog", name="dog")
+    assert main(["info", str(tmp_path / "dog"), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "method:      lora" in out
+    assert f"trainable:   {vp.trainable_parameters(model):,} parameters" in out
+    assert "  qkv       linear  base (45, 15)  parts q,v\n" in out
+    assert "  attn      mha     base (45, 15)  parts in_proj,out_proj\n" in out
+
+
+def test_info_on_a_non_adapter_folder_fails_cleanly(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "visionpeft.cli", "--help"], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    assert "methods" in out and "info" in out
+
+
+def test_quickstart_short_run(tmp_path):
+    """Smoke test of the main job: a few steps, every stage runs, the checks hold."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import quickstart
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    result = quickstart.main(["--steps", "60", "--out", str(tmp_path)])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert result["merge_diff"] < 1e-4
+    assert result["after"] > result["before"]
