@@ -129,14 +129,16 @@ def test_mha_gradients_reach_the_factors():
 
 @pytest.mark.parametrize("shape", [(5, 13), (2, 3, 13)])
 def test_fused_add_gradients_match_autograd_reference(shape):
-    """lora_add_linear (addmm-fused) gives the same values and gradients as the plain
-    two-linear form."""
+    """lora_add_linear (addmm-fused, in place) gives the same values and gradients as the
+    plain two-linear form."""
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     y = torch.randn(*shape[:-1], 7, requires_grad=True)
     A = torch.randn(3, 13, requires_grad=True)
     B = torch.randn(7, 3, requires_grad=True)
-    out = lora_add_linear(x, y, A, B, 0.7)
+    # y as a host layer hands it over: a view of a 2-D matmul output
+    y_host = (y.reshape(-1, 7) * 1.0).view(y.shape)
+    out = lora_add_linear(x, y_host, A, B, 0.7)
     ref = y + 0.7 * F.linear(F.linear(x, A), B)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
@@ -158,3 +160,39 @@ def test_dropout_applies_only_in_training():
     with torch.no_grad():
         c = model(x)
     assert not torch.allclose(c, a)
+
+
+def test_matches_peft_lora_outputs_and_gradients_on_a_timm_vit():
+    """Independent reference: HF PEFT's LoRA on the same ViT with the same factors."""
+    import copy
+
+    import peft
+
+    from visionpeft.backbones.tiny import build_tiny
+
+    base = build_tiny("timm_vit").train()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=3, lora_alpha=6, target_modules=["qkv", "proj", "fc1", "fc2"], exclude_modules=["patch_embed.proj"]))
+    ours = vp.inject(copy.deepcopy(base), vp.LoRAConfig(r=3, alpha=6, target_modules=vp.presets.TIMM_VIT_ALL))
+    randomize_adapters(ours, std=0.1)
+    with torch.no_grad():
+        for name, layer in ours.named_modules():
+            if hasattr(layer, "adapters"):
+                mod = layer.adapters["default"]["full"]
+                peft_layer = theirs.base_model.model.get_submodule(name)
+                peft_layer.lora_A["default"].weight.copy_(mod.lora_A)
+                peft_layer.lora_B["default"].weight.copy_(mod.lora_B)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-5, rtol=1e-5)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    n = 0
+    for name, layer in ours.named_modules():
+        if hasattr(layer, "adapters"):
+            mod = layer.adapters["default"]["full"]
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            torch.testing.assert_close(mod.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(mod.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-4, rtol=1e-4)
+            n += 1
+    assert n == 8

@@ -244,3 +244,19 @@ def test_adapter_follows_host_dtype_and_fp32_adapter_on_half_host():
         ref = lin[0].base_layer(x).float() + x.float() @ mod.delta_weight().t()
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_forward_hook_on_the_host_layer_keeps_the_base_output():
+    """Adapters add into the host output in place; a hook registered on the host layer
+    before injection must still see the host's own output."""
+    lin = torch.nn.Linear(6, 4)
+    seen = []
+    lin.register_forward_hook(lambda m, i, o: seen.append(o))
+    model = torch.nn.Sequential(lin)
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]), name="a")
+    randomize_adapters(model)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(seen[-1], torch.nn.functional.linear(x, lin.weight, lin.bias))
+        assert not torch.allclose(out, seen[-1])

@@ -87,7 +87,8 @@ class AdapterModule(nn.Module, abc.ABC):
         return self.host.op(x, self.delta_weight())
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-        """``y + scale * delta(x)``; methods fuse this where it saves a pass over y."""
+        """``y + scale * delta(x)``; methods fuse this where it saves a pass over y, and may
+        write into ``y``: the wrapper passes a tensor it owns."""
         d = self.delta(x)
         return y + d if scale == 1.0 else y + scale * d
 

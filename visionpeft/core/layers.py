@@ -189,6 +189,8 @@ class AdaptedLayer(AdaptedLayerBase):
         st = self.state
         if st.disabled or self.merged_names:
             return y
+        if self.base_layer._forward_hooks:
+            y = y.clone()  # a hook may hold y; adapters add into theirs in place
         if st.routing is not None:
             return self._routed(x, y, st)
         for name in st.active:

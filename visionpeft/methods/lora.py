@@ -30,17 +30,49 @@ def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float,
     return (B @ A).mul_(scale).reshape(weight_shape)
 
 
+class _LoRAAddLinear(torch.autograd.Function):
+    """y + scale * (x A^T) B^T in one GEMM, with a hand-written backward.
+
+    Autograd's generic linear backward forms grad_B as g^T h and grad_h as g B; with
+    r << out those skinny products run 3-5x slower on CPU BLAS than the transposed
+    forms used here (B^T g^T)^T and (h^T g)^T (measured in scripts/bench_core.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x2, y2, A, B, scale):
+        # out of place: y is often a view of the host's matmul output, and a custom
+        # Function that dirties a view loses track of it in backward
+        h = x2 @ A.t()
+        ctx.save_for_backward(x2, h, A, B)
+        ctx.scale = scale
+        return torch.addmm(y2, h, B.t(), alpha=scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, h, A, B = ctx.saved_tensors
+        gh = (B.t() @ g.t()).t().mul(ctx.scale)
+        grad_x = gh @ A if ctx.needs_input_grad[0] else None
+        grad_A = gh.t() @ x2 if ctx.needs_input_grad[2] else None
+        grad_B = (h.t() @ g).t().mul(ctx.scale) if ctx.needs_input_grad[3] else None
+        return grad_x, g, grad_A, grad_B, None
+
+
 def lora_add_linear(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     scale: float) -> torch.Tensor:
-    """y + scale * x A^T B^T with the add fused into the second GEMM (no pass over y for
-    the scale, none for the sum)."""
-    h = F.linear(x, A)
-    Bt = B.t() if B.dtype == h.dtype else B.t().to(h.dtype)
-    if y.dtype != h.dtype:
-        return y + (h @ Bt).mul_(scale).to(y.dtype)
-    out_shape = y.shape
-    y2 = y.reshape(-1, out_shape[-1])
-    return torch.addmm(y2, h.reshape(-1, h.shape[-1]), Bt, alpha=scale).view(out_shape)
+    """y + scale * x A^T B^T with the sum fused into the second GEMM (no pass over y for
+    the scale, none for the sum). Without autograd it accumulates into y in place: the
+    wrapper hands over a y it owns, the host op's fresh output."""
+    same = x.dtype == y.dtype == A.dtype == B.dtype
+    if not same or not y.is_contiguous() or torch.is_autocast_enabled(x.device.type):
+        d = F.linear(F.linear(x, A), B)
+        return y + (d * scale).to(y.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or y.requires_grad):
+        y2 = y.view(-1, y.shape[-1])
+        return _LoRAAddLinear.apply(x2, y2, A, B, scale).view(y.shape)
+    y.view(-1, y.shape[-1]).addmm_(x2 @ A.t(), B.t(), alpha=scale)
+    return y
 
 
 def lora_delta_conv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
