@@ -1,4 +1,5 @@
-"""Hosts: target presets, tiny local builders (tests, demos) and backbone loaders."""
+"""Hosts: target presets, loaders for real checkpoints, tiny local builders (tests, demos)."""
 from . import presets
+from .loaders import load_backbone
 
-__all__ = ["presets"]
+__all__ = ["presets", "load_backbone"]
