@@ -260,3 +260,14 @@ def test_forward_hook_on_the_host_layer_keeps_the_base_output():
         out = model(x)
         torch.testing.assert_close(seen[-1], torch.nn.functional.linear(x, lin.weight, lin.bias))
         assert not torch.allclose(out, seen[-1])
+
+
+def test_adapters_follow_the_hosts_eval_mode():
+    """Injecting into a model in eval mode must not switch adapter dropout on."""
+    model = torch.nn.Sequential(torch.nn.Linear(20, 20)).eval()
+    vp.inject(model, vp.LoRAConfig(r=4, dropout=0.5, target_modules=["0"]), name="a")
+    randomize_adapters(model)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))

@@ -138,15 +138,20 @@ def attach(model: nn.Module, plan: InjectionPlan) -> nn.Module:
             module = (AdaptedMultiheadAttention if kind == "mha" else AdaptedLayer)(module, state)
             _set_submodule(model, lname, module)
         module.add_adapter(plan.name, mods)
+        # follow the host's train/eval mode (adapter dropout), leaving the host as it is
+        module.training = module.base_layer.training
+        module.adapters.train(module.training)
     for mname in plan.save_modules:
         module = model.get_submodule(mname)
         if not isinstance(module, TrainedCopy):
             module = TrainedCopy(module, state)
+            module.training = module.base_layer.training
             _set_submodule(model, mname, module)
         copy = _clone_module(module.base_layer)
         if mname in plan.module_states:
             copy.load_state_dict(plan.module_states[mname])
         copy.requires_grad_(True)
+        module.copies.train(module.training)
         module.copies[plan.name] = copy
     for mods in (m for _, m in plan.layers.values()):
         for mod in mods.values():
