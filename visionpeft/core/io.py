@@ -192,10 +192,12 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
     if missing or unexpected:
         raise AdapterFileError(f"{path}: tensors missing from the file: {missing[:8]}; tensors "
                                f"the model has no place for: {unexpected[:8]}")
-    for key, t in expected.items():
-        if tuple(tensors[key].shape) != tuple(t.shape):
-            raise AdapterFileError(f"{path}: {key}: the file holds shape {tuple(tensors[key].shape)}, "
-                                   f"the model needs {tuple(t.shape)}")
+    wrong = [f"{key}: the file holds shape {tuple(tensors[key].shape)}, the model needs "
+             f"{tuple(t.shape)}" for key, t in expected.items()
+             if tuple(tensors[key].shape) != tuple(t.shape)]
+    if wrong:
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise AdapterFileError(f"{path}: " + "; ".join(wrong[:5]) + more)
     for lname, (_, mods) in plan.layers.items():
         for part, mod in mods.items():
             prefix = _key(lname, part, "")
