@@ -11,19 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from visionpeft.backbones.loaders import FAMILIES, OfflineWeightsError, load_backbone
-from visionpeft.backbones.tiny import build_tiny, example_inputs, run_host
+from visionpeft.backbones.tiny import TIMM_TINY_ARGS, build_tiny, example_inputs, run_host
 
 # The timm tiny hosts' create_model kwargs (see tiny.py); a timm checkpoint file
 # carries no config, so loading needs the same architecture arguments.
-TIMM_KWARGS = {
-    "timm_vit": ("vit_tiny_patch16_224", dict(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)),
-    "timm_dinov3": ("vit_small_patch16_dinov3", dict(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)),
-    "timm_sam2_hiera": ("sam2_hiera_tiny", dict(
-        embed_dim=16, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
-        window_spec=(8, 4, 2, 1), global_pos_size=(4, 4), num_classes=5)),
-}
+TIMM_KWARGS = {host: (name, {**overrides, "num_classes": 5})
+               for host, (name, overrides) in TIMM_TINY_ARGS.items()}
 
 MISSING_HUB_ID = "visionpeft-tests/no-such-repo"
 

@@ -113,57 +113,32 @@ def _timm_with_live_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def _build_timm_vit() -> nn.Module:
-    import timm
-
-    return _timm_with_live_head(timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-        num_classes=5,
-    ))
-
-
-def _build_timm_dinov3() -> nn.Module:
-    import timm
-
-    # The non-"qkvb" variant: its fused qkv Linear is actually called as a
-    # module (the qkvb variants feed qkv.weight to F.linear directly).
-    return _timm_with_live_head(timm.create_model(
-        "vit_small_patch16_dinov3",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=5,
-        # DINOv3's layer scale starts at 1e-5, which would hide every block (and any
-        # adapter in it) behind the residual stream of a random model
-        init_values=1.0,
-    ))
+# timm variants as data: the model name and the overrides that make it tiny
+TIMM_TINY_ARGS = {
+    "timm_vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                              num_heads=3)),
+    # the non-"qkvb" DINOv3 variant: its fused qkv Linear is called as a module (the qkvb
+    # variants feed qkv.weight to F.linear directly); its layer scale starts at 1e-5,
+    # which would hide every block (and any adapter in it) in a random model
+    "timm_dinov3": ("vit_small_patch16_dinov3", dict(img_size=32, patch_size=8, embed_dim=32,
+                                                     depth=2, num_heads=2, init_values=1.0)),
+    # 4 stages like the real model (q-pooling between stages, one global attention block
+    # in stage 3); windows shrunk to fit a 64px input
+    "timm_sam2_hiera": ("sam2_hiera_tiny", dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 1),
+                                                global_att_blocks=(3,), window_spec=(8, 4, 2, 1),
+                                                global_pos_size=(4, 4))),
+}
 
 
-def _build_timm_sam2_hiera() -> nn.Module:
-    import timm
+def _build_timm(host: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
 
-    # 4 stages like the real model (q-pooling between stages, one global
-    # attention block in stage 3); windows shrunk to fit a 64px input.
-    return _timm_with_live_head(timm.create_model(
-        "sam2_hiera_tiny",
-        pretrained=False,
-        embed_dim=16,
-        num_heads=1,
-        stages=(1, 1, 2, 1),
-        global_att_blocks=(3,),
-        window_spec=(8, 4, 2, 1),
-        global_pos_size=(4, 4),
-        num_classes=5,
-    ))
+        name, overrides = TIMM_TINY_ARGS[host]
+        return _timm_with_live_head(timm.create_model(name, pretrained=False, num_classes=5,
+                                                      **overrides))
+
+    return build
 
 
 def _image_inputs(size: int) -> Callable[[int, torch.Generator], dict]:
@@ -289,9 +264,9 @@ def _run_open_clip(model: nn.Module, inputs: dict) -> torch.Tensor:
 _SPECS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], dict], Runner]] = {
     "sd_unet": (_build_sd_unet, _inputs_sd_unet, _run_sample),
     "sd3_dit": (_build_sd3_dit, _inputs_sd3_dit, _run_sample),
-    "timm_vit": (_build_timm_vit, _image_inputs(32), _run_plain),
-    "timm_dinov3": (_build_timm_dinov3, _image_inputs(32), _run_plain),
-    "timm_sam2_hiera": (_build_timm_sam2_hiera, _image_inputs(64), _run_plain),
+    "timm_vit": (_build_timm("timm_vit"), _image_inputs(32), _run_plain),
+    "timm_dinov3": (_build_timm("timm_dinov3"), _image_inputs(32), _run_plain),
+    "timm_sam2_hiera": (_build_timm("timm_sam2_hiera"), _image_inputs(64), _run_plain),
     "hf_dinov2": (_build_hf_dinov2, _pixel_inputs(32), _run_last_hidden),
     "hf_dinov3": (_build_hf_dinov3, _pixel_inputs(32), _run_last_hidden),
     "hf_sam2_vision": (_build_hf_sam2_vision, _pixel_inputs(64), _run_last_hidden),

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from .layers import AdaptedLayerBase, host_spec
+from .layers import AdaptedLayerBase
 from .model_ops import InjectionPlan, adapted_layers, attach, get_state, trained_copies
 from .registry import config_from_dict, get_method
 from .targeting import adaptable_layers
@@ -163,8 +163,6 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
                             f"of shape {tuple(info['base_shape'])}, this model's is a {kind} "
                             f"of shape {tuple(weight.shape)}")
             continue
-        for part in info["parts"]:
-            host_spec(base, part)
         targets[lname] = (kind, tuple(info["parts"]))
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

@@ -75,6 +75,7 @@ class AdaptedLayerBase(nn.Module, abc.ABC):
         self.adapters = nn.ModuleDict()  # name -> ModuleDict(part -> AdapterModule)
         self.state = state
         self.merged_names: tuple[str, ...] = ()
+        self._merge_scales: dict[str, float] = {}  # what unmerge subtracts without a kept copy
         # kept copies of the host weights while merged: unmerge restores them bit for bit
         self._kept: dict[str, torch.Tensor] = {}
 
