@@ -196,3 +196,26 @@ def test_matches_peft_lora_outputs_and_gradients_on_a_timm_vit():
             torch.testing.assert_close(mod.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-4, rtol=1e-4)
             n += 1
     assert n == 8
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_host_and_lora_match_autograd_reference(bias):
+    """lora_linear (host Linear + LoRA in one Function) against plain autograd, for the
+    input, host weight and bias, and both factors."""
+    from visionpeft.methods.lora import lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    W = torch.randn(7, 13, requires_grad=True)
+    b = torch.randn(7, requires_grad=True) if bias else None
+    A = torch.randn(3, 13, requires_grad=True)
+    B = torch.randn(7, 3, requires_grad=True)
+    out = lora_linear(x, W, b, A, B, 0.7)
+    ref = F.linear(x, W, b) + 0.7 * F.linear(F.linear(x, A), B)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    leaves = [t for t in (x, W, b, A, B) if t is not None]
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(lora_linear(x, W, b, A, B, 0.7), ref, atol=1e-5, rtol=1e-5)

@@ -92,6 +92,13 @@ class AdapterModule(nn.Module, abc.ABC):
         d = self.delta(x)
         return y + d if scale == 1.0 else y + scale * d
 
+    def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     scale: float) -> torch.Tensor | None:
+        """Optional: ``F.linear(x, weight, bias) + scale * delta(x)`` as one op, for a plain
+        nn.Linear host with this adapter alone active. None means "not offered here" and
+        the wrapper runs the host op and `add_delta` instead."""
+        return None
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return next(iter(self.parameters())).dtype

@@ -185,9 +185,24 @@ class AdaptedLayer(AdaptedLayerBase):
     def _weights(self):
         return {"weight": self.base_layer.weight}
 
+    def _plain_linear(self) -> bool:
+        """The host is an nn.Linear running nn.Linear's own forward, with no hooks: then a
+        method may compute host op and delta together (`AdapterModule.fused_linear`)."""
+        b = self.base_layer
+        return (type(b).forward is nn.Linear.forward and not b._forward_hooks
+                and not b._forward_pre_hooks)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         st = self.state
+        if (len(st.active) == 1 and not st.disabled and not self.merged_names
+                and st.routing is None and self.kind == "linear"):
+            parts = self.adapters[st.active[0]] if st.active[0] in self.adapters else None
+            if parts is not None and len(parts) == 1 and "full" in parts and self._plain_linear():
+                y = parts["full"].fused_linear(x, self.base_layer.weight, self.base_layer.bias,
+                                               st.scales[st.active[0]])
+                if y is not None:
+                    return y
+        y = self.base_layer(x, *args, **kwargs)
         if st.disabled or self.merged_names:
             return y
         if self.base_layer._forward_hooks:

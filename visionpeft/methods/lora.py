@@ -57,6 +57,53 @@ class _LoRAAddLinear(torch.autograd.Function):
         return grad_x, g, grad_A, grad_B, None
 
 
+class _LoRALinear(torch.autograd.Function):
+    """x W^T + b + scale * (x A^T) B^T: the host Linear and LoRA in one Function.
+
+    Owning the host op lets the backward accumulate LoRA's input gradient into the host's
+    inside one GEMM (``grad_x.addmm_(grad_h, A)``) instead of autograd adding two
+    (N, in) tensors, and lets the forward add into its own fresh output. Products use the
+    fast layouts described in `_LoRAAddLinear`.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, W, b, A, B, scale):
+        y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        h = x2 @ A.t()
+        y.addmm_(h, B.t(), alpha=scale)
+        ctx.save_for_backward(x2, h, W, A, B)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, h, W, A, B = ctx.saved_tensors
+        need_x, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        gh = (B.t() @ g.t()).t().mul(ctx.scale) if (need_x or need_A) else None
+        grad_x = (g @ W).addmm_(gh, A) if need_x else None
+        grad_W = g.t() @ x2 if need_W else None
+        grad_b = g.sum(0) if need_b else None
+        grad_A = gh.t() @ x2 if need_A else None
+        grad_B = (h.t() @ g).t().mul(ctx.scale) if need_B else None
+        return grad_x, grad_W, grad_b, grad_A, grad_B, None
+
+
+def lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """F.linear(x, W, b) + scale * x A^T B^T in one autograd node; None where the fused
+    form does not apply (mixed dtypes, autocast), so the caller takes the general path."""
+    if torch.is_autocast_enabled(x.device.type) or not (
+            x.dtype == W.dtype == A.dtype == B.dtype and (b is None or b.dtype == x.dtype)):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled():
+        y = _LoRALinear.apply(x2, W, b, A, B, scale)
+    else:
+        y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        y.addmm_(x2 @ A.t(), B.t(), alpha=scale)
+    return y.view(*x.shape[:-1], W.shape[0])
+
+
 def lora_add_linear(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """y + scale * x A^T B^T with the sum fused into the second GEMM (no pass over y for
@@ -115,6 +162,11 @@ class LoRAModule(AdapterModule):
         if self.host.groups == 1:
             return lora_delta_conv(x, self.lora_A, self.lora_B, self.scale, self.host)
         return self.host.op(x, self.delta_weight())  # grouped conv: exact via dW
+
+    def fused_linear(self, x, weight, bias, scale):
+        if self.dropout and self.training:
+            return None  # the host sees x, the adapter a dropped-out x: keep them apart
+        return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scale * scale)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
         if self.host.kind == "linear":
