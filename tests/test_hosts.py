@@ -10,16 +10,21 @@ from visionpeft.backbones import presets
 from visionpeft.backbones.tiny import TINY_HOSTS, build_tiny, example_inputs, run_host
 from visionpeft.core.targeting import resolve_targets
 
-CASES = [(h, m) for h in TINY_HOSTS for m in sorted(METHOD_CONFIGS)]
+# each host with its usual preset, plus the presets that reach other layer kinds: UNet
+# resnet Conv2d, DiT feed-forwards, whole MHA (in_proj + out_proj) next to MLP Linears
+HOST_CASES = [(h, presets.HOST_PRESETS[h]) for h in TINY_HOSTS] + [
+    ("sd_unet", "sd_unet_attn_conv"), ("sd3_dit", "dit_attn_ff"), ("open_clip", "clip_all"),
+    ("timm_vit", "timm_vit_all"), ("hf_sam2_vision", "hf_sam2_all")]
+CASES = [(h, p, m) for h, p in HOST_CASES for m in sorted(METHOD_CONFIGS)]
 
 
-@pytest.mark.parametrize("host,method", CASES)
-def test_host_adapter_disable_merge_remove(host, method):
+@pytest.mark.parametrize("host,preset,method", CASES)
+def test_host_adapter_disable_merge_remove(host, preset, method):
     model = build_tiny(host)
     base = copy.deepcopy(model).requires_grad_(False)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = example_inputs(host)
-    targets = presets.PRESETS[presets.HOST_PRESETS[host]]
+    targets = presets.PRESETS[preset]
     vp.inject(model, make_config(method, targets), name="a")
     assert vp.summary(model).rows, "the preset adapted nothing"
     randomize_adapters(model, std=0.05)

@@ -173,9 +173,8 @@ CLIP_ATTN: tuple[str, ...] = ("attn",)
 
 CLIP_ALL: tuple[str, ...] = ("attn", "mlp.c_fc", "mlp.c_proj")
 
-# Restricting to one tower needs a regex, and regex entries cannot carry a
-# slice selector, so the vision-only preset adapts the whole attention
-# (packed in_proj, i.e. q, k and v, plus out_proj).
+# One tower only needs a regex: the whole attention (in_proj and out_proj), or, with a
+# trailing selector, only the q/k/v slices of the in_proj.
 CLIP_VISION_ATTN: tuple[str, ...] = (
     rf"re:{_ANY}visual\.transformer\.resblocks\.\d+\.attn",
 )
