@@ -15,6 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # in step with the registry, so a new method is put under every shared test body.
 METHOD_CONFIGS = {
     "lora": lambda targets, **kw: vp.LoRAConfig(r=3, alpha=6.0, target_modules=targets, **kw),
+    "krona": lambda targets, **kw: vp.KronAConfig(alpha=1.5, target_modules=targets, **kw),
 }
 
 

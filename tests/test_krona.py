@@ -1,0 +1,93 @@
+"""DiffuseKronA against explicit block matrices, torch.kron, LyCORIS's LoKr and autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.methods.krona import krona_conv, krona_delta_weight, krona_linear, sqrt_factor
+
+
+def _explicit_kron(A, B):
+    """Block (i, j) of the result is A[i, j] * B, written out with loops."""
+    a1, a2 = A.shape
+    p, q = B.shape[:2]
+    out = torch.zeros(a1 * p, a2 * q, *B.shape[2:])
+    for i in range(a1):
+        for j in range(a2):
+            out[i * p:(i + 1) * p, j * q:(j + 1) * q] = A[i, j] * B
+    return out
+
+
+@pytest.mark.parametrize("b_shape", [(5, 7), (5, 7, 3, 2)])
+def test_delta_weight_is_the_block_matrix_and_matches_lycoris(b_shape):
+    from lycoris.functional.lokr import make_kron
+
+    torch.manual_seed(0)
+    A, B = torch.randn(3, 2), torch.randn(*b_shape)
+    dW = krona_delta_weight(A, B, 0.5)
+    torch.testing.assert_close(dW, 0.5 * _explicit_kron(A, B))
+    torch.testing.assert_close(dW, make_kron(A, B, 0.5))
+    if B.dim() == 2:
+        torch.testing.assert_close(dW, 0.5 * torch.kron(A, B))
+
+
+def test_factored_linear_forward_and_gradients_equal_the_built_matrix():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 21, requires_grad=True)
+    A = torch.randn(3, 7, requires_grad=True)
+    B = torch.randn(5, 3, requires_grad=True)
+    out = krona_linear(x, A, B, 0.7)
+    ref = F.linear(x, 0.7 * torch.kron(A, B))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, A, B), g), torch.autograd.grad(ref, (x, A, B), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2)])
+def test_factored_conv_equals_conv_with_the_built_kernel(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 2), **kw)
+    from visionpeft.core.adapter import HostSpec
+    host = HostSpec.from_module(conv)
+    A, B = torch.randn(2, 3), torch.randn(5, 2, 3, 2)
+    x = torch.randn(2, 6, 9, 8)
+    ref = F.conv2d(x, 1.3 * _explicit_kron(A, B), None, conv.stride, conv.padding, conv.dilation)
+    torch.testing.assert_close(krona_conv(x, A, B, 1.3, host), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_factors_are_balanced_and_counts_follow_the_formula():
+    assert [sqrt_factor(n) for n in (1, 7, 12, 16, 360, 1280)] == [1, 1, 3, 4, 18, 32]
+    model = nn.Sequential(nn.Linear(12, 16), nn.Conv2d(16, 6, 3))
+    vp.inject(model, vp.KronAConfig(target_modules=["0", "1"]))
+    lin, conv = (model[i].adapters["default"]["full"] for i in (0, 1))
+    assert lin.A.shape == (4, 3) and lin.B.shape == (4, 4)
+    assert conv.A.shape == (2, 4) and conv.B.shape == (3, 4, 3, 3)
+    assert vp.trainable_parameters(model) == (4 * 3 + 4 * 4) + (2 * 4 + 3 * 4 * 9)
+    assert torch.count_nonzero(vp.delta_weight(model, "0")) == 0  # B starts at zero
+
+
+def test_layer_output_matches_explicit_matrix_with_given_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6))
+    vp.inject(model, vp.KronAConfig(a1=2, a2=5, alpha=2.0, target_modules=["0"]), name="k")
+    randomize_adapters(model)
+    mod = model[0].adapters["k"]["full"]
+    dW = 2.0 * _explicit_kron(mod.A.detach(), mod.B.detach())
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.linear(x, model[0].weight + dW, model[0].bias),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_non_dividing_factors_list_the_valid_ones_and_leave_the_model():
+    model = nn.Sequential(nn.Linear(10, 6))
+    with pytest.raises(ValueError, match=r"0: a1=4 does not divide the layer's output size \(6\); valid a1: \[1, 2, 3, 6\]"):
+        vp.inject(model, vp.KronAConfig(a1=4, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"a2=3 does not divide .*valid a2: \[1, 2, 5, 10\]"):
+        vp.inject(model, vp.KronAConfig(a2=3, target_modules=["0"]))
+    assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad
+    with pytest.raises(vp.ConfigError, match="a1 must be a positive integer"):
+        vp.KronAConfig(a1=0, target_modules=["0"])
