@@ -16,7 +16,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 METHOD_CONFIGS = {
     "lora": lambda targets, **kw: vp.LoRAConfig(r=3, alpha=6.0, target_modules=targets, **kw),
     "krona": lambda targets, **kw: vp.KronAConfig(alpha=1.5, target_modules=targets, **kw),
+    # every toy layer's input size (per group) is a multiple of 3; tiny hosts' of 2
+    "block_lora": lambda targets, n_blocks=3, **kw: vp.BlockLoRAConfig(
+        r=3, n_blocks=n_blocks, alpha=6.0, target_modules=targets, **kw),
 }
+
+
+# overrides for the tiny hosts, whose layer sizes differ from the toy's
+HOST_OVERRIDES = {"block_lora": {"n_blocks": 2}}
 
 
 def make_config(method, targets, **kw):
@@ -40,9 +47,9 @@ class ToyNet(nn.Module):
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, 7)
-        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
-        self.conv_dil = nn.Conv2d(5, 6, (3, 2), stride=1, padding=2, dilation=2, bias=False)
-        self.conv_grp = nn.Conv2d(6, 4, 1, groups=2)
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, dilation=1)
+        self.conv_dil = nn.Conv2d(6, 6, (3, 2), stride=1, padding=2, dilation=2, bias=False)
+        self.conv_grp = nn.Conv2d(6, 4, 3, padding=1, groups=2)
         self.attn = nn.MultiheadAttention(dim, 3, batch_first=batch_first)
         self.batch_first = batch_first
         self.head = nn.Linear(7 + 4, 2)

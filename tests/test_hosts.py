@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import METHOD_CONFIGS, make_config, randomize_adapters
+from conftest import HOST_OVERRIDES, METHOD_CONFIGS, make_config, randomize_adapters
 
 import visionpeft as vp
 from visionpeft.backbones import presets
@@ -25,7 +25,7 @@ def test_host_adapter_disable_merge_remove(host, preset, method):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = example_inputs(host)
     targets = presets.PRESETS[preset]
-    vp.inject(model, make_config(method, targets), name="a")
+    vp.inject(model, make_config(method, targets, **HOST_OVERRIDES.get(method, {})), name="a")
     assert vp.summary(model).rows, "the preset adapted nothing"
     randomize_adapters(model, std=0.05)
     with torch.no_grad():

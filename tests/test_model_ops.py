@@ -147,8 +147,8 @@ def test_two_adapters_active_set_and_scale(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_scale_is_linear_in_delta(method):
     """set_scale(s) moves the output of a single adapted Linear by s * delta."""
-    lin = torch.nn.Sequential(torch.nn.Linear(13, 11))
-    x = torch.randn(4, 13)
+    lin = torch.nn.Sequential(torch.nn.Linear(12, 11))
+    x = torch.randn(4, 12)
     vp.inject(lin, make_config(method, ["0"]), name="a")
     randomize_adapters(lin)
     with torch.no_grad():

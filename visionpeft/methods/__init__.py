@@ -1,5 +1,6 @@
 """One file per method; importing this package registers them all."""
+from .block_lora import BlockLoRAConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig
 
-__all__ = ["KronAConfig", "LoRAConfig"]
+__all__ = ["BlockLoRAConfig", "KronAConfig", "LoRAConfig"]
