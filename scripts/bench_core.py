@@ -85,9 +85,13 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
-def step_fn(model, x, y, opt):
+def _call(model, x, unpack: bool):
+    return model(*x) if unpack else model(x)
+
+
+def step_fn(model, x, y, opt, unpack: bool = False):
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(_call(model, x, unpack), y)
         loss.backward()
         if opt is not None:
             opt.step()
@@ -95,19 +99,19 @@ def step_fn(model, x, y, opt):
     return step
 
 
-def measure_memory(model, x, y, device) -> int:
+def measure_memory(model, x, y, device, unpack: bool = False) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(_call(model, x, unpack), y).backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         rec = SavedBytes(model)
         with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(_call(model, x, unpack), y)
         loss.backward()
         peak = rec.total() + sum(p.numel() * p.element_size() for p in params)
     model.zero_grad(set_to_none=True)

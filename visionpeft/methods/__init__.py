@@ -2,5 +2,7 @@
 from .block_lora import BlockLoRAConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig
+from .snell import SNELLConfig
+from .snella import SNELLAAllocator
 
-__all__ = ["BlockLoRAConfig", "KronAConfig", "LoRAConfig"]
+__all__ = ["BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator"]

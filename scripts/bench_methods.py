@@ -1,0 +1,154 @@
+"""Every registered method against our LoRA and PEFT's nearest relative, one process.
+
+Hosts (random init, built here):
+  vit   timm vit_base_patch16_224 (depth set by --depth), adapters on every block Linear
+  unet  SD1.5-size attention: diffusers Attention layers at 64x64 latents (4096 tokens,
+        dim 320) as self-attention and as cross-attention over 77 x 768 text tokens,
+        adapters on to_q / to_k / to_v / to_out.0
+Variants: our methods (lora, krona, block_lora, and wara / snell when registered),
+PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a dense
+masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
+to the same sparsity: what SNELL's memory saving is measured against).
+Timing and memory as in bench_core.py: paired shuffled rounds, process CPU time on CPU.
+
+    python scripts/bench_methods.py --host vit unet
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import date
+
+import timm
+import torch
+from torch import nn
+
+import visionpeft as vp
+from bench_core import measure_memory, paired, step_fn
+
+VIT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+UNET_TARGETS = r".*(to_q|to_k|to_v|to_out\.0)"
+
+# matched-ish budgets per method; a method appears only when it is registered
+OUR_CONFIGS = {
+    "lora": lambda t: vp.LoRAConfig(r=8, alpha=16, target_modules=[f"re:{t}"]),
+    "krona": lambda t: vp.get_method("krona").config_cls(target_modules=[f"re:{t}"]),
+    "block_lora": lambda t: vp.get_method("block_lora").config_cls(r=8, n_blocks=4, target_modules=[f"re:{t}"]),
+    "wara": lambda t: vp.get_method("wara").config_cls(r=8, target_modules=[f"re:{t}"]),
+    "snell": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
+}
+PEFT_CONFIGS = {
+    "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
+    "peft_lokr": lambda peft, t: peft.LoKrConfig(r=8, alpha=16, target_modules=t),
+    "peft_waveft": lambda peft, t: peft.WaveFTConfig(target_modules=t),
+}
+
+
+class SDAttention(nn.Module):
+    """An SD1.5 down-block-1 pair: self-attention and cross-attention at dim 320."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn1 = Attention(320, heads=8, dim_head=40)
+        self.attn2 = Attention(320, cross_attention_dim=768, heads=8, dim_head=40)
+        self.head = nn.Linear(320, 10)
+
+    def forward(self, x, context):
+        x = x + self.attn1(x)
+        x = x + self.attn2(x, encoder_hidden_states=context)
+        return self.head(x.mean(1))
+
+
+def build_host(host: str, depth: int):
+    torch.manual_seed(0)
+    if host == "vit":
+        return timm.create_model("vit_base_patch16_224", pretrained=False, depth=depth, num_classes=10), VIT_TARGETS
+    return SDAttention(), UNET_TARGETS
+
+
+def host_inputs(host: str, batch: int):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    if host == "vit":
+        return (torch.randn(batch, 3, 224, 224, generator=g),), y
+    return (torch.randn(batch, 4096, 320, generator=g), torch.randn(batch, 77, 768, generator=g)), y
+
+
+def dense_masked(model: nn.Module, targets: str, sparsity: float) -> nn.Module:
+    """Sparse tuning the classic way: target weights trainable in full, gradients masked."""
+    import re
+
+    model.requires_grad_(False)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and re.fullmatch(targets, name):
+            m.weight.requires_grad_(True)
+            keep = (torch.rand_like(m.weight) >= sparsity).to(m.weight.dtype)
+            m.weight.register_hook(lambda g, keep=keep: g * keep)
+    return model
+
+
+def make(kind: str, host: str, depth: int):
+    model, targets = build_host(host, depth)
+    if kind in OUR_CONFIGS:
+        return vp.inject(model, OUR_CONFIGS[kind](targets))
+    if kind == "dense_sparse":
+        return dense_masked(model, targets, 0.9)
+    import peft
+
+    return peft.get_peft_model(model, PEFT_CONFIGS[kind](peft, targets))
+
+
+def run_host(args, host: str) -> dict:
+    kinds = [k for k in OUR_CONFIGS if k in vp.list_methods()] + list(PEFT_CONFIGS)
+    if "snell" in kinds:
+        kinds.append("dense_sparse")
+    models = {k: make(k, host, args.depth) for k in kinds}
+    xs, y = host_inputs(host, args.batch)
+    steps = {}
+    for k, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        steps[k] = step_fn(m, xs, y, opt, unpack=True)
+        for _ in range(args.warmup):
+            steps[k]()
+    timing = paired(steps, "lora", args.rounds, args.steps, torch.device("cpu"), args.clock_fn)
+    mem = {k: measure_memory(m, xs, y, torch.device("cpu"), unpack=True) for k, m in models.items()}
+    peft_ms = timing["peft_lora"]["ms"]
+    return {"host": host, "batch": args.batch,
+            "step": {k: {**v, "vs_peft_lora": round(v["ms"] / peft_ms, 3)} for k, v in timing.items()},
+            "memory_mb": {k: round(v / 2**20, 1) for k, v in mem.items()},
+            "memory_vs_lora": {k: round(v / mem["lora"], 3) for k, v in mem.items()},
+            "trainable": {k: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                          for k, m in models.items()}}
+
+
+def main(argv=None):
+    import time
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", nargs="+", default=["vit", "unet"], choices=["vit", "unet"])
+    p.add_argument("--depth", type=int, default=2, help="ViT-B/16 blocks (12 for the full model)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.clock_fn = time.process_time
+    result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__,
+              "threads": args.threads, "clock": "cpu", "depth": args.depth,
+              "hosts": [run_host(args, h) for h in args.host]}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""SNELL kernels against loops over (i, j), exact sparsity, checkpointed memory; SNELLA
+allocation against the global budget."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.methods.snell import kernel_matrix, sparsify, zero_count
+from visionpeft.methods.snella import SNELLAAllocator, cubic_budget, split_budget
+
+
+def _loop_kernel(A, B, kernel, scale):
+    h = A.shape[1] // 2
+    out = torch.empty(A.shape[0], B.shape[0], dtype=torch.float64)
+    for i in range(A.shape[0]):
+        for j in range(B.shape[0]):
+            a, b = A[i].double(), B[j].double()
+            if kernel == "linear":
+                v = float(a @ b)
+            elif kernel == "distance":
+                v = float((a[:h] - b[:h]).norm() - (a[h:] - b[h:]).norm())
+            else:
+                v = math.exp(-float((a[:h] - b[:h]).square().sum()) / h) \
+                    - math.exp(-float((a[h:] - b[h:]).square().sum()) / h)
+            out[i, j] = v * scale
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["distance", "linear", "rbf"])
+def test_kernel_matches_a_loop_over_entries(kernel):
+    torch.manual_seed(0)
+    A, B = torch.randn(7, 6), torch.randn(5, 6)
+    torch.testing.assert_close(kernel_matrix(A, B, kernel, 0.3).double(), _loop_kernel(A, B, kernel, 0.3),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.99])
+def test_sparsify_zeroes_exactly_the_requested_fraction_of_smallest_entries(sparsity):
+    torch.manual_seed(0)
+    dW = torch.randn(37, 53)
+    n_zero = zero_count(sparsity, dW.numel())
+    assert n_zero == int(sparsity * dW.numel())
+    out = sparsify(dW, n_zero)
+    assert int((out == 0).sum()) == n_zero
+    kept = out != 0
+    assert torch.equal(out[kept], dW[kept])
+    assert dW.abs()[~kept].max() <= dW.abs()[kept].min()
+    torch.testing.assert_close(sparsify(dW, n_zero, reweight=True)[kept], (dW * dW.abs())[kept])
+
+
+def test_forward_gradients_and_merge_match_the_dense_reference():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 10)
+    model = nn.Sequential(lin)
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.7, target_modules=["0"]))
+    mod = model[0].adapters["default"]["full"]
+    x = torch.randn(3, 12, requires_grad=True)
+    model(x).square().sum().backward()
+    A = mod.A.detach().clone().requires_grad_(True)
+    B = mod.B.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    dW = sparsify(kernel_matrix(A, B, "distance", 0.1), 84)  # 0.7 of 120
+    F.linear(xr, lin.weight + dW, lin.bias).square().sum().backward()
+    for a, b in ((mod.A.grad, A.grad), (mod.B.grad, B.grad), (x.grad, xr.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(vp.delta_weight(model, "0"), dW.detach())
+    assert int((vp.delta_weight(model, "0") == 0).sum()) == 84
+
+
+def test_dense_dW_is_not_kept_for_backward():
+    """Checkpointing: nothing of the (out, in) size is saved between forward and backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256))
+    vp.inject(model, vp.SNELLConfig(r=8, sparsity=0.9, target_modules=["0"]))
+    saved = []
+    x = torch.randn(4, 256)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = model(x)
+    assert saved and max(saved) < 256 * 256
+    out.sum().backward()
+    assert model[0].adapters["default"]["full"].A.grad is not None
+
+
+def test_conv_dW_has_the_kernel_shape():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    model = nn.Sequential(conv)
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0"]))
+    dW = vp.delta_weight(model, "0")
+    assert dW.shape == conv.weight.shape and int((dW == 0).sum()) == int(0.5 * dW.numel())
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.conv2d(x, conv.weight + dW, conv.bias, padding=1),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_bad_sparsity_and_rank_are_refused():
+    for s in (0, 0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(vp.ConfigError, match=r"must be in \(0, 1\)"):
+            vp.SNELLConfig(sparsity=s, target_modules=["0"])
+    with pytest.raises(ValueError, match="r must be even"):
+        vp.inject(nn.Sequential(nn.Linear(4, 4)), vp.SNELLConfig(r=3, target_modules=["0"]))
+
+
+def test_cubic_budget_schedule():
+    assert cubic_budget(0, 100, 1000, 100) == 1000
+    assert cubic_budget(100, 100, 1000, 100) == 100
+    assert cubic_budget(50, 100, 1000, 100) == pytest.approx(100 + 900 * 0.5 ** 3)
+    assert cubic_budget(5, 100, 1000, 100, init_warmup=10) == 1000
+    assert cubic_budget(95, 100, 1000, 100, final_warmup=10) == 100
+
+
+def test_split_budget_respects_caps_and_total():
+    share = split_budget(100, [10.0, 1.0, 1.0], [30, 200, 200])
+    assert share[0] == 30 and sum(share) == 100
+    assert split_budget(10_000, [1, 1], [30, 40]) == [30, 40]
+
+
+def test_snella_allocation_meets_the_global_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 4))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2", "4"]))
+    alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=10)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(32, 16)
+    for step in range(11):
+        model(x).square().mean().backward()
+        alloc.step(step)
+        opt.step()
+        opt.zero_grad()
+    sizes = [16 * 24, 24 * 8, 8 * 4]
+    nonzero = [int((vp.delta_weight(model, n) != 0).sum()) for n in ("0", "2", "4")]
+    target = 0.2 * sum(sizes)
+    assert abs(sum(nonzero) - target) <= len(sizes)
+    levels = [m.sparsity for m in alloc.modules]
+    assert len(set(levels)) > 1, "layers should receive different shares"

@@ -1,0 +1,121 @@
+"""SNELLA's bi-level sparsity allocation (Shen et al., 2025, arXiv 2510.24037) for SNELL
+adapters, as a training callback.
+
+Across layers, parameters compete by importance: for every SNELL layer the callback
+keeps an EMA of I = |theta * grad| over its factors A and B and an EMA of the
+uncertainty |I - EMA(I)|; a layer's score is mean(EMA(I) * U) over A plus over B. The
+global budget of non-zero dW entries moves from its initial value to the target under a
+cubic schedule, and is split across layers in proportion to their scores (capped at each
+layer's size, the surplus handed on). Inside a layer, entries compete by magnitude: the
+SNELL forward keeps the largest |dW| up to the layer's share.
+
+    alloc = SNELLAAllocator(model, target_sparsity=0.9, total_steps=1000)
+    for step in range(1000):
+        loss.backward(); alloc.step(step); opt.step(); opt.zero_grad()
+
+Defaults follow the official code (beta1 = beta2 = 0.85). The paper's learnable softmax
+term in the kernel is not implemented (see the README).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.model_ops import adapted_layers
+from .snell import SNELLModule
+
+
+def cubic_budget(step: int, total_steps: int, initial: float, target: float,
+                 init_warmup: int = 0, final_warmup: int = 0) -> float:
+    """Initial budget until init_warmup, the target from total - final_warmup on, and a
+    cubic descent in between: target + (initial - target) * (1 - progress)^3."""
+    if step <= init_warmup:
+        return initial
+    span = total_steps - final_warmup - init_warmup
+    if step >= total_steps - final_warmup or span <= 0:
+        return target
+    progress = (step - init_warmup) / span
+    return target + (initial - target) * (1.0 - progress) ** 3
+
+
+def split_budget(budget: int, scores: list[float], sizes: list[int]) -> list[int]:
+    """Share ``budget`` entries among layers by score, each capped at its size; what a full
+    layer cannot take goes to the others, again by score."""
+    share = [0] * len(sizes)
+    left = min(int(budget), sum(sizes))
+    open_ = [i for i in range(len(sizes))]
+    while left > 0 and open_:
+        total = sum(max(scores[i], 0.0) for i in open_)
+        weights = {i: (max(scores[i], 0.0) / total if total > 0 else 1.0 / len(open_)) for i in open_}
+        given = 0
+        for i in open_:
+            add = min(int(left * weights[i]), sizes[i] - share[i])
+            share[i] += add
+            given += add
+        if given == 0:  # rounding left a remainder smaller than one entry per layer
+            for i in sorted(open_, key=lambda i: -weights[i]):
+                if left - given <= 0:
+                    break
+                if share[i] < sizes[i]:
+                    share[i] += 1
+                    given += 1
+        left -= given
+        open_ = [i for i in open_ if share[i] < sizes[i]]
+    return share
+
+
+class SNELLAAllocator:
+    def __init__(self, model: nn.Module, target_sparsity: float, total_steps: int,
+                 name: str | None = None, init_warmup: int = 0, final_warmup: int = 0,
+                 interval: int = 1, beta1: float = 0.85, beta2: float = 0.85):
+        if not 0.0 < target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
+        self.modules: list[SNELLModule] = []
+        for layer in adapted_layers(model).values():
+            for adapter, parts in layer.adapters.items():
+                if name is None or adapter == name:
+                    self.modules += [m for m in parts.values() if isinstance(m, SNELLModule)]
+        if not self.modules:
+            raise ValueError("the model has no SNELL adapter" + (f" named {name!r}" if name else ""))
+        self.sizes = [m.numel for m in self.modules]
+        self.initial = float(sum(n - int(m.n_zero) for m, n in zip(self.modules, self.sizes)))
+        self.target = (1.0 - target_sparsity) * sum(self.sizes)
+        self.total_steps, self.interval = total_steps, interval
+        self.init_warmup, self.final_warmup = init_warmup, final_warmup
+        self.beta1, self.beta2 = beta1, beta2
+        self.ema = [{} for _ in self.modules]
+        self.unc = [{} for _ in self.modules]
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        for ema, unc, m in zip(self.ema, self.unc, self.modules):
+            for key, p in (("A", m.A), ("B", m.B)):
+                if p.grad is None:
+                    continue
+                imp = (p * p.grad).abs().nan_to_num_(0.0)
+                if key not in ema:
+                    ema[key], unc[key] = imp.clone(), torch.zeros_like(imp)
+                    continue
+                ema[key].mul_(self.beta1).add_(imp, alpha=1 - self.beta1)
+                unc[key].mul_(self.beta2).add_((imp - ema[key]).abs(), alpha=1 - self.beta2)
+
+    def scores(self) -> list[float]:
+        return [sum((ema[k] * unc[k]).mean().item() for k in ema) for ema, unc in zip(self.ema, self.unc)]
+
+    def budget(self, step: int) -> float:
+        return cubic_budget(step, self.total_steps, self.initial, self.target,
+                            self.init_warmup, self.final_warmup)
+
+    @torch.no_grad()
+    def allocate(self, budget: float) -> list[float]:
+        """Set every layer's sparsity from its share of ``budget`` non-zero entries."""
+        shares = split_budget(round(budget), self.scores(), self.sizes)
+        for m, share, n in zip(self.modules, shares, self.sizes):
+            m.n_zero.fill_(n - max(share, 1))  # keep at least one entry per layer
+        return [m.sparsity for m in self.modules]
+
+    def step(self, step: int) -> None:
+        """Call after backward, before the gradients are cleared."""
+        self.update_importance()
+        if step > self.init_warmup and step % self.interval == 0:
+            self.allocate(self.budget(step))
