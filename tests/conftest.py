@@ -16,6 +16,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 METHOD_CONFIGS = {
     "lora": lambda targets, **kw: vp.LoRAConfig(r=3, alpha=6.0, target_modules=targets, **kw),
     "krona": lambda targets, **kw: vp.KronAConfig(alpha=1.5, target_modules=targets, **kw),
+    "wara": lambda targets, **kw: vp.WaRAConfig(r=2, wavelet="db2", levels=2, alpha=4.0,
+                                                target_modules=targets, **kw),
     "snell": lambda targets, **kw: vp.SNELLConfig(r=4, sparsity=0.5, target_modules=targets, **kw),
     # every toy layer's input size (per group) is a multiple of 3; tiny hosts' of 2
     "block_lora": lambda targets, n_blocks=3, **kw: vp.BlockLoRAConfig(

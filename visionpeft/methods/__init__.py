@@ -4,5 +4,6 @@ from .krona import KronAConfig
 from .lora import LoRAConfig
 from .snell import SNELLConfig
 from .snella import SNELLAAllocator
+from .wara import WaRAConfig
 
-__all__ = ["BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator"]
+__all__ = ["BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]
