@@ -271,3 +271,11 @@ def test_adapters_follow_the_hosts_eval_mode():
     x = torch.randn(8, 20)
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+def test_a_second_adapter_leaves_the_first_trainable(toy):
+    vp.inject(toy, vp.LoRAConfig(r=2, target_modules=["proj"]), name="a")
+    vp.inject(toy, vp.LoRAConfig(r=2, target_modules=["proj", "qkv"]), name="b")
+    trainable = {n for n, p in toy.named_parameters() if p.requires_grad}
+    assert any(".adapters.a." in n for n in trainable) and any(".adapters.b." in n for n in trainable)
+    assert all(".adapters." in n for n in trainable)

@@ -71,14 +71,25 @@ def test_forward_gradients_and_merge_match_the_dense_reference():
     assert int((vp.delta_weight(model, "0") == 0).sum()) == 84
 
 
-def test_dense_dW_is_not_kept_for_backward():
-    """Checkpointing: nothing of the (out, in) size is saved between forward and backward."""
+@pytest.mark.parametrize("two_adapters", [False, True])  # fused path / general (checkpoint) path
+def test_dense_dW_is_not_kept_for_backward(two_adapters):
+    """Nothing of the (out, in) size but the host weight is saved between forward and
+    backward: dW is rebuilt in backward."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256))
     vp.inject(model, vp.SNELLConfig(r=8, sparsity=0.9, target_modules=["0"]))
-    saved = []
+    if two_adapters:
+        vp.inject(model, vp.SNELLConfig(r=8, sparsity=0.9, target_modules=["0"]), name="b")
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []  # sizes of the non-parameter tensors kept for backward
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append(t.numel())
+        return t
+
     x = torch.randn(4, 256)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
     assert saved and max(saved) < 256 * 256
     out.sum().backward()

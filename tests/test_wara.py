@@ -97,3 +97,23 @@ def test_bad_wavelet_and_levels_are_refused():
     with pytest.raises(ValueError, match="use r <= 4"):
         vp.inject(model, vp.WaRAConfig(r=5, target_modules=["0"]))
     assert isinstance(model[0], nn.Linear)
+
+
+def test_layer_gradients_match_an_explicit_reference():
+    """The fused path (dW folded into the host weight, rebuilt in backward) against
+    autograd through F.linear(x, W + dW)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(13, 10)
+    model, mod = _inject(lin, r=2, wavelet="db2", levels=2)
+    x = torch.randn(3, 5, 13, requires_grad=True)
+    model(x).square().sum().backward()
+    clones = {k: (mod.B[k].detach().clone().requires_grad_(True), mod.A[k].detach().clone().requires_grad_(True))
+              for k in mod.A}
+    bands = {k: b @ a for k, (b, a) in clones.items()}
+    dW = wara_delta_weight(bands, (10, 13), 2, "db2", mod.scale)
+    xr = x.detach().clone().requires_grad_(True)
+    F.linear(xr, lin.weight + dW, lin.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    for k, (b, a) in clones.items():
+        torch.testing.assert_close(mod.B[k].grad, b.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mod.A[k].grad, a.grad, atol=1e-4, rtol=1e-4)

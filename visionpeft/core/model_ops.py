@@ -130,8 +130,9 @@ def attach(model: nn.Module, plan: InjectionPlan) -> nn.Module:
         state.frozen_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if state.merged:
         raise RuntimeError("the model is merged; vp.unmerge(model) before adding adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for pname, p in model.named_parameters():  # the base only: other adapters stay as they are
+        if ".adapters." not in pname and ".copies." not in pname:
+            p.requires_grad_(False)
     for lname, (kind, mods) in plan.layers.items():
         module = model.get_submodule(lname)
         if not isinstance(module, AdaptedLayerBase):

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.adapter import AdapterModule, HostSpec
 from ..core.config import AdapterConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
+from ..ops.weight_delta import linear_with_weight_delta
 
 KERNELS = ("distance", "linear", "rbf")
 
@@ -100,6 +101,10 @@ class SNELLModule(AdapterModule):
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.host.op(x, self.delta_weight().to(x.dtype))
+
+    def fused_linear(self, x, weight, bias, scale):
+        # host and delta in one GEMM; dW rebuilt in backward, never kept
+        return linear_with_weight_delta(x, weight, bias, scale, self.delta_weight, [self.A, self.B])
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.A.requires_grad:

@@ -13,8 +13,9 @@ shared pair acts on the wavelet coefficients (`share_factors=True`: single level
 approximation and diagonal sub-bands both carry the same B A, the horizontal and vertical
 ones are zero; half of LoRA's parameters at the same r).
 
-dW is built once per forward (not per token) and applied with the host op; while the
-adapter is frozen or under no_grad it is cached until its factors change.
+dW is built once per forward (not per token). On a plain Linear it is folded into the
+host weight for one GEMM, and rebuilt in backward instead of kept
+(`ops.weight_delta`); while the adapter is frozen it is cached until its factors change.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ..core.adapter import AdapterModule, HostSpec
 from ..core.config import AdapterConfig, ConfigError, check_positive_int
 from ..core.registry import register_method
 from ..ops.dwt import crop, subband_shapes, waverec2, wavelet_filters
+from ..ops.weight_delta import linear_with_weight_delta
 from .lora import lora_scale
 
 DETAIL_NAMES = ("H", "V", "D")
@@ -97,7 +99,7 @@ class WaRAModule(AdapterModule):
         return dW.reshape(self.host.weight_shape)
 
     def delta_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if any(p.requires_grad for p in self.parameters()):  # cache only while frozen
             self._cache = None
             return self._build()
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
@@ -108,6 +110,10 @@ class WaRAModule(AdapterModule):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.host.op(x, self.delta_weight().to(x.dtype))
+
+    def fused_linear(self, x, weight, bias, scale):
+        return linear_with_weight_delta(x, weight, bias, scale, self.delta_weight,
+                                        list(self.parameters()))
 
 
 @register_method("wara", WaRAModule, layer_kinds=("linear", "conv2d"))
