@@ -13,9 +13,12 @@ shared pair acts on the wavelet coefficients (`share_factors=True`: single level
 approximation and diagonal sub-bands both carry the same B A, the horizontal and vertical
 ones are zero; half of LoRA's parameters at the same r).
 
-dW is built once per forward (not per token). On a plain Linear it is folded into the
-host weight for one GEMM, and rebuilt in backward instead of kept
-(`ops.weight_delta`); while the adapter is frozen it is cached until its factors change.
+The inverse transform is linear and separable, so a band S = B_S A_S contributes
+U_S V_S to dW, with U_S the 1-D synthesis of B_S along the rows (from the band's channel,
+then up through the coarser levels) and V_S that of A_S along the columns. dW is thus a
+LoRA of rank sum_S r_S with factors U = [U_S], V = [V_S] made by 1-D transforms of thin
+matrices: the forward never builds dW (O((out + in) r) work per step for the transform,
+then LoRA's fused path). `wara_delta_weight` keeps the direct 2-D form as the reference.
 """
 from __future__ import annotations
 
@@ -23,14 +26,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec
 from ..core.config import AdapterConfig, ConfigError, check_positive_int
 from ..core.registry import register_method
-from ..ops.dwt import crop, subband_shapes, waverec2, wavelet_filters
-from ..ops.weight_delta import linear_with_weight_delta
-from .lora import lora_scale
+from ..ops.dwt import crop, idwt1, subband_shapes, waverec2, wavelet_filters
+from .lora import lora_add_linear, lora_delta_conv, lora_linear, lora_scale
 
 DETAIL_NAMES = ("H", "V", "D")
 
@@ -62,6 +65,32 @@ def wara_delta_weight(bands: dict[str, torch.Tensor], shape: tuple[int, int], le
     return crop(waverec2(coeffs, wavelet), shape) * scale
 
 
+# (row channel, column channel) of each band: pywt's cH is high-pass along the rows
+# axis, cV along the columns axis, cD along both
+_CHANNELS = {"A": ("lo", "lo"), "H": ("hi", "lo"), "V": ("lo", "hi"), "D": ("hi", "hi")}
+
+
+def synthesize_factor(M: torch.Tensor, channel: str, level: int, wavelet: str) -> torch.Tensor:
+    """1-D inverse transform of a thin (r, h) factor placed in ``channel`` of ``level``,
+    then through the low channel of every finer level: (r, h * 2^level)."""
+    y = idwt1(M, None, wavelet) if channel == "lo" else idwt1(None, M, wavelet)
+    for _ in range(level - 1):
+        y = idwt1(y, None, wavelet)
+    return y
+
+
+def wara_factors(bands: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int],
+                 levels: int, wavelet: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (out, R), V (R, in) with U V = crop(IDWT_J(B_S A_S)) for bands {name: (B_S, A_S)}."""
+    us, vs = [], []
+    for band, (B, A) in bands.items():
+        kind, level = band[0], (levels if band == "A" else int(band[1:]))
+        row, col = _CHANNELS[kind]
+        us.append(synthesize_factor(B.t(), row, level, wavelet)[:, :shape[0]].t())
+        vs.append(synthesize_factor(A, col, level, wavelet)[:, :shape[1]])
+    return torch.cat(us, 1), torch.cat(vs, 0)
+
+
 # --- module -----------------------------------------------------------------------------
 class WaRAModule(AdapterModule):
     def __init__(self, config: "WaRAConfig", host: HostSpec):
@@ -85,35 +114,47 @@ class WaRAModule(AdapterModule):
             self.A[band] = nn.Parameter(torch.empty(rank, w))
             self.B[band] = nn.Parameter(torch.zeros(h, rank))
             nn.init.kaiming_uniform_(self.A[band], a=math.sqrt(5))
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def band_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{band: (B_S, A_S)}; the shared reading puts one pair on the A and D1 bands."""
+        if self.share:
+            pair = (self.B["A"], self.A["A"])
+            return {"A": pair, "D1": pair}
+        return {band: (self.B[band], self.A[band]) for band in self.layout}
 
     def band_matrices(self) -> dict[str, torch.Tensor]:
-        if self.share:
-            ba = self.B["A"] @ self.A["A"]
-            zero = torch.zeros_like(ba)
-            return {"A": ba, "H1": zero, "V1": zero, "D1": ba}
-        return {band: self.B[band] @ self.A[band] for band in self.layout}
+        """Every sub-band as a full matrix (zeros where the reading has none)."""
+        pairs = self.band_factors()
+        out = {}
+        for band, (h, w) in self.layout.items():
+            b, a = pairs.get(band, (None, None))
+            out[band] = b @ a if b is not None else self.A["A"].new_zeros(h, w)
+        return out
 
-    def _build(self) -> torch.Tensor:
-        dW = wara_delta_weight(self.band_matrices(), self.shape, self.levels, self.wavelet, self.scale)
-        return dW.reshape(self.host.weight_shape)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
 
     def delta_weight(self) -> torch.Tensor:
-        if any(p.requires_grad for p in self.parameters()):  # cache only while frozen
-            self._cache = None
-            return self._build()
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self._build())
-        return self._cache[1]
+        U, V = self.factors()
+        return (U @ V).mul_(self.scale).reshape(self.host.weight_shape)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.host.op(x, self.delta_weight().to(x.dtype))
+        U, V = self.factors()
+        if self.host.kind == "linear":
+            return F.linear(F.linear(x, V), U * self.scale)
+        if self.host.groups == 1:
+            return lora_delta_conv(x, V, U, self.scale, self.host)
+        return self.host.op(x, self.delta_weight())
+
+    def add_delta(self, x, y, scale):
+        if self.host.kind == "linear":
+            U, V = self.factors()
+            return lora_add_linear(x, y, V, U, self.scale * scale)
+        return super().add_delta(x, y, scale)
 
     def fused_linear(self, x, weight, bias, scale):
-        return linear_with_weight_delta(x, weight, bias, scale, self.delta_weight,
-                                        list(self.parameters()))
+        U, V = self.factors()
+        return lora_linear(x, weight, bias, V, U, self.scale * scale)
 
 
 @register_method("wara", WaRAModule, layer_kinds=("linear", "conv2d"))

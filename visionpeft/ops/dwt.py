@@ -248,6 +248,18 @@ def _synthesize_last(y: Tensor, syn: Tensor) -> Tensor:
     return x.reshape(*y.shape[:-2], n)
 
 
+def idwt1(low: Optional[Tensor], high: Optional[Tensor], name: str) -> Tensor:
+    """One periodized 1-D synthesis level along the last axis: (..., h) bands -> (..., 2h).
+    Either band may be None (zeros); pywt.idwt(low, high, name, "periodization")."""
+    ref = low if low is not None else high
+    if ref is None:
+        raise ValueError("idwt1 needs at least one band")
+    low = torch.zeros_like(ref) if low is None else low
+    high = torch.zeros_like(ref) if high is None else high
+    _, syn = _weights_for(name, ref)
+    return _synthesize_last(torch.stack([low, high], dim=-2), syn)
+
+
 # --------------------------------------------------------------------------- 2-D
 def _dwt2_stacked(x: Tensor, ana: Tensor) -> Tensor:
     """(..., M, N) -> (..., 2, 2, M/2, N/2) indexed [band along axis -2, band along -1]."""
