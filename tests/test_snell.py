@@ -149,3 +149,17 @@ def test_snella_allocation_meets_the_global_budget():
     assert abs(sum(nonzero) - target) <= len(sizes)
     levels = [m.sparsity for m in alloc.modules]
     assert len(set(levels)) > 1, "layers should receive different shares"
+
+
+@pytest.mark.parametrize("dist", ["normal", "skewed", "ties"])
+def test_bucketed_kth_smallest_equals_kthvalue(dist):
+    from visionpeft.methods.snell import kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(200_003, generator=g)
+    if dist == "skewed":
+        v = v.abs() ** 6  # most values crowd near zero
+    if dist == "ties":
+        v = torch.randint(0, 50, (200_003,), generator=g).float()
+    for k in (1, 17, 100_000, 180_000, 200_003):
+        assert kth_smallest(v, k) == v.kthvalue(k).values
