@@ -28,7 +28,7 @@ from ..core.adapter import AdapterModule, HostSpec
 from ..core.config import AdapterConfig, check_positive_int
 from ..core.registry import register_method
 from .krona import divisors
-from .lora import lora_add_linear, lora_scale
+from .lora import lora_add_linear, lora_linear, lora_scale
 
 
 # --- pure math ------------------------------------------------------------------------
@@ -83,6 +83,12 @@ class BlockLoRAModule(AdapterModule):
         kernel = self.A0.view(self.A0.shape[0], h.in_features // self.n, *h.kernel_size)
         z = F.conv2d(block_sum(x, self.n, 1), kernel, None, h.stride, h.padding, h.dilation)
         return F.conv2d(z, (self.B * self.scale)[:, :, None, None])
+
+    def fused_linear(self, x, weight, bias, scale):
+        # x [A0 ... A0]^T = (x_1 + ... + x_n) A0^T: with the repeated A0 the host GEMM and
+        # LoRA's fused Function apply as is (one small GEMM instead of a sum then one;
+        # A0's gradient is the sum over blocks, through repeat's backward)
+        return lora_linear(x, weight, bias, self.A0.repeat(1, self.n), self.B, self.scale * scale)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
         if self.host.kind == "linear":  # LoRA's fused add on the summed chunks
