@@ -85,10 +85,8 @@ class BlockLoRAModule(AdapterModule):
         return F.conv2d(z, (self.B * self.scale)[:, :, None, None])
 
     def fused_linear(self, x, weight, bias, scale):
-        # x [A0 ... A0]^T = (x_1 + ... + x_n) A0^T: with the repeated A0 the host GEMM and
-        # LoRA's fused Function apply as is (one small GEMM instead of a sum then one;
-        # A0's gradient is the sum over blocks, through repeat's backward)
-        return lora_linear(x, weight, bias, self.A0.repeat(1, self.n), self.B, self.scale * scale)
+        # LoRA's fused host Function, fed the chunk sum: only (N, in/n) is saved
+        return lora_linear(x, weight, bias, self.A0, self.B, self.scale * scale, blocks=self.n)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
         if self.host.kind == "linear":  # LoRA's fused add on the summed chunks

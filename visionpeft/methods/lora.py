@@ -57,50 +57,67 @@ class _LoRAAddLinear(torch.autograd.Function):
         return grad_x, g, grad_A, grad_B, None
 
 
+def _block_sum(x2: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(N, in) -> (N, in/blocks): the sum of ``blocks`` consecutive column chunks."""
+    return x2 if blocks == 1 else x2.view(x2.shape[0], blocks, -1).sum(1)
+
+
 class _LoRALinear(torch.autograd.Function):
-    """x W^T + b + scale * (x A^T) B^T: the host Linear and LoRA in one Function.
+    """x W^T + b + scale * (x_s A^T) B^T: the host Linear and LoRA in one Function, where
+    x_s is x itself, or with ``blocks`` > 1 the sum of x's column chunks (Block-LoRA,
+    whose A0 is shared by every chunk).
 
     Owning the host op lets the backward accumulate LoRA's input gradient into the host's
-    inside one GEMM (``grad_x.addmm_(grad_h, A)``) instead of autograd adding two
-    (N, in) tensors, and lets the forward add into its own fresh output. Products use the
-    fast layouts described in `_LoRAAddLinear`.
+    inside one GEMM (``grad_x.addmm_(grad_h, A)``, or a broadcast add over the chunks)
+    instead of autograd adding two (N, in) tensors, and lets the forward add into its own
+    fresh output. Only x_s is saved. Products use the fast layouts of `_LoRAAddLinear`.
     """
 
     @staticmethod
-    def forward(ctx, x2, W, b, A, B, scale):
+    def forward(ctx, x2, W, b, A, B, scale, blocks):
         y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
-        h = x2 @ A.t()
+        xs = _block_sum(x2, blocks)
+        h = xs @ A.t()
         y.addmm_(h, B.t(), alpha=scale)
-        ctx.save_for_backward(x2, h, W, A, B)
-        ctx.scale = scale
+        ctx.save_for_backward(xs, h, W, A, B)
+        ctx.scale, ctx.blocks, ctx.x_shape = scale, blocks, x2.shape
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x2, h, W, A, B = ctx.saved_tensors
-        need_x, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        xs, h, W, A, B = ctx.saved_tensors
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         gh = (B.t() @ g.t()).t().mul(ctx.scale) if (need_x or need_A) else None
-        grad_x = (g @ W).addmm_(gh, A) if need_x else None
-        grad_W = g.t() @ x2 if need_W else None
+        grad_x = None
+        if need_x:
+            grad_x = g @ W
+            if ctx.blocks == 1:
+                grad_x.addmm_(gh, A)
+            else:
+                grad_x.view(g.shape[0], ctx.blocks, -1).add_((gh @ A).unsqueeze(1))
+        grad_W = g.t() @ xs if need_W else None  # blocks == 1 here: see lora_linear
         grad_b = g.sum(0) if need_b else None
-        grad_A = gh.t() @ x2 if need_A else None
+        grad_A = gh.t() @ xs if need_A else None
         grad_B = (h.t() @ g).t().mul(ctx.scale) if need_B else None
-        return grad_x, grad_W, grad_b, grad_A, grad_B, None
+        return grad_x, grad_W, grad_b, grad_A, grad_B, None, None
 
 
 def lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """F.linear(x, W, b) + scale * x A^T B^T in one autograd node; None where the fused
-    form does not apply (mixed dtypes, autocast), so the caller takes the general path."""
+                B: torch.Tensor, scale: float, blocks: int = 1) -> torch.Tensor | None:
+    """F.linear(x, W, b) + scale * x_s A^T B^T in one autograd node (x_s: x, or the sum of
+    its ``blocks`` column chunks); None where the fused form does not apply (mixed dtypes,
+    autocast), so the caller takes the general path."""
     if torch.is_autocast_enabled(x.device.type) or not (
             x.dtype == W.dtype == A.dtype == B.dtype and (b is None or b.dtype == x.dtype)):
         return None
+    if blocks > 1 and W.requires_grad:
+        return None  # a trainable host weight needs all of x saved: the general path has it
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled():
-        y = _LoRALinear.apply(x2, W, b, A, B, scale)
+        y = _LoRALinear.apply(x2, W, b, A, B, scale, blocks)
     else:
         y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
-        y.addmm_(x2 @ A.t(), B.t(), alpha=scale)
+        y.addmm_(_block_sum(x2, blocks) @ A.t(), B.t(), alpha=scale)
     return y.view(*x.shape[:-1], W.shape[0])
 
 
