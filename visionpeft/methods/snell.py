@@ -78,15 +78,26 @@ def kth_smallest(v: torch.Tensor, k: int, sample: int = 32768) -> torch.Tensor:
     return inside.kthvalue(k - below).values
 
 
-def sparsify(dW: torch.Tensor, n_zero: int, reweight: bool = False) -> torch.Tensor:
-    """Zero the ``n_zero`` entries with the smallest |dW| (ties aside). The threshold
-    carries no gradient; the kept entries do."""
+def sparsity_threshold(dW: torch.Tensor, n_zero: int) -> torch.Tensor | None:
+    """The |dW| value at or below which the ``n_zero`` smallest entries lie (None: keep all)."""
     if n_zero <= 0:
-        return dW * dW.detach().abs() if reweight else dW
+        return None
+    return kth_smallest(dW.detach().abs().flatten(), n_zero)
+
+
+def apply_threshold(dW: torch.Tensor, threshold: torch.Tensor | None, reweight: bool = False) -> torch.Tensor:
+    """Keep entries with |dW| above ``threshold`` (optionally as dW * |dW|, detached), zero
+    the rest. The mask carries no gradient; the kept entries do."""
     mag = dW.detach().abs()
-    threshold = kth_smallest(mag.flatten(), n_zero)
-    keep = mag > threshold
-    return torch.where(keep, dW * mag if reweight else dW, torch.zeros((), dtype=dW.dtype, device=dW.device))
+    kept = dW * mag if reweight else dW
+    if threshold is None:
+        return kept
+    return torch.where(mag > threshold, kept, torch.zeros((), dtype=dW.dtype, device=dW.device))
+
+
+def sparsify(dW: torch.Tensor, n_zero: int, reweight: bool = False) -> torch.Tensor:
+    """Zero the ``n_zero`` entries with the smallest |dW| (ties aside)."""
+    return apply_threshold(dW, sparsity_threshold(dW, n_zero), reweight)
 
 
 # --- module -----------------------------------------------------------------------------
@@ -123,8 +134,17 @@ class SNELLModule(AdapterModule):
         return self.host.op(x, self.delta_weight().to(x.dtype))
 
     def fused_linear(self, x, weight, bias, scale):
-        # host and delta in one GEMM; dW rebuilt in backward, never kept
-        return linear_with_weight_delta(x, weight, bias, scale, self.delta_weight, [self.A, self.B])
+        # host and delta in one GEMM; dW rebuilt in backward, never kept. The threshold
+        # found in the forward is reused by the rebuild: same dW, same mask, one search
+        found = {}
+
+        def build() -> torch.Tensor:
+            dW = kernel_matrix(self.A, self.B, self.kernel, self.scale)
+            if "t" not in found:
+                found["t"] = sparsity_threshold(dW, int(self.n_zero))
+            return apply_threshold(dW, found["t"], self.reweight).reshape(self.host.weight_shape)
+
+        return linear_with_weight_delta(x, weight, bias, scale, build, [self.A, self.B])
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.A.requires_grad:
