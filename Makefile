@@ -33,6 +33,7 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_core.py
+	$(BIN)/python scripts/bench_methods.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
