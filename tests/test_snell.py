@@ -115,6 +115,10 @@ def test_bad_sparsity_and_rank_are_refused():
             vp.SNELLConfig(sparsity=s, target_modules=["0"])
     with pytest.raises(ValueError, match="r must be even"):
         vp.inject(nn.Sequential(nn.Linear(4, 4)), vp.SNELLConfig(r=3, target_modules=["0"]))
+    model = nn.Sequential(nn.Linear(6, 4))
+    with pytest.raises(ValueError, match=r"0: rank r=8 is larger .* use r <= 4"):
+        vp.inject(model, vp.SNELLConfig(r=8, target_modules=["0"]))
+    assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad
 
 
 def test_cubic_budget_schedule():

@@ -72,7 +72,7 @@ def test_counts_and_zero_init():
     assert vp.trainable_parameters(model) == 4 * 4 * (4 + 8) + 3 * 4 * (8 + 16)
 
 
-def test_conv_and_cache_follow_the_factors():
+def test_conv_and_dW_follow_the_factors():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)
     model, mod = _inject(conv, r=2, wavelet="db2")
@@ -82,7 +82,7 @@ def test_conv_and_cache_follow_the_factors():
     with torch.no_grad():
         torch.testing.assert_close(model(x), F.conv2d(x, conv.weight + dW, conv.bias, padding=1),
                                    atol=1e-5, rtol=1e-5)
-        mod.B["A"].add_(1.0)  # cached dW must notice the change
+        mod.B["A"].add_(1.0)  # dW follows the factors
         assert not torch.allclose(vp.delta_weight(model, "0"), dW)
 
 

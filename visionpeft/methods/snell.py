@@ -105,6 +105,10 @@ class SNELLModule(AdapterModule):
     def __init__(self, config: "SNELLConfig", host: HostSpec):
         super().__init__(config, host)
         r = config.r
+        limit = min(host.out_features, host.fan_in)
+        if r > limit:
+            raise ValueError(f"rank r={r} is larger than the layer allows (as a matrix "
+                             f"{host.out_features} x {host.fan_in}); use r <= {limit}")
         if config.kernel != "linear" and r % 2:
             raise ValueError(f"kernel {config.kernel!r} splits the rank in two halves: r must be "
                              f"even, got r={r}")
