@@ -252,9 +252,14 @@ def main(argv=None):
               "threads": args.threads, "clock": args.clock, "depth": args.depth, "img": args.img, "r": args.r,
               "training": [bench_training(args, b, device) for b in args.batch],
               "merged_inference": [bench_merged(args, b, device) for b in args.batch]}
+    return emit(result, args.json)
+
+
+def emit(result: dict, path: str | None) -> dict:
+    """Print the results, and write them to ``path`` when given."""
     print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
+    if path:
+        with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
     return result
 

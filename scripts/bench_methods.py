@@ -16,7 +16,6 @@ Timing and memory as in bench_core.py: paired shuffled rounds, process CPU time 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from datetime import date
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from bench_core import measure_memory, paired, step_fn
+from bench_core import emit, measure_memory, paired, step_fn
 
 VIT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 UNET_TARGETS = r".*(to_q|to_k|to_v|to_out\.0)"
@@ -143,11 +142,7 @@ def main(argv=None):
     result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__,
               "threads": args.threads, "clock": "cpu", "depth": args.depth,
               "hosts": [run_host(args, h) for h in args.host]}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,16 @@ class HostSpec:
         raise TypeError(f"no host description for {type(module).__name__}")
 
 
+def check_rank(r: int, host: HostSpec, fan_in: int | None = None, note: str = "") -> None:
+    """Refuse a rank above what the layer (as an out x fan_in matrix) can hold."""
+    fan_in = host.fan_in if fan_in is None else fan_in
+    limit = min(host.out_features, fan_in)
+    if r > limit:
+        raise ValueError(f"rank r={r} is larger than the layer allows (weight "
+                         f"{tuple(host.weight_shape)}, as a matrix {host.out_features} x "
+                         f"{fan_in}{note}); use r <= {limit}")
+
+
 class AdapterModule(nn.Module, abc.ABC):
     """Base of every method's per-layer module.
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import AdapterModule, HostSpec
+from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import AdapterConfig, check_positive_int
 from ..core.registry import register_method
 from .krona import divisors
@@ -61,10 +61,7 @@ class BlockLoRAModule(AdapterModule):
             raise ValueError(f"n_blocks={n} does not divide the layer's input size ({in_ch}); "
                              f"valid n_blocks: {divisors(in_ch)}")
         block_fan_in = host.fan_in // n
-        limit = min(host.out_features, block_fan_in)
-        if r > limit:
-            raise ValueError(f"rank r={r} is larger than the layer allows with n_blocks={n} "
-                             f"(out {host.out_features}, block width {block_fan_in}); use r <= {limit}")
+        check_rank(r, host, block_fan_in, f" per block with n_blocks={n}")
         self.n = n
         self.scale = lora_scale(config.alpha, r)
         self.A0 = nn.Parameter(torch.empty(r, block_fan_in))

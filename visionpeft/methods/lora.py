@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import AdapterModule, HostSpec
+from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import AdapterConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
 
@@ -152,11 +152,7 @@ class LoRAModule(AdapterModule):
     def __init__(self, config: "LoRAConfig", host: HostSpec):
         super().__init__(config, host)
         r = config.r
-        limit = min(host.out_features, host.fan_in)
-        if r > limit:
-            raise ValueError(f"rank r={r} is larger than the layer allows (weight "
-                             f"{tuple(host.weight_shape)}, as a matrix {host.out_features} x "
-                             f"{host.fan_in}); use r <= {limit}")
+        check_rank(r, host)
         self.scale = lora_scale(config.alpha, r, config.rank_stabilized)
         self.lora_A = nn.Parameter(torch.empty(r, host.fan_in))
         self.lora_B = nn.Parameter(torch.zeros(host.out_features, r))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.adapter import AdapterModule, HostSpec
+from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import AdapterConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
 from ..ops.weight_delta import linear_with_weight_delta
@@ -105,10 +105,7 @@ class SNELLModule(AdapterModule):
     def __init__(self, config: "SNELLConfig", host: HostSpec):
         super().__init__(config, host)
         r = config.r
-        limit = min(host.out_features, host.fan_in)
-        if r > limit:
-            raise ValueError(f"rank r={r} is larger than the layer allows (as a matrix "
-                             f"{host.out_features} x {host.fan_in}); use r <= {limit}")
+        check_rank(r, host)
         if config.kernel != "linear" and r % 2:
             raise ValueError(f"kernel {config.kernel!r} splits the rank in two halves: r must be "
                              f"even, got r={r}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import AdapterModule, HostSpec
+from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import AdapterConfig, ConfigError, check_positive_int
 from ..core.registry import register_method
 from ..ops.dwt import crop, idwt1, subband_shapes, waverec2, wavelet_filters
@@ -97,10 +97,7 @@ class WaRAModule(AdapterModule):
         super().__init__(config, host)
         r, levels = config.r, config.levels
         self.shape = (host.out_features, host.fan_in)
-        limit = min(self.shape)
-        if r > limit:
-            raise ValueError(f"rank r={r} is larger than the layer allows (as a matrix "
-                             f"{self.shape[0]} x {self.shape[1]}); use r <= {limit}")
+        check_rank(r, host)
         self.levels, self.wavelet = (1 if config.share_factors else levels), config.wavelet
         self.share = config.share_factors
         self.scale = lora_scale(config.alpha, r)
