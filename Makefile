@@ -34,6 +34,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_core.py
 	$(BIN)/python scripts/bench_methods.py
+	$(BIN)/python scripts/bench_switch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -102,6 +102,8 @@ def make(kind: str, host: str, depth: int):
 
 def run_host(args, host: str) -> dict:
     kinds = [k for k in OUR_CONFIGS if k in vp.list_methods()] + list(PEFT_CONFIGS)
+    if args.only:  # the two references always run: every ratio is taken against them
+        kinds = [k for k in kinds if k in ("lora", "peft_lora", *args.only)]
     if "snell" in kinds:
         kinds.append("dense_sparse")
     models = {k: make(k, host, args.depth) for k in kinds}
@@ -135,12 +137,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="process CPU time (steadier on a shared VM) or wall-clock time")
+    p.add_argument("--only", nargs="+", help="variants to run besides lora and peft_lora")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.clock_fn = time.process_time
+    args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
     result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__,
-              "threads": args.threads, "clock": "cpu", "depth": args.depth,
+              "threads": args.threads, "clock": args.clock, "depth": args.depth,
               "hosts": [run_host(args, h) for h in args.host]}
     return emit(result, args.json)
 

@@ -120,11 +120,11 @@ def test_interrupted_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch
         assert torch.equal(fresh(x, img), expected)
 
 
-def test_not_our_format_and_future_versions_are_refused(tmp_path):
+def test_foreign_folders_go_to_import_and_future_versions_are_refused(tmp_path):
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / vpio.CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(vp.AdapterFileError, match="is a PEFT adapter"):
-        vp.load_adapter(ToyNet(), tmp_path / "peft")
+    with pytest.raises(vp.InteropError, match="no adapter_model.safetensors"):
+        vp.load_adapter(ToyNet(), tmp_path / "peft")  # read as PEFT, which has no weights here
     vp.save_adapter(_trained("lora"), tmp_path / "dog", name="dog")
     doc = json.loads((tmp_path / "dog" / vpio.CONFIG_NAME).read_text())
     doc["format_version"] = 99
@@ -152,3 +152,49 @@ def test_two_adapters_saved_and_loaded_side_by_side(tmp_path):
         assert torch.equal(fresh(x, img), expected)
     with pytest.raises(ValueError, match="already has an adapter named 'dog'"):
         vp.load_adapter(fresh, tmp_path / "dog")
+
+
+def _small_lora(seed, alpha=4):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    vp.inject(model, vp.LoRAConfig(r=2, alpha=alpha, target_modules=["0", "2"]), name="a")
+    randomize_adapters(model, seed)
+    return model
+
+
+def test_hotswap_replaces_weights_in_place_without_recompiling(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    other = _small_lora(seed=7, alpha=6)  # another alpha: the scale ratio goes into lora_B
+    vp.save_adapter(other, tmp_path / "b", name="a")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = other(x)
+    model = _small_lora(seed=1)
+    params = {n: p for n, p in model.named_parameters()}
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        before = compiled(x)
+        frames = counter.frame_count
+        vp.load_adapter(model, tmp_path / "b", name="a", hotswap=True)
+        after = compiled(x)
+    assert counter.frame_count == frames, "hotswap triggered a recompile"
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-6, rtol=1e-6)
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_hotswap_refuses_other_shapes_and_configs(tmp_path):
+    model = _small_lora(seed=1)
+    vp.save_adapter(model, tmp_path / "same", name="a")
+    torch.manual_seed(0)
+    wider = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    vp.inject(wider, vp.LoRAConfig(r=3, target_modules=["0", "2"]), name="a")
+    vp.save_adapter(wider, tmp_path / "r3", name="a")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(vp.AdapterFileError, match=r"\['r'\]"):
+        vp.load_adapter(model, tmp_path / "r3", name="a", hotswap=True)
+    with pytest.raises(KeyError, match="loaded adapter"):
+        vp.load_adapter(model, tmp_path / "same", name="zzz", hotswap=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

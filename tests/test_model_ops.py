@@ -182,6 +182,31 @@ def test_routing_equals_each_row_alone(method):
             torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_routing_reaches_every_layer_kind(method, batch_first):
+    """ToyNet: fused-qkv slices, convs and an nn.MultiheadAttention (adapted in_proj and
+    out_proj, batch on dim 0 or 1): each routed row equals that row run alone."""
+    torch.manual_seed(0)
+    model = ToyNet(batch_first=batch_first)
+    vp.inject(model, make_config(method, ["qkv[q,v]", "conv", "attn", "proj"]), name="a")
+    vp.inject(model, make_config(method, ["attn", "conv"]), name="b")
+    randomize_adapters(model)
+    x, img = torch.randn(4, 5, 15), torch.randn(4, 3, 9, 9)
+    rows = ["b", None, "a", "b"]
+    with torch.no_grad():
+        with vp.routing(model, rows):
+            mixed = model(x, img)
+        for i, name in enumerate(rows):
+            if name is None:
+                with vp.disabled(model):
+                    alone = model(x[i:i + 1], img[i:i + 1])
+            else:
+                vp.set_active(model, [name])
+                alone = model(x[i:i + 1], img[i:i + 1])
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_training_updates_only_adapters(toy):
     vp.inject(toy, make_config("lora", TOY_TARGETS), name="a")
     names = [n for n, p in toy.named_parameters() if p.requires_grad]

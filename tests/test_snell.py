@@ -52,23 +52,65 @@ def test_sparsify_zeroes_exactly_the_requested_fraction_of_smallest_entries(spar
     torch.testing.assert_close(sparsify(dW, n_zero, reweight=True)[kept], (dW * dW.abs())[kept])
 
 
-def test_forward_gradients_and_merge_match_the_dense_reference():
+def _reference_delta(A, B, kernel, scale, n_zero, reweight=False):
+    """SNELL's dW through plain autograd: cdist kernels, a kthvalue threshold, where()."""
+    h = A.shape[1] // 2
+    if kernel == "linear":
+        d = A @ B.t() * scale
+    elif kernel == "distance":
+        d = (torch.cdist(A[:, :h], B[:, :h]) - torch.cdist(A[:, h:], B[:, h:])) * scale
+    else:
+        d = (torch.exp(-torch.cdist(A[:, :h], B[:, :h]) ** 2 / h)
+             - torch.exp(-torch.cdist(A[:, h:], B[:, h:]) ** 2 / h)) * scale
+    t = d.detach().abs().flatten().kthvalue(n_zero).values
+    kept = torch.where(d.detach().abs() > t, d, torch.zeros_like(d))
+    return kept * d.detach().abs() if reweight else kept
+
+
+@pytest.mark.parametrize("kernel", ["distance", "linear", "rbf"])
+@pytest.mark.parametrize("alpha,reweight", [(None, False), (0.3, False), (None, True)])
+@pytest.mark.parametrize("path", ["fused", "general"])
+def test_forward_and_gradients_match_an_autograd_reference(kernel, alpha, reweight, path):
+    """Our hand-written gradients (fused host GEMM, or the checkpointed general path taken
+    when two adapters are active) against autograd through cdist and where()."""
     torch.manual_seed(0)
     lin = nn.Linear(12, 10)
     model = nn.Sequential(lin)
-    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.7, target_modules=["0"]))
+    cfg = vp.SNELLConfig(r=4, sparsity=0.7, kernel=kernel, alpha=alpha, reweight=reweight, target_modules=["0"])
+    vp.inject(model, cfg)
+    if path == "general":  # a second active adapter turns the fused path off
+        vp.inject(model, cfg, name="off")
+        vp.set_active(model, ["default", "off"])
+        vp.set_scale(model, "off", 0.5)
     mod = model[0].adapters["default"]["full"]
     x = torch.randn(3, 12, requires_grad=True)
-    model(x).square().sum().backward()
+    out = model(x)
     A = mod.A.detach().clone().requires_grad_(True)
     B = mod.B.detach().clone().requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
-    dW = sparsify(kernel_matrix(A, B, "distance", 0.1), 84)  # 0.7 of 120
-    F.linear(xr, lin.weight + dW, lin.bias).square().sum().backward()
+    dW = _reference_delta(A, B, kernel, mod.scale, 84, reweight)  # 0.7 of 120
+    ref = F.linear(xr, lin.weight + dW, lin.bias)
+    if path == "general":
+        other = model[0].adapters["off"]["full"]
+        ref = ref + 0.5 * F.linear(xr, _reference_delta(other.A.detach(), other.B.detach(), kernel,
+                                                        other.scale, 84, reweight))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
     for a, b in ((mod.A.grad, A.grad), (mod.B.grad, B.grad), (x.grad, xr.grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(vp.delta_weight(model, "0"), dW.detach())
-    assert int((vp.delta_weight(model, "0") == 0).sum()) == 84
+    torch.testing.assert_close(vp.delta_weight(model, "0", "default"), dW.detach(), atol=1e-6, rtol=1e-5)
+    assert int((vp.delta_weight(model, "0", "default") == 0).sum()) == 84
+
+
+@pytest.mark.parametrize("kernel", ["distance", "linear", "rbf"])
+def test_kernel_gradients_pass_gradcheck(kernel):
+    from visionpeft.methods.snell import snell_delta
+
+    torch.manual_seed(0)
+    A = torch.randn(7, 6, dtype=torch.double, requires_grad=True)
+    B = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: snell_delta(a, b, kernel, -0.3, 20), (A, B))
 
 
 @pytest.mark.parametrize("two_adapters", [False, True])  # fused path / general (checkpoint) path
@@ -153,6 +195,28 @@ def test_snella_allocation_meets_the_global_budget():
     assert abs(sum(nonzero) - target) <= len(sizes)
     levels = [m.sparsity for m in alloc.modules]
     assert len(set(levels)) > 1, "layers should receive different shares"
+
+
+def test_snella_importance_emas_follow_the_official_update():
+    """Both EMAs start at zero: after g1, EMA = (1-b1) I1 and U = (1-b2) |I1 - EMA|; after
+    g2 the recursion again, with U using the updated EMA."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    vp.inject(model, vp.SNELLConfig(r=2, sparsity=0.5, target_modules=["0"]))
+    alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=10, beta1=0.8, beta2=0.7)
+    mod = alloc.modules[0]
+    imps = []
+    for _ in range(2):
+        mod.A.grad = torch.randn_like(mod.A)
+        imps.append((mod.A * mod.A.grad).abs().detach())
+        alloc.update_importance()
+    ema1 = 0.2 * imps[0]
+    unc1 = 0.3 * (imps[0] - ema1).abs()
+    ema2 = 0.8 * ema1 + 0.2 * imps[1]
+    unc2 = 0.7 * unc1 + 0.3 * (imps[1] - ema2).abs()
+    torch.testing.assert_close(alloc.ema[0]["A"], ema2)
+    torch.testing.assert_close(alloc.unc[0]["A"], unc2)
+    assert alloc.scores()[0] == pytest.approx(float((ema2 * unc2).mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("dist", ["normal", "skewed", "ties"])

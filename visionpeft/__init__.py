@@ -6,7 +6,7 @@
 __version__ = "0.1.0"
 
 from .core.config import AdapterConfig, ConfigError  # noqa: E402
-from .core.io import AdapterFileError, load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from .core.io import AdapterFileError, hotswap_adapter, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .core.model_ops import (  # noqa: E402
     active_adapters,
     delta_weight,
@@ -26,11 +26,13 @@ from .core.targeting import TargetError  # noqa: E402
 from .methods import *  # noqa: E402,F401,F403
 from .methods import __all__ as _method_names  # noqa: E402
 from .backbones import presets  # noqa: E402
+from .interop import ExportReport, InteropError, detect_format, export, import_adapter  # noqa: E402
 
 __all__ = [
     "AdapterConfig", "ConfigError", "TargetError", "AdapterFileError",
     "inject", "set_active", "set_scale", "active_adapters", "disabled", "routing", "merge",
-    "unmerge", "remove", "save_adapter", "load_adapter", "read_adapter_config", "summary",
+    "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
     "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",
-    "presets", *_method_names,
+    "presets", "export", "import_adapter", "detect_format", "ExportReport", "InteropError",
+    *_method_names,
 ]

@@ -126,10 +126,24 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return doc
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
+                 hotswap: bool = False) -> nn.Module:
     """Inject an adapter from a folder written by `save_adapter`. Everything (method,
-    version, layers, every tensor's shape) is checked before the model changes."""
+    version, layers, every tensor's shape) is checked before the model changes. A PEFT
+    folder or a diffusers / kohya / LyCORIS file goes through `vp.import_adapter`.
+
+    ``hotswap=True`` instead replaces the tensors of the loaded adapter ``name`` in place
+    (same method, layers and shapes): no re-injection and the same parameter objects, so a
+    compiled model keeps its graphs."""
     path = Path(path)
+    if hotswap:
+        return hotswap_adapter(model, path, name)
+    cfg = path / CONFIG_NAME
+    if not (cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT) and (
+            path.is_file() or cfg.is_file() or any(path.glob("*.safetensors"))):
+        from ..interop import import_adapter  # foreign formats live in interop/
+
+        return import_adapter(model, path, name or "default")
     doc = read_adapter_config(path)
     name = name or doc.get("name", "default")
     spec = get_method(doc["method"])
@@ -203,3 +217,73 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
     plan.module_states = {m: {p: tensors[k] for p, k in keys.items()}
                           for m, keys in plan.module_states.items()}
     return plan
+
+
+# fields that only choose layers: the tensors are compared key by key instead
+_TARGETING_FIELDS = {"target_modules", "exclude_modules", "modules_to_save"}
+
+
+def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Copy a saved adapter's tensors into the loaded adapter ``name`` (default: the saved
+    name). The saved config must equal the loaded one, except that a LoRA's alpha may
+    differ: the ratio of scales is folded into lora_B, so the module's scale (a Python
+    float a compiled graph may hold as a constant) stays. A PEFT folder or a diffusers /
+    kohya file hot-swaps into a loaded LoRA of the same modules and at least its rank.
+    Everything is checked first."""
+    from ..methods.lora import lora_scale
+
+    path = Path(path)
+    state = get_state(model)
+    cfg = path / CONFIG_NAME
+    if not (cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT):
+        from ..interop import detect_format, hotswap_factors, read_factors  # a LoRA file
+
+        if name is None:
+            raise ValueError("name the loaded adapter to hot-swap into")
+        if state.merged:
+            raise RuntimeError(f"adapters {list(state.merged)} are merged; unmerge before a hotswap")
+        return hotswap_factors(model, read_factors(model, path, detect_format(path)), name)
+    doc = read_adapter_config(path)
+    name = name or doc.get("name", "default")
+    if name not in state.configs:
+        raise KeyError(f"hotswap replaces a loaded adapter; this model has {list(state.configs)}, "
+                       f"not {name!r}")
+    if state.merged:
+        raise RuntimeError(f"adapters {list(state.merged)} are merged; unmerge before a hotswap")
+    current = state.configs[name]
+    saved = config_from_dict(doc["config"])
+    if saved.method != current.method:
+        raise AdapterFileError(f"{path} holds a {saved.method} adapter; {name!r} is {current.method}")
+    folded = {"alpha", "rank_stabilized"} if current.method == "lora" else set()
+    a, b = current.to_dict(), saved.to_dict()
+    differ = sorted(k for k in set(a) | set(b)
+                    if k not in _TARGETING_FIELDS | folded and a.get(k) != b.get(k))
+    if differ:
+        raise AdapterFileError(f"{path}: config fields {differ} differ from the loaded {name!r} "
+                               f"({ {k: b.get(k) for k in differ} } vs { {k: a.get(k) for k in differ} }); "
+                               "a hotswap keeps the config, load it as a new adapter instead")
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    now, _ = adapter_tensors(model, name)
+    missing, unexpected = sorted(set(now) - set(tensors)), sorted(set(tensors) - set(now))
+    wrong = [k for k in now if k in tensors and tuple(tensors[k].shape) != tuple(now[k].shape)]
+    if missing or unexpected or wrong:
+        raise AdapterFileError(f"{path} does not match the loaded {name!r}: missing {missing[:6]}, "
+                               f"unexpected {unexpected[:6]}, other shapes {wrong[:6]}")
+    ratio = 1.0
+    if current.method == "lora":
+        r = current.r
+        ratio = lora_scale(saved.alpha, r, saved.rank_stabilized) / lora_scale(current.alpha, r,
+                                                                            current.rank_stabilized)
+    with torch.no_grad():
+        for lname, layer in adapted_layers(model).items():
+            for part, mod in layer.parts(name):
+                for pname, t in mod.state_dict(keep_vars=True).items():
+                    new = tensors[_key(lname, part, pname)]
+                    if pname == "lora_B" and ratio != 1.0:
+                        new = new.float() * ratio
+                    t.copy_(new.to(t.dtype))
+        for mname, holder in trained_copies(model).items():
+            if name in holder.copies:
+                for pname, t in holder.copies[name].state_dict(keep_vars=True).items():
+                    t.copy_(tensors[f"{mname}.{pname}"].to(t.dtype))
+    return model

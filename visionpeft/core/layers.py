@@ -260,9 +260,10 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
         if st.disabled or self.merged_names:
             return self.base_layer(*args, **kwargs)
         if st.routing is not None:
-            raise RuntimeError("per-row routing does not reach nn.MultiheadAttention layers "
-                               "yet; run each adapter's rows as their own batch")
-        names = [n for n in st.active if n in self.adapters]
+            return self._routed(st, args, kwargs)
+        return self._run([n for n in st.active if n in self.adapters], st, args, kwargs)
+
+    def _run(self, names, st, args, kwargs):
         if not names:
             return self.base_layer(*args, **kwargs)
         params = {}
@@ -272,6 +273,45 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
             w = base.in_proj_weight if key == "weight" else base.out_proj.weight
             params[pname] = w + total.to(w.dtype)
         return torch.func.functional_call(base, params, args, kwargs)
+
+    def _routed(self, st, args, kwargs):
+        """Attention mixes tokens, not rows: each adapter's rows run as one sub-batch with
+        that adapter's weights, and the outputs are put back in row order."""
+        base = self.base_layer
+        bdim = 0 if base.batch_first else 1
+        call = dict(zip(("query", "key", "value"), args), **kwargs)
+        if call["query"].dim() != 3:
+            raise ValueError("routing needs batched attention inputs (3-D query)")
+        n = call["query"].shape[bdim]
+        if n != len(st.routing):
+            raise ValueError(f"routing gives {len(st.routing)} rows but this attention's input "
+                             f"has batch size {n}")
+        heads = base.num_heads
+
+        def rows_of(name_, value, idx):
+            if name_ in ("query", "key", "value"):
+                return value.index_select(bdim, idx)
+            if name_ == "key_padding_mask" and value is not None:
+                return value.index_select(0, idx)
+            if name_ == "attn_mask" and value is not None and value.dim() == 3:
+                per_row = value.view(n, heads, *value.shape[1:]).index_select(0, idx)
+                return per_row.reshape(-1, *value.shape[1:])
+            return value
+
+        out, weights = None, None
+        for name in dict.fromkeys(st.routing):
+            idx = torch.tensor([i for i, r in enumerate(st.routing) if r == name],
+                               device=call["query"].device)
+            sub = {k: rows_of(k, v, idx) for k, v in call.items()}
+            names = [name] if name is not None and name in self.adapters else []
+            o, w = self._run(names, st, (), sub)
+            if out is None:
+                out = o.new_zeros(*o.shape[:bdim], n, *o.shape[bdim + 1:])
+                weights = None if w is None else w.new_zeros(n, *w.shape[1:])
+            out = out.index_copy(bdim, idx, o)
+            if w is not None:
+                weights = weights.index_copy(0, idx, w)
+        return out, weights
 
 
 class TrainedCopy(nn.Module):

@@ -23,32 +23,182 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import AdapterConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
-from ..ops.weight_delta import linear_with_weight_delta
+from ..ops.weight_delta import WeightDelta, linear_with_weight_delta
 
 KERNELS = ("distance", "linear", "rbf")
 
 
 # --- pure math ------------------------------------------------------------------------
-def kernel_matrix(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float) -> torch.Tensor:
-    """(out, fan_in) matrix of k(a_i, b_j); half-precision factors are evaluated in fp32
-    (distances of nearby points lose everything in fp16, and CPU cdist has no fp16)."""
-    if A.dtype in (torch.float16, torch.bfloat16):
-        return kernel_matrix(A.float(), B.float(), kernel, scale).to(A.dtype)
-    if kernel == "linear":
-        return (A @ B.t()) * scale
+def _squared_distances(A: torch.Tensor, B: torch.Tensor, coef: float) -> torch.Tensor:
+    """coef * ||a_i - b_j||^2 for all (i, j) as one matrix product of augmented factors,
+    [-2a, |a|^2, 1] . [b, 1, |b|^2] (the expansion cdist itself uses on large inputs)."""
+    sa, sb = A.square().sum(1, keepdim=True), B.square().sum(1, keepdim=True)
+    Aa = torch.cat([A * (-2.0 * coef), sa * coef, torch.full_like(sa, coef)], 1)
+    Bb = torch.cat([B, torch.ones_like(sb), sb], 1)
+    return Aa @ Bb.t()
+
+
+def _half_terms(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float) -> list[torch.Tensor]:
+    """T1, T2 with dW = T1 - T2 (negated for a negative distance scale), one per half of
+    the rank: distance |scale| * ||a_k - b_k||; rbf scale * exp(-||a_k - b_k||^2 / h)."""
     h = A.shape[1] // 2
-    A1, A2, B1, B2 = A[:, :h], A[:, h:], B[:, :h], B[:, h:]
+    halves = (slice(0, h), slice(h, None))
     if kernel == "distance":
-        return (torch.cdist(A1, B1) - torch.cdist(A2, B2)) * scale
-    d1 = torch.cdist(A1, B1).square()
-    d2 = torch.cdist(A2, B2).square()
-    return (torch.exp(-d1 / h) - torch.exp(-d2 / h)) * scale
+        return [_squared_distances(A[:, k], B[:, k], scale * scale).clamp_min_(0).sqrt_() for k in halves]
+    return [_squared_distances(A[:, k], B[:, k], -1.0 / h).exp_().mul_(scale) for k in halves]
+
+
+def _skinny_grads(H: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
+    """(H B, H^T A, rowsum H, colsum H) in the layouts CPU BLAS runs fastest: the products
+    are taken as (B^T H^T)^T and (A^T H)^T, several times faster than H @ B and H^T @ A."""
+    HB = (torch.cat([B, torch.ones_like(B[:, :1])], 1).t() @ H.t()).t()
+    HtA = (torch.cat([A, torch.ones_like(A[:, :1])], 1).t() @ H).t()
+    return HB[:, :-1], HtA[:, :-1], HB[:, -1:], HtA[:, -1:]
+
+
+def _raw_delta(A, B, kernel: str, scale: float):
+    """(dW, terms): the dense kernel matrix and the per-half terms its gradient needs."""
+    if kernel == "linear":
+        return (A @ B.t()).mul_(scale), []
+    terms = _half_terms(A, B, kernel, scale)
+    dW = terms[0] - terms[1]
+    return (dW.neg_() if kernel == "distance" and scale < 0 else dW), terms
+
+
+def _factor_grads(A, B, terms: list[torch.Tensor], G: torch.Tensor, kernel: str, scale: float):
+    """dL/dA, dL/dB from G = dL/d(dense dW). Each half of the kernel contributes
+    grad_a_i = c sum_j H_ij (a_i - b_j) (mirrored for b_j): one skinny product per factor,
+    rowsum(H) * A - H B. Overwrites ``terms`` (H is written over them)."""
+    if kernel == "linear":
+        GB, GtA, _, _ = _skinny_grads(G, A, B)
+        return GB * scale, GtA * scale
+    h = A.shape[1] // 2
+    grad_A, grad_B = [], []
+    for k, T, sign in ((slice(0, h), terms[0], 1.0), (slice(h, None), terms[1], -1.0)):
+        if kernel == "distance":
+            # d(|s| D)/da = s^2 (a - b) / (|s| D), sign(s) folded in; coincident points
+            # get no gradient, as in cdist's backward
+            H = torch.div(G, T, out=T).nan_to_num_(0.0, 0.0, 0.0)
+            c = sign * scale * abs(scale)
+        else:
+            # d(s exp(-d^2/h))/da = -(2/h) s exp(-d^2/h) (a - b)
+            H = T.mul_(G)
+            c = -sign * 2.0 / h
+        Ak, Bk = A[:, k], B[:, k]
+        HB, HtA, row, col = _skinny_grads(H, Ak, Bk)
+        grad_A.append((row * Ak - HB) * c)
+        grad_B.append((col * Bk - HtA) * c)
+    return torch.cat(grad_A, 1), torch.cat(grad_B, 1)
+
+
+def keep_largest(dW: torch.Tensor, threshold: float | None, reweight: bool = False) -> torch.Tensor:
+    """Entries with |dW| above ``threshold`` (all when None), zero elsewhere; with
+    ``reweight`` the kept values are dW * |dW|. hardshrink is exactly this mask in one
+    float pass (a boolean mask and where() take four, and bool kernels are slow on CPU)."""
+    kept = dW if threshold is None else F.hardshrink(dW, threshold)
+    return kept * kept.abs() if reweight else kept
+
+
+def _mask_grad(G: torch.Tensor, dW: torch.Tensor, threshold: float | None, reweight: bool) -> torch.Tensor:
+    """dL/d(dense dW) from dL/d(kept), in place: zero where dropped; times |dW| (detached)
+    under reweight."""
+    if threshold is not None:
+        torch.ops.aten.hardshrink_backward.grad_input(G, dW, threshold, grad_input=G)
+    return G.mul_(dW.abs()) if reweight else G
+
+
+class _SparseKernel(torch.autograd.Function):
+    """dW = keep_largest(k(A, B)) with a hand-written backward (autograd through cdist,
+    abs and where costs about ten passes over the (out, in) matrix)."""
+
+    @staticmethod
+    def forward(ctx, A, B, kernel, scale, n_zero, reweight):
+        dW, terms = _raw_delta(A, B, kernel, scale)
+        threshold = sparsity_threshold(dW, n_zero)
+        ctx.kernel, ctx.scale, ctx.reweight, ctx.threshold = kernel, scale, reweight, threshold
+        ctx.save_for_backward(A, B, dW, *terms)
+        return keep_largest(dW, threshold, reweight)
+
+    @staticmethod
+    def backward(ctx, G):
+        A, B, dW, *terms = ctx.saved_tensors
+        G = _mask_grad(G.clone(), dW, ctx.threshold, ctx.reweight)
+        grads = _factor_grads(A, B, [t.clone() for t in terms], G, ctx.kernel, ctx.scale)
+        return *grads, None, None, None, None
+
+
+class SNELLDelta(WeightDelta):
+    """SNELL's dW for ``linear_with_weight_delta``: the forward builds in two (out, in)
+    buffers and finds the threshold; the backward rebuilds with the same threshold and
+    hands the kernel terms to the hand-written gradient. Factors in half precision are
+    evaluated in fp32."""
+
+    def __init__(self, A, B, kernel: str, scale: float, n_zero: int, reweight: bool, shape):
+        self.params, self.kernel, self.scale = [A, B], kernel, scale
+        self.n_zero, self.reweight, self.shape = n_zero, reweight, shape
+        self.threshold: float | None = None
+
+    def _factors(self):
+        A, B = self.params
+        return (A.detach().float(), B.detach().float()) if A.dtype in (torch.float16, torch.bfloat16) \
+            else (A.detach(), B.detach())
+
+    @torch.no_grad()
+    def build(self) -> torch.Tensor:
+        A, B = self._factors()
+        if self.kernel == "linear":
+            dW, spare = (A @ B.t()).mul_(self.scale), None
+        else:
+            T1, spare = _half_terms(A, B, self.kernel, self.scale)
+            dW = T1.sub_(spare)
+            if self.kernel == "distance" and self.scale < 0:
+                dW.neg_()
+        self.threshold = sparsity_threshold(dW, self.n_zero)
+        if self.threshold is not None:
+            kept = torch.ops.aten.hardshrink.out(dW, self.threshold, out=spare if spare is not None else torch.empty_like(dW))
+        else:
+            kept = dW
+        if self.reweight:
+            kept = kept.mul_(kept.abs())
+        return kept.reshape(self.shape)
+
+    @torch.no_grad()
+    def rebuild(self):
+        A, B = self._factors()
+        dW, terms = _raw_delta(A, B, self.kernel, self.scale)
+        kept = keep_largest(dW, self.threshold, self.reweight)
+        kept = kept.clone() if kept is dW else kept
+        return kept.reshape(self.shape), (dW, terms)
+
+    @torch.no_grad()
+    def param_grads(self, state, grad_dW):
+        dW, terms = state
+        A, B = self._factors()
+        G = _mask_grad(grad_dW.reshape(dW.shape).to(dW.dtype), dW, self.threshold, self.reweight)
+        gA, gB = _factor_grads(A, B, terms, G, self.kernel, self.scale)
+        return gA.to(self.params[0].dtype), gB.to(self.params[1].dtype)
+
+
+def snell_delta(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float, n_zero: int,
+                reweight: bool = False) -> torch.Tensor:
+    """SNELL's sparse dW (out, fan_in): the kernel matrix with its ``n_zero`` smallest
+    entries zeroed. Half-precision factors are evaluated in fp32 (distances of nearby
+    points lose everything in fp16)."""
+    if A.dtype in (torch.float16, torch.bfloat16):
+        return snell_delta(A.float(), B.float(), kernel, scale, n_zero, reweight).to(A.dtype)
+    return _SparseKernel.apply(A, B, kernel, float(scale), int(n_zero), reweight)
+
+
+def kernel_matrix(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float) -> torch.Tensor:
+    """(out, fan_in) matrix of k(a_i, b_j), nothing zeroed."""
+    return snell_delta(A, B, kernel, scale, 0)
 
 
 def zero_count(sparsity: float, numel: int) -> int:
@@ -56,48 +206,41 @@ def zero_count(sparsity: float, numel: int) -> int:
     return int(math.floor(float(sparsity) * numel))
 
 
-def kth_smallest(v: torch.Tensor, k: int, sample: int = 32768) -> torch.Tensor:
+def kth_smallest(v: torch.Tensor, k: int, sample: int = 32768) -> float:
     """The k-th smallest value of a flat tensor (1-based), exactly as kthvalue but several
     times faster on large tensors: a strided sample brackets the k-th value, one pass
     counts what lies below the bracket, and kthvalue runs only inside it. A bracket that
     misses falls back to kthvalue on everything, so the answer is always exact.
-    (torch.quantile is no option: it refuses tensors over 16M elements.)"""
+    (torch.quantile is no option: it refuses tensors over 16M elements.) Comparisons
+    take Python scalars and counts use count_nonzero: both several times faster on CPU
+    than tensor operands and bool.sum()."""
     n = v.numel()
     if n < 4 * sample:
-        return v.kthvalue(k).values
+        return float(v.kthvalue(k).values)
     sub = v[:: n // sample]
     m = sub.numel()
     q = k / n
     margin = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
-    lo = sub.kthvalue(max(1, math.floor((q - margin) * m))).values
-    hi = sub.kthvalue(min(m, math.ceil((q + margin) * m))).values
-    below = int((v < lo).sum())
-    inside = v[(v >= lo) & (v <= hi)]
+    lo = float(sub.kthvalue(max(1, math.floor((q - margin) * m))).values)
+    hi = float(sub.kthvalue(min(m, math.ceil((q + margin) * m))).values)
+    at_least_lo = v >= lo
+    below = n - int(torch.count_nonzero(at_least_lo))
+    inside = v[at_least_lo & (v <= hi)]
     if below >= k or below + inside.numel() < k:
-        return v.kthvalue(k).values
-    return inside.kthvalue(k - below).values
+        return float(v.kthvalue(k).values)
+    return float(inside.kthvalue(k - below).values)
 
 
-def sparsity_threshold(dW: torch.Tensor, n_zero: int) -> torch.Tensor | None:
+def sparsity_threshold(dW: torch.Tensor, n_zero: int) -> float | None:
     """The |dW| value at or below which the ``n_zero`` smallest entries lie (None: keep all)."""
     if n_zero <= 0:
         return None
     return kth_smallest(dW.detach().abs().flatten(), n_zero)
 
 
-def apply_threshold(dW: torch.Tensor, threshold: torch.Tensor | None, reweight: bool = False) -> torch.Tensor:
-    """Keep entries with |dW| above ``threshold`` (optionally as dW * |dW|, detached), zero
-    the rest. The mask carries no gradient; the kept entries do."""
-    mag = dW.detach().abs()
-    kept = dW * mag if reweight else dW
-    if threshold is None:
-        return kept
-    return torch.where(mag > threshold, kept, torch.zeros((), dtype=dW.dtype, device=dW.device))
-
-
 def sparsify(dW: torch.Tensor, n_zero: int, reweight: bool = False) -> torch.Tensor:
     """Zero the ``n_zero`` entries with the smallest |dW| (ties aside)."""
-    return apply_threshold(dW, sparsity_threshold(dW, n_zero), reweight)
+    return keep_largest(dW, sparsity_threshold(dW, n_zero), reweight)
 
 
 # --- module -----------------------------------------------------------------------------
@@ -127,25 +270,18 @@ class SNELLModule(AdapterModule):
         return int(self.n_zero) / self.numel
 
     def delta_weight(self) -> torch.Tensor:
-        dW = kernel_matrix(self.A, self.B, self.kernel, self.scale)
-        dW = sparsify(dW, int(self.n_zero), self.reweight)
+        dW = snell_delta(self.A, self.B, self.kernel, self.scale, int(self.n_zero), self.reweight)
         return dW.reshape(self.host.weight_shape)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.host.op(x, self.delta_weight().to(x.dtype))
 
     def fused_linear(self, x, weight, bias, scale):
-        # host and delta in one GEMM; dW rebuilt in backward, never kept. The threshold
-        # found in the forward is reused by the rebuild: same dW, same mask, one search
-        found = {}
-
-        def build() -> torch.Tensor:
-            dW = kernel_matrix(self.A, self.B, self.kernel, self.scale)
-            if "t" not in found:
-                found["t"] = sparsity_threshold(dW, int(self.n_zero))
-            return apply_threshold(dW, found["t"], self.reweight).reshape(self.host.weight_shape)
-
-        return linear_with_weight_delta(x, weight, bias, scale, build, [self.A, self.B])
+        # host and delta in one GEMM; dW rebuilt in backward, never kept. The rebuild
+        # reuses the forward's threshold: same dW, same mask, one search
+        delta = SNELLDelta(self.A, self.B, self.kernel, self.scale, int(self.n_zero), self.reweight,
+                           self.host.weight_shape)
+        return linear_with_weight_delta(x, weight, bias, scale, delta)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.A.requires_grad:

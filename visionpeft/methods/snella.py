@@ -93,9 +93,8 @@ class SNELLAAllocator:
                 if p.grad is None:
                     continue
                 imp = (p * p.grad).abs().nan_to_num_(0.0)
-                if key not in ema:
-                    ema[key], unc[key] = imp.clone(), torch.zeros_like(imp)
-                    continue
+                if key not in ema:  # both EMAs start at zero, as in the official allocator
+                    ema[key], unc[key] = torch.zeros_like(imp), torch.zeros_like(imp)
                 ema[key].mul_(self.beta1).add_(imp, alpha=1 - self.beta1)
                 unc[key].mul_(self.beta2).add_((imp - ema[key]).abs(), alpha=1 - self.beta2)
 
@@ -109,7 +108,7 @@ class SNELLAAllocator:
     @torch.no_grad()
     def allocate(self, budget: float) -> list[float]:
         """Set every layer's sparsity from its share of ``budget`` non-zero entries."""
-        shares = split_budget(round(budget), self.scores(), self.sizes)
+        shares = split_budget(int(budget), self.scores(), self.sizes)
         for m, share, n in zip(self.modules, shares, self.sizes):
             m.n_zero.fill_(n - max(share, 1))  # keep at least one entry per layer
         return [m.sparsity for m in self.modules]
@@ -117,5 +116,6 @@ class SNELLAAllocator:
     def step(self, step: int) -> None:
         """Call after backward, before the gradients are cleared."""
         self.update_importance()
-        if step > self.init_warmup and step % self.interval == 0:
+        final = step > self.total_steps - self.final_warmup  # at the target: every step
+        if step > self.init_warmup and (final or step % self.interval == 0):
             self.allocate(self.budget(step))

@@ -5,50 +5,81 @@ Applying dW as a second linear costs two extra full-size GEMMs in backward and k
 saves only x (and the parameters), and in backward rebuilds dW from theta, so memory
 stays at LoRA's level and the GEMM count at host + one (the weight gradient):
 forward x W'^T; backward g W' and g^T x, then g^T x pushed through dW(theta).
+
+A method describes its dW with a ``WeightDelta``: ``build`` for the forward, and
+``rebuild`` + ``param_grads`` for the backward, so a method with a hand-written gradient
+(SNELL) can keep what its gradient needs from the rebuild and skip autograd. The dW that
+``build``/``rebuild`` return belongs to the caller, which turns it into W' in place: on
+CPU every fresh (out x in) tensor costs page faults, a sizeable part of these layers' time.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 
+class WeightDelta:
+    """dW(theta) through autograd; subclass and override the three methods to hand-write
+    the gradient."""
+
+    def __init__(self, build: Callable[[], torch.Tensor], params: list[torch.Tensor]):
+        self._build, self.params = build, list(params)
+
+    def build(self) -> torch.Tensor:
+        """dW for the forward (no gradient needed), a tensor the caller may overwrite."""
+        with torch.no_grad():
+            return self._build().clone()
+
+    def rebuild(self) -> tuple[torch.Tensor, Any]:
+        """dW again in backward, and the state ``param_grads`` needs."""
+        with torch.enable_grad():
+            dW = self._build()
+        return dW.detach().clone(), dW
+
+    def param_grads(self, state: Any, grad_dW: torch.Tensor) -> tuple:
+        """Gradients of ``params`` given dL/d(dW); may overwrite ``grad_dW``."""
+        return torch.autograd.grad(state, self.params, grad_dW.to(state.dtype), allow_unused=True)
+
+
+def _effective_weight(dW: torch.Tensor, W: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * dW, written over dW when the dtypes allow."""
+    if dW.dtype != W.dtype:
+        return torch.add(W, dW.to(W.dtype), alpha=scale)
+    return dW.mul_(scale).add_(W)
+
+
 class _WeightDeltaLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, W, b, scale, build, *params):
+    def forward(ctx, x2, W, b, scale, delta, *params):
         with torch.no_grad():
-            w_eff = W + build().to(W.dtype) * scale
-        ctx.build, ctx.scale, ctx.has_bias = build, scale, b is not None
-        ctx.save_for_backward(x2, W, *params)
+            w_eff = _effective_weight(delta.build(), W, scale)
+        ctx.delta, ctx.scale = delta, scale
+        ctx.save_for_backward(x2, W)
         return F.linear(x2, w_eff, b)
 
     @staticmethod
     def backward(ctx, g):
-        x2, W, *params = ctx.saved_tensors
+        x2, W = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            dW = ctx.build()
+        dW, state = ctx.delta.rebuild()
+        grad_x = g @ _effective_weight(dW, W, ctx.scale) if need_x else None
+        del dW
         grad_w_eff = g.t() @ x2
-        grad_x = None
-        if need_x:
-            grad_x = g @ (W + dW.detach().to(W.dtype) * ctx.scale)
-        grads = torch.autograd.grad(dW, params, (grad_w_eff * ctx.scale).to(dW.dtype),
-                                    allow_unused=True)
-        return (grad_x, grad_w_eff if need_W else None, g.sum(0) if need_b else None,
-                None, None, *grads)
+        grad_W = grad_w_eff.clone() if need_W else None
+        grads = ctx.delta.param_grads(state, grad_w_eff.mul_(ctx.scale))
+        return (grad_x, grad_W, g.sum(0) if need_b else None, None, None, *grads)
 
 
 def linear_with_weight_delta(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
-                             scale: float, build: Callable[[], torch.Tensor],
-                             params: list[torch.Tensor]) -> torch.Tensor | None:
-    """``F.linear(x, W + scale * build(), b)``; ``build`` makes dW (W's shape) from
-    ``params`` and is called again in backward. None under autocast or mixed dtypes (the
-    caller then takes its general path)."""
+                             scale: float, delta: WeightDelta) -> torch.Tensor | None:
+    """``F.linear(x, W + scale * dW, b)`` with dW described by ``delta``, rebuilt in
+    backward. None under autocast or mixed dtypes (the caller then takes its general path)."""
     if torch.is_autocast_enabled(x.device.type) or x.dtype != W.dtype:
         return None
-    if not (torch.is_grad_enabled() and any(p.requires_grad for p in (x, W, *params))):
-        return F.linear(x, W + build().to(W.dtype) * scale, b)
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in (x, W, *delta.params))):
+        return F.linear(x, _effective_weight(delta.build(), W, scale), b)
     x2 = x.reshape(-1, x.shape[-1])
-    y = _WeightDeltaLinear.apply(x2, W, b, scale, build, *params)
+    y = _WeightDeltaLinear.apply(x2, W, b, scale, delta, *delta.params)
     return y.view(*x.shape[:-1], W.shape[0])

@@ -1,0 +1,337 @@
+"""Export/import against the real loaders: PEFT's PeftModel, diffusers' load_lora_adapter
+and lora_state_dict (its kohya conversion included), LyCORIS's create_lycoris_from_weights,
+and load_state_dict(strict=True) for merged files."""
+import copy
+
+import pytest
+import torch
+from conftest import ToyNet, randomize_adapters
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.backbones.tiny import build_tiny, example_inputs, run_host
+
+UNET_ATTN = "re:.*attn[12]\\.(to_q|to_k|to_v|to_out\\.0)"
+
+
+class Small(nn.Module):
+    """Linear and conv hosts with the names kohya/LyCORIS flatten without clashes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 6)
+
+    def forward(self, img):
+        h = self.conv(img).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def _img():
+    return torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(1))
+
+
+def _lora_small(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Small()
+    vp.inject(model, vp.LoRAConfig(r=3, alpha=5, target_modules=["conv", "fc1", "fc2"], **kw), name="a")
+    randomize_adapters(model, seed)
+    return model
+
+
+def _untouched(model):
+    st = vp.core.model_ops.get_state(model, required=False)
+    return st is None or not st.configs
+
+
+# --- PEFT -------------------------------------------------------------------------------
+def test_peft_export_loads_in_peft_with_the_same_outputs(tmp_path):
+    from peft import PeftModel
+
+    model = _lora_small()
+    vp.set_scale(model, "a", 0.7)
+    x = _img()
+    with torch.no_grad():
+        ours = model(x)
+    vp.export(model, tmp_path / "peft", name="a", format="peft")
+    torch.manual_seed(0)
+    theirs = PeftModel.from_pretrained(Small(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_export_of_qkv_slices_uses_a_rank_pattern(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = build_tiny("timm_vit")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["re:blocks\\.\\d+\\.attn\\.qkv[q,v]",
+                                                        "re:blocks\\.\\d+\\.mlp\\.fc1"]), name="a")
+    randomize_adapters(model)
+    inputs = example_inputs("timm_vit")
+    with torch.no_grad():
+        ours = run_host("timm_vit", model, inputs)
+    vp.export(model, tmp_path / "p", format="peft")
+    theirs = PeftModel.from_pretrained(build_tiny("timm_vit"), tmp_path / "p").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run_host("timm_vit", theirs, inputs), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_files_import_with_peft_outputs(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    host = Small()
+    fresh = copy.deepcopy(host)
+    cfg = LoraConfig(r=4, lora_alpha=6, target_modules=["conv", "fc1", "fc2"], init_lora_weights=False,
+                     rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 8})
+    peft_model = get_peft_model(host, cfg).eval()
+    peft_model.save_pretrained(tmp_path / "p")
+    x = _img()
+    vp.load_adapter(fresh, tmp_path / "p", name="imported")  # detected as PEFT
+    assert vp.active_adapters(fresh) == ("imported",)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), peft_model(x), atol=1e-5, rtol=1e-5)
+
+
+# --- diffusers and kohya ------------------------------------------------------------------
+def _unet_with_lora():
+    unet = build_tiny("sd_unet")
+    vp.inject(unet, vp.LoRAConfig(r=4, alpha=2, target_modules=[UNET_ATTN]), name="dog")
+    randomize_adapters(unet, std=0.1)
+    return unet
+
+
+def test_diffusers_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet = _unet_with_lora()
+    inputs = example_inputs("sd_unet")
+    with torch.no_grad():
+        ours = run_host("sd_unet", unet, inputs)
+    report = vp.export(unet, tmp_path, name="dog", format="diffusers")
+    assert report.path.name == "pytorch_lora_weights.safetensors"
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(report.path))
+    assert state_dict and all(k.startswith("unet.") for k in state_dict)
+    theirs = build_tiny("sd_unet")
+    theirs.load_lora_adapter(str(report.path), prefix="unet", adapter_name="dog")
+    with torch.no_grad():
+        torch.testing.assert_close(run_host("sd_unet", theirs, inputs), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_diffusers_files_import_with_diffusers_outputs(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    theirs = build_tiny("sd_unet")
+    theirs.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(theirs).items()}
+    save_file(sd, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert vp.detect_format(tmp_path) == "diffusers"
+    ours = build_tiny("sd_unet")
+    vp.import_adapter(ours, tmp_path, name="x")
+    inputs = example_inputs("sd_unet")
+    with torch.no_grad():
+        torch.testing.assert_close(run_host("sd_unet", ours, inputs), run_host("sd_unet", theirs, inputs),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_kohya_export_is_read_by_diffusers_conversion(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet = _unet_with_lora()
+    inputs = example_inputs("sd_unet")
+    with torch.no_grad():
+        ours = run_host("sd_unet", unet, inputs)
+    path = vp.export(unet, tmp_path / "k.safetensors", format="kohya").path
+    keys = list(load_file(str(path)))
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.")
+               for k in keys)
+    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))  # kohya -> diffusers
+    theirs = build_tiny("sd_unet")
+    theirs.load_lora_adapter(state_dict, network_alphas=alphas, prefix="unet", adapter_name="k")
+    with torch.no_grad():
+        torch.testing.assert_close(run_host("sd_unet", theirs, inputs), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_kohya_file_imports_with_its_alpha(tmp_path):
+    """A hand-written kohya file: dW = alpha / r * up @ down, conv included."""
+    torch.manual_seed(0)
+    model = Small()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, host in (("fc1", model.fc1), ("conv", model.conv)):
+        down = torch.randn(2, *host.weight.shape[1:], generator=g)
+        up = torch.randn(host.weight.shape[0], 2, *([1, 1] if name == "conv" else []), generator=g)
+        tensors.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                        f"lora_unet_{name}.alpha": torch.tensor(3.0)})
+        with torch.no_grad():
+            w = getattr(ref, name).weight
+            w += 1.5 * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    save_file(tensors, str(tmp_path / "k.safetensors"))
+    vp.import_adapter(model, tmp_path / "k.safetensors", name="k")
+    x = _img()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_diffusers_file_hot_swaps_into_a_compiled_lora(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    source = _lora_small(seed=0)  # r 3 and alpha 5; the target below has r 4, alpha 2
+    randomize_adapters(source, 5)
+    path = vp.export(source, tmp_path / "f.safetensors", format="diffusers", prefix="m").path
+    x = _img()
+    with torch.no_grad():
+        expected = source(x)
+    torch.manual_seed(0)
+    model = Small()
+    vp.inject(model, vp.LoRAConfig(r=4, alpha=2, target_modules=["conv", "fc1", "fc2"]), name="a")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        compiled(x)
+        frames = counter.frame_count
+        vp.load_adapter(model, path, name="a", hotswap=True)
+        out = compiled(x)
+    assert counter.frame_count == frames
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    small = Small()
+    vp.inject(small, vp.LoRAConfig(r=2, target_modules=["conv", "fc1", "fc2"]), name="a")
+    with pytest.raises(vp.InteropError, match="does not fit rank 2"):
+        vp.load_adapter(small, path, name="a", hotswap=True)
+
+
+# --- LyCORIS LoKr -------------------------------------------------------------------------
+def _krona_small():
+    torch.manual_seed(0)
+    model = Small()
+    vp.inject(model, vp.KronAConfig(alpha=0.5, target_modules=["conv", "fc1", "fc2"]), name="kr")
+    randomize_adapters(model)
+    return model
+
+
+def test_lycoris_export_loads_in_lycoris_with_the_same_outputs(tmp_path):
+    from lycoris import create_lycoris_from_weights
+
+    model = _krona_small()
+    x = _img()
+    with torch.no_grad():
+        ours = model(x)
+    path = vp.export(model, tmp_path / "lokr.safetensors", format="lycoris").path
+    torch.manual_seed(0)
+    host = Small()
+    network, _ = create_lycoris_from_weights(1.0, str(path), host)
+    assert len(network.loras) == 3
+    network.apply_to()
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_lycoris_lokr_file_imports_as_krona(tmp_path):
+    from lycoris import create_lycoris
+
+    torch.manual_seed(0)
+    host = Small()
+    fresh = copy.deepcopy(host)
+    network = create_lycoris(host, 1.0, linear_dim=100000, linear_alpha=1, algo="lokr", factor=-1,
+                             full_matrix=True)
+    network.apply_to()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    network.save_weights(str(tmp_path / "lokr.safetensors"), torch.float32, None)
+    x = _img()
+    with torch.no_grad():
+        expected = host(x)
+    vp.import_adapter(fresh, tmp_path / "lokr.safetensors", name="kr")
+    assert vp.get_method(vp.core.model_ops.get_state(fresh).configs["kr"].method).name == "krona"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decomposed_lokr_is_refused_and_the_model_untouched(tmp_path):
+    save_file({"lycoris_fc1.lokr_w1": torch.randn(3, 2), "lycoris_fc1.lokr_w2_a": torch.randn(4, 1),
+               "lycoris_fc1.lokr_w2_b": torch.randn(1, 4)}, str(tmp_path / "d.safetensors"))
+    model = Small()
+    with pytest.raises(vp.InteropError, match="decomposed"):
+        vp.import_adapter(model, tmp_path / "d.safetensors")
+    assert _untouched(model)
+
+
+# --- merged and SVD -----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "krona", "wara", "snell"])
+def test_merged_export_loads_strictly_into_a_fresh_host(tmp_path, method):
+    from conftest import METHOD_CONFIGS
+
+    torch.manual_seed(0)
+    model = ToyNet()
+    host_copy = copy.deepcopy(model)
+    vp.inject(model, METHOD_CONFIGS[method](["qkv[q,v]", "proj", "conv", "attn"]), name="m")
+    randomize_adapters(model)
+    x, img = torch.randn(2, 5, 15), torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ours = model(x, img)
+    path = vp.export(model, tmp_path / "merged.safetensors", format="merged").path
+    host_copy.load_state_dict(load_file(str(path)), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(host_copy(x, img), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_svd_export_reports_the_truncation_error(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = Small()
+    vp.inject(model, vp.WaRAConfig(r=2, target_modules=["fc1", "fc2", "conv"]), name="w")
+    randomize_adapters(model)
+    with pytest.raises(vp.InteropError, match="rank="):
+        vp.export(model, tmp_path / "x", format="peft")
+    dW = vp.delta_weight(model, "fc1")
+    S = torch.linalg.svdvals(dW)
+    report = vp.export(model, tmp_path / "r1", format="peft", rank=1)
+    assert report.svd_error["fc1"] == pytest.approx(float(S[1:].norm() / S.norm()), rel=1e-4)
+    full = vp.export(model, tmp_path / "full", format="peft", rank=12)
+    assert full.max_error < 1e-6
+    x = _img()
+    with torch.no_grad():
+        ours = model(x)
+    torch.manual_seed(0)
+    theirs = PeftModel.from_pretrained(Small(), tmp_path / "full").eval()  # same host weights
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours, atol=1e-5, rtol=1e-5)
+
+
+# --- bad input ----------------------------------------------------------------------------
+def test_bad_files_are_refused_with_what_was_found(tmp_path):
+    model = Small()
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(vp.InteropError, match="not a readable safetensors"):
+        vp.import_adapter(model, tmp_path / "junk.safetensors")
+    good = _lora_small()
+    path = vp.export(good, tmp_path / "k.safetensors", format="kohya").path
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(vp.InteropError, match="truncated"):
+        vp.import_adapter(model, tmp_path / "cut.safetensors")
+    save_file({"weird.key": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(vp.InteropError, match="no known adapter layout"):
+        vp.import_adapter(model, tmp_path / "other.safetensors")
+    save_file({"lora_unet_nope.lora_down.weight": torch.zeros(2, 8), "lora_unet_nope.lora_up.weight":
+               torch.zeros(12, 2)}, str(tmp_path / "nomatch.safetensors"))
+    with pytest.raises(vp.InteropError, match="lora_unet_nope"):
+        vp.import_adapter(model, tmp_path / "nomatch.safetensors")
+    save_file({"lora_unet_fc1.lora_down.weight": torch.zeros(2, 9), "lora_unet_fc1.lora_up.weight":
+               torch.zeros(12, 2)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(vp.InteropError, match="fc1"):
+        vp.import_adapter(model, tmp_path / "shape.safetensors")
+    assert _untouched(model)
+    with pytest.raises(ValueError, match="format must be one of"):
+        vp.export(good, tmp_path / "x", format="ckpt")
+    with pytest.raises(vp.InteropError, match="KronA"):
+        vp.export(good, tmp_path / "x.safetensors", format="lycoris")

@@ -1,0 +1,47 @@
+"""Any weight-space adapter -> the host's own state dict with dW merged in: the keys are
+exactly those of the model before injection, so the file loads with
+``load_state_dict(strict=True)`` into a fresh host (no visionpeft needed)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.model_ops import adapted_layers, get_state, trained_copies
+
+
+def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Host weights + scale * dW of adapter ``name`` (merged in fp32, cast back, checked
+    finite); modules trained in full for the adapter contribute their trained copy."""
+    state = get_state(model)
+    if state.merged:
+        raise ValueError(f"adapters {list(state.merged)} are merged; vp.unmerge(model) first, "
+                         "so that the export merges exactly one adapter")
+    merged: dict[str, torch.Tensor] = {}  # parameter object id -> merged value
+    for lname, layer in adapted_layers(model).items():
+        if name not in layer.adapters:
+            continue
+        weights = layer._weights()
+        with torch.no_grad():
+            for key, total in layer.deltas([name], state.scales, fp32=True).items():
+                w = weights[key]
+                value = w.float() + total.to(w.device)
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"{lname}: merging {name!r} gives non-finite weights")
+                merged[id(w)] = value.to(w.dtype)
+    wrappers = {**{n: "layer" for n in adapted_layers(model)}, **{n: "copy" for n in trained_copies(model)}}
+    copies = trained_copies(model)
+    out: dict[str, torch.Tensor] = {}
+    params = {id(p): p for p in model.parameters()}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+        if owner is None:
+            out[key] = tensor
+            continue
+        rest = key[len(owner) + 1:]
+        if not rest.startswith("base_layer."):
+            continue  # adapter parameters and other adapters' trained copies
+        plain = f"{owner}.{rest[len('base_layer.'):]}"
+        if wrappers[owner] == "copy" and name in copies[owner].copies:
+            tensor = copies[owner].copies[name].state_dict(keep_vars=True)[rest[len('base_layer.'):]]
+        out[plain] = merged.get(id(tensor), tensor) if id(tensor) in params else tensor
+    return {k: v.detach().contiguous() for k, v in out.items()}

@@ -1,0 +1,82 @@
+"""LoRA <-> HF PEFT: a folder with adapter_config.json + adapter_model.safetensors that
+`PeftModel.from_pretrained(model, folder)` reads (keys
+``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .factors import Factors, InteropError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def is_peft_folder(path: Path) -> bool:
+    cfg = path / CONFIG_NAME
+    return path.is_dir() and cfg.is_file() and "peft_type" in json.loads(cfg.read_text())
+
+
+def write(factors: dict[str, Factors], folder: Path) -> None:
+    """Scale 1 everywhere: lora_alpha = r, and per-module ranks (slices, SVD) go to
+    rank_pattern / alpha_pattern with the names regex-escaped (PEFT matches them as regexes)."""
+    ranks = {m: f.rank for m, f in factors.items()}
+    r = max(ranks.values())
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(factors),
+              "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0,
+              "bias": "none", "task_type": None, "base_model_name_or_path": None,
+              "inference_mode": True, "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True, "modules_to_save": None}
+    tensors = {}
+    for m, f in factors.items():
+        up = f.up if f.down.dim() == 2 else f.up[:, :, None, None]
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = f.down.contiguous()
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = up.contiguous()
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, value in patterns.items():  # PEFT's rule: the pattern must match a name suffix
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read(folder: Path) -> dict[str, Factors]:
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("peft_type") != "LORA":
+        raise InteropError(f"{folder} is a PEFT {config.get('peft_type')} adapter; only LORA converts")
+    if config.get("use_dora"):
+        raise InteropError(f"{folder} is a DoRA adapter (use_dora); its magnitude vector has no LoRA form")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InteropError(f"{folder} has no {WEIGHTS_NAME} (pickled .bin files are not read)")
+    tensors = load_file(str(weights))
+    pairs: dict[str, dict] = {}
+    unplaced = []
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            unplaced.append(key)
+            continue
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    if unplaced:
+        raise InteropError(f"{folder}: {len(unplaced)} key(s) are not LoRA A/B weights: {unplaced[:8]}")
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise InteropError(f"{folder}: {module} has only lora_{''.join(ab)}")
+        down, up = ab["A"].float(), ab["B"].float().flatten(1)
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        out[module] = Factors(down, up * scale)
+    return out
