@@ -121,22 +121,33 @@ def test_diffusers_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(run_host("sd_unet", theirs, inputs), ours, atol=1e-4, rtol=1e-4)
 
 
-def test_diffusers_files_import_with_diffusers_outputs(tmp_path):
+@pytest.mark.parametrize("with_metadata", [False, True])
+def test_diffusers_files_import_with_diffusers_outputs(tmp_path, with_metadata):
+    """Written by diffusers' own save_lora_weights; with its adapter metadata the file's
+    alpha (8 for r 4, scale 2) must be honoured, without it diffusers reads scale 1."""
+    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    theirs = build_tiny("sd_unet")
-    theirs.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(theirs).items()}
-    save_file(sd, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    alpha = 8 if with_metadata else 4
+    cfg = LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False,
+                     target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    lora = build_tiny("sd_unet")
+    lora.add_adapter(cfg)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(lora),
+        unet_lora_adapter_metadata=cfg.to_dict() if with_metadata else None)
     assert vp.detect_format(tmp_path) == "diffusers"
+    state_dict, _, metadata = StableDiffusionPipeline.lora_state_dict(tmp_path, return_lora_metadata=True)
+    theirs = build_tiny("sd_unet")  # what pipe.load_lora_weights does with the file
+    theirs.load_lora_adapter(state_dict, prefix="unet", metadata=metadata)
     ours = build_tiny("sd_unet")
     vp.import_adapter(ours, tmp_path, name="x")
     inputs = example_inputs("sd_unet")
     with torch.no_grad():
-        torch.testing.assert_close(run_host("sd_unet", ours, inputs), run_host("sd_unet", theirs, inputs),
-                                   atol=1e-4, rtol=1e-4)
+        expected = run_host("sd_unet", theirs, inputs)
+        torch.testing.assert_close(run_host("sd_unet", ours, inputs), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(run_host("sd_unet", lora, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_kohya_export_is_read_by_diffusers_conversion(tmp_path):
@@ -204,6 +215,31 @@ def test_a_diffusers_file_hot_swaps_into_a_compiled_lora(tmp_path):
     vp.inject(small, vp.LoRAConfig(r=2, target_modules=["conv", "fc1", "fc2"]), name="a")
     with pytest.raises(vp.InteropError, match="does not fit rank 2"):
         vp.load_adapter(small, path, name="a", hotswap=True)
+
+
+def test_lycoris_lora_file_imports_through_the_kohya_layout(tmp_path):
+    """LyCORIS's LoCon writes lora_down / lora_up / alpha (the kohya layout) under
+    prefix "lycoris", with alpha != r, Linear and conv."""
+    from lycoris import create_lycoris
+
+    torch.manual_seed(0)
+    host = Small()
+    fresh = copy.deepcopy(host)
+    network = create_lycoris(host, 1.0, linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=8,
+                             algo="lora")
+    network.apply_to()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    network.save_weights(str(tmp_path / "locon.safetensors"), torch.float32, None)
+    assert vp.detect_format(tmp_path / "locon.safetensors") == "kohya"
+    x = _img()
+    with torch.no_grad():
+        expected = host(x)
+    vp.import_adapter(fresh, tmp_path / "locon.safetensors", name="l")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- LyCORIS LoKr -------------------------------------------------------------------------

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.io import _atomic_write_dir
-from ..core.model_ops import get_state
+from ..core.model_ops import adapted_layers, get_state
 from . import diffusers_format, kohya_format, lycoris_format, peft_format
 from .factors import InteropError, hotswap_factors, inject_factors, model_factors
 from .merged import merged_state_dict
@@ -99,7 +99,8 @@ def export(model: nn.Module, path, name: str | None = None, format: str = "peft"
         tensors = merged_state_dict(model, name)
         target = _single_file(path, "model.safetensors")
         _atomic_save_file(tensors, target, {"format": "pt"})
-        return ExportReport(target, format, sum(1 for _ in tensors))
+        layers = sum(1 for layer in adapted_layers(model).values() if name in layer.adapters)
+        return ExportReport(target, format, layers)
     if format == "lycoris":
         tensors = lycoris_format.to_tensors(model, name, prefix)
         target = _single_file(path, "lycoris_weights.safetensors")
@@ -196,10 +197,13 @@ def read_factors(model: nn.Module, path, format: str, prefix: str | None = None)
         return peft_format.read(path)
     if format not in ("diffusers", "kohya"):
         raise InteropError(f"{path} is a {format} file, not a LoRA; it has no LoRA factors")
-    tensors = _read_tensors(_the_file(path))
+    file = _the_file(path)
+    tensors = _read_tensors(file)
     if format == "kohya":
         return kohya_format.from_tensors(tensors, model, prefix, str(path))
-    return diffusers_format.from_tensors(tensors, prefix, str(path))
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    return diffusers_format.from_tensors(tensors, prefix, str(path), metadata)
 
 
 __all__ = ["export", "import_adapter", "detect_format", "read_factors", "hotswap_factors", "ExportReport",

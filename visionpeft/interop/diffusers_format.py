@@ -4,11 +4,15 @@ that `pipe.load_lora_weights`, `UNet2DConditionModel.load_lora_adapter` and
 (``unet.``, ``text_encoder.``, ``transformer.``)."""
 from __future__ import annotations
 
+import json
+import math
 import re
 
 from .factors import Factors, InteropError
+from .peft_format import _pattern_value
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
 
 
 def to_tensors(factors: dict[str, Factors], prefix: str) -> dict:
@@ -24,9 +28,29 @@ def looks_like(keys) -> bool:
     return any(re.search(r"\.lora_[AB]\.weight$", k) for k in keys)
 
 
-def from_tensors(tensors: dict, prefix: str | None, where: str) -> dict[str, Factors]:
-    """Scale 1 is assumed, as diffusers does for a file without alphas; ``prefix=None``
-    takes the one component prefix the file has."""
+def _scales(metadata: dict | None, prefix: str):
+    """module -> alpha / r from diffusers' ``lora_adapter_metadata`` header (the LoraConfig
+    it saved, keys ``<prefix>.r`` ...); None without it: diffusers then uses scale 1."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    cfg = {k[len(prefix) + 1:]: v for k, v in json.loads(metadata[METADATA_KEY]).items()
+           if k.startswith(prefix + ".")}
+    if "r" not in cfg:
+        return None
+
+    def scale(module: str) -> float:
+        r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
+        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+    return scale
+
+
+def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict | None = None
+                 ) -> dict[str, Factors]:
+    """Scales come from the file's ``lora_adapter_metadata`` when diffusers wrote one, and
+    are 1 otherwise, as diffusers does; ``prefix=None`` takes the one component prefix the
+    file has."""
     prefixes = sorted({k.split(".", 1)[0] for k in tensors})
     if prefix is None:
         if len(prefixes) != 1:
@@ -47,9 +71,11 @@ def from_tensors(tensors: dict, prefix: str | None, where: str) -> dict[str, Fac
                            f"weights (alphas, DoRA or text-encoder patches are not read): {unplaced[:8]}")
     if not pairs:
         raise InteropError(f"{where} has no LoRA under prefix {prefix!r}; it has {prefixes}")
+    scale = _scales(metadata, prefix)
     out = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise InteropError(f"{where}: {module} has only lora_{''.join(ab)}")
-        out[module] = Factors(ab["A"].float(), ab["B"].float().flatten(1))
+        up = ab["B"].float().flatten(1)
+        out[module] = Factors(ab["A"].float(), up * scale(module) if scale else up)
     return out
