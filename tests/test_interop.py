@@ -371,3 +371,81 @@ def test_bad_files_are_refused_with_what_was_found(tmp_path):
         vp.export(good, tmp_path / "x", format="ckpt")
     with pytest.raises(vp.InteropError, match="KronA"):
         vp.export(good, tmp_path / "x.safetensors", format="lycoris")
+
+
+class Nested(nn.Module):
+    """`fc1` and `head.fc1` (a suffix trap), `a_b` and `a.b` (the same kohya name), a
+    grouped and a dilated conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.head = nn.ModuleDict({"fc1": nn.Linear(8, 8)})
+        self.a_b = nn.Linear(8, 8)
+        self.a = nn.ModuleDict({"b": nn.Linear(8, 8)})
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.dilated = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        h = self.a["b"](self.a_b(self.head["fc1"](self.fc1(x))))
+        return h, self.dilated(self.grouped(x.view(-1, 4, 1, 2).expand(-1, 4, 3, 2).contiguous()))
+
+
+def test_exact_targets_mixed_ranks_and_layouts_other_tools_cannot_hold(tmp_path):
+    from peft import PeftModel
+
+    x = torch.randn(3, 8)
+    torch.manual_seed(0)
+    model = Nested()
+    vp.inject(model, vp.WaRAConfig(r=4, target_modules=["re:fc1", "re:a_b"]), name="w")
+    randomize_adapters(model)
+    with torch.no_grad():
+        ours = model(x)[0]
+    # rank 12 > 8: written at each layer's full rank; only fc1 and a_b, not head.fc1
+    report = vp.export(model, tmp_path / "p", format="peft", rank=12)
+    assert report.rank == 8 and report.max_error < 1e-5
+    torch.manual_seed(0)
+    theirs = PeftModel.from_pretrained(Nested(), tmp_path / "p")
+    assert {n.rsplit(".lora_A", 1)[0] for n, _ in theirs.named_parameters() if ".lora_A" in n} == \
+        {"base_model.model.fc1", "base_model.model.a_b"}
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x)[0], ours, atol=1e-5, rtol=1e-5)
+    # back into ours, beside the adapter already on those layers, at per-layer ranks
+    vp.import_adapter(model, tmp_path / "p", name="back")
+    vp.set_active(model, ["back"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], ours, atol=1e-5, rtol=1e-5)
+    # kohya: a prefix with underscores is found; a_b and a.b cannot be told apart
+    small = _lora_small()
+    path = vp.export(small, tmp_path / "k.safetensors", format="kohya", prefix="my_model").path
+    torch.manual_seed(0)
+    again = Small()
+    vp.import_adapter(again, path, name="k")
+    with torch.no_grad():
+        torch.testing.assert_close(again(_img()), small(_img()), atol=1e-5, rtol=1e-5)
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["re:a_b", "re:a\\.b"]), name="clash")
+    with pytest.raises(vp.InteropError, match="flatten to the kohya name"):
+        vp.export(model, tmp_path / "c.safetensors", name="clash", format="kohya")
+    save_file({"lora_unet_a_b.lora_down.weight": torch.zeros(1, 8), "lora_unet_a_b.lora_up.weight":
+               torch.zeros(8, 1)}, str(tmp_path / "ab.safetensors"))
+    with pytest.raises(vp.InteropError, match="share the kohya name"):
+        vp.import_adapter(Nested(), tmp_path / "ab.safetensors")
+
+
+def test_grouped_and_dilated_convs_are_refused_where_loaders_build_conv_layers(tmp_path):
+    model = Nested()
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["grouped", "dilated"]), name="c")
+    randomize_adapters(model)
+    for fmt in ("peft", "diffusers"):
+        with pytest.raises(vp.InteropError, match="groups=2"):
+            vp.export(model, tmp_path / fmt, format=fmt)
+    with pytest.warns(UserWarning, match="weight-patching|patch weights"):
+        path = vp.export(model, tmp_path / "k.safetensors", format="kohya").path
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ours = model(x)[1]
+    fresh = copy.deepcopy(model)
+    vp.remove(fresh)
+    vp.import_adapter(fresh, path, name="k")  # our reader patches weights: exact
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[1], ours, atol=1e-5, rtol=1e-5)

@@ -304,3 +304,29 @@ def test_a_second_adapter_leaves_the_first_trainable(toy):
     trainable = {n for n, p in toy.named_parameters() if p.requires_grad}
     assert any(".adapters.a." in n for n in trainable) and any(".adapters.b." in n for n in trainable)
     assert all(".adapters." in n for n in trainable)
+
+
+def test_routing_slices_attention_masks_given_by_position():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(12, 3, batch_first=True))
+    vp.inject(model, make_config("lora", ["0"]), name="a")
+    randomize_adapters(model)
+    attn = model[0]
+    q = torch.randn(3, 5, 12)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, -2:] = True
+    mask = torch.randn(3 * 3, 5, 5)  # per row and head
+    rows = ["a", None, "a"]
+    with torch.no_grad():
+        with vp.routing(model, rows):
+            out, w = attn(q, q, q, pad, True, mask, average_attn_weights=False)
+        for i, name in enumerate(rows):
+            one = slice(i, i + 1)
+            args = (q[one], q[one], q[one], pad[one], True, mask[3 * i:3 * i + 3])
+            if name is None:
+                with vp.disabled(model):
+                    ref, ref_w = attn(*args, average_attn_weights=False)
+            else:
+                ref, ref_w = attn(*args, average_attn_weights=False)
+            torch.testing.assert_close(out[one], ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(w[one], ref_w, atol=1e-5, rtol=1e-5)

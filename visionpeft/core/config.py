@@ -68,6 +68,11 @@ class AdapterConfig:
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError saying what is allowed."""
 
+    def for_layer(self, name: str) -> "AdapterConfig":
+        """The config one layer's module is built from (per-layer overrides, e.g. LoRA's
+        rank_pattern); the adapter as a whole keeps ``self``."""
+        return self
+
     # --- serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}

@@ -8,6 +8,7 @@ untouched as ``base_layer`` (wrap, don't patch), and `remove` puts it back.
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -279,7 +280,8 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
         that adapter's weights, and the outputs are put back in row order."""
         base = self.base_layer
         bdim = 0 if base.batch_first else 1
-        call = dict(zip(("query", "key", "value"), args), **kwargs)
+        # every argument by name (masks may come by position), so each can be sliced
+        call = dict(inspect.signature(base.forward).bind(*args, **kwargs).arguments)
         if call["query"].dim() != 3:
             raise ValueError("routing needs batched attention inputs (3-D query)")
         n = call["query"].shape[bdim]

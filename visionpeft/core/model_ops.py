@@ -94,7 +94,7 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str,
         for part in parts:
             base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
             try:
-                mod = spec.module_cls(config, host_spec(base, part))
+                mod = spec.module_cls(config.for_layer(lname), host_spec(base, part))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{lname}{'' if part == 'full' else f'[{part}]'}: {err}") from None
             mods[part] = mod.to(device=weight.device, dtype=weight.dtype)

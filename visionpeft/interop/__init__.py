@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch import nn
 from ..core.io import _atomic_write_dir
 from ..core.model_ops import adapted_layers, get_state
 from . import diffusers_format, kohya_format, lycoris_format, peft_format
-from .factors import InteropError, hotswap_factors, inject_factors, model_factors
+from .factors import (InteropError, _plain_host, conv_layout_problem, hotswap_factors, inject_factors,
+                      model_factors)
 from .merged import merged_state_dict
 
 FORMATS = ("diffusers", "peft", "kohya", "lycoris", "merged")
@@ -34,7 +36,7 @@ class ExportReport:
     path: Path
     format: str
     layers: int
-    rank: int | None = None
+    rank: int | None = None  # the largest rank written (LoRA formats)
     svd_error: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
 
     @property
@@ -44,7 +46,7 @@ class ExportReport:
     def __str__(self) -> str:
         s = f"{self.format} export of {self.layers} layers to {self.path}"
         if self.svd_error:
-            s += f"; rank {self.rank} SVD, relative error max {self.max_error:.3g}"
+            s += f"; rank {self.rank} by SVD, relative error max {self.max_error:.3g}"
         return s
 
 
@@ -107,6 +109,17 @@ def export(model: nn.Module, path, name: str | None = None, format: str = "peft"
         _atomic_save_file(tensors, target, {"format": "pt"})
         return ExportReport(target, format, len(tensors) // 3)
     factors, errors = model_factors(model, name, rank)
+    modules = dict(model.named_modules())
+    odd = {m: why for m in factors if (why := conv_layout_problem(_plain_host(modules[m])))}
+    if odd and format in ("peft", "diffusers"):
+        raise InteropError(f"{format} builds a LoRA conv without groups or dilation, so these "
+                           f"layers would load wrong: {odd}; use format='kohya' (weight-patching "
+                           "loaders such as ComfyUI apply it exactly) or 'merged'")
+    if odd:
+        warnings.warn(f"kohya export of convs with {odd}: loaders that patch weights (ComfyUI, "
+                      "A1111) apply it exactly, loaders that build LoRA conv layers "
+                      "(diffusers' kohya conversion) do not", stacklevel=2)
+    written = max((f.rank for f in factors.values()), default=0)
     if format == "peft":
         _atomic_write_dir(path, lambda folder: peft_format.write(factors, folder))
         target = path
@@ -115,7 +128,7 @@ def export(model: nn.Module, path, name: str | None = None, format: str = "peft"
         target = _single_file(path, diffusers_format.WEIGHTS_NAME if format == "diffusers"
                               else "lora_weights.safetensors")
         _atomic_save_file(module.to_tensors(factors, prefix), target, {"format": "pt"})
-    return ExportReport(target, format, len(factors), rank, errors)
+    return ExportReport(target, format, len(factors), written, errors)
 
 
 def detect_format(path) -> str:

@@ -10,6 +10,7 @@ truncated SVD of dW at a chosen rank, with the relative error reported per layer
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,15 @@ def svd_factors(dW: torch.Tensor, rank: int) -> tuple[Factors, float]:
     return Factors(down.reshape(k, *dW.shape[1:]), up), err
 
 
+def conv_layout_problem(host: nn.Module) -> str | None:
+    """Why a LoRA on this conv cannot be a (down conv, 1x1 up conv) pair, as PEFT and
+    diffusers build it: their down conv takes the host's kernel, stride and padding but
+    neither dilation nor groups."""
+    if isinstance(host, nn.Conv2d) and (host.groups > 1 or tuple(host.dilation) != (1, 1)):
+        return f"groups={host.groups}, dilation={tuple(host.dilation)}"
+    return None
+
+
 def model_factors(model: nn.Module, name: str, rank: int | None = None
                   ) -> tuple[dict[str, Factors], dict[str, float]]:
     """{host module name: Factors} of adapter ``name`` and {module: relative SVD error}
@@ -105,10 +115,23 @@ def model_factors(model: nn.Module, name: str, rank: int | None = None
     return factors, errors
 
 
+def _plain_host(module: nn.Module) -> nn.Module:
+    from ..core.layers import AdaptedLayerBase
+
+    return module.base_layer if isinstance(module, AdaptedLayerBase) else module
+
+
+def exact_targets(names) -> list[str]:
+    """Target entries that match these layer names and nothing else (a plain name would
+    also match by dotted suffix)."""
+    return [f"re:{re.escape(n)}" for n in names]
+
+
 def inject_factors(model: nn.Module, factors: dict[str, Factors], name: str) -> nn.Module:
-    """Add a LoRA adapter ``name`` that reproduces ``factors`` exactly: one rank for all
-    (the largest; smaller pairs are padded with zero rows/columns) and scale 1. Every
-    module and shape is checked before the model is touched."""
+    """Add a LoRA adapter ``name`` that reproduces ``factors`` exactly, scale 1, each
+    layer at its file rank (a rank above what the layer can hold is first reduced exactly
+    by SVD, dW's rank being at most that). Every module and shape is checked before the
+    model is touched."""
     from ..methods.lora import LoRAConfig
 
     modules = dict(model.named_modules())
@@ -116,28 +139,32 @@ def inject_factors(model: nn.Module, factors: dict[str, Factors], name: str) -> 
     if missing:
         raise InteropError(f"{len(missing)} module(s) of the file are not in this model: "
                            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    problems = []
+    problems, ranks = [], {}
     for mname, f in factors.items():
-        host = modules[mname]
+        host = _plain_host(modules[mname])
         if not isinstance(host, (nn.Linear, nn.Conv2d)):
             problems.append(f"{mname} is {type(host).__name__}, not Linear/Conv2d")
             continue
-        want = tuple(host.weight.shape)
         got = (f.up.shape[0], *f.down.shape[1:])
-        if got != want:
+        if got != tuple(host.weight.shape):
             problems.append(f"{mname}: file gives dW {got}, the layer's weight is {tuple(host.weight.shape)}")
+            continue
+        limit = min(f.up.shape[0], f.down[0].numel())
+        if f.rank > limit:
+            factors[mname] = svd_factors(f.delta_weight(), limit)[0]
+        ranks[mname] = factors[mname].rank
     if problems:
         raise InteropError("the file does not fit this model: " + "; ".join(problems[:8]))
-    r = max(f.rank for f in factors.values())
-    inject(model, LoRAConfig(r=r, alpha=r, target_modules=list(factors)), name=name)
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    cfg = LoRAConfig(r=r, target_modules=exact_targets(factors),
+                     rank_pattern={m: k for m, k in ranks.items() if k != r})
+    inject(model, cfg, name=name)
     layers = adapted_layers(model)
     with torch.no_grad():
         for mname, f in factors.items():
             mod = layers[mname].adapters[name]["full"]
-            mod.lora_A.zero_()
-            mod.lora_B.zero_()
-            mod.lora_A[:f.rank] = f.down.reshape(f.rank, -1).to(mod.lora_A.dtype)
-            mod.lora_B[:, :f.rank] = f.up.to(mod.lora_B.dtype)
+            mod.lora_A.copy_(f.down.reshape(f.rank, -1).to(mod.lora_A.dtype))
+            mod.lora_B.copy_((f.up / mod.scale).to(mod.lora_B.dtype))
     return model
 
 

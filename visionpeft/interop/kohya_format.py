@@ -4,8 +4,6 @@ with ``.lora_down.weight`` (r, in[, kh, kw]), ``.lora_up.weight`` (out, r[, 1, 1
 ``lora_te1`` / ``lora_te2``) for text encoders."""
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -17,9 +15,12 @@ def flat_name(module: str) -> str:
 
 
 def to_tensors(factors: dict[str, Factors], prefix: str) -> dict:
-    out = {}
+    out: dict = {}
     for m, f in factors.items():
         key = f"{prefix}_{flat_name(m)}"
+        if f"{key}.alpha" in out:
+            raise InteropError(f"two adapted layers flatten to the kohya name {key!r}; kohya keys "
+                               "cannot tell them apart (use format='peft' or 'diffusers')")
         up = f.up if f.down.dim() == 2 else f.up[:, :, None, None]
         out[f"{key}.lora_down.weight"] = f.down.contiguous()
         out[f"{key}.lora_up.weight"] = up.contiguous()
@@ -31,15 +32,40 @@ def looks_like(keys) -> bool:
     return any(k.endswith(".lora_down.weight") for k in keys)
 
 
-def module_lookup(model: nn.Module) -> dict[str, str]:
-    """{flattened name: dotted name}; two modules that flatten alike are refused."""
-    table: dict[str, str] = {}
-    for name, _ in model.named_modules():
-        flat = flat_name(name)
-        if flat in table and table[flat] != name:
-            raise InteropError(f"modules {table[flat]!r} and {name!r} have the same kohya name {flat!r}")
-        table[flat] = name
-    return table
+class _Lookup(dict):
+    """{flattened name: dotted name}; a flattened name two modules share is refused only
+    when a file entry asks for it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.clashes: dict[str, list[str]] = {}
+        for name, _ in model.named_modules():
+            flat = flat_name(name)
+            if flat in self and self[flat] != name:
+                self.clashes.setdefault(flat, [self[flat]]).append(name)
+            self[flat] = name
+
+    def get(self, flat, default=None):
+        if flat in self.clashes:
+            raise InteropError(f"modules {self.clashes[flat]} share the kohya name {flat!r}; a "
+                               "kohya key cannot say which one it means")
+        return super().get(flat, default)
+
+
+def module_lookup(model: nn.Module) -> _Lookup:
+    return _Lookup(model)
+
+
+def split_stem(stem: str, table: dict, prefixes=None) -> tuple[str, str] | None:
+    """(prefix, module) for a key stem ``<prefix>_<flattened module>``; the prefix may
+    itself contain underscores, so every split point is tried (given prefixes first)."""
+    for p in prefixes or ():
+        if stem.startswith(p + "_") and stem[len(p) + 1:] in table:
+            return p, table.get(stem[len(p) + 1:])
+    for i, ch in enumerate(stem):
+        if ch == "_" and i and stem[i + 1:] in table:
+            return stem[:i], table.get(stem[i + 1:])
+    return None
 
 
 def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str) -> dict[str, Factors]:
@@ -47,25 +73,27 @@ def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str
     for key, t in tensors.items():
         stem, _, leaf = key.partition(".")
         groups.setdefault(stem, {})[leaf] = t
-    stems = sorted(groups)
-    if prefix is None:
-        heads = sorted({re.match(r"(lora_(?:unet|te\d?|transformer)|[^_]+)", s).group(1) for s in stems})
-        if len(heads) != 1:
-            raise InteropError(f"{where} holds LoRAs for {heads}; say which with prefix=...")
-        prefix = heads[0]
     table = module_lookup(model)
+    found = {stem: split_stem(stem, table, [prefix] if prefix else None) for stem in groups}
+    if prefix is None:
+        heads = sorted({hit[0] for hit in found.values() if hit})
+        if len(heads) > 1:
+            raise InteropError(f"{where} holds LoRAs for {heads}; say which with prefix=...")
+        prefix = heads[0] if heads else None
     out, unplaced = {}, []
     for stem, leaves in groups.items():
-        if not stem.startswith(prefix + "_"):
+        if prefix is not None and not stem.startswith(prefix + "_"):
             continue
         extra = set(leaves) - {"lora_down.weight", "lora_up.weight", "alpha"}
         if extra:
             raise InteropError(f"{where}: {stem} has {sorted(extra)}; only lora_down/lora_up/alpha "
                                "convert (LoHa, LoKr or DoRA entries are other formats)")
-        module = table.get(stem[len(prefix) + 1:])
-        if module is None:
+        if not found[stem] or found[stem][0] != prefix:
             unplaced.append(stem)
             continue
+        module = found[stem][1]
+        if not {"lora_down.weight", "lora_up.weight"} <= set(leaves):
+            raise InteropError(f"{where}: {stem} lacks lora_down or lora_up")
         down, up = leaves["lora_down.weight"].float(), leaves["lora_up.weight"].float().flatten(1)
         r = down.shape[0]
         alpha = float(leaves["alpha"]) if "alpha" in leaves else float(r)
@@ -74,5 +102,5 @@ def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str
         raise InteropError(f"{where}: {len(unplaced)} kohya key(s) match no module of this model "
                            f"(prefix {prefix!r}): {unplaced[:8]}")
     if not out:
-        raise InteropError(f"{where} has no LoRA under prefix {prefix!r}")
+        raise InteropError(f"{where} has no LoRA entry that matches a module of this model")
     return out

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..core.model_ops import adapted_layers, get_state
 from .factors import InteropError
-from .kohya_format import flat_name, module_lookup
+from .factors import exact_targets
+from .kohya_format import flat_name, module_lookup, split_stem
 
 FULL_KEYS = {"lokr_w1", "lokr_w2", "alpha"}
 DECOMPOSED_KEYS = {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
@@ -37,6 +38,8 @@ def to_tensors(model: nn.Module, name: str, prefix: str) -> dict:
                                f"has parts {list(parts)} (use format='merged')")
         mod = parts["full"]
         key = f"{prefix}_{flat_name(lname)}"
+        if f"{key}.alpha" in out:
+            raise InteropError(f"two adapted layers flatten to the LyCORIS name {key!r}")
         out[f"{key}.lokr_w1"] = (mod.A.detach().float() * (mod.scale * state.scales[name])).contiguous()
         out[f"{key}.lokr_w2"] = mod.B.detach().float().contiguous()
         out[f"{key}.alpha"] = torch.tensor(1.0)
@@ -61,14 +64,12 @@ def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str
         if set(leaves) - FULL_KEYS or not {"lokr_w1", "lokr_w2"} <= set(leaves):
             raise InteropError(f"{where}: {stem} has {sorted(leaves)}; a LoKr entry needs lokr_w1 "
                                "and lokr_w2 (and optionally alpha)")
-        head, module = stem, None
-        for p in ([prefix] if prefix else ["lycoris", "lora_unet", "lora_te", "lora_te1", "lora_te2"]):
-            if stem.startswith(p + "_") and stem[len(p) + 1:] in table:
-                module = table[stem[len(p) + 1:]]
-                break
-        if module is None:
-            unplaced.append(head)
+        hit = split_stem(stem, table, [prefix] if prefix else
+                         ["lycoris", "lora_unet", "lora_te", "lora_te1", "lora_te2"])
+        if hit is None:
+            unplaced.append(stem)
             continue
+        module = hit[1]
         out[module] = (leaves["lokr_w1"].float(), leaves["lokr_w2"].float())
     if unplaced:
         raise InteropError(f"{where}: {len(unplaced)} LoKr key(s) match no module of this model: "
@@ -85,8 +86,10 @@ def inject_kron(model: nn.Module, pairs: dict, name: str) -> nn.Module:
 
     modules = dict(model.named_modules())
     shapes = {}
+    from ..core.layers import AdaptedLayerBase
+
     for m, (w1, w2) in pairs.items():
-        host = modules[m]
+        host = modules[m].base_layer if isinstance(modules[m], AdaptedLayerBase) else modules[m]
         if not isinstance(host, (nn.Linear, nn.Conv2d)):
             raise InteropError(f"{m} is {type(host).__name__}; LoKr entries go on Linear/Conv2d")
         dw = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
@@ -94,13 +97,14 @@ def inject_kron(model: nn.Module, pairs: dict, name: str) -> nn.Module:
             raise InteropError(f"{m}: kron(w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}) is {dw}, "
                                f"the layer's weight is {tuple(host.weight.shape)}")
         shapes[m] = tuple(w1.shape)
-    balanced = all(s == (sqrt_factor(modules[m].weight.shape[0]), sqrt_factor(modules[m].weight.shape[1]))
-                   for m, s in shapes.items())
+    sizes = {m: (pairs[m][0].shape[0] * pairs[m][1].shape[0], pairs[m][0].shape[1] * pairs[m][1].shape[1])
+             for m in pairs}
+    balanced = all(s == (sqrt_factor(sizes[m][0]), sqrt_factor(sizes[m][1])) for m, s in shapes.items())
     if balanced:
-        cfg = KronAConfig(alpha=1.0, target_modules=list(pairs))
+        cfg = KronAConfig(alpha=1.0, target_modules=exact_targets(pairs))
     elif len(set(shapes.values())) == 1:
         a1, a2 = next(iter(shapes.values()))
-        cfg = KronAConfig(a1=a1, a2=a2, alpha=1.0, target_modules=list(pairs))
+        cfg = KronAConfig(a1=a1, a2=a2, alpha=1.0, target_modules=exact_targets(pairs))
     else:
         raise InteropError(f"the LoKr factors differ per layer ({sorted(set(shapes.values()))[:6]}) "
                            "and are not each layer's balanced split; one KronA config cannot hold them")

@@ -25,11 +25,14 @@ def is_peft_folder(path: Path) -> bool:
 
 def write(factors: dict[str, Factors], folder: Path) -> None:
     """Scale 1 everywhere: lora_alpha = r, and per-module ranks (slices, SVD) go to
-    rank_pattern / alpha_pattern with the names regex-escaped (PEFT matches them as regexes)."""
+    rank_pattern / alpha_pattern. PEFT matches list targets by dotted suffix and pattern
+    keys as ``(.*\.)?(key)$``: targets are written as one full-match regex and pattern
+    keys anchored with ``^``, so no other layer (``head.fc1`` for ``fc1``) is caught."""
     ranks = {m: f.rank for m, f in factors.items()}
     r = max(ranks.values())
-    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(factors),
+    pattern = {"^" + re.escape(m): k for m, k in ranks.items() if k != r}
+    targets = "|".join(re.escape(m) for m in sorted(factors))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": f"(?:{targets})",
               "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0,
               "bias": "none", "task_type": None, "base_model_name_or_path": None,
               "inference_mode": True, "fan_in_fan_out": False, "use_rslora": False,

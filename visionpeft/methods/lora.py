@@ -192,12 +192,31 @@ class LoRAModule(AdapterModule):
 class LoRAConfig(AdapterConfig):
     """r: rank; alpha: scale numerator (None = r, i.e. scale 1); dropout on the adapter
     input; rank_stabilized: alpha/sqrt(r); init of A: "kaiming" (PEFT's default) or
-    "gaussian" (std 1/r)."""
+    "gaussian" (std 1/r); rank_pattern: {exact layer name: rank} for layers that differ
+    from r (imported files with per-layer ranks use it)."""
 
     r: int = 8
     dropout: float = 0.0
     rank_stabilized: bool = False
     init: str = "kaiming"
+    rank_pattern: tuple = ()
+
+    def __post_init__(self):
+        pattern = self.rank_pattern
+        pairs = pattern.items() if isinstance(pattern, dict) else pattern
+        try:
+            pairs = tuple(sorted((str(k), v) for k, v in pairs))
+        except (TypeError, ValueError):
+            raise ConfigError(f"LoRAConfig.rank_pattern must map layer names to ranks, got {pattern!r}") from None
+        bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"LoRAConfig.rank_pattern ranks must be integers >= 1, got {bad[:4]}")
+        object.__setattr__(self, "rank_pattern", pairs)
+        super().__post_init__()
+
+    def for_layer(self, name: str) -> "LoRAConfig":
+        ranks = dict(self.rank_pattern)
+        return self.replace(r=ranks[name], rank_pattern=()) if name in ranks else self
 
     def validate(self) -> None:
         check_positive_int(self, "r")
