@@ -1,4 +1,4 @@
-"""The `visionpeft` command: list methods, inspect saved adapters."""
+"""The `visionpeft` command: list methods, inspect saved adapters, train from a config."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,44 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def load_config(path: str, overrides: list[str]) -> dict:
+    """A YAML file plus ``key=value`` overrides (values parsed as YAML; dotted keys reach
+    into mappings, e.g. ``adapter.r=8``)."""
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of keys, got {type(values).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        target = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {key}: {p} is not a mapping in {path}")
+        target[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def _cmd_train(args) -> int:
+    from .train import run_config
+
+    result = run_config(load_config(args.config, args.set or []))
+    print(f"trained {result.step} steps; adapter in {result.adapter_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -61,15 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter_dir")
     i.add_argument("--all", action="store_true", help="list every adapted layer")
     i.set_defaults(func=_cmd_info)
+    t = sub.add_parser("train", help="train an adapter from a YAML config (see configs/)")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable; dotted keys reach into mappings)")
+    t.set_defaults(func=_cmd_train)
     return p
 
 
 def main(argv=None) -> int:
+    from .train.task import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"visionpeft {args.command}: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError, TrainingError) as err:
+        # user errors end in one line, not a traceback
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"visionpeft {args.command}: {msg}", file=sys.stderr)
         return 2
 
 

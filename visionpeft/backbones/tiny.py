@@ -316,3 +316,65 @@ def _host_factory(name: str) -> Callable[[int], tuple[nn.Module, Runner]]:
 HOSTS: dict[str, Callable[[int], tuple[nn.Module, Runner]]] = {
     name: _host_factory(name) for name in TINY_HOSTS
 }
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet (each of the 256 symbols, alone and with ``</w>``) plus
+    the start and end tokens: enough for CLIPTokenizer to run with no merges."""
+    # the GPT-2/CLIP byte alphabet: printable Latin-1 bytes stand for themselves, the
+    # other bytes are shifted to code points from 256 up
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    symbols = [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+def save_tiny_sd_pipeline(folder, seed: int = 0, xl: bool = False):
+    """Write a complete tiny Stable Diffusion pipeline (UNet, VAE, CLIP text encoder(s),
+    tokenizer(s), DDPM scheduler) with ``save_pretrained``, so that it loads back through
+    diffusers' own ``from_pretrained``: an offline stand-in for a hub checkpoint.
+    ``xl=True`` writes the SDXL layout (two text encoders, added time/text conditioning)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab = _byte_level_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                  model_max_length=16)
+    text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                              bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                              pad_token_id=vocab["<|endoftext|>"], projection_dim=32)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    unet_kw = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                   block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                   norm_num_groups=8)
+    if not xl:
+        unet = UNet2DConditionModel(cross_attention_dim=32, **unet_kw)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text_cfg), tokenizer=tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    else:
+        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                    transformer_layers_per_block=1, **unet_kw)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_cfg), tokenizer=tokenizer,
+                                         text_encoder_2=CLIPTextModelWithProjection(text_cfg),
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder

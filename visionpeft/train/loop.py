@@ -1,0 +1,263 @@
+"""The one training loop: accelerate (devices, mixed precision, gradient accumulation,
+DDP/FSDP through ``accelerate launch``), AdamW (8-bit with bitsandbytes), warmup
+schedules, atomic checkpoints with exact resume, JSON-lines metrics and a loss plot,
+a NaN guard. A `Task` supplies models, data and loss.
+
+Exact resume: the data order of every epoch comes from (seed, epoch), the consumed
+batches of the current epoch are skipped, and optimizer, scheduler and every process's
+RNG states are restored, so a resumed run reproduces an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint
+from .task import Task, TrainingError
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings; names follow the diffusers training examples."""
+
+    output_dir: str = "output"
+    seed: int = 0
+    max_train_steps: int = 500
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_steps: int | None = None
+    dataloader_num_workers: int = 0
+    cpu: bool = False
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"training config: {msg}")
+
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                     "checkpointing_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f"{name} must be an integer >= 1, got {v!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            bad(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.mixed_precision not in PRECISIONS:
+            bad(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            bad(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.resume_from_checkpoint not in (None, "latest") and not isinstance(self.resume_from_checkpoint, str):
+            bad("resume_from_checkpoint must be null, 'latest' or a checkpoint folder")
+
+    @classmethod
+    def split(cls, values: dict) -> tuple["TrainConfig", dict]:
+        """(loop settings, the rest) from one flat mapping."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names}), \
+            {k: v for k, v in values.items() if k not in names}
+
+
+@dataclass
+class TrainResult:
+    step: int
+    output_dir: Path
+    adapter_dir: Path | None
+    losses: list[float] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation drawn from (seed, epoch) alone, so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _optimizer(params, cfg: TrainConfig):
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(task: Task, cfg: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    out = Path(cfg.output_dir)
+    # rng_types=[]: accelerate would otherwise re-synchronise RNGs across processes at
+    # every epoch; our data order comes from (seed, epoch) and noise stays per process
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, rng_types=[],
+                      gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    set_seed(cfg.seed)  # the same on every process: adapters start identical
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    task.setup(acc.device, dtype)
+    models = task.models()
+    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the task's models have no trainable parameters")
+    dataset = task.train_dataset()
+    if len(dataset) == 0:
+        raise TrainingError("the training set is empty")
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
+                                         collate_fn=task.collate, num_workers=cfg.dataloader_num_workers,
+                                         drop_last=len(dataset) >= cfg.train_batch_size)
+    optimizer = _optimizer(params, cfg)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
+                              power=cfg.lr_power)
+    names = list(models)
+    *prepared, optimizer, loader = acc.prepare(*models.values(), optimizer, loader)
+    prepared = dict(zip(names, prepared))
+    for m in task.frozen_models().values():
+        m.to(acc.device)
+
+    step = 0
+    ckpt = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+    if ckpt is not None:
+        task.load_adapters({n: acc.unwrap_model(m) for n, m in prepared.items()}, ckpt)
+        step = load_checkpoint(ckpt, optimizer, scheduler, acc.process_index)["step"]
+        acc.print(f"resumed from {ckpt} at step {step}")
+    set_seed(cfg.seed + 1 + acc.process_index) if ckpt is None else None  # per-process noise
+
+    batches_per_epoch = len(loader)
+    metrics_path = out / "metrics.jsonl"
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None and metrics_path.exists():
+            metrics_path.unlink()
+    losses: list[float] = []
+    progress = tqdm(total=cfg.max_train_steps, initial=step, desc="train", disable=not acc.is_main_process)
+    consumed = step * cfg.gradient_accumulation_steps
+    for m in prepared.values():
+        m.train()
+    while step < cfg.max_train_steps:
+        epoch, skip = divmod(consumed, batches_per_epoch)
+        sampler.set_epoch(epoch)
+        batches = acc.skip_first_batches(loader, skip) if skip else loader
+        if hasattr(batches, "set_epoch"):  # accelerate re-sets its sampler's epoch on iteration
+            batches.set_epoch(epoch)
+        for batch in batches:
+            with acc.accumulate(*prepared.values()):
+                loss, logs = task.loss(prepared, batch)
+                finite = acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
+                if not finite:
+                    good = list_checkpoints(out)
+                    raise TrainingError(f"loss became {float(loss)} at step {step + 1}; stopped. "
+                                        f"Last good checkpoint: {good[-1] if good else 'none'}")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step() if acc.sync_gradients else None
+                optimizer.zero_grad(set_to_none=True)
+            consumed += 1
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            value = acc.gather(loss.detach().float().reshape(1)).mean().item()
+            losses.append(value)
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.4g}")
+            if acc.is_main_process:
+                row = {"step": step, "loss": value, "lr": scheduler.get_last_lr()[0],
+                       **{k: float(v) for k, v in logs.items()}}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+                _checkpoint(acc, task, prepared, out, step, optimizer, scheduler, cfg)
+            if cfg.validation_steps and step % cfg.validation_steps == 0 and acc.is_main_process:
+                task.validate({n: acc.unwrap_model(m) for n, m in prepared.items()}, step, out)
+            if step >= cfg.max_train_steps:
+                break
+    progress.close()
+    acc.wait_for_everyone()
+    report = {}
+    adapter_dir = out / "adapter"
+    unwrapped = {n: acc.unwrap_model(m) for n, m in prepared.items()}
+    report["param_checksums"] = _checksums(acc, params)
+    if acc.is_main_process:
+        from ..core.io import _atomic_write_dir
+
+        _atomic_write_dir(adapter_dir, lambda tmp: task.save_adapters(unwrapped, tmp))
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        if rows:
+            _plot(rows, out / "loss.png")
+        report.update(task.finish(unwrapped, out))
+        (out / "train_report.json").write_text(json.dumps({"step": step, **report}, indent=2))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(step, out, adapter_dir, losses, report)
+
+
+def _checkpoint(acc, task, prepared, out, step, optimizer, scheduler, cfg):
+    from accelerate.utils import gather_object
+
+    states = gather_object([rng_state()])
+    if acc.is_main_process:
+        unwrapped = {n: acc.unwrap_model(m) for n, m in prepared.items()}
+        save_checkpoint(out, step, optimizer, scheduler, lambda tmp: task.save_adapters(unwrapped, tmp),
+                        states, keep=cfg.checkpoints_total_limit)
+    acc.wait_for_everyone()
+
+
+def _checksums(acc, params) -> list[float]:
+    """One number per process summarising the trained weights: DDP must keep them equal."""
+    local = torch.stack([p.detach().double().sum() + p.detach().double().abs().sum() * 1e-3 for p in params]).sum()
+    return acc.gather(local.float().reshape(1).to(acc.device)).tolist()

@@ -1,0 +1,67 @@
+"""What a task gives the training loop: models with adapters, data, a loss. The loop
+(`visionpeft.train.loop.train`) knows nothing else, so every recipe (DreamBooth, change
+detection, segmentation, few-shot CLIP, point clouds) runs the same loop."""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import visionpeft as vp
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad data, NaN loss): the message says what and where."""
+
+
+class Task(abc.ABC):
+    """Subclass and fill in ``setup``, ``models``, ``train_dataset`` and ``loss``.
+
+    The adapters of each model in ``models()`` are what checkpoints and the final output
+    hold (written with ``vp.save_adapter`` as ``<folder>/<model name>``)."""
+
+    adapter_name = "default"
+
+    @abc.abstractmethod
+    def setup(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Build or load the models, inject the adapters, read the data. Called on every
+        process with the same seed, so adapters start identical everywhere. ``dtype`` is
+        the mixed-precision dtype frozen parts may be kept in (trained ones stay fp32)."""
+
+    @abc.abstractmethod
+    def models(self) -> dict[str, nn.Module]:
+        """{name: model with a trainable adapter}; the loop prepares them with accelerate."""
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        """Models used in the loss without being trained (moved to the device, in the
+        mixed-precision dtype where that is safe)."""
+        return {}
+
+    @abc.abstractmethod
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        ...
+
+    def collate(self, items: list):
+        return torch.utils.data.default_collate(items)
+
+    @abc.abstractmethod
+    def loss(self, models: dict[str, nn.Module], batch) -> tuple[torch.Tensor, dict]:
+        """(loss, scalars to log) for one batch; ``models`` are the prepared ones."""
+
+    def validate(self, models: dict[str, nn.Module], step: int, output_dir: Path) -> dict:
+        return {}
+
+    def finish(self, models: dict[str, nn.Module], output_dir: Path) -> dict:
+        """After the final adapters are written (e.g. exports); returns what to report."""
+        return {}
+
+    # adapters in and out -------------------------------------------------------
+    def save_adapters(self, models: dict[str, nn.Module], folder: Path) -> None:
+        for name, model in models.items():
+            vp.save_adapter(model, folder / name, name=self.adapter_name)
+
+    def load_adapters(self, models: dict[str, nn.Module], folder: Path) -> None:
+        for name, model in models.items():
+            vp.load_adapter(model, folder / name, name=self.adapter_name, hotswap=True)
