@@ -155,9 +155,12 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     if len(dataset) == 0:
         raise TrainingError("the training set is empty")
     sampler = EpochSampler(len(dataset), cfg.seed)
+    # the loader's own generator: each new iterator draws a worker seed from it, which from
+    # the global RNG would shift the noise of a resumed run
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
                                          collate_fn=task.collate, num_workers=cfg.dataloader_num_workers,
-                                         drop_last=len(dataset) >= cfg.train_batch_size)
+                                         drop_last=len(dataset) >= cfg.train_batch_size,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(params, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,

@@ -1,0 +1,117 @@
+"""The shared training loop on a toy regression task: learning, exact resume, NaN guard,
+checkpoint rotation and atomicity, metrics and plot."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.train import Task, TrainConfig, TrainingError, train
+from visionpeft.train.checkpoint import list_checkpoints
+
+
+class ToyTask(Task):
+    """Fit y = W* x with a LoRA on a frozen random Linear; optional NaN or crash at a step."""
+
+    def __init__(self, nan_at=None, crash_at=None, method="lora"):
+        self.nan_at, self.crash_at, self.method, self.calls = nan_at, crash_at, method, 0
+
+    def setup(self, device, dtype):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(64, 6, generator=g)
+        self.model = nn.Sequential(nn.Linear(6, 5))
+        with torch.no_grad():  # a target a rank-2 update can reach
+            shift = 0.3 * torch.randn(5, 2, generator=g) @ torch.randn(2, 6, generator=g)
+            self.y = self.model(self.x) + self.x @ shift.t()
+        cfg = {"lora": vp.LoRAConfig(r=2, target_modules=["0"]),
+               "krona": vp.KronAConfig(target_modules=["0"])}[self.method]
+        vp.inject(self.model, cfg)
+
+    def models(self):
+        return {"net": self.model}
+
+    def train_dataset(self):
+        return torch.utils.data.TensorDataset(self.x, self.y)
+
+    def loss(self, models, batch):
+        self.calls += 1
+        if self.crash_at is not None and self.calls == self.crash_at:
+            raise KeyboardInterrupt("simulated interruption")
+        x, y = batch
+        noise = torch.randn(x.shape) * 0.01  # uses the global RNG, as diffusion noise does
+        loss = ((models["net"](x + noise) - y) ** 2).mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"n": torch.tensor(float(len(x)))}
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_train_steps=12, train_batch_size=8, learning_rate=5e-2,
+                checkpointing_steps=4, lr_scheduler="cosine", lr_warmup_steps=2, cpu=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "net" / "adapter_model.safetensors"))
+
+
+def test_loss_falls_metrics_plot_and_rotation(tmp_path):
+    res = train(ToyTask(), _cfg(tmp_path, checkpoints_total_limit=2, learning_rate=0.1))
+    assert res.step == 12 and sum(res.losses[-3:]) < 0.5 * sum(res.losses[:3])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and rows[0]["lr"] < rows[2]["lr"]  # warmup
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-12"]
+    model = nn.Sequential(nn.Linear(6, 5))
+    vp.load_adapter(model, tmp_path / "adapter" / "net")
+    assert vp.trainable_parameters(model) > 0
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, accumulate):
+    full = train(ToyTask(), _cfg(tmp_path / "full", gradient_accumulation_steps=accumulate))
+    with pytest.raises(KeyboardInterrupt):  # dies after checkpoint-4, mid-epoch (8 batches)
+        train(ToyTask(crash_at=6 * accumulate + 1), _cfg(tmp_path / "cut", gradient_accumulation_steps=accumulate))
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-4"]
+    resumed = train(ToyTask(), _cfg(tmp_path / "cut", gradient_accumulation_steps=accumulate,
+                                    resume_from_checkpoint="latest"))
+    assert resumed.step == full.step == 12
+    a, b = _adapter(tmp_path / "full" / "adapter"), _adapter(tmp_path / "cut" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingError, match=r"at step 6; stopped\. Last good checkpoint: .*checkpoint-4"):
+        train(ToyTask(nan_at=6), _cfg(tmp_path))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_an_interrupted_checkpoint_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import visionpeft.train.checkpoint as ck
+
+    real = ck.save_file
+
+    def failing(tensors, path, *a, **k):
+        if "checkpoint-8" in str(path):
+            raise OSError("disk full")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ck, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train(ToyTask(), _cfg(tmp_path))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))] == \
+        ["checkpoint-4"]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        TrainConfig(lr_scheduler="warm")
+    with pytest.raises(ValueError, match="max_train_steps must be an integer >= 1"):
+        TrainConfig(max_train_steps=0)
+    with pytest.raises(ValueError, match="use_8bit_adam needs bitsandbytes"):
+        pytest.importorskip("accelerate")
+        train(ToyTask(), TrainConfig(use_8bit_adam=True, cpu=True, output_dir="/tmp/vp-never"))
