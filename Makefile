@@ -35,6 +35,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_core.py
 	$(BIN)/python scripts/bench_methods.py
 	$(BIN)/python scripts/bench_switch.py
+	$(BIN)/python scripts/bench_dreambooth.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -206,3 +206,34 @@ def test_bad_input_ends_in_one_line_at_the_cli(tiny, tmp_path):
         assert len(lines) == 1 and expected in lines[0], run.stderr[-800:]
     run = _cli(["train", str(tmp_path / "nope.yaml")])
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_the_diffusers_style_script_maps_its_flags(tiny, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_dreambooth
+
+    args = ["--pretrained_model_name_or_path", str(tiny / "sd"), "--instance_data_dir", str(tiny / "instance"),
+            "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path), "--resolution", "32",
+            "--max_train_steps", "2", "--learning_rate", "1e-3", "--adapter", "krona",
+            "--adapter_args", "{alpha: 2.0}", "--checkpointing_steps", "2"]
+    values = train_dreambooth.parse(args)
+    assert values["pretrained_model"] == str(tiny / "sd") and values["adapter"]["alpha"] == 2.0
+    assert train_dreambooth.main(args + ["--seed", "3"]) == 0
+    import visionpeft as vp
+
+    assert vp.read_adapter_config(tmp_path / "adapter" / "unet")["method"] == "krona"
+
+
+@pytest.mark.parametrize("pipe", ["sd", "sdxl"])
+def test_text_encoder_adapters_train_beside_the_unet(tiny, tmp_path, pipe):
+    values = _values(tiny, tmp_path, pretrained_model=str(tiny / pipe), max_train_steps=3,
+                     text_encoder_adapter={"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]})
+    run_config(values)
+    encoders = ["text_encoder"] + (["text_encoder_2"] if pipe == "sdxl" else [])
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(["unet", *encoders])
+    for name in encoders:
+        w = load_file(str(tmp_path / "adapter" / name / "adapter_model.safetensors"))
+        trained = [float(v.abs().sum()) > 0 for k, v in w.items() if k.endswith("lora_B")]
+        # away from the zero init; SDXL reads the penultimate hidden states, so its last
+        # layer's adapters get no gradient, as in diffusers
+        assert trained and (all(trained) if pipe == "sd" else sum(trained) >= len(trained) // 2)

@@ -114,6 +114,7 @@ class DreamBoothTask(Task):
         self.unet_config = adapter_config(cfg.adapter, "adapter")
         self.text_config = adapter_config(cfg.text_encoder_adapter, "text_encoder_adapter") \
             if cfg.text_encoder_adapter else None
+        self.prompt_cache: dict = {}
 
     # --- setup ------------------------------------------------------------------
     def setup(self, device, dtype):
@@ -238,6 +239,10 @@ class DreamBoothTask(Task):
 
         self.instance_latents = dist(self.instance_pixels)
         self.class_latents = dist(self.class_pixels) if self.class_pixels is not None else None
+        if self.text_config is None:  # frozen encoders: each prompt has one embedding
+            for prompt in filter(None, (self.cfg.instance_prompt, self.cfg.class_prompt)):
+                ids = [t[None] for t in self._token_ids(prompt)]
+                self.prompt_cache[prompt] = self._encode(self.text_encoders, ids)
 
     # --- the Task interface ------------------------------------------------------
     def models(self):
@@ -279,9 +284,14 @@ class DreamBoothTask(Task):
             prompts += [cfg.class_prompt] * len(batch["class"])
             latents.append(self._latents("class", batch["class"].cpu()))
         latents = torch.cat(latents)
-        ids = [torch.stack(t) for t in zip(*(self._token_ids(p) for p in prompts))]
-        with torch.set_grad_enabled(self.text_config is not None):
-            hidden, pooled = self._encode(encoders, ids)
+        if all(p in self.prompt_cache for p in prompts):
+            parts = [self.prompt_cache[p] for p in prompts]
+            hidden = torch.cat([h for h, _ in parts])
+            pooled = torch.cat([q for _, q in parts]) if self.xl else None
+        else:
+            ids = [torch.stack(t) for t in zip(*(self._token_ids(p) for p in prompts))]
+            with torch.set_grad_enabled(self.text_config is not None):
+                hidden, pooled = self._encode(encoders, ids)
         noise = torch.randn(latents.shape).to(latents.device)
         bsz = latents.shape[0]
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,)).to(latents.device)
