@@ -237,3 +237,25 @@ def test_text_encoder_adapters_train_beside_the_unet(tiny, tmp_path, pipe):
         # away from the zero init; SDXL reads the penultimate hidden states, so its last
         # layer's adapters get no gradient, as in diffusers
         assert trained and (all(trained) if pipe == "sd" else sum(trained) >= len(trained) // 2)
+
+
+def test_v_prediction_models_train_on_the_velocity(tiny, tmp_path):
+    """SD 2.x-style schedulers predict v: the target is the scheduler's velocity, and
+    min-SNR weights use snr / (snr + 1)."""
+    import json
+    import shutil
+
+    pipe = tmp_path / "sd-v"
+    shutil.copytree(tiny / "sd", pipe)
+    cfg_file = pipe / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "prediction_type": "v_prediction"}))
+    values = _values(tiny, tmp_path / "out", pretrained_model=str(pipe), max_train_steps=2, snr_gamma=5.0)
+    task = DreamBoothTask(DreamBoothConfig.from_dict(
+        {k: v for k, v in values.items() if k not in TrainConfig.__dataclass_fields__ and k != "task"}))
+    task.setup(torch.device("cpu"), torch.float32)
+    seen = {}
+    real = task.noise_scheduler.get_velocity
+    task.noise_scheduler.get_velocity = lambda *a: seen.setdefault("v", real(*a))
+    loss, _ = task.loss(task.models(), {"instance": torch.arange(2), "class": None})
+    assert "v" in seen and torch.isfinite(loss)
+    assert run_config(values).step == 2

@@ -85,6 +85,64 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_evaluate_cd(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.change_detection import ChangeDetectionDataset, find_triples
+    from .pipelines.change_detection import evaluate, load_detector
+
+    model, cfg = load_detector(args.checkpoint)
+    data = ChangeDetectionDataset(find_triples(args.data_root, args.split))
+    metrics = evaluate(model, data, cfg["image_size"], args.batch_size)
+    keys = ("oa", "kappa", "precision", "recall", "f1", "iou")
+    print("  ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _read_rgb(path: str):
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def _cmd_predict_cd(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .pipelines.change_detection import load_detector, predict_probs
+
+    a, b = _read_rgb(args.image_a), _read_rgb(args.image_b)
+    if a.shape != b.shape:
+        raise ValueError(f"{args.image_a} is {a.shape[3]}x{a.shape[2]} but {args.image_b} is "
+                         f"{b.shape[3]}x{b.shape[2]}; the two dates must have the same size")
+    model, cfg = load_detector(args.checkpoint)
+    tile = args.tile or cfg["image_size"]
+    probs = predict_probs(model, a, b, tile, args.stride)[0]
+    mask = (probs > 0.5).numpy().astype(np.uint8) * 255
+    Image.fromarray(mask).save(args.output)
+    changed = float((mask > 0).mean()) * 100
+    if args.overlay:
+        base = (b[0].permute(1, 2, 0).numpy() * 255).astype(np.float32)
+        red = np.zeros_like(base)
+        red[..., 0] = 255
+        m = (mask > 0)[..., None]
+        Image.fromarray(np.where(m, 0.5 * base + 0.5 * red, base).astype(np.uint8)).save(args.overlay)
+    print(f"changed area {changed:.2f}%; mask written to {args.output}"
+          + (f", overlay to {args.overlay}" if args.overlay else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -104,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (repeatable; dotted keys reach into mappings)")
     t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("evaluate-cd", help="change-detection metrics of a checkpoint on a data split")
+    e.add_argument("--checkpoint", required=True, help="a training output_dir, its best/ or adapter/")
+    e.add_argument("--data-root", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--output", help="write the metrics as JSON here")
+    e.set_defaults(func=_cmd_evaluate_cd)
+    d = sub.add_parser("predict-cd", help="change mask of one image pair (sliding window)")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("image_a")
+    d.add_argument("image_b")
+    d.add_argument("-o", "--output", required=True, help="0/255 mask PNG")
+    d.add_argument("--overlay", help="date B with the changes in red")
+    d.add_argument("--tile", type=int, help="window size (default: the training image size)")
+    d.add_argument("--stride", type=int, help="window stride (default: half the tile)")
+    d.set_defaults(func=_cmd_predict_cd)
     return p
 
 

@@ -8,7 +8,9 @@ or from a YAML file: ``visionpeft train configs/dreambooth_lora_sd15.yaml``.
 from .loop import TrainConfig, TrainResult, train
 from .task import Task, TrainingError
 
-TASKS = {"dreambooth": ("visionpeft.train.dreambooth", "DreamBoothTask", "DreamBoothConfig")}
+TASKS = {"dreambooth": ("visionpeft.train.dreambooth", "DreamBoothTask", "DreamBoothConfig"),
+         "change_detection": ("visionpeft.pipelines.change_detection.task", "ChangeDetectionTask",
+                              "ChangeDetectionConfig")}
 
 
 def build_task(name: str, values: dict) -> Task:

@@ -193,6 +193,8 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     while step < cfg.max_train_steps:
         epoch, skip = divmod(consumed, batches_per_epoch)
         sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):  # per-epoch augmentation draws, replayable on resume
+            dataset.set_epoch(epoch)
         batches = acc.skip_first_batches(loader, skip) if skip else loader
         if hasattr(batches, "set_epoch"):  # accelerate re-sets its sampler's epoch on iteration
             batches.set_epoch(epoch)

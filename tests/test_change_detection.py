@@ -1,0 +1,142 @@
+"""PeftCD: encoders on every supported host, exchange, symmetric prediction, sliding
+windows, training on the synthetic set through the shared loop, and the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visionpeft as vp
+from visionpeft.backbones.tiny import build_tiny
+from visionpeft.data.change_detection import write_synthetic_levir
+from visionpeft.pipelines.change_detection import Detector, load_detector, predict_probs
+from visionpeft.pipelines.change_detection.model import exchange
+from visionpeft.train import run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTS = {"timm_sam2_hiera": (64, "qkv"), "timm_dinov3": (32, "qkv"), "hf_dinov3": (32, "q_proj"),
+         "hf_sam2_vision": (64, "qkv")}
+
+
+def _detector(host, exchange_mode="layer"):
+    size, target = HOSTS[host]
+    model = build_tiny(host)
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=[target]))
+    return Detector(model, size, 16, exchange_mode).eval(), size
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+@pytest.mark.parametrize("mode", ["layer", "channel"])
+def test_every_host_gives_full_size_logits_and_a_date_symmetric_prediction(host, mode):
+    model, size = _detector(host, mode)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, size, size, generator=g), torch.rand(2, 3, size, size, generator=g)
+    with torch.no_grad():
+        la, lb = model(a, b)
+        ra, rb = model(b, a)
+    assert la.shape == (2, 2, size, size)
+    # exchanging the dates exchanges the branches, so the averaged prediction is symmetric
+    torch.testing.assert_close(la, rb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lb, ra, atol=1e-5, rtol=1e-5)
+
+
+def test_exchange_swaps_odd_levels_or_odd_channels():
+    fa = [torch.full((1, 4, 2, 2), float(i)) for i in range(4)]
+    fb = [torch.full((1, 4, 2, 2), 10.0 + i) for i in range(4)]
+    xa, xb = exchange(fa, fb, "layer")
+    assert [float(t[0, 0, 0, 0]) for t in xa] == [0, 11, 2, 13]
+    assert [float(t[0, 0, 0, 0]) for t in xb] == [10, 1, 12, 3]
+    ca, cb = exchange(fa, fb, "channel")
+    assert ca[0][0, :, 0, 0].tolist() == [0, 10, 0, 10] and cb[0][0, :, 0, 0].tolist() == [10, 0, 10, 0]
+
+
+def test_sliding_windows_average_the_overlaps():
+    model, size = _detector("timm_sam2_hiera")
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(1, 3, 96, 128, generator=g), torch.rand(1, 3, 96, 128, generator=g)
+
+    def window(y, x):
+        with torch.no_grad():
+            la, lb = model(a[..., y:y + 64, x:x + 64], b[..., y:y + 64, x:x + 64])
+        return ((la + lb) / 2).softmax(1)[0, 1]
+
+    probs = predict_probs(model, a, b, tile=64, stride=32)[0]
+    assert probs.shape == (96, 128)
+    torch.testing.assert_close(probs[:16, :16], window(0, 0)[:16, :16])  # one window only
+    expect = (window(0, 32)[40, 0] + window(32, 32)[8, 0] + window(0, 0)[40, 32] + window(32, 0)[8, 32]) / 4
+    torch.testing.assert_close(probs[40, 32], expect)  # four windows overlap here
+    small = predict_probs(model, a[..., :40, :50], b[..., :40, :50], tile=64)
+    assert small.shape == (1, 40, 50) and torch.isfinite(small).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cd")
+    write_synthetic_levir(root / "data", n_train=12, n_val=4, n_test=4, size=64, seed=0)
+    res = run_config({"task": "change_detection", "data_root": str(root / "data"),
+                      "backbone": {"name": "timm_sam2_hiera", "source": "tiny"},
+                      "adapter": {"method": "lora", "r": 4, "alpha": 16, "target_modules": ["qkv"]},
+                      "image_size": 64, "decoder_channels": 16, "train_batch_size": 4, "max_train_steps": 6,
+                      "learning_rate": 3e-3, "validation_steps": 3, "checkpointing_steps": 3,
+                      "output_dir": str(root / "out"), "cpu": True})
+    return root, res
+
+
+def test_training_writes_a_checkpoint_the_cli_evaluates_and_predicts_with(trained):
+    root, res = trained
+    out = root / "out"
+    assert res.step == 6 and res.losses[-1] < res.losses[0]
+    assert {"cd_config.json", "decoder.safetensors", "encoder"} <= {p.name for p in (out / "best").iterdir()}
+    rows = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    run = subprocess.run([sys.executable, "-m", "visionpeft.cli", "evaluate-cd", "--checkpoint", str(out),
+                          "--data-root", str(root / "data"), "--split", "test", "--output", str(out / "m.json")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-1500:]
+    metrics = json.loads((out / "m.json").read_text())
+    assert all(np.isfinite(metrics[k]) for k in ("oa", "kappa", "precision", "recall", "f1", "iou"))
+    # the CLI's numbers are the loaded checkpoint's, through the same inference path
+    from visionpeft.data.change_detection import ChangeDetectionDataset, find_triples
+    from visionpeft.pipelines.change_detection import evaluate
+
+    model, cfg = load_detector(out)
+    again = evaluate(model, ChangeDetectionDataset(find_triples(root / "data", "test")), cfg["image_size"])
+    assert again["iou"] == pytest.approx(metrics["iou"]) and again["oa"] == pytest.approx(metrics["oa"])
+    a, b = root / "data" / "test" / "A" / "test_0000.png", root / "data" / "test" / "B" / "test_0000.png"
+    run = subprocess.run([sys.executable, "-m", "visionpeft.cli", "predict-cd", "--checkpoint", str(out),
+                          str(a), str(b), "-o", str(out / "mask.png"), "--overlay", str(out / "ov.png")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and "changed area" in run.stdout, run.stderr[-1500:]
+    mask = np.asarray(Image.open(out / "mask.png"))
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_predict_cd_refuses_pairs_of_different_sizes_and_unreadable_files(trained, tmp_path):
+    root, _ = trained
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "b.png")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    for args, expected in (((tmp_path / "a.png", tmp_path / "b.png"), "64x64 but"),
+                           ((tmp_path / "a.png", tmp_path / "bad.png"), "cannot read image")):
+        run = subprocess.run([sys.executable, "-m", "visionpeft.cli", "predict-cd", "--checkpoint",
+                              str(root / "out"), *map(str, args), "-o", str(tmp_path / "m.png")],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 2 and "Traceback" not in run.stderr and expected in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("cd_*.yaml")))
+def test_every_shipped_cd_config_runs(trained, tmp_path, name):
+    import yaml
+
+    root, _ = trained
+    values = yaml.safe_load((ROOT / "configs" / name).read_text())
+    host = {"name": "timm_sam2_hiera", "source": "tiny"} if values["backbone"].get("pretrained") else values["backbone"]
+    values.update(data_root=str(root / "data"), backbone=host, image_size=64, max_train_steps=2,
+                  train_batch_size=2, validation_steps=2, checkpointing_steps=2, mixed_precision="no",
+                  output_dir=str(tmp_path), cpu=True, resume_from_checkpoint=None)
+    res = run_config(values)
+    assert res.step == 2 and all(np.isfinite(res.losses))

@@ -1,0 +1,12 @@
+"""PeftCD change detection: Siamese encoder with adapters, exchange, light decoders,
+pooled metrics, sliding-window inference. Train with ``visionpeft train`` and
+``task: change_detection``; evaluate and predict with ``visionpeft evaluate-cd`` /
+``visionpeft predict-cd``."""
+from .metrics import ConfusionMatrix, metrics_from_confusion
+from .model import FeatureEncoder, SiameseChangeDetector
+from .task import (ChangeDetectionConfig, ChangeDetectionTask, Detector, evaluate, load_detector,
+                   predict_probs)
+
+__all__ = ["ConfusionMatrix", "metrics_from_confusion", "FeatureEncoder", "SiameseChangeDetector",
+           "ChangeDetectionConfig", "ChangeDetectionTask", "Detector", "evaluate", "load_detector",
+           "predict_probs"]

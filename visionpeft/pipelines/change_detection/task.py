@@ -1,0 +1,219 @@
+"""PeftCD on the shared training loop, plus the one inference path that evaluate-cd and
+predict-cd use (sliding windows with overlap averaging)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import visionpeft as vp
+
+from ...train.task import Task, TrainingError
+from .metrics import ConfusionMatrix
+from .model import FeatureEncoder, SiameseChangeDetector, probe_channels
+
+CONFIG_NAME = "cd_config.json"
+DECODER_NAME = "decoder.safetensors"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_backbone(spec: dict) -> nn.Module:
+    """``{name, source: timm|transformers|tiny, pretrained, checkpoint_path, ...kwargs}``."""
+    spec = dict(spec)
+    name, source = spec.pop("name", None), spec.pop("source", "timm")
+    if not name:
+        raise ValueError("backbone: give a name, e.g. {name: sam2_hiera_tiny, source: timm}")
+    if source == "tiny":
+        from ...backbones.tiny import build_tiny
+
+        return build_tiny(name, seed=spec.pop("seed", 0))
+    if source not in ("timm", "transformers"):
+        raise ValueError(f"backbone.source must be timm, transformers or tiny, got {source!r}")
+    from ...backbones.loaders import load_backbone
+
+    return load_backbone(source, name, **spec)
+
+
+@dataclass
+class ChangeDetectionConfig:
+    data_root: str
+    backbone: dict
+    adapter: dict
+    image_size: int = 256
+    decoder_channels: int = 64
+    exchange: str = "layer"
+    augment: bool = True
+    val_split: str = "val"
+    eval_batch_size: int = 4
+    adapter_name: str = "default"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ChangeDetectionConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"change_detection: unknown key(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+
+class Detector(nn.Module):
+    """Normalisation + the Siamese detector; what a checkpoint rebuilds."""
+
+    def __init__(self, host: nn.Module, image_size: int, decoder_channels: int, exchange: str):
+        super().__init__()
+        encoder = FeatureEncoder(host)
+        channels, pyramid = probe_channels(encoder, image_size)
+        self.net = SiameseChangeDetector(encoder, channels, pyramid, decoder_channels, exchange)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def host(self) -> nn.Module:
+        return self.net.encoder.host
+
+    def forward(self, a, b):
+        return self.net((a - self.mean) / self.std, (b - self.mean) / self.std)
+
+
+def save_detector(model: Detector, folder: Path, config: dict, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vp.save_adapter(model.host, folder / "encoder", name=name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.net.decoder.state_dict().items()},
+              str(folder / DECODER_NAME))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def find_checkpoint(path) -> Path:
+    """The folder with cd_config.json: ``path`` itself, its ``best/`` or its ``adapter/``."""
+    path = Path(path)
+    for cand in (path, path / "best", path / "adapter"):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    raise FileNotFoundError(f"{path} holds no change-detection checkpoint ({CONFIG_NAME} in it, "
+                            "in best/ or in adapter/)")
+
+
+def load_detector(path) -> tuple[Detector, dict]:
+    folder = find_checkpoint(path)
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    host = build_backbone(cfg["backbone"])
+    vp.load_adapter(host, folder / "encoder")
+    model = Detector(host, cfg["image_size"], cfg["decoder_channels"], cfg["exchange"])
+    model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def predict_probs(model: Detector, a: torch.Tensor, b: torch.Tensor, tile: int, stride: int | None = None
+                  ) -> torch.Tensor:
+    """Change probability (N, H, W) for images of any size: windows of ``tile`` with
+    ``stride`` (default tile / 2), overlapping windows averaged; smaller images are padded
+    (reflect) to one window and cropped back."""
+    if a.shape != b.shape:
+        raise ValueError(f"the two dates differ in size: {tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
+    n, _, h, w = a.shape
+    stride = stride or max(1, tile // 2)
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    if ph or pw:
+        a = F.pad(a, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        b = F.pad(b, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    H, W = a.shape[-2:]
+    ys = sorted({*range(0, H - tile + 1, stride), H - tile})
+    xs = sorted({*range(0, W - tile + 1, stride), W - tile})
+    total = a.new_zeros(n, H, W)
+    count = a.new_zeros(1, H, W)
+    for y in ys:
+        for x in xs:
+            probs = SiameseChangeDetector.predict(model(a[..., y:y + tile, x:x + tile], b[..., y:y + tile, x:x + tile]))
+            total[:, y:y + tile, x:x + tile] += probs[:, 1]
+            count[:, y:y + tile, x:x + tile] += 1
+    return (total / count)[:, :h, :w]
+
+
+def evaluate(model: Detector, dataset, tile: int, batch_size: int = 4) -> dict:
+    cm = ConfusionMatrix(2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    device = next(model.parameters()).device
+    for batch in loader:
+        probs = predict_probs(model, batch["a"].to(device), batch["b"].to(device), tile)
+        cm.update((probs > 0.5).long().cpu(), batch["label"])
+    return cm.compute()
+
+
+class ChangeDetectionTask(Task):
+    def __init__(self, cfg: ChangeDetectionConfig):
+        from ...train.dreambooth import adapter_config
+
+        self.cfg = cfg
+        self.adapter_name = cfg.adapter_name
+        self.adapter_config = adapter_config(cfg.adapter, "adapter")
+        self.best_iou = -1.0
+
+    def setup(self, device, dtype):
+        from ...data.change_detection import ChangeDetectionDataset, find_triples
+
+        cfg = self.cfg
+        try:
+            self.train_set = ChangeDetectionDataset(find_triples(cfg.data_root, "train"), augment=cfg.augment,
+                                                    crop_size=cfg.image_size)
+            val = find_triples(cfg.data_root, cfg.val_split)
+        except (ValueError, FileNotFoundError) as err:
+            raise TrainingError(f"data_root {cfg.data_root}: {err}") from None
+        self.val_set = ChangeDetectionDataset(val)
+        host = build_backbone(cfg.backbone)
+        vp.inject(host, self.adapter_config, name=self.adapter_name)
+        self.model = Detector(host, cfg.image_size, cfg.decoder_channels, cfg.exchange)
+        self.model.net.decoder.requires_grad_(True)
+        self.device = device
+
+    def models(self):
+        return {"model": self.model}
+
+    def train_dataset(self):
+        return self.train_set
+
+    def loss(self, models, batch):
+        logits = models["model"](batch["a"], batch["b"])
+        return SiameseChangeDetector.loss(logits, batch["label"]), {}
+
+    def _config(self) -> dict:
+        c = self.cfg
+        # the backbone spec as given: the frozen weights come back from the same source
+        return {"backbone": c.backbone, "image_size": c.image_size, "decoder_channels": c.decoder_channels, "exchange": c.exchange,
+                "adapter": c.adapter}
+
+    def save_adapters(self, models, folder):
+        save_detector(models["model"], folder, self._config(), self.adapter_name)
+
+    def load_adapters(self, models, folder):
+        model = models["model"]
+        vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
+        model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
+
+    def validate(self, models, step, output_dir):
+        model = models["model"]
+        was = model.training
+        model.eval()
+        metrics = evaluate(model, self.val_set, self.cfg.image_size, self.cfg.eval_batch_size)
+        model.train(was)
+        with open(output_dir / "val_metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if not isinstance(v, list)}}) + "\n")
+        if metrics["iou"] > self.best_iou:  # keep the best by change IoU
+            self.best_iou = metrics["iou"]
+            from ...core.io import _atomic_write_dir
+
+            _atomic_write_dir(output_dir / "best", lambda tmp: self.save_adapters(models, tmp))
+        return metrics
+
+    def finish(self, models, output_dir):
+        if not (output_dir / "best").exists():
+            shutil.copytree(output_dir / "adapter", output_dir / "best")
+        return {"best_val_iou": self.best_iou}
