@@ -36,6 +36,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_methods.py
 	$(BIN)/python scripts/bench_switch.py
 	$(BIN)/python scripts/bench_dreambooth.py
+	$(BIN)/python scripts/bench_cd.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

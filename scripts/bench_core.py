@@ -118,6 +118,33 @@ def measure_memory(model, x, y, device, unpack: bool = False) -> int:
     return peak
 
 
+def loss_memory(loss_fn, params, device) -> int:
+    """Memory of one backward of ``loss_fn()``: on CPU the bytes autograd saves for
+    backward (distinct storages, parameters left out) plus the trainable gradients; on
+    CUDA the peak allocated above the start."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss_fn().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    seen, total = set(), 0
+
+    def pack(x):
+        nonlocal total
+        key = x.untyped_storage().data_ptr()
+        if key not in seen and not isinstance(x, torch.nn.Parameter):
+            seen.add(key)
+            total += x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = loss_fn()
+    loss.backward()
+    return total + sum(p.numel() * p.element_size() for p in params)
+
+
 def time_steps(fn, device, steps: int, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import visionpeft as vp
-from bench_core import emit, paired
+from bench_core import emit, loss_memory, paired
 from bench_switch import sd15_unet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -65,32 +65,14 @@ def step_fn(unet, latents, text, device, dtype):
 
 
 def saved_bytes(unet, latents, text, dtype) -> int:
-    """Bytes autograd keeps for backward plus trainable gradients (CPU); peak allocated (CUDA)."""
     params = [p for p in unet.parameters() if p.requires_grad]
     t = torch.zeros(latents.shape[0], dtype=torch.long, device=latents.device)
-    if latents.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            unet(latents.to(dtype), t, text.to(dtype)).sample.float().square().mean().backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        seen, total = set(), 0
 
-        def pack(x):
-            nonlocal total
-            key = x.untyped_storage().data_ptr()
-            if key not in seen and not isinstance(x, torch.nn.Parameter):
-                seen.add(key)
-                total += x.untyped_storage().nbytes()
-            return x
+    def loss():
+        with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return unet(latents.to(dtype), t, text.to(dtype)).sample.float().square().mean()
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            loss = unet(latents.to(dtype), t, text.to(dtype)).sample.float().square().mean()
-        loss.backward()
-        peak = total + sum(p.numel() * p.element_size() for p in params)
+    peak = loss_memory(loss, params, latents.device)
     unet.zero_grad(set_to_none=True)
     return peak
 

@@ -140,3 +140,92 @@ def test_every_shipped_cd_config_runs(trained, tmp_path, name):
                   output_dir=str(tmp_path), cpu=True, resume_from_checkpoint=None)
     res = run_config(values)
     assert res.step == 2 and all(np.isfinite(res.losses))
+
+
+def test_the_gradio_demo_answers_through_gradio_client(trained):
+    pytest.importorskip("gradio")
+    from gradio_client import Client, handle_file
+
+    sys.path.insert(0, str(ROOT / "demos"))
+    import change_detection as demo_module
+
+    root, _ = trained
+    demo = demo_module.build(str(root / "out"))
+    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        a = root / "data" / "test" / "A" / "test_0001.png"
+        b = root / "data" / "test" / "B" / "test_0001.png"
+        mask, overlay, text = client.predict(handle_file(str(a)), handle_file(str(b)), str(root / "out"),
+                                             api_name="/detect")
+        assert text.startswith("changed area:") and text.endswith("%")
+        m = np.asarray(Image.open(mask))
+        assert m.shape[:2] == (64, 64) and set(np.unique(m)) <= {0, 255}
+        assert np.asarray(Image.open(overlay)).shape[:2] == (64, 64)
+    finally:
+        demo.close()
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package, which .ci/run installs
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)")
+def test_the_demo_in_a_headless_browser(trained, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    sys.path.insert(0, str(ROOT / "demos"))
+    import change_detection as demo_module
+
+    root, _ = trained
+    demo = demo_module.build(str(root / "out"))
+    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--disable-quic"]
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+            page = browser.new_page()
+            page.goto(demo.local_url)
+            inputs = page.locator("input[type=file]")
+            inputs.first.wait_for(state="attached", timeout=30000)
+            inputs.nth(0).set_input_files(str(root / "data" / "test" / "A" / "test_0002.png"))
+            inputs.nth(1).set_input_files(str(root / "data" / "test" / "B" / "test_0002.png"))
+            page.get_by_role("button", name="Detect changes").click()
+            result = page.get_by_label("result")
+            page.wait_for_function("() => [...document.querySelectorAll('textarea')].some("
+                                   "t => t.value.startsWith('changed area'))", timeout=60000)
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            assert result.input_value().startswith("changed area")
+            browser.close()
+        assert (tmp_path / "demo.png").stat().st_size > 10_000
+    finally:
+        demo.close()
+
+
+def test_a_random_init_backbone_is_rebuilt_identically_from_its_checkpoint():
+    from visionpeft.pipelines.change_detection.task import build_backbone
+
+    spec = {"name": "vit_tiny_patch16_224", "source": "timm", "pretrained": False, "img_size": 32,
+            "depth": 1, "init_seed": 3}
+    torch.manual_seed(123)
+    first = build_backbone(spec).state_dict()
+    torch.manual_seed(456)  # the global RNG state must not matter
+    second = build_backbone(spec).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_pretrained_backbone_loads_from_a_local_checkpoint(tmp_path):
+    """The real-weights path (timm's loader with checkpoint_path), on a tiny ViT saved here."""
+    import timm
+    from safetensors.torch import save_file
+
+    from visionpeft.pipelines.change_detection.task import build_backbone
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0)
+    torch.manual_seed(7)
+    saved = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    save_file(saved.state_dict(), str(tmp_path / "vit.safetensors"))
+    host = build_backbone({"name": "vit_tiny_patch16_224", "source": "timm", "pretrained": True,
+                           "checkpoint_path": str(tmp_path / "vit.safetensors"), **kw})
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in host.state_dict().items())
+    model = Detector(host, 32, 16, "layer")
+    assert model(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))[0].shape == (1, 2, 32, 32)

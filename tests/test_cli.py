@@ -42,11 +42,11 @@ def test_console_script_help_runs():
     assert "methods" in out and "info" in out
 
 
-def test_quickstart_short_run(tmp_path):
-    """Smoke test of the main job: a few steps, every stage runs, the checks hold."""
+def test_vit_lora_example_short_run(tmp_path):
+    """The ViT LoRA example: a few steps, every stage runs, the checks hold."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import quickstart
+        import example_vit_lora as quickstart
     finally:
         sys.path.pop(0)
     torch.manual_seed(0)
@@ -54,3 +54,16 @@ def test_quickstart_short_run(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert result["merge_diff"] < 1e-4
     assert result["after"] > result["before"]
+
+
+def test_quickstart_short_run(tmp_path):
+    """The main job (PeftCD on the synthetic set): a few steps, every output written."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import quickstart
+    finally:
+        sys.path.pop(0)
+    result = quickstart.main(["--steps", "4", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")])
+    assert all(0.0 <= result["metrics"][k] <= 1.0 for k in ("oa", "precision", "recall", "f1", "iou"))
+    assert len(result["maps"]) == 4 and all(p.is_file() for p in result["maps"])
+    assert result["figure"].stat().st_size > 0 and (tmp_path / "out" / "best" / "cd_config.json").is_file()

@@ -25,7 +25,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def build_backbone(spec: dict) -> nn.Module:
-    """``{name, source: timm|transformers|tiny, pretrained, checkpoint_path, ...kwargs}``."""
+    """``{name, source: timm|transformers|tiny, pretrained, checkpoint_path, init_seed,
+    ...kwargs}``; ``pretrained: false`` builds random weights from ``init_seed`` (0)."""
     spec = dict(spec)
     name, source = spec.pop("name", None), spec.pop("source", "timm")
     if not name:
@@ -38,7 +39,13 @@ def build_backbone(spec: dict) -> nn.Module:
         raise ValueError(f"backbone.source must be timm, transformers or tiny, got {source!r}")
     from ...backbones.loaders import load_backbone
 
-    return load_backbone(source, name, **spec)
+    if spec.get("pretrained", True):
+        return load_backbone(source, name, **spec)
+    # random weights: drawn from init_seed alone, so a checkpoint (which holds only the
+    # adapter and the decoder) rebuilds the very same frozen encoder
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.pop("init_seed", 0))
+        return load_backbone(source, name, **spec)
 
 
 @dataclass

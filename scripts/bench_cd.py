@@ -1,0 +1,94 @@
+"""PeftCD training step and sliding-window inference: LoRA and KronA on the encoder
+against a frozen encoder (decoder only), on SAM2 Hiera-B+ and DINOv3 ViT-B sizes with
+random weights (built here; nothing downloaded).
+
+    python scripts/bench_cd.py --image-size 128 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import timm
+import torch
+
+import visionpeft as vp
+from bench_core import emit, loss_memory, paired
+from visionpeft.pipelines.change_detection import Detector, predict_probs
+from visionpeft.pipelines.change_detection.model import SiameseChangeDetector
+
+ENCODERS = {"hiera_b+": "sam2_hiera_base_plus", "dinov3_vit_b": "vit_base_patch16_dinov3"}
+VARIANTS = {
+    "lora": lambda: vp.LoRAConfig(r=8, alpha=32, target_modules=["qkv"]),
+    "krona": lambda: vp.KronAConfig(target_modules=["qkv"]),
+    "frozen": None,
+}
+
+
+def build(encoder: str, variant: str, size: int) -> Detector:
+    torch.manual_seed(0)
+    kw = {"img_size": size} if "dinov3" in encoder else {}
+    host = timm.create_model(ENCODERS[encoder], pretrained=False, num_classes=0, **kw).requires_grad_(False)
+    if VARIANTS[variant] is not None:
+        vp.inject(host, VARIANTS[variant]())
+    return Detector(host, size, 64, "layer")
+
+
+def step_memory(model, a, b, label) -> int:
+    params = [q for q in model.parameters() if q.requires_grad]
+    peak = loss_memory(lambda: SiameseChangeDetector.loss(model(a, b), label), params, a.device)
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    g = torch.Generator().manual_seed(0)
+    s = args.image_size
+    a, b = (torch.rand(args.batch, 3, s, s, generator=g).to(device) for _ in range(2))
+    label = (torch.rand(args.batch, s, s, generator=g) > 0.9).long().to(device)
+    result = {"date": str(date.today()), "machine": platform.machine(), "device": str(device),
+              "torch": torch.__version__, "threads": args.threads, "image_size": s, "batch": args.batch,
+              "encoders": {}}
+    for enc in args.encoders:
+        models = {v: build(enc, v, s).to(device).train() for v in VARIANTS}
+        steps = {}
+        for v, m in models.items():
+            opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
+
+            def step(m=m, opt=opt):
+                SiameseChangeDetector.loss(m(a, b), label).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            steps[v] = step
+            step()
+        timing = paired(steps, "lora", args.rounds, 1, device, clock)
+        memory = {v: step_memory(mm, a, b, label) for v, mm in models.items()}
+        m = models["lora"].eval()
+        big = torch.rand(1, 3, 2 * s, 2 * s, generator=g).to(device)
+        t0 = clock()
+        predict_probs(m, big, big, s, s // 2)
+        tiles = 9  # (2s / (s/2) - 1)^2 windows of a 2s x 2s image at half-tile stride
+        result["encoders"][enc] = {
+            "step": timing,
+            "memory_mb": {v: round(x / 2**20, 1) for v, x in memory.items()},
+            "trainable": {v: sum(q.numel() for q in mm.parameters() if q.requires_grad) for v, mm in models.items()},
+            "sliding_window_tiles_per_s": round(tiles / (clock() - t0), 3)}
+    return emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
