@@ -8,7 +8,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .factors import Factors, InteropError

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint
@@ -177,7 +175,8 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
         task.load_adapters({n: acc.unwrap_model(m) for n, m in prepared.items()}, ckpt)
         step = load_checkpoint(ckpt, optimizer, scheduler, acc.process_index)["step"]
         acc.print(f"resumed from {ckpt} at step {step}")
-    set_seed(cfg.seed + 1 + acc.process_index) if ckpt is None else None  # per-process noise
+    if ckpt is None:  # per-process noise from here on (a resumed run restored its RNG)
+        set_seed(cfg.seed + 1 + acc.process_index)
 
     batches_per_epoch = len(loader)
     metrics_path = out / "metrics.jsonl"
@@ -209,8 +208,9 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step() if acc.sync_gradients else None
+                optimizer.step()  # accelerate skips it while gradients accumulate
+                if acc.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             consumed += 1
             if not acc.sync_gradients:
