@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,6 +80,8 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default=str(ROOT / "datasets" / "synthetic_cd"))
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
+    if out.exists():  # a fresh run each time (the loop refuses to mix runs in one folder)
+        shutil.rmtree(out)
     if not (data / "test" / "A").is_dir():
         print(f"writing the synthetic change-detection set to {data}")
         write_synthetic_levir(data, n_train=64, n_val=16, n_test=16, size=64, seed=0)

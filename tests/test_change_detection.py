@@ -71,6 +71,8 @@ def test_sliding_windows_average_the_overlaps():
     torch.testing.assert_close(probs[40, 32], expect)  # four windows overlap here
     small = predict_probs(model, a[..., :40, :50], b[..., :40, :50], tile=64)
     assert small.shape == (1, 40, 50) and torch.isfinite(small).all()
+    wide = predict_probs(model, a, b, tile=64, stride=100)  # clamped to the tile: no gaps
+    assert torch.isfinite(wide).all()
 
 
 @pytest.fixture(scope="module")

@@ -259,3 +259,14 @@ def test_v_prediction_models_train_on_the_velocity(tiny, tmp_path):
     loss, _ = task.loss(task.models(), {"instance": torch.arange(2), "class": None})
     assert "v" in seen and torch.isfinite(loss)
     assert run_config(values).step == 2
+
+
+def test_mixed_precision_validation_and_random_crops(tiny, tmp_path):
+    """bf16 on CPU: frozen VAE and text encoder in bf16, validation images still decode;
+    center_crop false takes a fresh random crop per step (the images are 40 x 48)."""
+    values = _values(tiny, tmp_path, max_train_steps=2, mixed_precision="bf16", validation_prompt="a sks dog",
+                     validation_steps=2, num_validation_images=1, validation_inference_steps=1,
+                     center_crop=False)
+    res = run_config(values)
+    assert res.step == 2 and all(np.isfinite(res.losses))
+    assert (tmp_path / "validation" / "step-000002.png").is_file()

@@ -14,12 +14,12 @@ from visionpeft.train.checkpoint import list_checkpoints
 class ToyTask(Task):
     """Fit y = W* x with a LoRA on a frozen random Linear; optional NaN or crash at a step."""
 
-    def __init__(self, nan_at=None, crash_at=None, method="lora"):
-        self.nan_at, self.crash_at, self.method, self.calls = nan_at, crash_at, method, 0
+    def __init__(self, nan_at=None, crash_at=None, method="lora", n=64):
+        self.nan_at, self.crash_at, self.method, self.calls, self.n = nan_at, crash_at, method, 0, n
 
     def setup(self, device, dtype):
         g = torch.Generator().manual_seed(123)
-        self.x = torch.randn(64, 6, generator=g)
+        self.x = torch.randn(self.n, 6, generator=g)
         self.model = nn.Sequential(nn.Linear(6, 5))
         with torch.no_grad():  # a target a rank-2 update can reach
             shift = 0.3 * torch.randn(5, 2, generator=g) @ torch.randn(2, 6, generator=g)
@@ -44,6 +44,10 @@ class ToyTask(Task):
         if self.nan_at is not None and self.calls >= self.nan_at:
             loss = loss * float("nan")
         return loss, {"n": torch.tensor(float(len(x)))}
+
+    def validate(self, models, step, output_dir):
+        torch.randn(100)  # draws from the global RNG: the loop must shield training from it
+        return {}
 
 
 def _cfg(tmp_path, **kw):
@@ -70,17 +74,27 @@ def test_loss_falls_metrics_plot_and_rotation(tmp_path):
     assert vp.trainable_parameters(model) > 0
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, accumulate):
-    full = train(ToyTask(), _cfg(tmp_path / "full", gradient_accumulation_steps=accumulate))
-    with pytest.raises(KeyboardInterrupt):  # dies after checkpoint-4, mid-epoch (8 batches)
-        train(ToyTask(crash_at=6 * accumulate + 1), _cfg(tmp_path / "cut", gradient_accumulation_steps=accumulate))
+@pytest.mark.parametrize("accumulate,n,crash_at", [(1, 64, 7), (2, 64, 14), (2, 24, 9)])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, accumulate, n, crash_at):
+    """Also with 3 batches per epoch and accumulation 2: accelerate then steps at each
+    epoch end with one micro-batch, so resuming must count micro-batches, not steps."""
+    kw = dict(gradient_accumulation_steps=accumulate, validation_steps=3)
+    full = train(ToyTask(n=n), _cfg(tmp_path / "full", **kw))
+    with pytest.raises(KeyboardInterrupt):  # dies after checkpoint-4, before checkpoint-8
+        train(ToyTask(n=n, crash_at=crash_at), _cfg(tmp_path / "cut", **kw))
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-4"]
-    resumed = train(ToyTask(), _cfg(tmp_path / "cut", gradient_accumulation_steps=accumulate,
-                                    resume_from_checkpoint="latest"))
+    resumed = train(ToyTask(n=n), _cfg(tmp_path / "cut", resume_from_checkpoint="latest", **kw))
     assert resumed.step == full.step == 12
     a, b = _adapter(tmp_path / "full" / "adapter"), _adapter(tmp_path / "cut" / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # rows logged after checkpoint-4 were dropped and redone
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    train(ToyTask(), _cfg(tmp_path, max_train_steps=4))
+    with pytest.raises(TrainingError, match="earlier run .*checkpoint-4.*resume_from_checkpoint: latest"):
+        train(ToyTask(), _cfg(tmp_path, max_train_steps=4))
 
 
 def test_nan_loss_stops_and_names_the_step_and_the_last_good_checkpoint(tmp_path):

@@ -91,7 +91,8 @@ def list_images(folder: str | None, what: str) -> list[Path]:
 
 
 def load_image(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
-    """RGB in [-1, 1], shorter side resized to ``resolution`` then cropped square."""
+    """RGB in [-1, 1], shorter side resized to ``resolution``, then cropped square at the
+    centre; without ``center_crop`` left uncropped (a random crop is taken per step)."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import v2
 
@@ -100,9 +101,9 @@ def load_image(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
             im = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise TrainingError(f"cannot read image {path}: {err}") from None
-    crop = v2.CenterCrop(resolution) if center_crop else v2.RandomCrop(resolution)
-    t = v2.Compose([v2.PILToTensor(), v2.Resize(resolution, antialias=True), crop,
-                    v2.ToDtype(torch.float32, scale=True)])(im)
+    steps = [v2.PILToTensor(), v2.Resize(resolution, antialias=True)]
+    steps += [v2.CenterCrop(resolution)] if center_crop else []
+    t = v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])(im)
     return t * 2.0 - 1.0
 
 
@@ -134,10 +135,12 @@ class DreamBoothTask(Task):
             self.class_images = list_images(cfg.class_data_dir, "class_data_dir")[:cfg.num_class_images]
         else:
             self.class_images = []
-        self.instance_pixels = torch.stack([load_image(p, cfg.resolution, cfg.center_crop)
-                                            for p in self.instance_images])
-        self.class_pixels = torch.stack([load_image(p, cfg.resolution, cfg.center_crop)
-                                         for p in self.class_images]) if self.class_images else None
+        if cfg.cache_latents and not cfg.center_crop:
+            raise ValueError("cache_latents encodes each image once, so it needs center_crop: true "
+                             "(a random crop is drawn per step)")
+        self.instance_pixels = [load_image(p, cfg.resolution, cfg.center_crop) for p in self.instance_images]
+        self.class_pixels = [load_image(p, cfg.resolution, cfg.center_crop)
+                             for p in self.class_images] if self.class_images else None
         self._inject()
         if cfg.cache_latents:
             self._cache()
@@ -231,7 +234,8 @@ class DreamBoothTask(Task):
     def _cache(self):
         """Latent distributions of every image, and prompt embeddings when the text
         encoders are frozen; the VAE then never runs in the loop."""
-        def dist(pixels):
+        def dist(images):
+            pixels = torch.stack(images)  # center-cropped: all square at the resolution
             parts = [self.vae.encode(pixels[i:i + 4].to(self.device, self.dtype)).latent_dist
                      for i in range(0, len(pixels), 4)]
             return torch.cat([p.mean for p in parts]).float().cpu(), torch.cat([p.std for p in parts]).float().cpu()
@@ -268,7 +272,8 @@ class DreamBoothTask(Task):
             lat = mean[idx] + std[idx] * torch.randn(mean[idx].shape)
             lat = lat.to(self.device)
         else:
-            pixels = (self.instance_pixels if which == "instance" else self.class_pixels)[idx]
+            images = self.instance_pixels if which == "instance" else self.class_pixels
+            pixels = torch.stack([_random_crop(images[i], self.cfg.resolution) for i in idx.tolist()])
             with torch.no_grad():
                 lat = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.sample().float()
         return lat * self.vae.config.scaling_factor
@@ -330,7 +335,9 @@ class DreamBoothTask(Task):
         pipe = self._pipeline()
         pipe.set_progress_bar_config(disable=True)
         g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
+        # the frozen parts sit in the mixed-precision dtype, the trained UNet in fp32
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
+                                             enabled=self.dtype != torch.float32):
             images = pipe([cfg.validation_prompt] * cfg.num_validation_images, height=cfg.resolution,
                           width=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
                           generator=g).images
@@ -350,6 +357,17 @@ class DreamBoothTask(Task):
             if report.svd_error:
                 out[f"export_{fmt}_max_svd_error"] = report.max_error
         return out
+
+
+def _random_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A size x size crop at a position drawn from the global RNG (restored on resume);
+    an already square image is returned as is."""
+    h, w = image.shape[-2:]
+    if h == size and w == size:
+        return image
+    top = int(torch.randint(0, h - size + 1, ()))
+    left = int(torch.randint(0, w - size + 1, ()))
+    return image[..., top:top + size, left:left + size]
 
 
 class _PairDataset(torch.utils.data.Dataset):

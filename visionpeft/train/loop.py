@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,19 @@ def _plot(metrics: list[dict], path: Path) -> None:
 
 
 def train(task: Task, cfg: TrainConfig) -> TrainResult:
+    """Run ``task`` under ``cfg``; see the module docstring."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return _train(task, cfg)
+    finally:
+        # accelerate keeps one state per process: release it, so that the next train()
+        # in this process (a notebook, a sweep) may choose another mixed precision
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -169,11 +183,17 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     for m in task.frozen_models().values():
         m.to(acc.device)
 
-    step = 0
+    step = consumed = 0
     ckpt = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+    if ckpt is None and list_checkpoints(out):
+        raise TrainingError(f"{out} holds checkpoints of an earlier run ({list_checkpoints(out)[-1].name}); "
+                            "resume it with resume_from_checkpoint: latest, or use another output_dir")
     if ckpt is not None:
         task.load_adapters({n: acc.unwrap_model(m) for n, m in prepared.items()}, ckpt)
-        step = load_checkpoint(ckpt, optimizer, scheduler, acc.process_index)["step"]
+        state = load_checkpoint(ckpt, optimizer, scheduler, acc.process_index)
+        step = state["step"]
+        # micro-batches, not steps * accumulation: accelerate also steps at every epoch end
+        consumed = state["extra"].get("consumed", step * cfg.gradient_accumulation_steps)
         acc.print(f"resumed from {ckpt} at step {step}")
     if ckpt is None:  # per-process noise from here on (a resumed run restored its RNG)
         set_seed(cfg.seed + 1 + acc.process_index)
@@ -184,9 +204,14 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is None and metrics_path.exists():
             metrics_path.unlink()
+        elif ckpt is not None:
+            _drop_rows_after(metrics_path, step)  # rows logged after the checkpoint are redone
+            for later in list_checkpoints(out):  # checkpoints of the abandoned continuation
+                if int(later.name.split("-")[1]) > step:
+                    shutil.rmtree(later, ignore_errors=True)
     losses: list[float] = []
     progress = tqdm(total=cfg.max_train_steps, initial=step, desc="train", disable=not acc.is_main_process)
-    consumed = step * cfg.gradient_accumulation_steps
+    micro: list[float] = []
     for m in prepared.values():
         m.train()
     while step < cfg.max_train_steps:
@@ -213,10 +238,13 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             consumed += 1
+            micro.append(loss.detach().float())
             if not acc.sync_gradients:
                 continue
             step += 1
-            value = acc.gather(loss.detach().float().reshape(1)).mean().item()
+            # the mean over this step's micro-batches and processes
+            value = acc.gather(torch.stack(micro).mean().reshape(1)).mean().item()
+            micro.clear()
             losses.append(value)
             progress.update(1)
             progress.set_postfix(loss=f"{value:.4g}")
@@ -226,9 +254,12 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-                _checkpoint(acc, task, prepared, out, step, optimizer, scheduler, cfg)
+                _checkpoint(acc, task, prepared, out, step, consumed, optimizer, scheduler, cfg)
             if cfg.validation_steps and step % cfg.validation_steps == 0 and acc.is_main_process:
-                task.validate({n: acc.unwrap_model(m) for n, m in prepared.items()}, step, out)
+                # validation must not move the training RNG (a resumed run would diverge)
+                devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    task.validate({n: acc.unwrap_model(m) for n, m in prepared.items()}, step, out)
             if step >= cfg.max_train_steps:
                 break
     progress.close()
@@ -251,14 +282,20 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     return TrainResult(step, out, adapter_dir, losses, report)
 
 
-def _checkpoint(acc, task, prepared, out, step, optimizer, scheduler, cfg):
+def _drop_rows_after(path: Path, step: int) -> None:
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def _checkpoint(acc, task, prepared, out, step, consumed, optimizer, scheduler, cfg):
     from accelerate.utils import gather_object
 
     states = gather_object([rng_state()])
     if acc.is_main_process:
         unwrapped = {n: acc.unwrap_model(m) for n, m in prepared.items()}
         save_checkpoint(out, step, optimizer, scheduler, lambda tmp: task.save_adapters(unwrapped, tmp),
-                        states, keep=cfg.checkpoints_total_limit)
+                        states, extra={"consumed": consumed}, keep=cfg.checkpoints_total_limit)
     acc.wait_for_everyone()
 
 

@@ -127,7 +127,7 @@ def predict_probs(model: Detector, a: torch.Tensor, b: torch.Tensor, tile: int, 
     if a.shape != b.shape:
         raise ValueError(f"the two dates differ in size: {tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
     n, _, h, w = a.shape
-    stride = stride or max(1, tile // 2)
+    stride = min(stride or max(1, tile // 2), tile)  # wider strides would leave pixels uncovered
     ph, pw = max(0, tile - h), max(0, tile - w)
     if ph or pw:
         a = F.pad(a, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
@@ -204,6 +204,15 @@ class ChangeDetectionTask(Task):
         model = models["model"]
         vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
         model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
+        # resuming: validations up to the checkpoint stand, later ones are redone, and the
+        # best IoU so far keeps best/ from being replaced by a worse model
+        step = int(folder.name.split("-")[-1]) if folder.name.startswith("checkpoint-") else None
+        log = folder.parent / "val_metrics.jsonl"
+        if step is not None and log.exists():
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            rows = [r for r in rows if r["step"] <= step]
+            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.best_iou = max((r["iou"] for r in rows), default=-1.0)
 
     def validate(self, models, step, output_dir):
         model = models["model"]
@@ -223,4 +232,4 @@ class ChangeDetectionTask(Task):
     def finish(self, models, output_dir):
         if not (output_dir / "best").exists():
             shutil.copytree(output_dir / "adapter", output_dir / "best")
-        return {"best_val_iou": self.best_iou}
+        return {"best_val_iou": self.best_iou if self.best_iou >= 0 else None}
