@@ -301,7 +301,7 @@ def test_decomposed_lokr_is_refused_and_the_model_untouched(tmp_path):
 
 
 # --- merged and SVD -----------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lora", "krona", "wara", "snell"])
+@pytest.mark.parametrize("method", ["lora", "krona", "block_lora", "wara", "snell"])
 def test_merged_export_loads_strictly_into_a_fresh_host(tmp_path, method):
     from conftest import METHOD_CONFIGS
 

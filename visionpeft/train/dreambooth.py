@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import visionpeft as vp
 
-from .task import Task, TrainingError
+from .task import Task, TrainingError, adapter_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -70,17 +70,6 @@ class DreamBoothConfig:
         if missing:
             raise ValueError(f"dreambooth: missing key(s) {missing}")
         return cls(**values)
-
-
-def adapter_config(spec: dict, where: str):
-    """A registered method's config from ``{method: ..., fields...}``."""
-    from ..core.registry import config_from_dict
-
-    try:
-        return config_from_dict(dict(spec))
-    except KeyError:
-        raise ValueError(f"{where}: unknown adapter method {spec.get('method')!r}; registered: "
-                         f"{vp.list_methods()}") from None
 
 
 def list_images(folder: str | None, what: str) -> list[Path]:

@@ -16,6 +16,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on (bad data, NaN loss): the message says what and where."""
 
 
+def adapter_config(spec: dict, where: str):
+    """A registered method's config from ``{method: ..., fields...}``."""
+    from ..core.registry import config_from_dict
+
+    try:
+        return config_from_dict(dict(spec))
+    except KeyError:
+        raise ValueError(f"{where}: unknown adapter method {spec.get('method')!r}; registered: "
+                         f"{vp.list_methods()}") from None
+
+
 class Task(abc.ABC):
     """Subclass and fill in ``setup``, ``models``, ``train_dataset`` and ``loss``.
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import visionpeft as vp
 
-from ...train.task import Task, TrainingError
+from ...train.task import Task, TrainingError, adapter_config
 from .metrics import ConfusionMatrix
 from .model import FeatureEncoder, SiameseChangeDetector, probe_channels
 
@@ -157,8 +157,6 @@ def evaluate(model: Detector, dataset, tile: int, batch_size: int = 4) -> dict:
 
 class ChangeDetectionTask(Task):
     def __init__(self, cfg: ChangeDetectionConfig):
-        from ...train.dreambooth import adapter_config
-
         self.cfg = cfg
         self.adapter_name = cfg.adapter_name
         self.adapter_config = adapter_config(cfg.adapter, "adapter")
