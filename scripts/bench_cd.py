@@ -1,5 +1,5 @@
-"""PeftCD training step and sliding-window inference: LoRA and KronA on the encoder
-against a frozen encoder (decoder only), on SAM2 Hiera-B+ and DINOv3 ViT-B sizes with
+"""PeftCD training step and sliding-window inference: LoRA, KronA and the bottleneck
+Adapter on the encoder against a frozen encoder (decoder only), on SAM2 Hiera-B+ and DINOv3 ViT-B sizes with
 random weights (built here; nothing downloaded).
 
     python scripts/bench_cd.py --image-size 128 --rounds 5
@@ -23,6 +23,9 @@ ENCODERS = {"hiera_b+": "sam2_hiera_base_plus", "dinov3_vit_b": "vit_base_patch1
 VARIANTS = {
     "lora": lambda: vp.LoRAConfig(r=8, alpha=32, target_modules=["qkv"]),
     "krona": lambda: vp.KronAConfig(target_modules=["qkv"]),
+    # PeftCD's bottleneck adapter (32) before every block
+    "adapter": lambda: vp.AdapterConfig(bottleneck=32, position="input",
+                                        target_modules=vp.presets.TIMM_BLOCKS),
     "frozen": None,
 }
 

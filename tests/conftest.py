@@ -24,6 +24,13 @@ METHOD_CONFIGS = {
         r=3, n_blocks=n_blocks, alpha=6.0, target_modules=targets, **kw),
 }
 
+# Block methods wrap whole modules (weight_space False); their shared bodies live in
+# test_block_adapters.py and run on the block hosts there.
+BLOCK_METHOD_CONFIGS = {
+    "adapter": lambda targets, **kw: vp.AdapterConfig(**{"bottleneck": 4, "alpha": 1.5,
+                                                         "target_modules": targets, **kw}),
+}
+
 
 # overrides for the tiny hosts, whose layer sizes differ from the toy's
 HOST_OVERRIDES = {"block_lora": {"n_blocks": 2}}

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import visionpeft as vp
+from conftest import randomize_adapters
+from visionpeft.backbones import presets
 from visionpeft.backbones.tiny import build_tiny
 from visionpeft.data.change_detection import write_synthetic_levir
 from visionpeft.pipelines.change_detection import Detector, load_detector, predict_probs
@@ -22,17 +24,25 @@ HOSTS = {"timm_sam2_hiera": (64, "qkv"), "timm_dinov3": (32, "qkv"), "hf_dinov3"
          "hf_sam2_vision": (64, "qkv")}
 
 
-def _detector(host, exchange_mode="layer"):
+BLOCKS = {"timm_sam2_hiera": presets.TIMM_BLOCKS, "timm_dinov3": presets.TIMM_BLOCKS,
+          "hf_dinov3": presets.HF_VIT_LAYERS, "hf_sam2_vision": presets.HF_SAM2_BLOCKS}
+
+
+def _detector(host, exchange_mode="layer", method="lora"):
     size, target = HOSTS[host]
     model = build_tiny(host)
-    vp.inject(model, vp.LoRAConfig(r=2, target_modules=[target]))
+    if method == "lora":
+        vp.inject(model, vp.LoRAConfig(r=2, target_modules=[target]))
+    else:  # PeftCD's bottleneck adapter before every block
+        vp.inject(model, vp.AdapterConfig(bottleneck=4, position="input", target_modules=BLOCKS[host]))
+        randomize_adapters(model, std=0.05)
     return Detector(model, size, 16, exchange_mode).eval(), size
 
 
-@pytest.mark.parametrize("host", sorted(HOSTS))
-@pytest.mark.parametrize("mode", ["layer", "channel"])
-def test_every_host_gives_full_size_logits_and_a_date_symmetric_prediction(host, mode):
-    model, size = _detector(host, mode)
+@pytest.mark.parametrize("host,mode,method", [(h, m, "lora") for h in sorted(HOSTS) for m in ("layer", "channel")]
+                         + [(h, "layer", "adapter") for h in sorted(HOSTS)])
+def test_every_host_gives_full_size_logits_and_a_date_symmetric_prediction(host, mode, method):
+    model, size = _detector(host, mode, method)
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 3, size, size, generator=g), torch.rand(2, 3, size, size, generator=g)
     with torch.no_grad():
@@ -136,8 +146,13 @@ def test_every_shipped_cd_config_runs(trained, tmp_path, name):
 
     root, _ = trained
     values = yaml.safe_load((ROOT / "configs" / name).read_text())
-    host = {"name": "timm_sam2_hiera", "source": "tiny"} if values["backbone"].get("pretrained") else values["backbone"]
-    values.update(data_root=str(root / "data"), backbone=host, image_size=64, max_train_steps=2,
+    size = 64
+    host = values["backbone"]
+    if host.get("pretrained"):  # no hub here: the tiny host of the same family
+        dinov3 = "dinov3" in host["name"]
+        host = {"name": "timm_dinov3" if dinov3 else "timm_sam2_hiera", "source": "tiny"}
+        size = 32 if dinov3 else 64
+    values.update(data_root=str(root / "data"), backbone=host, image_size=size, max_train_steps=2,
                   train_batch_size=2, validation_steps=2, checkpointing_steps=2, mixed_precision="no",
                   output_dir=str(tmp_path), cpu=True, resume_from_checkpoint=None)
     res = run_config(values)

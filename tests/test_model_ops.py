@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
+from conftest import BLOCK_METHOD_CONFIGS, METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
 
 import visionpeft as vp
 
@@ -11,7 +11,9 @@ METHODS = sorted(METHOD_CONFIGS)
 
 
 def test_registry_covers_every_method():
-    assert sorted(vp.list_methods()) == METHODS
+    assert sorted(vp.list_methods()) == sorted([*METHODS, *BLOCK_METHOD_CONFIGS])
+    assert all(vp.get_method(m).weight_space for m in METHODS)
+    assert not any(vp.get_method(m).weight_space for m in BLOCK_METHOD_CONFIGS)
 
 
 def _adapted(method, name="a", seed=0, batch_first=True):

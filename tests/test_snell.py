@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters
 from torch import nn
 
 import visionpeft as vp

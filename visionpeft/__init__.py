@@ -5,7 +5,7 @@
 """
 __version__ = "0.1.0"
 
-from .core.config import AdapterConfig, ConfigError  # noqa: E402
+from .core.config import MethodConfig, ConfigError  # noqa: E402
 from .core.io import AdapterFileError, hotswap_adapter, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .core.model_ops import (  # noqa: E402
     active_adapters,
@@ -29,7 +29,7 @@ from .backbones import presets  # noqa: E402
 from .interop import ExportReport, InteropError, detect_format, export, import_adapter  # noqa: E402
 
 __all__ = [
-    "AdapterConfig", "ConfigError", "TargetError", "AdapterFileError",
+    "MethodConfig", "ConfigError", "TargetError", "AdapterFileError",
     "inject", "set_active", "set_scale", "active_adapters", "disabled", "routing", "merge",
     "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
     "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",

@@ -12,8 +12,8 @@ Each preset is a tuple of target patterns in visionpeft's syntax:
   out_proj.
 
 Every entry of every preset has been checked to match at least one
-``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` on the matching tiny
-host (``visionpeft.backbones.tiny``) and on the full-size architecture the
+``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention`` (block presets: one
+module) on the matching tiny host (``visionpeft.backbones.tiny``) and on the full-size architecture the
 preset is named after.  Regexes start with ``(?:.*\\.)?`` so they keep
 matching when the host is nested inside a wrapper (e.g. ``"base_model."``).
 """
@@ -44,6 +44,15 @@ __all__ = [
     "CLIP_ALL",
     "CLIP_VISION_ATTN",
     "CLIP_VISION_QKV",
+    "TIMM_BLOCKS",
+    "TIMM_VIT_MLP",
+    "HF_VIT_LAYERS",
+    "HF_SAM2_BLOCKS",
+    "CLIP_BLOCKS",
+    "SD_UNET_TRANSFORMER_BLOCKS",
+    "SD_UNET_RESNETS",
+    "DIT_FF",
+    "BLOCK_PRESETS",
     "PRESETS",
     "HOST_PRESETS",
     "get_preset",
@@ -184,6 +193,22 @@ CLIP_VISION_QKV: tuple[str, ...] = (
 )
 
 # --------------------------------------------------------------------------- #
+# Blocks, for block methods (the bottleneck Adapter): whole modules whose first
+# argument and first output are the hidden states.  Hiera/ViT/DINO/CLIP blocks carry
+# tokens channels-last; UNet resnets are channels-first (AdapterConfig channels="first").
+# DiT joint blocks return (context, hidden) and are not listed; adapt their ``ff``.
+# --------------------------------------------------------------------------- #
+
+TIMM_BLOCKS: tuple[str, ...] = (rf"re:{_ANY}blocks\.\d+",)  # timm ViT, DINOv3 (Eva), SAM2 Hiera
+TIMM_VIT_MLP: tuple[str, ...] = (rf"re:{_ANY}blocks\.\d+\.mlp",)  # AdaptFormer's place
+HF_VIT_LAYERS: tuple[str, ...] = (rf"re:{_ANY}layer\.\d+",)  # transformers DINOv2 / DINOv3
+HF_SAM2_BLOCKS: tuple[str, ...] = (rf"re:{_ANY}backbone\.blocks\.\d+",)
+CLIP_BLOCKS: tuple[str, ...] = (rf"re:{_ANY}resblocks\.\d+",)
+SD_UNET_TRANSFORMER_BLOCKS: tuple[str, ...] = (rf"re:{_ANY}transformer_blocks\.\d+",)
+SD_UNET_RESNETS: tuple[str, ...] = (rf"re:{_ANY}resnets\.\d+",)
+DIT_FF: tuple[str, ...] = (rf"re:{_ANY}transformer_blocks\.\d+\.ff",)
+
+# --------------------------------------------------------------------------- #
 # registries
 # --------------------------------------------------------------------------- #
 
@@ -211,7 +236,20 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "clip_all": CLIP_ALL,
     "clip_vision_attn": CLIP_VISION_ATTN,
     "clip_vision_qkv": CLIP_VISION_QKV,
+    "timm_blocks": TIMM_BLOCKS,
+    "timm_vit_mlp": TIMM_VIT_MLP,
+    "hf_vit_layers": HF_VIT_LAYERS,
+    "hf_sam2_blocks": HF_SAM2_BLOCKS,
+    "clip_blocks": CLIP_BLOCKS,
+    "sd_unet_transformer_blocks": SD_UNET_TRANSFORMER_BLOCKS,
+    "sd_unet_resnets": SD_UNET_RESNETS,
+    "dit_ff": DIT_FF,
 }
+
+# Presets that name whole modules, for block methods (resolved with blocks=True).
+BLOCK_PRESETS: frozenset[str] = frozenset({
+    "timm_blocks", "timm_vit_mlp", "hf_vit_layers", "hf_sam2_blocks", "clip_blocks",
+    "sd_unet_transformer_blocks", "sd_unet_resnets", "dit_ff"})
 
 # Tiny host name (see visionpeft.backbones.tiny.TINY_HOSTS) -> preset name.
 HOST_PRESETS: dict[str, str] = {

@@ -22,7 +22,7 @@ class HostSpec:
     is the slice's height: the adapter sees only its rows.
     """
 
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv2d" | "block" (any module: features in -> features out)
     out_features: int
     in_features: int
     kernel_size: tuple[int, int] = (1, 1)
@@ -33,7 +33,9 @@ class HostSpec:
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        if self.kind == "linear":
+        """(out, in) for a Linear, the conv kernel's shape for a Conv2d; a block has no
+        weight, and reports (out, in) features so that saved files record its size."""
+        if self.kind in ("linear", "block"):
             return (self.out_features, self.in_features)
         return (self.out_features, self.in_features // self.groups, *self.kernel_size)
 
@@ -62,6 +64,52 @@ class HostSpec:
                             tuple(module.kernel_size), tuple(module.stride), module.padding,
                             tuple(module.dilation), module.groups)
         raise TypeError(f"no host description for {type(module).__name__}")
+
+    @staticmethod
+    def for_block(module: nn.Module) -> "HostSpec":
+        """A module seen as a block: feature sizes of what goes in and what comes out.
+
+        Read from the module's own layers, in registration order: the input size from the
+        first norm / Linear / Conv2d / MultiheadAttention, the output size from the last
+        Linear / Conv2d (e.g. a ViT block: norm1 in, mlp.fc2 out; a Hiera block at a
+        stage change: dim in, dim_out out). Layers of adapters inside it are skipped.
+        """
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            spec = HostSpec.from_module(module)
+            return HostSpec("block", spec.out_features, spec.in_features)
+        inner = [m for n, m in module.named_modules()
+                 if ".adapters." not in f".{n}." and ".copies." not in f".{n}."]
+        first = next((_in_size(m) for m in inner if _in_size(m)), None)
+        last = next((_out_size(m) for m in reversed(inner) if _out_size(m)), None)
+        if first is None or last is None:
+            raise TypeError(f"cannot tell the feature sizes of {type(module).__name__}: it holds "
+                            "no Linear, Conv2d or norm layer; target the block that contains it")
+        return HostSpec("block", last, first)
+
+
+def _in_size(m: nn.Module) -> int | None:
+    if isinstance(m, nn.LayerNorm):
+        return int(m.normalized_shape[-1])
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim
+    if type(m).__name__.endswith(("RMSNorm", "LayerNorm")) and getattr(m, "weight", None) is not None \
+            and isinstance(m.weight, torch.Tensor) and m.weight.dim() == 1:
+        return m.weight.shape[0]  # RMSNorm and library LayerNorm variants
+    return None
+
+
+def _out_size(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    return None
 
 
 def check_rank(r: int, host: HostSpec, fan_in: int | None = None, note: str = "") -> None:
@@ -115,3 +163,27 @@ class AdapterModule(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"{self.host.kind} {tuple(self.host.weight_shape)}"
+
+
+class BlockAdapterModule(nn.Module, abc.ABC):
+    """Base of a method whose module acts on a block's hidden states (bottleneck
+    adapters, Earth-Adapter): ``delta(h)`` is what the wrapper adds, scaled, at the
+    method's ``placement`` ("input", "output" or "parallel"; see `AdaptedBlock`)."""
+
+    placement: str = "output"
+
+    def __init__(self, config, host: HostSpec):
+        super().__init__()
+        self.config = config
+        self.host = host
+
+    @abc.abstractmethod
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds, before the wrapper's scale."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(iter(self.parameters())).dtype
+
+    def extra_repr(self) -> str:
+        return f"{self.placement}, {self.host.in_features} -> {self.host.out_features}"

@@ -30,7 +30,7 @@ def _targets_tuple(value, field_name: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class MethodConfig:
     """Fields shared by every method.
 
     target_modules: names matched exactly or by dotted suffix, ``re:`` full-match
@@ -68,7 +68,7 @@ class AdapterConfig:
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError saying what is allowed."""
 
-    def for_layer(self, name: str) -> "AdapterConfig":
+    def for_layer(self, name: str) -> "MethodConfig":
         """The config one layer's module is built from (per-layer overrides, e.g. LoRA's
         rank_pattern); the adapter as a whole keeps ``self``."""
         return self
@@ -85,7 +85,7 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
         data = dict(data)
         method = data.pop("method", cls.method)
         if cls.method and method != cls.method:
@@ -98,11 +98,11 @@ class AdapterConfig:
             )
         return cls(**data)
 
-    def replace(self, **changes) -> "AdapterConfig":
+    def replace(self, **changes) -> "MethodConfig":
         return dataclasses.replace(self, **changes)
 
 
-def check_positive_int(cfg: AdapterConfig, name: str, minimum: int = 1) -> None:
+def check_positive_int(cfg: MethodConfig, name: str, minimum: int = 1) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(
@@ -110,7 +110,7 @@ def check_positive_int(cfg: AdapterConfig, name: str, minimum: int = 1) -> None:
         )
 
 
-def check_choice(cfg: AdapterConfig, name: str, choices) -> None:
+def check_choice(cfg: MethodConfig, name: str, choices) -> None:
     value = getattr(cfg, name)
     if value not in choices:
         raise ConfigError(
@@ -118,4 +118,4 @@ def check_choice(cfg: AdapterConfig, name: str, choices) -> None:
         )
 
 
-__all__ = ["AdapterConfig", "ConfigError", "check_positive_int", "check_choice", "field"]
+__all__ = ["MethodConfig", "ConfigError", "check_positive_int", "check_choice", "field"]

@@ -21,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
+from .adapter import HostSpec
 from .layers import AdaptedLayerBase
-from .model_ops import InjectionPlan, adapted_layers, attach, get_state, trained_copies
+from .model_ops import InjectionPlan, adapted_layers, attach, get_state, is_block_method, trained_copies
 from .registry import config_from_dict, get_method
-from .targeting import adaptable_layers
+from .targeting import adaptable_layers, canonical_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,9 +49,8 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
         if name not in layer.adapters:
             continue
         parts = layer.adapters[name]
-        weight = layer._weights()["weight"]
         targets[lname] = {"kind": layer.kind, "parts": list(parts.keys()),
-                          "base_shape": list(weight.shape)}
+                          "base_shape": base_shape(layer.kind, layer)}
         for part, mod in parts.items():
             for pname, tensor in mod.state_dict().items():
                 tensors[_key(lname, part, pname)] = tensor.detach().contiguous()
@@ -62,6 +62,15 @@ def adapter_tensors(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor
             for pname, tensor in sd.items():
                 tensors[f"{mname}.{pname}"] = tensor.detach().contiguous()
     return tensors, {"targets": targets, "modules_to_save": saved_modules}
+
+
+def base_shape(kind: str, module: nn.Module) -> list[int]:
+    """What a saved file records of a target's size: its weight's shape, or a block's
+    (out, in) features."""
+    base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
+    if kind == "block":
+        return list(HostSpec.for_block(base).weight_shape)
+    return list((base.in_proj_weight if kind == "mha" else base.weight).shape)
 
 
 def _atomic_write_dir(path: Path, write) -> None:
@@ -163,7 +172,7 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
     state = get_state(model, required=False)
     if state is not None and name in state.configs:
         raise ValueError(f"the model already has an adapter named {name!r}")
-    layers = adaptable_layers(model)
+    layers = adaptable_layers(model, blocks=is_block_method(get_method(config.method)))
     targets, problems = {}, []
     for lname, info in doc["targets"].items():
         if lname not in layers:
@@ -171,12 +180,16 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
                             "Linear/Conv2d/MultiheadAttention here)")
             continue
         kind, module = layers[lname]
-        base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
-        weight = base.in_proj_weight if kind == "mha" else base.weight
-        if kind != info["kind"] or list(weight.shape) != list(info["base_shape"]):
-            problems.append(f"layer {lname}: the adapter was saved for a {info['kind']} weight "
-                            f"of shape {tuple(info['base_shape'])}, this model's is a {kind} "
-                            f"of shape {tuple(weight.shape)}")
+        try:
+            shape = base_shape(kind, module)
+        except TypeError as err:
+            problems.append(f"layer {lname}: {err}")
+            continue
+        if kind != info["kind"] or shape != list(info["base_shape"]):
+            what = "block of (out, in) features" if info["kind"] == "block" else f"{info['kind']} weight of shape"
+            problems.append(f"layer {lname}: the adapter was saved for a {what} "
+                            f"{tuple(info['base_shape'])}, this model's is a {kind} "
+                            f"of shape {tuple(shape)}")
             continue
         targets[lname] = (kind, tuple(info["parts"]))
     if problems:
@@ -190,7 +203,7 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
         for part, mod in mods.items():
             for pname, t in mod.state_dict().items():
                 expected[_key(lname, part, pname)] = t
-    named = dict(model.named_modules())
+    named = canonical_modules(model)
     for mname, shapes in doc.get("modules_to_save", {}).items():
         if mname not in named:
             raise AdapterFileError(f"{path}: module {mname!r} (trained in full) is not in this model")

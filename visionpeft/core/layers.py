@@ -21,7 +21,7 @@ from .adapter import AdapterModule, HostSpec
 class AdapterState:
     """Model-wide adapter settings read by every wrapper at forward time."""
 
-    configs: dict = field(default_factory=dict)  # name -> AdapterConfig
+    configs: dict = field(default_factory=dict)  # name -> MethodConfig
     active: tuple[str, ...] = ()
     scales: dict[str, float] = field(default_factory=dict)
     disabled: bool = False
@@ -101,6 +101,9 @@ class AdaptedLayerBase(nn.Module, abc.ABC):
 
     def parts(self, name: str):
         return self.adapters[name].items() if name in self.adapters else ()
+
+    def release(self) -> None:
+        """Called when the wrapper is taken out of the model (`remove`)."""
 
     # --- merge --------------------------------------------------------------
     @abc.abstractmethod
@@ -346,3 +349,168 @@ class TrainedCopy(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+
+def _hidden_in(args, kwargs) -> tuple[torch.Tensor, str | int]:
+    """The tensor a block transforms: its first positional argument, or a keyword named
+    like a hidden state. -> (tensor, where it was: index or keyword)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], 0
+    for key in ("hidden_states", "x", "input", "inputs", "hidden_state"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key], key
+    raise TypeError("a block adapter needs the block's hidden states as its first argument "
+                    "or as a keyword 'hidden_states' / 'x'")
+
+
+def _with_hidden_in(args, kwargs, where, value):
+    if where == 0:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, where: value}
+
+
+def _hidden_out(out):
+    """Blocks return a tensor, or a tuple/list whose first item is the hidden states
+    (transformers layers)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"a block adapter needs the block to return a tensor or a tuple starting "
+                    f"with one; it returned {type(out).__name__}")
+
+
+def _with_hidden_out(out, value):
+    if isinstance(out, torch.Tensor):
+        return value
+    return type(out)((value, *out[1:]))
+
+
+class AdaptedBlock(AdaptedLayerBase):
+    """Any module (a transformer block, an MLP, a Linear) with activation-space adapters
+    around it. Each adapter module declares where it acts (``placement``):
+
+      "input"     x <- x + s * delta(x) before the block (sequential, PeftCD's place)
+      "output"    y <- y + s * delta(y) after the block (sequential, Houlsby/Pfeiffer)
+      "parallel"  y <- y + s * delta(x) beside the block (AdaptFormer)
+
+    and ``delta(h)`` on the hidden states; the wrapper knows no method. Block adapters
+    have no weight-space form: no merge, no dW.
+
+    The adapters act through a forward pre-hook and a forward hook on the host block,
+    registered first (``prepend``) and removed with the wrapper: hooks that libraries
+    put on the block (transformers records ``output_hidden_states`` that way, timm
+    feature hooks too) then see the adapted hidden states, not the bare block's.
+    """
+
+    kind = "block"
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState):
+        super().__init__(base_layer, state)
+        self.spec = HostSpec.for_block(base_layer)
+        base_layer.register_forward_pre_hook(self._before, prepend=True, with_kwargs=True)
+        base_layer.register_forward_hook(self._after, prepend=True, with_kwargs=True)
+
+    def release(self) -> None:
+        """Take this wrapper's hooks off the host block. Found by owner rather than by
+        handle: a deep copy of the model rebinds the hooks to the copied wrapper, while
+        handles would still point into the original block's hook tables."""
+        base = self.base_layer
+        for table in (base._forward_pre_hooks, base._forward_hooks):
+            for key in [k for k, hook in table.items() if getattr(hook, "__self__", None) is self]:
+                del table[key]
+                base._forward_hooks_with_kwargs.pop(key, None)
+                base._forward_pre_hooks_with_kwargs.pop(key, None)
+
+    def host_spec(self, part: str) -> HostSpec:
+        return self.spec
+
+    def _weights(self):
+        return {}
+
+    def deltas(self, names, scales, fp32: bool = False):
+        if any(name in self.adapters for name in names):
+            raise TypeError(f"adapters {[n for n in names if n in self.adapters]} act on "
+                            "activations around a block and have no weight-space form")
+        return {}
+
+    def merge(self, names, scales, keep_original: bool = True) -> None:
+        self.deltas(names, scales)
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+    # --- the hooks ----------------------------------------------------------------
+    def _groups(self, placement):
+        """[(scale, module, row index or None)] of the adapters acting at ``placement``."""
+        st = self.state
+        if st.disabled:
+            return []
+        if st.routing is None:
+            return [(st.scales[n], m, None) for n in st.active if n in self.adapters
+                    for m in self.adapters[n].values() if m.placement == placement]
+        out = []
+        for name in dict.fromkeys(st.routing):
+            if name is None or name not in self.adapters:
+                continue
+            idx = [i for i, r in enumerate(st.routing) if r == name]
+            out += [(st.scales[name], m, idx) for m in self.adapters[name].values()
+                    if m.placement == placement]
+        return out
+
+    def _check_rows(self, h):
+        if self.state.routing is not None and h.shape[0] != len(self.state.routing):
+            raise ValueError(f"routing gives {len(self.state.routing)} rows but this block's "
+                             f"hidden states have batch size {h.shape[0]} on dim 0")
+
+    @staticmethod
+    def _add(target, source, scale, mod, idx, parallel=False):
+        """target + scale * delta(source), on rows ``idx`` only when routed."""
+        run = (lambda a, b: _parallel(mod, a, b)) if parallel else (lambda a, b: _run(mod, a))
+        if idx is None:
+            return target + scale * run(source, target)
+        idx = torch.tensor(idx, device=target.device)
+        rows = target.index_select(0, idx)
+        return target.index_copy(0, idx, rows + scale * run(source.index_select(0, idx), rows))
+
+    def _before(self, module, args, kwargs):
+        groups = self._groups("input")
+        if not groups:
+            return None
+        x, where = _hidden_in(args, kwargs)
+        self._check_rows(x)
+        for scale, mod, idx in groups:
+            x = self._add(x, x, scale, mod, idx)
+        return _with_hidden_in(args, kwargs, where, x)
+
+    def _after(self, module, args, kwargs, out):
+        parallel, output = self._groups("parallel"), self._groups("output")
+        if not parallel and not output:
+            return None
+        y = _hidden_out(out)
+        self._check_rows(y)
+        if parallel:
+            x, _ = _hidden_in(args, kwargs)
+            for scale, mod, idx in parallel:
+                y = self._add(y, x, scale, mod, idx, parallel=True)
+        for scale, mod, idx in output:
+            y = self._add(y, y, scale, mod, idx)
+        return _with_hidden_out(out, y)
+
+
+def _parallel(mod, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    d = _run(mod, x)
+    if d.shape != y.shape:
+        raise ValueError(f"a parallel adapter adds delta(input) to the output, but this block "
+                         f"maps {tuple(x.shape)} to {tuple(y.shape)} (it pools or reshapes); "
+                         "use placement='sequential' here, or exclude this block")
+    return d
+
+
+def _run(mod, h: torch.Tensor) -> torch.Tensor:
+    """mod.delta(h) in the adapter's dtype, returned in h's dtype (adapters may stay fp32
+    on a half-precision host)."""
+    dtype = mod.compute_dtype
+    if h.dtype == dtype or _is_autocast():
+        return mod.delta(h)
+    return mod.delta(h.to(dtype)).to(h.dtype)

@@ -13,23 +13,44 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import AdapterModule
-from .config import AdapterConfig
-from .layers import (AdaptedLayer, AdaptedLayerBase, AdaptedMultiheadAttention, AdapterState,
-                     TrainedCopy, host_spec)
-from .registry import get_method
-from .targeting import TargetError, adaptable_layers, resolve_targets
+from .adapter import AdapterModule, HostSpec
+from .config import MethodConfig
+from .layers import (AdaptedBlock, AdaptedLayer, AdaptedLayerBase, AdaptedMultiheadAttention,
+                     AdapterState, TrainedCopy, host_spec)
+from .registry import MethodSpec, get_method
+from .targeting import TargetError, adaptable_layers, canonical_modules, resolve_targets
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 # --- finding our pieces -------------------------------------------------------------
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayerBase]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayerBase)}
+    """Our wrappers by the host's module names (see `canonical_modules`)."""
+    return {n: m for n, m in canonical_modules(model).items() if isinstance(m, AdaptedLayerBase)}
 
 
 def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, TrainedCopy)}
+    return {n: m for n, m in canonical_modules(model).items() if isinstance(m, TrainedCopy)}
+
+
+def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict(keep_vars=True)`` with the ``base_layer`` hop of every block wrapper
+    removed, so keys carry the host's names (layer wrappers keep theirs)."""
+    blocks = {raw for raw, m in model.named_modules() if isinstance(m, AdaptedBlock) and raw}
+    out = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        raw, kept = [], []
+        for atom in key.split("."):
+            hop = atom == "base_layer" and ".".join(raw) in blocks
+            raw.append(atom)
+            if not hop:
+                kept.append(atom)
+        out[".".join(kept)] = tensor
+    return out
+
+
+def is_block_method(spec: MethodSpec) -> bool:
+    return "block" in spec.layer_kinds
 
 
 def get_state(model: nn.Module, required: bool = True) -> AdapterState | None:
@@ -51,21 +72,38 @@ def _check_names(state: AdapterState, names) -> None:
 @dataclass
 class InjectionPlan:
     name: str
-    config: AdapterConfig
+    config: MethodConfig
     layers: dict[str, tuple[str, dict[str, AdapterModule]]]  # layer name -> (kind, part -> module)
     save_modules: list[str]
     module_states: dict[str, dict] = field(default_factory=dict)  # loaded copies, by module
 
 
 def _host_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor whose device and dtype new adapter modules take."""
     base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
-    return base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
+    if isinstance(base, nn.MultiheadAttention):
+        return base.in_proj_weight
+    if isinstance(base, (nn.Linear, nn.Conv2d)):
+        return base.weight
+    return next((p for p in base.parameters() if p.is_floating_point()), torch.empty(0))
 
 
-def plan_injection(model: nn.Module, config: AdapterConfig, name: str,
+def _refuse_overlap(lname: str, module: nn.Module, block: bool) -> None:
+    """One module name, one wrapper: a block adapter cannot wrap a layer that carries
+    weight-space adapters, nor the other way round."""
+    if block and isinstance(module, AdaptedLayerBase) and not isinstance(module, AdaptedBlock):
+        raise TargetError(f"{lname} carries weight-space adapters {list(module.adapters)}; a "
+                          "block adapter cannot wrap the same layer: target the block around it")
+    if not block and isinstance(module, AdaptedBlock):
+        raise TargetError(f"{lname} is wrapped whole by block adapters {list(module.adapters)}; "
+                          "weight-space adapters go on the layers inside a block, or are "
+                          "injected before the block adapter on a layer of its own")
+
+
+def plan_injection(model: nn.Module, config: MethodConfig, name: str,
                    targets: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> InjectionPlan:
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an AdapterConfig (e.g. vp.LoRAConfig), got {type(config).__name__}")
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"config must be a method config (e.g. vp.LoRAConfig), got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
     state = get_state(model, required=False)
@@ -73,16 +111,27 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str,
         raise ValueError(f"the model already has an adapter named {name!r}; "
                          "vp.remove(model, name) first or choose another name")
     spec = get_method(config.method)
+    block = is_block_method(spec)
     if targets is None:
-        targets = resolve_targets(model, config.target_modules, config.exclude_modules) \
-            if config.target_modules else {}
-    layers_by_name = adaptable_layers(model)
+        targets = resolve_targets(model, config.target_modules, config.exclude_modules,
+                                  blocks=block) if config.target_modules else {}
+    layers_by_name = adaptable_layers(model, blocks=block)
     built: dict[str, tuple[str, dict[str, AdapterModule]]] = {}
     for lname, (kind, parts) in targets.items():
         if lname not in layers_by_name:
             raise TargetError(f"no adaptable layer named {lname!r} in this model")
         module = layers_by_name[lname][1]
         kind = layers_by_name[lname][0]
+        _refuse_overlap(lname, module, block)
+        if block:
+            try:
+                mod = spec.module_cls(config.for_layer(lname), HostSpec.for_block(
+                    module.base_layer if isinstance(module, AdaptedBlock) else module))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{lname}: {err}") from None
+            weight = _host_weight(module)
+            built[lname] = (kind, {"full": mod.to(device=weight.device, dtype=weight.dtype)})
+            continue
         host_kind = "linear" if kind == "mha" else kind
         if host_kind not in spec.layer_kinds:
             raise TargetError(f"{lname}: method {spec.name!r} supports {list(spec.layer_kinds)} "
@@ -101,7 +150,7 @@ def plan_injection(model: nn.Module, config: AdapterConfig, name: str,
         built[lname] = (kind, mods)
     save_modules = []
     if config.modules_to_save:
-        named = dict(model.named_modules())
+        named = canonical_modules(model)
         for entry in config.modules_to_save:
             hits = [n for n in named if n == entry or n.endswith("." + entry)]
             hits = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
@@ -135,7 +184,10 @@ def attach(model: nn.Module, plan: InjectionPlan) -> nn.Module:
             p.requires_grad_(False)
     for lname, (kind, mods) in plan.layers.items():
         module = model.get_submodule(lname)
-        if not isinstance(module, AdaptedLayerBase):
+        if kind == "block" and not isinstance(module, AdaptedBlock):
+            module = AdaptedBlock(module, state)
+            _set_submodule(model, lname, module)
+        elif not isinstance(module, AdaptedLayerBase):
             module = (AdaptedMultiheadAttention if kind == "mha" else AdaptedLayer)(module, state)
             _set_submodule(model, lname, module)
         module.add_adapter(plan.name, mods)
@@ -169,7 +221,7 @@ def _clone_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-def inject(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+def inject(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.Module:
     """Add adapter ``name`` to ``model`` in place; freezes the base; the new adapter is
     active alongside those already active. Returns the model."""
     return attach(model, plan_injection(model, config, name))
@@ -279,6 +331,7 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
             if n in layer.adapters:
                 layer.remove_adapter(n)
         if not len(layer.adapters):
+            layer.release()
             _set_submodule(model, lname, layer.base_layer)
     for mname, holder in trained_copies(model).items():
         for n in names:

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .adapter import AdapterModule
-    from .config import AdapterConfig
+    from .config import MethodConfig
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    config_cls: type["AdapterConfig"]
+    config_cls: type["MethodConfig"]
     module_cls: type["AdapterModule"]
     layer_kinds: tuple[str, ...] = ("linear", "conv2d")
     weight_space: bool = True  # has delta_weight(): merge, export, MHA all rely on it
@@ -52,7 +52,7 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def config_from_dict(data: dict) -> "AdapterConfig":
+def config_from_dict(data: dict) -> "MethodConfig":
     """Build the right config class from a dict carrying ``method``."""
     if "method" not in data:
         raise KeyError(f"config dict has no 'method' key; registered methods: {list_methods()}")

@@ -59,18 +59,70 @@ def _matches(name: str, pattern: str, is_regex: bool) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def adaptable_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+def canonical_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules()`` under the names the host gave them: a block wrapper answers to
+    its host's name and the host's children keep theirs (no ``base_layer`` hop), so
+    targets and saved files do not depend on the order adapters were added in. Our other
+    wrappers stand for their host layer; their internals are not listed."""
+    from .layers import AdaptedBlock
+
+    out: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        out[prefix] = module
+        if isinstance(module, AdaptedBlock):
+            children = module.base_layer.named_children()
+        elif isinstance(module, _wrapper_types()):
+            return
+        else:
+            children = module.named_children()
+        for child_name, child in children:
+            walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    walk(model, "")
+    return out
+
+
+def _wrapper_types():
+    from .layers import AdaptedLayerBase, TrainedCopy
+
+    return (AdaptedLayerBase, TrainedCopy)
+
+
+def adaptable_layers(model: nn.Module, blocks: bool = False) -> dict[str, tuple[str, nn.Module]]:
     """{dotted name: (kind, module)} for every layer an adapter can wrap.
 
-    Modules inside our own wrappers are skipped (the wrapper stands for them), and an
-    MHA's out_proj is not listed on its own: MHA computes with its weight directly, so
-    only the MHA wrapper can adapt it.
+    Weight-space methods (``blocks=False``) see Linear, Conv2d and MultiheadAttention
+    layers; modules inside our layer wrappers are skipped (the wrapper stands for them),
+    and an MHA's out_proj is not listed on its own: MHA computes with its weight
+    directly, so only the MHA wrapper can adapt it. A block wrapper is looked through:
+    its host's layers keep their names. Block methods (``blocks=True``) see every module
+    that has a forward of its own (not ModuleList/ModuleDict, not the root), kind "block".
     """
+    from .layers import AdaptedBlock
+
     out: dict[str, tuple[str, nn.Module]] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, AdaptedBlock):
+            if blocks:
+                out[prefix] = ("block", module)
+            inner = module.base_layer
+            if not blocks and layer_kind(inner) is not None:
+                # a layer wrapped whole by a block adapter: listed so that injection can
+                # refuse it by name (two wrappers cannot answer to one name)
+                out[prefix] = (layer_kind(inner), module)
+                return
+            for child_name, child in inner.named_children():
+                walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+            return
         kind = layer_kind(module)
-        if kind is not None:
+        if blocks:
+            if prefix and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                out[prefix] = ("block", module)
+            if kind is not None and kind != "block" and not isinstance(module, (nn.Linear, nn.Conv2d)):
+                return  # our weight wrappers and MHA: nothing inside to wrap on its own
+        elif kind is not None:
             out[prefix] = (kind, module)
             if kind == "mha" or not isinstance(module, (nn.Linear, nn.Conv2d)):
                 return  # MHA and our wrappers stand for everything inside them
@@ -86,6 +138,9 @@ def _default_parts(kind: str) -> tuple[str, ...]:
 
 
 def _check_parts(name: str, kind: str, module: nn.Module, parts: tuple[str, ...]):
+    if kind == "block":
+        raise TargetError(f"{name}: slice selectors apply to weight-space methods; a block "
+                          "adapter wraps the whole module, so drop the '[...]'")
     if kind == "conv2d":
         raise TargetError(f"{name}: slice selectors apply to Linear and MultiheadAttention "
                           f"layers, not to Conv2d; drop the '[...]'")
@@ -123,11 +178,13 @@ def close_names(query: str, names: Iterable[str], n: int = 6) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, target_modules: Iterable[str],
-                    exclude_modules: Iterable[str] = ()) -> dict[str, tuple[str, tuple[str, ...]]]:
+                    exclude_modules: Iterable[str] = (),
+                    blocks: bool = False) -> dict[str, tuple[str, tuple[str, ...]]]:
     """-> {layer name: (kind, parts)}, in model order. Raises TargetError on any entry
-    that matches nothing, naming the closest module names."""
-    layers = adaptable_layers(model)
-    all_modules = dict(model.named_modules())
+    that matches nothing, naming the closest module names. ``blocks`` resolves for a
+    block method: any module can be a target, but not one inside another target."""
+    layers = adaptable_layers(model, blocks=blocks)
+    all_modules = canonical_modules(model)
     mha_names = [n for n, (k, _) in layers.items() if k == "mha"]
     chosen: dict[str, tuple[str, ...]] = {}
 
@@ -160,6 +217,14 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
                         continue
                 del chosen[name]
     order = {n: i for i, n in enumerate(layers)}
+    if blocks:
+        nested = [(inner, outer) for inner in chosen for outer in chosen
+                  if inner.startswith(outer + ".")]
+        if nested:
+            inner, outer = nested[0]
+            raise TargetError(f"block targets nest: {inner!r} is inside {outer!r} "
+                              f"({len(nested)} such pair(s)); a block adapter wraps one level, "
+                              "so narrow the pattern (e.g. 're:blocks\\.\\d+')")
     return {n: (layers[n][0], chosen[n]) for n in sorted(chosen, key=order.__getitem__)}
 
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.targeting import canonical_modules
 from ..core.io import _atomic_write_dir
 from ..core.model_ops import adapted_layers, get_state
 from . import diffusers_format, kohya_format, lycoris_format, peft_format
@@ -109,7 +110,7 @@ def export(model: nn.Module, path, name: str | None = None, format: str = "peft"
         _atomic_save_file(tensors, target, {"format": "pt"})
         return ExportReport(target, format, len(tensors) // 3)
     factors, errors = model_factors(model, name, rank)
-    modules = dict(model.named_modules())
+    modules = canonical_modules(model)
     odd = {m: why for m in factors if (why := conv_layout_problem(_plain_host(modules[m])))}
     if odd and format in ("peft", "diffusers"):
         raise InteropError(f"{format} builds a LoRA conv without groups or dilation, so these "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.targeting import canonical_modules
 from ..core.model_ops import adapted_layers, get_state, inject
 from ..core.registry import get_method
 
@@ -134,7 +135,7 @@ def inject_factors(model: nn.Module, factors: dict[str, Factors], name: str) -> 
     model is touched."""
     from ..methods.lora import LoRAConfig
 
-    modules = dict(model.named_modules())
+    modules = canonical_modules(model)
     missing = [m for m in factors if m not in modules]
     if missing:
         raise InteropError(f"{len(missing)} module(s) of the file are not in this model: "

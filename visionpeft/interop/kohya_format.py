@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.targeting import canonical_modules
 from .factors import Factors, InteropError
 
 
@@ -39,7 +40,7 @@ class _Lookup(dict):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.clashes: dict[str, list[str]] = {}
-        for name, _ in model.named_modules():
+        for name in canonical_modules(model):
             flat = flat_name(name)
             if flat in self and self[flat] != name:
                 self.clashes.setdefault(flat, [self[flat]]).append(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.targeting import canonical_modules
 from ..core.model_ops import adapted_layers, get_state
 from .factors import InteropError
 from .factors import exact_targets
@@ -84,7 +85,7 @@ def inject_kron(model: nn.Module, pairs: dict, name: str) -> nn.Module:
     same (a1, a2) for every layer or each layer's balanced default."""
     from ..methods.krona import KronAConfig, sqrt_factor
 
-    modules = dict(model.named_modules())
+    modules = canonical_modules(model)
     shapes = {}
     from ..core.layers import AdaptedLayerBase
 

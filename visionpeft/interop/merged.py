@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.model_ops import adapted_layers, get_state, trained_copies
+from ..core.layers import AdaptedBlock
+from ..core.model_ops import adapted_layers, canonical_state_dict, get_state, trained_copies
 
 
 def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -28,11 +29,17 @@ def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
                 if not torch.isfinite(value).all():
                     raise ValueError(f"{lname}: merging {name!r} gives non-finite weights")
                 merged[id(w)] = value.to(w.dtype)
-    wrappers = {**{n: "layer" for n in adapted_layers(model)}, **{n: "copy" for n in trained_copies(model)}}
+    layers = adapted_layers(model)
+    blocks = {n for n, m in layers.items() if isinstance(m, AdaptedBlock)}
+    block_params = {id(p) for n in blocks for p in layers[n].adapters.parameters()}
+    wrappers = {**{n: "layer" for n in layers if n not in blocks},
+                **{n: "copy" for n in trained_copies(model)}}
     copies = trained_copies(model)
     out: dict[str, torch.Tensor] = {}
     params = {id(p): p for p in model.parameters()}
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    for key, tensor in canonical_state_dict(model).items():
+        if id(tensor) in block_params:
+            continue  # block adapters have no weight-space form and are not merged
         owner = next((w for w in wrappers if key.startswith(w + ".")), None)
         if owner is None:
             out[key] = tensor

@@ -1,4 +1,5 @@
 """One file per method; importing this package registers them all."""
+from .adapter import AdapterConfig
 from .block_lora import BlockLoRAConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig
@@ -6,4 +7,4 @@ from .snell import SNELLConfig
 from .snella import SNELLAAllocator
 from .wara import WaRAConfig
 
-__all__ = ["BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]
+__all__ = ["AdapterConfig", "BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import AdapterConfig, check_positive_int
+from ..core.config import MethodConfig, check_positive_int
 from ..core.registry import register_method
 from .krona import divisors
 from .lora import lora_add_linear, lora_linear, lora_scale
@@ -93,7 +93,7 @@ class BlockLoRAModule(AdapterModule):
 
 @register_method("block_lora", BlockLoRAModule, layer_kinds=("linear", "conv2d"))
 @dataclass(frozen=True)
-class BlockLoRAConfig(AdapterConfig):
+class BlockLoRAConfig(MethodConfig):
     """r: rank; n_blocks: input blocks sharing one down projection A0 (must divide the
     layer's input size); alpha: scale numerator, dW = (alpha / r) B [A0 ... A0] (None = r).
     Trainable per layer: r * (in / n_blocks + out)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec
-from ..core.config import AdapterConfig, ConfigError
+from ..core.config import MethodConfig, ConfigError
 from ..core.registry import register_method
 
 
@@ -98,7 +98,7 @@ class KronAModule(AdapterModule):
 
 @register_method("krona", KronAModule, layer_kinds=("linear", "conv2d"))
 @dataclass(frozen=True)
-class KronAConfig(AdapterConfig):
+class KronAConfig(MethodConfig):
     """a1: output factor (A has a1 rows, B out/a1); a2: input factor (A has a2 columns, B
     in/a2). None picks, per layer, the most balanced divisor (the largest one not above
     the square root of the size). alpha: plain multiplier of kron(A, B) (None = 1).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import AdapterConfig, ConfigError, check_choice, check_positive_int
+from ..core.config import MethodConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
 
 
@@ -189,7 +189,7 @@ class LoRAModule(AdapterModule):
 
 @register_method("lora", LoRAModule, layer_kinds=("linear", "conv2d"))
 @dataclass(frozen=True)
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(MethodConfig):
     """r: rank; alpha: scale numerator (None = r, i.e. scale 1); dropout on the adapter
     input; rank_stabilized: alpha/sqrt(r); init of A: "kaiming" (PEFT's default) or
     "gaussian" (std 1/r); rank_pattern: {exact layer name: rank} for layers that differ

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import AdapterConfig, ConfigError, check_choice, check_positive_int
+from ..core.config import MethodConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
 from ..ops.weight_delta import WeightDelta, linear_with_weight_delta
 
@@ -292,7 +292,7 @@ class SNELLModule(AdapterModule):
 
 @register_method("snell", SNELLModule, layer_kinds=("linear", "conv2d"))
 @dataclass(frozen=True)
-class SNELLConfig(AdapterConfig):
+class SNELLConfig(MethodConfig):
     """r: rank of A (out, r) and B (in, r); sparsity: fraction of dW set to zero in every
     forward, in (0, 1); kernel: "distance" (default), "linear" or "rbf"; alpha: kernel scale
     (None = 0.1 for distance, 1/r for linear, 1 for rbf); reweight: keep dW * |dW| as the

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import AdapterConfig, ConfigError, check_positive_int
+from ..core.config import MethodConfig, ConfigError, check_positive_int
 from ..core.registry import register_method
 from ..ops.dwt import crop, idwt1, subband_shapes, waverec2, wavelet_filters
 from .lora import lora_add_linear, lora_delta_conv, lora_linear, lora_scale
@@ -156,7 +156,7 @@ class WaRAModule(AdapterModule):
 
 @register_method("wara", WaRAModule, layer_kinds=("linear", "conv2d"))
 @dataclass(frozen=True)
-class WaRAConfig(AdapterConfig):
+class WaRAConfig(MethodConfig):
     """r: rank per sub-band (capped by the band's size); wavelet: any orthogonal PyWavelets
     wavelet ("haar", "db2", "sym4", ...); levels: J >= 1; share_factors: the overview-figure
     reading (one pair, single level); alpha: dW = (alpha / r) IDWT(...) (None = r)."""

@@ -104,6 +104,12 @@ class DreamBoothTask(Task):
         self.text_config = adapter_config(cfg.text_encoder_adapter, "text_encoder_adapter") \
             if cfg.text_encoder_adapter else None
         self.prompt_cache: dict = {}
+        blocks = [c.method for c in (self.unet_config, self.text_config)
+                  if c is not None and not vp.get_method(c.method).weight_space]
+        if cfg.export_formats and blocks:  # refuse now, not after training
+            raise ValueError(f"export_formats {list(cfg.export_formats)} need weight-space "
+                             f"adapters; {blocks} act on activations and have no dW: drop "
+                             "export_formats (the adapter folder is still written)")
 
     # --- setup ------------------------------------------------------------------
     def setup(self, device, dtype):
