@@ -1,6 +1,7 @@
 """Block methods (the bottleneck Adapter): math against hand-written references, each
 placement against its formula, every host family, save/load, routing, errors."""
 import copy
+import json
 
 import pytest
 import torch
@@ -323,3 +324,69 @@ def test_remove_takes_the_hooks_off_and_copies_stay_independent():
         torch.testing.assert_close(run_host("timm_vit", twin, x), plain)
     vp.remove(model)
     assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.blocks)
+
+
+def _effect(model, x, name):
+    with torch.no_grad():
+        vp.set_active(model, [name])
+        on = model(x)
+        vp.set_active(model, [])
+        off = model(x)
+    vp.set_active(model, list(vp.core.model_ops.get_state(model).configs))
+    return (on - off).abs().max().item()
+
+
+def test_direct_children_of_an_adapted_block_stay_reachable(tmp_path):
+    """A LoRA, a trained copy or another block adapter on a direct child of a wrapped
+    block lands in the host block (not on the wrapper) and acts, saves and removes."""
+    torch.manual_seed(0)
+    model = Net()
+    base = copy.deepcopy(model)
+    x = torch.randn(2, 5, 6)
+    vp.inject(model, vp.AdapterConfig(bottleneck=2, target_modules=["block"]), name="b")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["block.fc1"]), name="l")
+    vp.inject(model, vp.AdapterConfig(bottleneck=2, target_modules=["block.fc2"]), name="inner")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["lift"], modules_to_save=["block.norm"]),
+              name="t")
+    randomize_adapters(model)
+    layers = vp.core.model_ops.adapted_layers(model)
+    assert {"block", "block.fc1", "block.fc2", "lift"} <= set(layers)
+    assert "block.norm" in vp.core.model_ops.trained_copies(model)
+    assert set(dict(model.block.named_children())) == {"base_layer", "adapters"}
+    for name in ("b", "l", "inner", "t"):
+        assert _effect(model, x, name) > 1e-4, name
+    vp.save_adapter(model, tmp_path / "l", name="l")
+    vp.save_adapter(model, tmp_path / "t", name="t")
+    assert "block.norm" in json.loads((tmp_path / "t" / "adapter_config.json").read_text())["modules_to_save"]
+    vp.remove(model, "b")  # the inner wrappers stay and keep working
+    assert _effect(model, x, "inner") > 1e-4 and _effect(model, x, "l") > 1e-4
+    vp.remove(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x))
+    assert list(model.state_dict()) == list(base.state_dict())
+
+
+def test_clip_lora_on_qkv_after_adapters_on_the_resblocks():
+    model = build_tiny("open_clip")
+    vp.inject(model, vp.AdapterConfig(bottleneck=2, target_modules=presets.CLIP_BLOCKS), name="b")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=presets.CLIP_QKV), name="l")
+    randomize_adapters(model)
+    inputs = example_inputs("open_clip")
+    lora_layers = [n for n, m in vp.core.model_ops.adapted_layers(model).items() if "l" in m.adapters]
+    assert len(lora_layers) == 4
+    with torch.no_grad():
+        vp.set_active(model, ["l"])
+        on = run_host("open_clip", model, inputs)
+        with vp.disabled(model):
+            off = run_host("open_clip", model, inputs)
+    assert (on - off).abs().max() > 1e-4
+
+
+def test_norm_only_modules_and_containers():
+    model = Net()
+    vp.inject(model, vp.AdapterConfig(bottleneck=2, target_modules=["block.norm"]))
+    assert _adapter(model, "block.norm").d_in == 6
+    vit = build_tiny("hf_dinov3")  # its layers sit in a ModuleList
+    with pytest.raises(vp.TargetError, match=r"no forward of its own.*re:model\\.layer"):
+        vp.inject(vit, vp.AdapterConfig(bottleneck=2, target_modules=["model.layer"]))

@@ -1,4 +1,5 @@
 """save_adapter / load_adapter: identical outputs, strict checks, atomic writes."""
+import copy
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 from conftest import METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
 from safetensors import safe_open
+from torch import nn
 
 import visionpeft as vp
 import visionpeft.core.io as vpio
@@ -198,3 +200,17 @@ def test_hotswap_refuses_other_shapes_and_configs(tmp_path):
     with pytest.raises(KeyError, match="loaded adapter"):
         vp.load_adapter(model, tmp_path / "same", name="zzz", hotswap=True)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_an_adapter_of_only_modules_to_save_round_trips(tmp_path):
+    """Full fine-tuning of chosen modules (no target layers) saves and loads too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    fresh = copy.deepcopy(model)
+    vp.inject(model, vp.LoRAConfig(target_modules=[], modules_to_save=["2"]), name="ft")
+    with torch.no_grad():
+        model[2].copies["ft"].weight.add_(1.0)
+    vp.save_adapter(model, tmp_path / "ft", name="ft")
+    vp.load_adapter(fresh, tmp_path / "ft")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fresh(x), model(x))

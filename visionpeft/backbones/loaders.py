@@ -148,7 +148,9 @@ def _hub_errors(family: str, name: str, hint: str) -> Iterator[None]:
 def _load_timm(name_or_path: str, *, pretrained: bool, checkpoint_path: str | None, **kwargs) -> nn.Module:
     import timm
 
-    name = os.fspath(name_or_path)
+    from .embedded import ALIASES
+
+    name = ALIASES.get(os.fspath(name_or_path), os.fspath(name_or_path))  # embedded-vit-s
     if name.startswith("local-dir:"):
         name = "local-dir:" + _existing(name[len("local-dir:"):], "local path")
     elif not name.startswith("hf-hub:") and _looks_local(name):
@@ -245,7 +247,9 @@ def _load_open_clip(
 ) -> nn.Module:
     import open_clip
 
-    name = os.fspath(name_or_path)
+    from .embedded import ALIASES
+
+    name = ALIASES.get(os.fspath(name_or_path), os.fspath(name_or_path))  # embedded-vit-s
     if name.startswith("local-dir:"):
         name = name[len("local-dir:"):]
     if not name.startswith("hf-hub:") and _looks_local(name):

@@ -73,6 +73,8 @@ class HostSpec:
         first norm / Linear / Conv2d / MultiheadAttention, the output size from the last
         Linear / Conv2d (e.g. a ViT block: norm1 in, mlp.fc2 out; a Hiera block at a
         stage change: dim in, dim_out out). Layers of adapters inside it are skipped.
+        Blocks that concatenate extra inputs (diffusers' up-blocks with their skip
+        connections) are misread; the adapter then says so at the first forward.
         """
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             spec = HostSpec.from_module(module)
@@ -81,6 +83,8 @@ class HostSpec:
                  if ".adapters." not in f".{n}." and ".copies." not in f".{n}."]
         first = next((_in_size(m) for m in inner if _in_size(m)), None)
         last = next((_out_size(m) for m in reversed(inner) if _out_size(m)), None)
+        if last is None:  # norms only (a LayerNorm on its own): width in = width out
+            last = next((_in_size(m) for m in reversed(inner) if _in_size(m)), None)
         if first is None or last is None:
             raise TypeError(f"cannot tell the feature sizes of {type(module).__name__}: it holds "
                             "no Linear, Conv2d or norm layer; target the block that contains it")

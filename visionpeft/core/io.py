@@ -196,8 +196,7 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AdapterFileError(f"{path} does not fit this model: " + "; ".join(problems[:5]) + more)
     # modules_to_save come from the file's list, not from re-matching patterns
-    plan = plan_injection(model, config.replace(modules_to_save=()), name, targets=targets)
-    plan.config = config
+    plan = plan_injection(model, config, name, targets=targets, match_saved=False)
     expected: dict[str, torch.Tensor] = {}
     for lname, (_, mods) in plan.layers.items():
         for part, mod in mods.items():

@@ -400,7 +400,10 @@ class AdaptedBlock(AdaptedLayerBase):
     The adapters act through a forward pre-hook and a forward hook on the host block,
     registered first (``prepend``) and removed with the wrapper: hooks that libraries
     put on the block (transformers records ``output_hidden_states`` that way, timm
-    feature hooks too) then see the adapted hidden states, not the bare block's.
+    feature hooks too) then see the adapted hidden states, not the bare block's. The
+    one place where we add to a host module (its hook tables; never its forward or its
+    attributes): so calling ``wrapper.base_layer`` directly runs the adapters too, and
+    `remove` (or `release`) takes the hooks off.
     """
 
     kind = "block"

@@ -101,7 +101,11 @@ def _refuse_overlap(lname: str, module: nn.Module, block: bool) -> None:
 
 
 def plan_injection(model: nn.Module, config: MethodConfig, name: str,
-                   targets: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> InjectionPlan:
+                   targets: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+                   match_saved: bool = True) -> InjectionPlan:
+    """Resolve and build everything, touching nothing. ``targets`` (from a saved file)
+    replaces pattern matching; ``match_saved=False`` leaves modules_to_save to the
+    caller (a file lists them by name)."""
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a method config (e.g. vp.LoRAConfig), got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -149,7 +153,7 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
             mods[part] = mod.to(device=weight.device, dtype=weight.dtype)
         built[lname] = (kind, mods)
     save_modules = []
-    if config.modules_to_save:
+    if config.modules_to_save and match_saved:
         named = canonical_modules(model)
         for entry in config.modules_to_save:
             hits = [n for n in named if n == entry or n.endswith("." + entry)]
@@ -167,6 +171,8 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    while isinstance(parent, AdaptedBlock):  # the host's child lives in the host block
+        parent = parent.base_layer
     setattr(parent, child, new)
 
 

@@ -195,7 +195,7 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
         hits = [n for n in layers if _matches(n, pattern, is_regex)]
         proj_hits = [out_projs[n] for n in out_projs if _matches(n, pattern, is_regex)]
         if not hits and not proj_hits:
-            _raise_no_match(entry, pattern, is_regex, all_modules, layers)
+            _raise_no_match(entry, pattern, is_regex, all_modules, layers, blocks)
         for name in hits:
             kind, module = layers[name]
             if parts:
@@ -228,8 +228,13 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
     return {n: (layers[n][0], chosen[n]) for n in sorted(chosen, key=order.__getitem__)}
 
 
-def _raise_no_match(entry, pattern, is_regex, all_modules, layers):
+def _raise_no_match(entry, pattern, is_regex, all_modules, layers, blocks=False):
     containers = [n for n in all_modules if n and _matches(n, pattern, is_regex)]
+    if containers and blocks:
+        name = containers[0]
+        raise TargetError(f"target {entry!r} matches {name!r} ({type(all_modules[name]).__name__}), "
+                          "a container with no forward of its own; a block adapter wraps its "
+                          f"items: target them, e.g. 're:{re.escape(name)}\\.\\d+'")
     if containers:
         name = containers[0]
         kids = [n[len(name) + 1:] for n in layers if n.startswith(name + ".")]

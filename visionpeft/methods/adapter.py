@@ -10,6 +10,8 @@ with ``up`` zero-initialised, so a new adapter leaves the host unchanged. Placem
   sequential, position "input"    y = f(x + delta(x))         (PeftCD's official code)
   parallel                        y = f(x) + delta(x)         (AdaptFormer, alpha 0.1)
 
+(x is what the block receives, after any input-position adapter on the same block.)
+
 PeftCD's released code (dyzy41/PeftCD) adds one more GELU after ``up`` and leaves ``up``
 at the default init; we keep the textbook form above (DESIGN section 4), which starts at
 the identity.
@@ -70,8 +72,11 @@ class BottleneckAdapterModule(BlockAdapterModule):
         if h.dim() < (3 if first else 1) or size != self.d_in:
             where = "dim 1 (channels: first)" if first else "the last dim (channels: last)"
             raise ValueError(f"adapter expects {self.d_in} features on {where}, got hidden "
-                             f"states of shape {tuple(h.shape)}; set channels to "
-                             f"{'last' if first else 'first'} if the features sit there")
+                             f"states of shape {tuple(h.shape)}. If the features sit on the "
+                             f"other axis, set channels={'last' if first else 'first'}; if the "
+                             "block widens its input inside (e.g. concatenates skip "
+                             "connections, as diffusers' up-blocks do), target its inner "
+                             "blocks (resnets, transformer_blocks) instead")
         return bottleneck_delta(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                                 self.config.activation, self.scale, first,
                                 self.config.dropout, self.training)

@@ -10,7 +10,8 @@ from .task import Task, TrainingError
 
 TASKS = {"dreambooth": ("visionpeft.train.dreambooth", "DreamBoothTask", "DreamBoothConfig"),
          "change_detection": ("visionpeft.pipelines.change_detection.task", "ChangeDetectionTask",
-                              "ChangeDetectionConfig")}
+                              "ChangeDetectionConfig"),
+         "pretrain_embedded": ("visionpeft.train.pretrain", "PretrainTask", "PretrainConfig")}
 
 
 def build_task(name: str, values: dict) -> Task:

@@ -52,7 +52,7 @@ def build_backbone(spec: dict) -> nn.Module:
 class ChangeDetectionConfig:
     data_root: str
     backbone: dict
-    adapter: dict
+    adapter: dict | None
     image_size: int = 256
     decoder_channels: int = 64
     exchange: str = "layer"
@@ -92,7 +92,8 @@ class Detector(nn.Module):
 
 def save_detector(model: Detector, folder: Path, config: dict, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    vp.save_adapter(model.host, folder / "encoder", name=name)
+    if vp.core.model_ops.get_state(model.host, required=False) is not None:  # else: frozen encoder
+        vp.save_adapter(model.host, folder / "encoder", name=name)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.net.decoder.state_dict().items()},
               str(folder / DECODER_NAME))
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -112,7 +113,8 @@ def load_detector(path) -> tuple[Detector, dict]:
     folder = find_checkpoint(path)
     cfg = json.loads((folder / CONFIG_NAME).read_text())
     host = build_backbone(cfg["backbone"])
-    vp.load_adapter(host, folder / "encoder")
+    if (folder / "encoder").is_dir():  # no folder: the encoder was trained frozen
+        vp.load_adapter(host, folder / "encoder")
     model = Detector(host, cfg["image_size"], cfg["decoder_channels"], cfg["exchange"])
     model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
     return model.eval(), cfg
@@ -159,7 +161,8 @@ class ChangeDetectionTask(Task):
     def __init__(self, cfg: ChangeDetectionConfig):
         self.cfg = cfg
         self.adapter_name = cfg.adapter_name
-        self.adapter_config = adapter_config(cfg.adapter, "adapter")
+        # adapter: null trains the decoder on a frozen encoder (the lower reference)
+        self.adapter_config = None if cfg.adapter is None else adapter_config(cfg.adapter, "adapter")
         self.best_iou = -1.0
 
     def setup(self, device, dtype):
@@ -174,7 +177,10 @@ class ChangeDetectionTask(Task):
             raise TrainingError(f"data_root {cfg.data_root}: {err}") from None
         self.val_set = ChangeDetectionDataset(val)
         host = build_backbone(cfg.backbone)
-        vp.inject(host, self.adapter_config, name=self.adapter_name)
+        if self.adapter_config is not None:
+            vp.inject(host, self.adapter_config, name=self.adapter_name)
+        else:
+            host.requires_grad_(False)
         self.model = Detector(host, cfg.image_size, cfg.decoder_channels, cfg.exchange)
         self.model.net.decoder.requires_grad_(True)
         self.device = device
@@ -200,7 +206,8 @@ class ChangeDetectionTask(Task):
 
     def load_adapters(self, models, folder):
         model = models["model"]
-        vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
+        if self.adapter_config is not None:
+            vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
         model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
         # resuming: validations up to the checkpoint stand, later ones are redone, and the
         # best IoU so far keeps best/ from being replaced by a worse model
