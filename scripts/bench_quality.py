@@ -44,7 +44,7 @@ FULL = [f"blocks.{i}" for i in range(DEPTH)] + ["patch_embed", "norm"]
 # encoder budgets (ViT 192 wide, depth 6): LoRA r 4 on qkv = 18,432; WaRA haar J 1 has a
 # pair per band, 4 x 2 x (288 + 96) x 6 = 18,432; Block-LoRA 5 x (48 + 576) x 6 = 18,720;
 # SNELL 4 x (576 + 192) x 6 = 18,432; KronA (balanced factors) on all four Linears of a
-# block = 16,032; Adapter 8 wide before each block = 19,632.
+# block = 16,812; Adapter 8 wide before each block = 19,632.
 VARIANTS = {
     "linear_probe": None,
     "lora": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["qkv"]},
@@ -68,7 +68,7 @@ class Sizes:
     cd_pairs: int
 
 
-FULL_SIZES = Sizes(train=512, test=256, steps=100, batch=16, cd_pairs=96)
+FULL_SIZES = Sizes(train=384, test=256, steps=50, batch=16, cd_pairs=64)
 SMOKE_SIZES = Sizes(train=8, test=4, steps=2, batch=4, cd_pairs=4)
 
 

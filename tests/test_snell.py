@@ -230,3 +230,40 @@ def test_bucketed_kth_smallest_equals_kthvalue(dist):
         v = torch.randint(0, 50, (200_003,), generator=g).float()
     for k in (1, 17, 100_000, 180_000, 200_003):
         assert kth_smallest(v, k) == v.kthvalue(k).values
+
+
+def _official_snella(A, B, a, t, c, sparsity):
+    """SNELLA's layer as the official code writes it: factors per rank half in (in, r/2)
+    and (out, r/2), D = 0.1 cdist(in1, out1) - 0.1 cdist(in2, out2) of shape (in, out),
+    W = D + a softmax(D / t, -1) + c, entries with |W| at or below the quantile zeroed;
+    the layer uses W^T."""
+    h = A.shape[1] // 2
+    D = 0.1 * torch.cdist(B[:, :h], A[:, :h]) - 0.1 * torch.cdist(B[:, h:], A[:, h:])
+    W = D + a * torch.softmax(D / t, dim=-1) + c
+    k = int(sparsity * W.numel())
+    thr = W.detach().abs().flatten().kthvalue(k).values
+    return torch.where(W.abs() > thr, W, torch.zeros_like(W)).t()
+
+
+def test_snella_softmax_term_matches_the_official_layer_values_and_gradients():
+    torch.manual_seed(0)
+    host = nn.Linear(13, 11)
+    model = nn.Sequential(host)
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.6, softmax_term=True, target_modules=["0"]))
+    mod = model[0].adapters["default"]["full"]
+    with torch.no_grad():
+        mod.mix_alpha.fill_(0.7)
+        mod.temperature.fill_(0.3)
+        mod.shift.fill_(0.01)
+    ref_params = [p.detach().clone().requires_grad_(True)
+                  for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)]
+    ref = _official_snella(*ref_params[:2], *ref_params[2:], 0.6)
+    dW = vp.delta_weight(model, "0")
+    torch.testing.assert_close(dW, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert int((dW == 0).sum()) == int(0.6 * dW.numel())
+    x = torch.randn(3, 13)
+    (model(x) ** 2).sum().backward()
+    (F.linear(x, host.weight + ref, host.bias) ** 2).sum().backward()
+    for ours, theirs in zip((mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift), ref_params):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+    assert vp.trainable_parameters(model) == 4 * (11 + 13) + 3

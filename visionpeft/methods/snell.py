@@ -16,6 +16,12 @@ Kernels (`kernel`):
   "rbf": alpha * (exp(-||a1_i - b1_j||^2 / h) - exp(-||a2_i - b2_j||^2 / h)), h = r/2
 A and B are Kaiming-uniform, as in the official code: dW is small but not zero at init.
 `reweight=True` reproduces the official code's kept values, dW * |dW| (detached).
+
+SNELLA's mixed kernel (`softmax_term=True`; read from the official SNELLA layer in
+ssfgunner/SNELL, the paper's method text was not available to us): with D the kernel
+matrix above, dW = D + a * softmax(D / t) + c before sparsification, the softmax taken
+over the output index for each input (dim 0 of our (out, in) layout), and a, t, c three
+learnable scalars per layer initialised to 1, 1, 0.
 """
 from __future__ import annotations
 
@@ -186,6 +192,24 @@ class SNELLDelta(WeightDelta):
         return gA.to(self.params[0].dtype), gB.to(self.params[1].dtype)
 
 
+def mixed_kernel(D: torch.Tensor, mix_alpha: torch.Tensor, temperature: torch.Tensor,
+                 shift: torch.Tensor) -> torch.Tensor:
+    """SNELLA's kernel matrix from SNELL's: D + a * softmax(D / t) + c, the softmax over
+    the output index (dim 0) for every input column."""
+    return D + mix_alpha * torch.softmax(D / temperature, dim=0) + shift
+
+
+def snella_delta(A, B, kernel: str, scale: float, n_zero: int, mix_alpha, temperature, shift,
+                 reweight: bool = False) -> torch.Tensor:
+    """SNELLA's sparse dW: the mixed kernel with its ``n_zero`` smallest |entries| zeroed.
+    Autograd runs through the softmax; the base kernel keeps its hand-written gradient."""
+    if A.dtype in (torch.float16, torch.bfloat16):
+        return snella_delta(A.float(), B.float(), kernel, scale, n_zero, mix_alpha.float(),
+                            temperature.float(), shift.float(), reweight).to(A.dtype)
+    K = mixed_kernel(kernel_matrix(A, B, kernel, scale), mix_alpha, temperature, shift)
+    return keep_largest(K, sparsity_threshold(K, int(n_zero)), reweight)
+
+
 def snell_delta(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float, n_zero: int,
                 reweight: bool = False) -> torch.Tensor:
     """SNELL's sparse dW (out, fan_in): the kernel matrix with its ``n_zero`` smallest
@@ -264,19 +288,30 @@ class SNELLModule(AdapterModule):
         # with the adapter and no dtype cast of the module can round it
         self.numel = host.out_features * host.fan_in
         self.register_buffer("n_zero", torch.tensor(zero_count(config.sparsity, self.numel)))
+        self.softmax_term = config.softmax_term
+        if self.softmax_term:  # SNELLA: a * softmax(D / t) + c, three scalars per layer
+            self.mix_alpha = nn.Parameter(torch.ones(()))
+            self.temperature = nn.Parameter(torch.ones(()))
+            self.shift = nn.Parameter(torch.zeros(()))
 
     @property
     def sparsity(self) -> float:
         return int(self.n_zero) / self.numel
 
     def delta_weight(self) -> torch.Tensor:
-        dW = snell_delta(self.A, self.B, self.kernel, self.scale, int(self.n_zero), self.reweight)
+        if self.softmax_term:
+            dW = snella_delta(self.A, self.B, self.kernel, self.scale, int(self.n_zero),
+                              self.mix_alpha, self.temperature, self.shift, self.reweight)
+        else:
+            dW = snell_delta(self.A, self.B, self.kernel, self.scale, int(self.n_zero), self.reweight)
         return dW.reshape(self.host.weight_shape)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.host.op(x, self.delta_weight().to(x.dtype))
 
     def fused_linear(self, x, weight, bias, scale):
+        if self.softmax_term:
+            return None  # the checkpointed delta below: autograd through the softmax
         # host and delta in one GEMM; dW rebuilt in backward, never kept. The rebuild
         # reuses the forward's threshold: same dW, same mask, one search
         delta = SNELLDelta(self.A, self.B, self.kernel, self.scale, int(self.n_zero), self.reweight,
@@ -296,12 +331,14 @@ class SNELLConfig(MethodConfig):
     """r: rank of A (out, r) and B (in, r); sparsity: fraction of dW set to zero in every
     forward, in (0, 1); kernel: "distance" (default), "linear" or "rbf"; alpha: kernel scale
     (None = 0.1 for distance, 1/r for linear, 1 for rbf); reweight: keep dW * |dW| as the
-    official code does. Trainable per layer: r * (out + in)."""
+    official code does; softmax_term: SNELLA's mixed kernel D + a softmax(D / t) + c.
+    Trainable per layer: r * (out + in) (+ 3 with softmax_term)."""
 
     r: int = 8
     sparsity: float = 0.9
     kernel: str = "distance"
     reweight: bool = False
+    softmax_term: bool = False
 
     def validate(self) -> None:
         check_positive_int(self, "r")
