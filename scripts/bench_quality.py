@@ -68,7 +68,7 @@ class Sizes:
     cd_pairs: int
 
 
-FULL_SIZES = Sizes(train=384, test=256, steps=50, batch=16, cd_pairs=64)
+FULL_SIZES = Sizes(train=384, test=256, steps=40, batch=8, cd_pairs=64)
 SMOKE_SIZES = Sizes(train=8, test=4, steps=2, batch=4, cd_pairs=4)
 
 

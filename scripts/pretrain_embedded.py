@@ -3,7 +3,7 @@
 MAE + scene-type head on procedural scenes (visionpeft.train.pretrain), through the
 shared training loop (checkpoints, exact resume, metrics.jsonl, loss.png), then the
 encoder's timm state dict goes to visionpeft/backbones/weights/<name>.safetensors and
-the loss curve to docs/. Deterministic for a given seed and thread count.
+the loss curve to docs/. Seeded throughout (scenes, init, data order, masks).
 
     python scripts/pretrain_embedded.py                      # the shipped weights (~1 h CPU)
     python scripts/pretrain_embedded.py --steps 20 --pool 500 --weights /tmp/w.safetensors
@@ -34,6 +34,7 @@ def write_atomic(tensors: dict, path: Path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the package file is for everyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -246,3 +246,25 @@ def test_a_pretrained_backbone_loads_from_a_local_checkpoint(tmp_path):
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in host.state_dict().items())
     model = Detector(host, 32, 16, "layer")
     assert model(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))[0].shape == (1, 2, 32, 32)
+
+
+def test_adapter_null_trains_the_decoder_on_a_frozen_encoder(trained, tmp_path):
+    """The lower reference of the benchmarks: no adapter, the encoder frozen, only the
+    decoder in the checkpoint; evaluation rebuilds the same encoder."""
+    root, _ = trained
+    before = build_tiny("timm_sam2_hiera").state_dict()
+    res = run_config({"task": "change_detection", "data_root": str(root / "data"),
+                      "backbone": {"name": "timm_sam2_hiera", "source": "tiny"}, "adapter": None,
+                      "image_size": 64, "decoder_channels": 16, "train_batch_size": 4,
+                      "max_train_steps": 2, "validation_steps": 2, "checkpointing_steps": 2,
+                      "output_dir": str(tmp_path), "cpu": True})
+    assert res.step == 2 and all(np.isfinite(res.losses))
+    assert not (tmp_path / "best" / "encoder").exists()
+    model, _ = load_detector(tmp_path)
+    assert all(torch.equal(model.host.state_dict()[k], v) for k, v in before.items())
+    assert not any(p.requires_grad for p in model.host.parameters())
+    out = subprocess.run([sys.executable, "-m", "visionpeft.cli", "evaluate-cd", "--checkpoint", str(tmp_path),
+                          "--data-root", str(root / "data"), "--split", "test", "--output",
+                          str(tmp_path / "m.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 0.0 <= json.loads((tmp_path / "m.json").read_text())["iou"] <= 1.0

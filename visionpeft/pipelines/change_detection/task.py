@@ -115,6 +115,8 @@ def load_detector(path) -> tuple[Detector, dict]:
     host = build_backbone(cfg["backbone"])
     if (folder / "encoder").is_dir():  # no folder: the encoder was trained frozen
         vp.load_adapter(host, folder / "encoder")
+    else:
+        host.requires_grad_(False)
     model = Detector(host, cfg["image_size"], cfg["decoder_channels"], cfg["exchange"])
     model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
     return model.eval(), cfg
