@@ -1,5 +1,5 @@
 """Hosts: target presets, loaders for real checkpoints, tiny local builders (tests, demos)."""
-from . import embedded, presets  # embedded: registers the packaged timm models
+from . import embedded, presets  # noqa: F401  (embedded: registers the packaged timm models)
 from .loaders import load_backbone
 
 __all__ = ["presets", "load_backbone"]

@@ -11,7 +11,6 @@ prompt embeddings. Keys follow the diffusers example's names.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 import visionpeft as vp
 
-from .task import Task, TrainingError, adapter_config
+from .task import Task, TrainingError, adapter_config, task_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -61,15 +60,7 @@ class DreamBoothConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "DreamBoothConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"dreambooth: unknown key(s) {unknown}; known: {sorted(names)}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in values]
-        if missing:
-            raise ValueError(f"dreambooth: missing key(s) {missing}")
-        return cls(**values)
+        return task_config(cls, values, "dreambooth")
 
 
 def list_images(folder: str | None, what: str) -> list[Path]:

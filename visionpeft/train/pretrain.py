@@ -10,7 +10,6 @@ that it carries image-level meaning; the four held-out types stay unseen.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.data import Dataset
 
-from .task import Task
+from .task import Task, task_config
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -102,11 +101,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"pretrain_embedded: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        return task_config(cls, values, "pretrain_embedded")
 
 
 class PretrainTask(Task):

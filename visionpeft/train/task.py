@@ -4,6 +4,7 @@ detection, segmentation, few-shot CLIP, point clouds) runs the same loop."""
 from __future__ import annotations
 
 import abc
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,6 +26,20 @@ def adapter_config(spec: dict, where: str):
     except KeyError:
         raise ValueError(f"{where}: unknown adapter method {spec.get('method')!r}; registered: "
                          f"{vp.list_methods()}") from None
+
+
+def task_config(cls, values: dict, where: str, skip: tuple[str, ...] = ()):
+    """A task's config dataclass from a YAML mapping: unknown and missing keys are named."""
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    names = {f.name for f in fields}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    return cls(**values)
 
 
 class Task(abc.ABC):

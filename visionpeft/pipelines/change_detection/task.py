@@ -2,7 +2,6 @@
 predict-cd use (sliding windows with overlap averaging)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from torch import nn
 
 import visionpeft as vp
 
-from ...train.task import Task, TrainingError, adapter_config
+from ...train.task import Task, TrainingError, adapter_config, task_config
 from .metrics import ConfusionMatrix
 from .model import FeatureEncoder, SiameseChangeDetector, probe_channels
 
@@ -64,11 +63,7 @@ class ChangeDetectionConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ChangeDetectionConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"change_detection: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        return task_config(cls, values, "change_detection", skip=("extra",))
 
 
 class Detector(nn.Module):
