@@ -70,3 +70,31 @@ def test_non_dividing_blocks_list_the_valid_ones():
     with pytest.raises(ValueError, match=r"rank r=3 is larger .* use r <= 2"):
         vp.inject(model, vp.BlockLoRAConfig(n_blocks=5, r=3, target_modules=["0"]))
     assert isinstance(model[0], nn.Linear)
+
+
+def test_rank_stabilized_scale_and_input_dropout():
+    """CLIP-LoRA's conventions as options: alpha / sqrt(r), and dropout on the adapter's
+    input only (the host sees x untouched; eval mode drops nothing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7))
+    vp.inject(model, vp.BlockLoRAConfig(r=4, n_blocks=3, alpha=1.0, rank_stabilized=True,
+                                        dropout=0.25, target_modules=["0"]))
+    randomize_adapters(model)
+    mod = model[0].adapters["default"]["full"]
+    A0, B = mod.A0.detach(), mod.B.detach()
+    torch.testing.assert_close(vp.delta_weight(model, "0"), 0.5 * B @ A0.repeat(1, 3))  # 1 / sqrt(4)
+    x = torch.randn(5, 12)
+    host = F.linear(x, model[0].weight, model[0].bias)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(x), host + 0.5 * F.linear(x, B @ A0.repeat(1, 3)),
+                                   atol=1e-5, rtol=1e-5)
+        model.train()
+        torch.manual_seed(1)
+        out = model(x)
+        torch.manual_seed(1)
+        xd = F.dropout(x, 0.25, True)
+        torch.testing.assert_close(out, host + 0.5 * F.linear(xd, B @ A0.repeat(1, 3)),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(vp.ConfigError, match="dropout"):
+        vp.BlockLoRAConfig(dropout=1.0, target_modules=["0"])

@@ -6,7 +6,8 @@ from conftest import randomize_adapters
 from torch import nn
 
 import visionpeft as vp
-from visionpeft.methods.krona import krona_conv, krona_delta_weight, krona_linear, sqrt_factor
+from visionpeft.methods.krona import (krona_add_linear, krona_conv, krona_delta_weight, krona_linear,
+                                     sqrt_factor)
 
 
 def _explicit_kron(A, B):
@@ -44,6 +45,60 @@ def test_factored_linear_forward_and_gradients_equal_the_built_matrix():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (x, A, B), g), torch.autograd.grad(ref, (x, A, B), g)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hand_written_backward_matches_autograd_of_the_built_matrix(fused):
+    """The fast Function (host Linear + delta, or delta added to a given y) against
+    F.linear with W + scale * torch.kron(A, B): values, every gradient, and gradcheck in
+    double precision."""
+    torch.manual_seed(0)
+    dt = dict(dtype=torch.double)
+    x = torch.randn(3, 5, 12, **dt, requires_grad=True)
+    W = torch.randn(8, 12, **dt, requires_grad=True)
+    b = torch.randn(8, **dt, requires_grad=True)
+    y0 = torch.randn(3, 5, 8, **dt, requires_grad=True)
+    A = torch.randn(2, 3, **dt, requires_grad=True)
+    B = torch.randn(4, 4, **dt, requires_grad=True)
+    if fused:
+        inputs = (x, W, b, A, B)
+        fast = lambda x, W, b, A, B: krona_add_linear(x, None, A, B, 0.7, W, b)  # noqa: E731
+        ref = lambda x, W, b, A, B: F.linear(x, W + 0.7 * torch.kron(A, B), b)  # noqa: E731
+    else:
+        inputs = (x, y0, A, B)
+        fast = lambda x, y0, A, B: krona_add_linear(x, y0, A, B, 0.7)  # noqa: E731
+        ref = lambda x, y0, A, B: y0 + F.linear(x, 0.7 * torch.kron(A, B))  # noqa: E731
+    out, expected = fast(*inputs), ref(*inputs)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(fast, inputs)
+    with torch.no_grad():  # the in-place inference form
+        torch.testing.assert_close(fast(*inputs), expected)
+
+
+def test_wrapper_paths_agree_fused_added_and_general():
+    """One KronA active on a plain Linear takes the fused Function (host op inside); after
+    a second active adapter it goes through add_delta. Both give the layer of the built
+    matrix, with the same gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8))
+    vp.inject(model, vp.KronAConfig(a1=2, a2=3, alpha=0.5, target_modules=["0"]), name="k")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]), name="l")
+    randomize_adapters(model)
+    k = model[0].adapters["k"]["full"]
+    x = torch.randn(4, 12)
+    ref_out = F.linear(x, model[0].base_layer.weight + 0.5 * torch.kron(k.A, k.B), model[0].base_layer.bias)
+    ref_grads = torch.autograd.grad(ref_out.sum(), (k.A, k.B))
+    vp.set_scale(model, "l", 0.0)  # the LoRA adds nothing; with it active KronA is added second
+    for active in (["k"], ["l", "k"]):
+        vp.set_active(model, active)
+        out = model(x)
+        assert type(out.grad_fn.next_functions[0][0]).__name__ == "_KronALinearBackward"
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        for a, e in zip(torch.autograd.grad(out.sum(), (k.A, k.B)), ref_grads):
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2)])

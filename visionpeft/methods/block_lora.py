@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import MethodConfig, check_positive_int
+from ..core.config import ConfigError, MethodConfig, check_positive_int
 from ..core.registry import register_method
 from .krona import divisors
 from .lora import lora_add_linear, lora_linear, lora_scale
@@ -63,7 +63,8 @@ class BlockLoRAModule(AdapterModule):
         block_fan_in = host.fan_in // n
         check_rank(r, host, block_fan_in, f" per block with n_blocks={n}")
         self.n = n
-        self.scale = lora_scale(config.alpha, r)
+        self.scale = lora_scale(config.alpha, r, config.rank_stabilized)
+        self.dropout = config.dropout
         self.A0 = nn.Parameter(torch.empty(r, block_fan_in))
         self.B = nn.Parameter(torch.zeros(host.out_features, r))
         nn.init.kaiming_uniform_(self.A0, a=math.sqrt(5))
@@ -71,7 +72,11 @@ class BlockLoRAModule(AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         return block_lora_delta_weight(self.A0, self.B, self.n, self.scale, self.host.weight_shape)
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, True) if self.dropout and self.training else x
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._drop(x)
         if self.host.kind == "linear":
             return F.linear(F.linear(block_sum(x, self.n, -1), self.A0), self.B * self.scale)
         h = self.host
@@ -83,11 +88,13 @@ class BlockLoRAModule(AdapterModule):
 
     def fused_linear(self, x, weight, bias, scale):
         # LoRA's fused host Function, fed the chunk sum: only (N, in/n) is saved
+        if self.dropout and self.training:
+            return None  # the host sees x, the adapter a dropped-out x: keep them apart
         return lora_linear(x, weight, bias, self.A0, self.B, self.scale * scale, blocks=self.n)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
         if self.host.kind == "linear":  # LoRA's fused add on the summed chunks
-            return lora_add_linear(block_sum(x, self.n, -1), y, self.A0, self.B, self.scale * scale)
+            return lora_add_linear(block_sum(self._drop(x), self.n, -1), y, self.A0, self.B, self.scale * scale)
         return super().add_delta(x, y, scale)
 
 
@@ -95,12 +102,19 @@ class BlockLoRAModule(AdapterModule):
 @dataclass(frozen=True)
 class BlockLoRAConfig(MethodConfig):
     """r: rank; n_blocks: input blocks sharing one down projection A0 (must divide the
-    layer's input size); alpha: scale numerator, dW = (alpha / r) B [A0 ... A0] (None = r).
+    layer's input size); alpha: scale numerator, dW = (alpha / r) B [A0 ... A0] (None = r);
+    rank_stabilized: alpha / sqrt(r) instead (CLIP-LoRA's scaling, the baseline the paper
+    builds on); dropout: on the adapter's input, as CLIP-LoRA applies it (0.25 there).
     Trainable per layer: r * (in / n_blocks + out)."""
 
     r: int = 8
     n_blocks: int = 8
+    dropout: float = 0.0
+    rank_stabilized: bool = False
 
     def validate(self) -> None:
         check_positive_int(self, "r")
         check_positive_int(self, "n_blocks")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"BlockLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")

@@ -7,7 +7,10 @@ B (out/a1, in/a2, kh, kw) and dW = kron(A[..., None, None], B).
 
 The forward never builds dW: with x viewed as (..., a2, in/a2),
 x @ kron(A, B)^T = A @ (X @ B^T) flattened, which costs N * (in * out / a1 + a1 * out)
-multiply-adds instead of N * in * out.
+multiply-adds instead of N * in * out. On a Linear the product is added into the host's
+output in place and differentiated by hand (`_KronALinear`): only x is saved, so memory
+stays at LoRA's level, and at ViT-B batch 32 the step fell from 1.50x to 1.17x of LoRA's
+(autograd had saved X B^T and formed its gradients through copies of (N, out) tensors).
 """
 from __future__ import annotations
 
@@ -49,6 +52,90 @@ def krona_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
     return Y.reshape(*x.shape[:-1], a1 * p)
 
 
+class _KronALinear(torch.autograd.Function):
+    """y + scale * x kron(A, B)^T with a hand-written backward, where y is the host
+    Linear's output x W^T + b (``W`` given) or a tensor the caller passes (``y2``).
+
+    Per token, with X the input viewed (a2, q): the delta is A X B^T. Z = X B^T is one
+    large GEMM over all tokens; A Z is a batch of small products accumulated straight into
+    y (baddbmm_), so no (N, out) temporary is made and no pass is spent adding it.
+    Autograd through the same two products saves Z and the batched product's operands
+    and forms its gradients through transposed copies of (N, out) tensors; here only x is
+    saved, Z is recomputed in backward, and every gradient is a large GEMM or a batch of
+    small ones reduced over tokens:
+      T = A^T G (G = dL/dY viewed (a1, p) per token), grad_X += T B, grad_B = sum T^T X,
+      grad_A = sum G Z^T.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, W, b, y2, A, B, scale):
+        if W is not None:
+            y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        else:  # out of place, as in LoRA's add: y2 may be a view of the host's output
+            y = y2.clone(memory_format=torch.contiguous_format)
+        _accumulate_kron(y, x2, A, B, scale)
+        ctx.save_for_backward(x2, W, A, B)
+        ctx.scale, ctx.fused = scale, W is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, W, A, B = ctx.saved_tensors
+        need_x, need_W, need_b, need_y, need_A, need_B = ctx.needs_input_grad[:6]
+        (a1, a2), (p, q), n = A.shape, B.shape, x2.shape[0]
+        G = g.reshape(n, a1, p)
+        X = x2.reshape(n * a2, q)
+        T = None
+        if need_x or need_B:  # bmm of the expanded factor: ~2x faster than matmul's broadcast
+            T = torch.bmm((A.t() * ctx.scale).expand(n, a2, a1), G).view(n * a2, p)
+        grad_x = None
+        if need_x:
+            if ctx.fused:
+                grad_x = g @ W
+                grad_x.view(n * a2, q).addmm_(T, B)
+            else:
+                grad_x = (T @ B).view(n, a2 * q)
+        grad_W = g.t() @ x2 if ctx.fused and need_W else None
+        grad_b = g.sum(0) if ctx.fused and need_b else None
+        grad_B = (X.t() @ T).t() if need_B else None
+        grad_A = None
+        if need_A:
+            Z = (X @ B.t()).view(n, a2, p)
+            grad_A = torch.bmm(G, Z.transpose(1, 2)).sum(0).mul_(ctx.scale)
+        return grad_x, grad_W, grad_b, (g if need_y else None), grad_A, grad_B, None
+
+
+def _accumulate_kron(y: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     scale: float) -> None:
+    """y (N, out) += scale * x2 kron(A, B)^T, in place on a contiguous y."""
+    (a1, a2), (p, q), n = A.shape, B.shape, x2.shape[0]
+    Z = (x2.reshape(n * a2, q) @ B.t()).view(n, a2, p)
+    y.view(n, a1, p).baddbmm_((A * scale).expand(n, a1, a2), Z)
+
+
+def krona_add_linear(x: torch.Tensor, y: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                     scale: float, W: torch.Tensor | None = None,
+                     b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``y + scale * x kron(A, B)^T``, or with ``W`` given (y None) the host Linear and the
+    delta in one op, ``F.linear(x, W, b) + scale * x kron(A, B)^T``. None where the fast
+    form does not apply (autocast, mixed dtypes): the caller then uses `krona_linear`."""
+    tensors = [t for t in (x, y, A, B, W, b) if t is not None]
+    if torch.is_autocast_enabled(x.device.type) or len({t.dtype for t in tensors}) > 1:
+        return None
+    out = W.shape[0] if W is not None else y.shape[-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = None if y is None else y.reshape(-1, out)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        res = _KronALinear.apply(x2, W, b, y2, A, B, scale)
+    else:
+        if W is not None:
+            res = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        else:  # the wrapper hands over a y it owns: accumulate in place when contiguous
+            res = y2 if y2.is_contiguous() else y2.contiguous()
+        _accumulate_kron(res, x2, A, B, scale)
+    return res.view(*x.shape[:-1], out)
+
+
 def krona_conv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                host: HostSpec) -> torch.Tensor:
     """conv2d(x, scale * kron(A, B)) as a conv of each input group with B, mixed by A."""
@@ -87,6 +174,16 @@ class KronAModule(AdapterModule):
 
     def delta_weight(self) -> torch.Tensor:
         return krona_delta_weight(self.A, self.B, self.scale)
+
+    def fused_linear(self, x, weight, bias, scale):
+        return krona_add_linear(x, None, self.A, self.B, self.scale * scale, weight, bias)
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.host.kind == "linear":
+            out = krona_add_linear(x, y, self.A, self.B, self.scale * scale)
+            if out is not None:
+                return out
+        return super().add_delta(x, y, scale)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.host.kind == "linear":
