@@ -202,6 +202,30 @@ def test_hotswap_refuses_other_shapes_and_configs(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_hotswap_ignores_dropout_for_every_method(tmp_path):
+    """Dropout touches no stored tensor, so files that differ only in it hot-swap (Block-LoRA
+    gained the field; other fields that differ are still refused)."""
+    def block_lora(seed, **kw):
+        torch.manual_seed(0)  # the same host; adapters differ by seed
+        m = nn.Sequential(nn.Linear(8, 5))
+        vp.inject(m, vp.BlockLoRAConfig(r=2, n_blocks=2, target_modules=["0"], **kw), name="a")
+        randomize_adapters(m, seed=seed)
+        return m.eval()
+
+    other = block_lora(7, dropout=0.3)
+    vp.save_adapter(other, tmp_path / "d", name="a")
+    model = block_lora(1)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), other(x))
+    vp.load_adapter(model, tmp_path / "d", name="a", hotswap=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x))
+    vp.save_adapter(block_lora(7, rank_stabilized=True), tmp_path / "rs", name="a")
+    with pytest.raises(vp.AdapterFileError, match="rank_stabilized"):
+        vp.load_adapter(model, tmp_path / "rs", name="a", hotswap=True)
+
+
 def test_an_adapter_of_only_modules_to_save_round_trips(tmp_path):
     """Full fine-tuning of chosen modules (no target layers) saves and loads too."""
     torch.manual_seed(0)

@@ -118,4 +118,11 @@ def check_choice(cfg: MethodConfig, name: str, choices) -> None:
         )
 
 
-__all__ = ["MethodConfig", "ConfigError", "check_positive_int", "check_choice", "field"]
+def check_dropout(cfg: MethodConfig, name: str = "dropout") -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{type(cfg).__name__}.{name} is a probability and must be in [0, 1), "
+                          f"got {value!r}")
+
+
+__all__ = ["MethodConfig", "ConfigError", "check_positive_int", "check_choice", "check_dropout", "field"]

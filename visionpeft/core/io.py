@@ -267,8 +267,9 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
     saved = config_from_dict(doc["config"])
     if saved.method != current.method:
         raise AdapterFileError(f"{path} holds a {saved.method} adapter; {name!r} is {current.method}")
-    # a LoRA's alpha is folded into lora_B; dropout and init do not touch stored tensors
-    folded = {"alpha", "rank_stabilized", "dropout", "init"} if current.method == "lora" else set()
+    # a LoRA's alpha is folded into lora_B; no method's dropout, nor LoRA's init, touches
+    # stored tensors
+    folded = {"dropout"} | ({"alpha", "rank_stabilized", "init"} if current.method == "lora" else set())
     a, b = current.to_dict(), saved.to_dict()
     differ = sorted(k for k in set(a) | set(b)
                     if k not in _TARGETING_FIELDS | folded and a.get(k) != b.get(k))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import BlockAdapterModule, HostSpec
-from ..core.config import ConfigError, MethodConfig, check_choice, check_positive_int
+from ..core.config import ConfigError, MethodConfig, check_choice, check_dropout, check_positive_int
 from ..core.registry import register_method
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -111,6 +111,4 @@ class AdapterConfig(MethodConfig):
         check_choice(self, "position", {"input", "output"})
         check_choice(self, "activation", set(ACTIVATIONS))
         check_choice(self, "channels", {"last", "first"})
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import ConfigError, MethodConfig, check_positive_int
+from ..core.config import MethodConfig, check_dropout, check_positive_int
 from ..core.registry import register_method
 from .krona import divisors
 from .lora import lora_add_linear, lora_linear, lora_scale
@@ -115,6 +115,4 @@ class BlockLoRAConfig(MethodConfig):
     def validate(self) -> None:
         check_positive_int(self, "r")
         check_positive_int(self, "n_blocks")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"BlockLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self)

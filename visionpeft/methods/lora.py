@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import MethodConfig, ConfigError, check_choice, check_positive_int
+from ..core.config import MethodConfig, ConfigError, check_choice, check_dropout, check_positive_int
 from ..core.registry import register_method
+from ..ops.weight_delta import host_linear
 
 
 # --- pure math ------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, W, b, A, B, scale, blocks):
-        y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        y = host_linear(x2, W, b)
         xs = _block_sum(x2, blocks)
         h = xs @ A.t()
         y.addmm_(h, B.t(), alpha=scale)
@@ -116,7 +117,7 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: tor
     if torch.is_grad_enabled():
         y = _LoRALinear.apply(x2, W, b, A, B, scale, blocks)
     else:
-        y = torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+        y = host_linear(x2, W, b)
         y.addmm_(_block_sum(x2, blocks) @ A.t(), B.t(), alpha=scale)
     return y.view(*x.shape[:-1], W.shape[0])
 
@@ -220,6 +221,5 @@ class LoRAConfig(MethodConfig):
 
     def validate(self) -> None:
         check_positive_int(self, "r")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout(self)
         check_choice(self, "init", {"kaiming", "gaussian"})

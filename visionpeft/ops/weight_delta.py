@@ -43,6 +43,12 @@ class WeightDelta:
         return torch.autograd.grad(state, self.params, grad_dW.to(state.dtype), allow_unused=True)
 
 
+def host_linear(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x2 W^T + b for 2-D x2 as one GEMM into a fresh tensor the caller may accumulate into
+    (F.linear may return a view or fuse differently)."""
+    return torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
+
+
 def _effective_weight(dW: torch.Tensor, W: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale * dW, written over dW when the dtypes allow."""
     if dW.dtype != W.dtype:
