@@ -9,8 +9,9 @@ The forward never builds dW: with x viewed as (..., a2, in/a2),
 x @ kron(A, B)^T = A @ (X @ B^T) flattened, which costs N * (in * out / a1 + a1 * out)
 multiply-adds instead of N * in * out. On a Linear the product is accumulated into the
 host's fresh output and differentiated by hand (`_KronALinear`): of the activations only x
-is saved, so memory stays at LoRA's level, and at ViT-B batch 32 the step fell from 1.50x to 1.17x of LoRA's
-(autograd had saved X B^T and formed its gradients through copies of (N, out) tensors).
+is saved, so memory stays at LoRA's level, and at ViT-B batch 32 the step fell from 1.50x
+to 1.01x-1.17x of LoRA's (autograd had saved X B^T and formed its gradients through
+copies of (N, out) tensors; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
