@@ -5,7 +5,8 @@ Hosts (random init, built here):
   unet  SD1.5-size attention: diffusers Attention layers at 64x64 latents (4096 tokens,
         dim 320) as self-attention and as cross-attention over 77 x 768 text tokens,
         adapters on to_q / to_k / to_v / to_out.0
-Variants: our methods (lora, krona, block_lora, and wara / snell when registered),
+Variants: our methods (lora, krona, block_lora, and wara / snell / snella (SNELL with SNELLA's
+softmax term) when registered),
 PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a dense
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
 to the same sparsity: what SNELL's memory saving is measured against).
@@ -36,6 +37,8 @@ OUR_CONFIGS = {
     "block_lora": lambda t: vp.get_method("block_lora").config_cls(r=8, n_blocks=4, target_modules=[f"re:{t}"]),
     "wara": lambda t: vp.get_method("wara").config_cls(r=8, target_modules=[f"re:{t}"]),
     "snell": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
+    "snella": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
+                                                          target_modules=[f"re:{t}"]),
 }
 PEFT_CONFIGS = {
     "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
@@ -101,7 +104,7 @@ def make(kind: str, host: str, depth: int):
 
 
 def run_host(args, host: str) -> dict:
-    kinds = [k for k in OUR_CONFIGS if k in vp.list_methods()] + list(PEFT_CONFIGS)
+    kinds = [k for k in OUR_CONFIGS if k.replace("snella", "snell") in vp.list_methods()] + list(PEFT_CONFIGS)
     if args.only:  # the two references always run: every ratio is taken against them
         kinds = [k for k in kinds if k in ("lora", "peft_lora", *args.only)]
     if "snell" in kinds:
