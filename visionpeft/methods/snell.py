@@ -156,24 +156,26 @@ class SNELLDelta(WeightDelta):
         return (A.detach().float(), B.detach().float()) if A.dtype in (torch.float16, torch.bfloat16) \
             else (A.detach(), B.detach())
 
-    @torch.no_grad()
-    def build(self) -> torch.Tensor:
+    def _kernel_in_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dW, spare): the dense kernel matrix and a second (out, in) buffer the caller
+        may overwrite (the other distance half, or a fresh one for the linear kernel)."""
         A, B = self._factors()
         if self.kernel == "linear":
-            dW, spare = (A @ B.t()).mul_(self.scale), None
-        else:
-            T1, spare = _half_terms(A, B, self.kernel, self.scale)
-            dW = T1.sub_(spare)
-            if self.kernel == "distance" and self.scale < 0:
-                dW.neg_()
+            dW = (A @ B.t()).mul_(self.scale)
+            return dW, torch.empty_like(dW)
+        T1, spare = _half_terms(A, B, self.kernel, self.scale)
+        dW = T1.sub_(spare)
+        return (dW.neg_() if self.kernel == "distance" and self.scale < 0 else dW), spare
+
+    def _sparsify_into(self, dW: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+        """Find the threshold of ``dW`` and write the kept entries into ``spare``."""
         self.threshold = sparsity_threshold(dW, self.n_zero)
-        if self.threshold is not None:
-            kept = torch.ops.aten.hardshrink.out(dW, self.threshold, out=spare if spare is not None else torch.empty_like(dW))
-        else:
-            kept = dW
-        if self.reweight:
-            kept = kept.mul_(kept.abs())
-        return kept.reshape(self.shape)
+        kept = dW if self.threshold is None else torch.ops.aten.hardshrink.out(dW, self.threshold, out=spare)
+        return (kept.mul_(kept.abs()) if self.reweight else kept).reshape(self.shape)
+
+    @torch.no_grad()
+    def build(self) -> torch.Tensor:
+        return self._sparsify_into(*self._kernel_in_buffers())
 
     @torch.no_grad()
     def rebuild(self):
@@ -194,34 +196,37 @@ class SNELLDelta(WeightDelta):
 
 class SNELLADelta(SNELLDelta):
     """SNELLA's mixed kernel K = D + a softmax(D / t) + c for ``linear_with_weight_delta``,
-    its gradient written by hand like SNELL's. From G = dL/dK (masked):
-      grad_c = sum G, grad_a = sum G * S, U = a G, Z = S * (U - colsum(U * S)) (the softmax
-      backward over dim 0), grad_t = -sum Z * D / t^2, dL/dD = G + Z / t,
-    and dL/dD goes through SNELL's kernel gradient. ViT-B step relative to LoRA (batch 4,
-    CPU): 3.34x checkpointed, 2.76x folded with an autograd rebuild, 2.54x with this
-    (SNELL 1.88x in the same run; docs/BENCHMARKS.md)."""
+    its gradient written by hand like SNELL's. From G = dL/dK (masked), with S the softmax:
+      grad_c = sum G, grad_a = sum G S, Z = a S (G - colsum(G S)) (the softmax backward
+      over dim 0), grad_t = -sum Z D / t^2, dL/dD = G + Z / t,
+    and dL/dD goes through SNELL's kernel gradient. Every step reuses (out, in) buffers:
+    on CPU each fresh one costs page faults worth several passes. ViT-B step relative to
+    LoRA (batch 4, CPU): 3.34x checkpointed, 2.76x folded with an autograd rebuild, 2.54x
+    hand-written, 2.19x with the buffers reused (SNELL 1.86x in that run; docs/BENCHMARKS.md)."""
 
     def __init__(self, A, B, mix, kernel: str, scale: float, n_zero: int, reweight: bool, shape):
         super().__init__(A, B, kernel, scale, n_zero, reweight, shape)
         self.params = [A, B, *mix]
 
-    def _mixed(self):
-        A, B = self._factors()
-        a, t, c = (p.detach().float() for p in self.params[2:])
-        D, terms = _raw_delta(A, B, self.kernel, self.scale)
-        S = torch.softmax(D / t, dim=0)
-        return torch.addcmul(D + c, S, a), D, S, terms
+    def _mix(self):
+        return tuple(p.detach().float() for p in self.params[2:])
 
     @torch.no_grad()
     def build(self) -> torch.Tensor:
-        K = self._mixed()[0]
-        self.threshold = sparsity_threshold(K, self.n_zero)
-        kept = keep_largest(K, self.threshold, self.reweight)
-        return (kept.clone() if kept is K else kept).reshape(self.shape)
+        a, t, c = self._mix()
+        D, spare = self._kernel_in_buffers()
+        S = torch.softmax(torch.div(D, t, out=spare), dim=0)
+        K = D.add_(c).addcmul_(S, a)  # D is not needed again here
+        return self._sparsify_into(K, S)
 
     @torch.no_grad()
     def rebuild(self):
-        K, D, S, terms = self._mixed()
+        a, t, c = self._mix()
+        A, B = self._factors()
+        D, terms = _raw_delta(A, B, self.kernel, self.scale)
+        scaled = D / t
+        S = torch.softmax(scaled, dim=0)
+        K = torch.add(D, c, out=scaled).addcmul_(S, a)
         kept = keep_largest(K, self.threshold, self.reweight)
         return (kept.clone() if kept is K else kept).reshape(self.shape), (K, D, S, terms)
 
@@ -229,12 +234,12 @@ class SNELLADelta(SNELLDelta):
     def param_grads(self, state, grad_dW):
         K, D, S, terms = state
         A, B = self._factors()
-        a, t, _ = (p.detach().float() for p in self.params[2:])
+        a, t, _ = self._mix()
         G = _mask_grad(grad_dW.reshape(K.shape).to(K.dtype), K, self.threshold, self.reweight)
-        grad_c, grad_a = G.sum(), (G * S).sum()
-        U = G * a
-        Z = U.sub_((U * S).sum(0, keepdim=True)).mul_(S)
-        grad_t = -(Z * D).sum() / (t * t)
+        GS = torch.mul(G, S, out=K)  # K's last use was the mask
+        grad_a, grad_c, col = GS.sum(), G.sum(), GS.sum(0, keepdim=True)
+        Z = torch.sub(G, col, out=K).mul_(S).mul_(a)
+        grad_t = -torch.dot(Z.reshape(-1), D.reshape(-1)) / (t * t)
         gA, gB = _factor_grads(A, B, terms, Z.div_(t).add_(G), self.kernel, self.scale)
         grads = (gA, gB, grad_a, grad_t, grad_c)
         return tuple(g.to(p.dtype) for g, p in zip(grads, self.params))
