@@ -40,6 +40,7 @@ OUR_CONFIGS = {
     "snella": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
                                                           target_modules=[f"re:{t}"]),
 }
+METHOD_OF = {"snella": "snell"}  # variants that are a setting of another method
 PEFT_CONFIGS = {
     "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
     "peft_lokr": lambda peft, t: peft.LoKrConfig(r=8, alpha=16, target_modules=t),
@@ -104,7 +105,7 @@ def make(kind: str, host: str, depth: int):
 
 
 def run_host(args, host: str) -> dict:
-    kinds = [k for k in OUR_CONFIGS if k.replace("snella", "snell") in vp.list_methods()] + list(PEFT_CONFIGS)
+    kinds = [k for k in OUR_CONFIGS if METHOD_OF.get(k, k) in vp.list_methods()] + list(PEFT_CONFIGS)
     if args.only:  # the two references always run: every ratio is taken against them
         kinds = [k for k in kinds if k in ("lora", "peft_lora", *args.only)]
     if "snell" in kinds:

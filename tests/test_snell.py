@@ -232,16 +232,19 @@ def test_bucketed_kth_smallest_equals_kthvalue(dist):
         assert kth_smallest(v, k) == v.kthvalue(k).values
 
 
-def _official_snella(A, B, a, t, c, sparsity):
+def _official_snella(A, B, a, t, c, sparsity, reweight=False):
     """SNELLA's layer as the official code writes it: factors per rank half in (in, r/2)
     and (out, r/2), D = 0.1 cdist(in1, out1) - 0.1 cdist(in2, out2) of shape (in, out),
-    W = D + a softmax(D / t, -1) + c, entries with |W| at or below the quantile zeroed;
+    W = D + a softmax(D / t, -1) + c, entries with |W| at or below the quantile zeroed
+    (with reweight, as the official `sparsify`: W times the detached, thresholded |W|);
     the layer uses W^T."""
     h = A.shape[1] // 2
     D = 0.1 * torch.cdist(B[:, :h], A[:, :h]) - 0.1 * torch.cdist(B[:, h:], A[:, h:])
     W = D + a * torch.softmax(D / t, dim=-1) + c
     k = int(sparsity * W.numel())
     thr = W.detach().abs().flatten().kthvalue(k).values
+    if reweight:
+        return (W * F.threshold(W.detach().abs(), float(thr), 0.0)).t()
     return torch.where(W.abs() > thr, W, torch.zeros_like(W)).t()
 
 
@@ -259,14 +262,16 @@ def _graph_has(t: torch.Tensor, node: str) -> bool:
     return False
 
 
+@pytest.mark.parametrize("reweight", [False, True])
 @pytest.mark.parametrize("path", ["fused", "checkpointed"])
-def test_snella_softmax_term_matches_the_official_layer_values_and_gradients(path):
+def test_snella_softmax_term_matches_the_official_layer_values_and_gradients(path, reweight):
     """Both forms: dW folded into the host GEMM (a plain Linear) and the checkpointed
     delta (a hook on the host makes the wrapper run host and delta apart)."""
     torch.manual_seed(0)
     host = nn.Linear(13, 11)
     model = nn.Sequential(host)
-    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.6, softmax_term=True, target_modules=["0"]))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.6, softmax_term=True, reweight=reweight,
+                                    target_modules=["0"]))
     if path == "checkpointed":
         model[0].base_layer.register_forward_hook(lambda m, i, o: None)
     mod = model[0].adapters["default"]["full"]
@@ -276,7 +281,7 @@ def test_snella_softmax_term_matches_the_official_layer_values_and_gradients(pat
         mod.shift.fill_(0.01)
     ref_params = [p.detach().clone().requires_grad_(True)
                   for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)]
-    ref = _official_snella(*ref_params[:2], *ref_params[2:], 0.6)
+    ref = _official_snella(*ref_params[:2], *ref_params[2:], 0.6, reweight)
     dW = vp.delta_weight(model, "0")
     torch.testing.assert_close(dW, ref.detach(), rtol=1e-5, atol=1e-6)
     assert int((dW == 0).sum()) == int(0.6 * dW.numel())
