@@ -6,7 +6,7 @@ Hosts (random init, built here):
         dim 320) as self-attention and as cross-attention over 77 x 768 text tokens,
         adapters on to_q / to_k / to_v / to_out.0
 Variants: our methods (lora, krona, block_lora, and wara / snell / snella (SNELL with SNELLA's
-softmax term) when registered),
+softmax term) / snell_compiled (SNELL with vp.set_compiled_kernels(True)) when registered),
 PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a dense
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
 to the same sparsity: what SNELL's memory saving is measured against).
@@ -39,8 +39,10 @@ OUR_CONFIGS = {
     "snell": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
     "snella": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
                                                           target_modules=[f"re:{t}"]),
+    "snell_compiled": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
 }
-METHOD_OF = {"snella": "snell"}  # variants that are a setting of another method
+METHOD_OF = {"snella": "snell", "snell_compiled": "snell"}  # variants that are a setting of another method
+COMPILED = {"snell_compiled"}  # run with vp.set_compiled_kernels(True) (compiled during warm-up)
 PEFT_CONFIGS = {
     "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
     "peft_lokr": lambda peft, t: peft.LoKrConfig(r=8, alpha=16, target_modules=t),
@@ -104,6 +106,17 @@ def make(kind: str, host: str, depth: int):
     return peft.get_peft_model(model, PEFT_CONFIGS[kind](peft, targets))
 
 
+def compiled_kernels(fn, on: bool = True):
+    """fn run with vp.set_compiled_kernels(on), switched off again afterwards."""
+    def run():
+        vp.set_compiled_kernels(on)
+        try:
+            return fn()
+        finally:
+            vp.set_compiled_kernels(False)
+    return run
+
+
 def run_host(args, host: str) -> dict:
     kinds = [k for k in OUR_CONFIGS if METHOD_OF.get(k, k) in vp.list_methods()] + list(PEFT_CONFIGS)
     if args.only:  # the two references always run: every ratio is taken against them
@@ -113,19 +126,28 @@ def run_host(args, host: str) -> dict:
     models = {k: make(k, host, args.depth) for k in kinds}
     xs, y = host_inputs(host, args.batch)
     steps = {}
+    opt_state = {}
     for k, m in models.items():
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         steps[k] = step_fn(m, xs, y, opt, unpack=True)
-        for _ in range(args.warmup):
+        if k in COMPILED:
+            steps[k] = compiled_kernels(steps[k])
+        for _ in range(max(1, args.warmup)):
             steps[k]()
+        opt_state[k] = sum(t.numel() * t.element_size() for st in opt.state.values()
+                           for t in st.values() if torch.is_tensor(t))
     timing = paired(steps, "lora", args.rounds, args.steps, torch.device("cpu"), args.clock_fn)
-    mem = {k: measure_memory(m, xs, y, torch.device("cpu"), unpack=True) for k, m in models.items()}
+    mem = {k: compiled_kernels(lambda: measure_memory(m, xs, y, torch.device("cpu"), unpack=True),
+                               k in COMPILED)() for k, m in models.items()}
     peft_ms = timing["peft_lora"]["ms"]
     return {"host": host, "batch": args.batch,
             "step": {k: {**v, "vs_peft_lora": round(v["ms"] / peft_ms, 3)} for k, v in timing.items()},
             "memory_mb": {k: round(v / 2**20, 1) for k, v in mem.items()},
             "memory_vs_lora": {k: round(v / mem["lora"], 3) for k, v in mem.items()},
+            # what AdamW keeps between steps (two moments per trainable value), which the
+            # memory figure above leaves out; SNELL's paper counts it
+            "adamw_state_mb": {k: round(v / 2**20, 1) for k, v in opt_state.items()},
             "trainable": {k: sum(p.numel() for p in m.parameters() if p.requires_grad)
                           for k, m in models.items()}}
 

@@ -27,6 +27,7 @@ from .methods import *  # noqa: E402,F401,F403
 from .methods import __all__ as _method_names  # noqa: E402
 from .backbones import presets  # noqa: E402
 from .interop import ExportReport, InteropError, detect_format, export, import_adapter  # noqa: E402
+from .ops.compiled import set_compiled_kernels  # noqa: E402
 
 __all__ = [
     "MethodConfig", "ConfigError", "TargetError", "AdapterFileError",
@@ -34,5 +35,6 @@ __all__ = [
     "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
     "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",
     "presets", "export", "import_adapter", "detect_format", "ExportReport", "InteropError",
+    "set_compiled_kernels",
     *_method_names,
 ]

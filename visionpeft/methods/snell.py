@@ -17,6 +17,10 @@ Kernels (`kernel`):
 A and B are Kaiming-uniform, as in the official code: dW is small but not zero at init.
 `reweight=True` reproduces the official code's kept values, dW * |dW| (detached).
 
+With `vp.set_compiled_kernels(True)` the distance and RBF kernels on a plain Linear run as
+torch.compile'd loops instead (``fused_*`` below: dW built entry by entry with the
+threshold's count pass in the same sweep, and the whole backward in one function).
+
 SNELLA's mixed kernel (`softmax_term=True`; read from the official SNELLA layer in
 ssfgunner/SNELL, the paper's method text was not available to us): with D the kernel
 matrix above, dW = D + a * softmax(D / t) + c before sparsification, the softmax taken
@@ -25,9 +29,11 @@ learnable scalars per layer initialised to 1, 1, 0.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +42,9 @@ from torch.utils.checkpoint import checkpoint
 from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import MethodConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
+from ..ops.compiled import compiled, compiled_kernels_enabled
 from ..ops.weight_delta import WeightDelta, linear_with_weight_delta
+from ..ops.workspace import scratch
 
 KERNELS = ("distance", "linear", "rbf")
 
@@ -79,29 +87,182 @@ def _raw_delta(A, B, kernel: str, scale: float):
 
 
 def _factor_grads(A, B, terms: list[torch.Tensor], G: torch.Tensor, kernel: str, scale: float):
-    """dL/dA, dL/dB from G = dL/d(dense dW). Each half of the kernel contributes
-    grad_a_i = c sum_j H_ij (a_i - b_j) (mirrored for b_j): one skinny product per factor,
-    rowsum(H) * A - H B. Overwrites ``terms`` (H is written over them)."""
+    """dL/dA, dL/dB from G = dL/d(dense dW). Overwrites ``terms`` (H is written over them):
+    distance H_k = G / T_k (coincident points get no gradient, as in cdist's backward),
+    rbf H_k = G * T_k."""
     if kernel == "linear":
         GB, GtA, _, _ = _skinny_grads(G, A, B)
         return GB * scale, GtA * scale
+    if kernel == "distance":
+        Hs = [torch.div(G, T, out=T).nan_to_num_(0.0, 0.0, 0.0) for T in terms]
+    else:
+        Hs = [T.mul_(G) for T in terms]
+    return _grads_from_h(A, B, Hs, kernel, scale)
+
+
+def _grads_from_h(A, B, Hs: list[torch.Tensor], kernel: str, scale: float):
+    """Each half of the kernel contributes grad_a_i = c sum_j H_ij (a_i - b_j) (mirrored
+    for b_j): one skinny product per factor, rowsum(H) * A - H B. The constant c:
+    distance d(|s| D)/da = s^2 (a - b) / (|s| D) with sign(s) folded in; rbf
+    d(s exp(-d^2/h))/da = -(2/h) s exp(-d^2/h) (a - b)."""
     h = A.shape[1] // 2
     grad_A, grad_B = [], []
-    for k, T, sign in ((slice(0, h), terms[0], 1.0), (slice(h, None), terms[1], -1.0)):
-        if kernel == "distance":
-            # d(|s| D)/da = s^2 (a - b) / (|s| D), sign(s) folded in; coincident points
-            # get no gradient, as in cdist's backward
-            H = torch.div(G, T, out=T).nan_to_num_(0.0, 0.0, 0.0)
-            c = sign * scale * abs(scale)
-        else:
-            # d(s exp(-d^2/h))/da = -(2/h) s exp(-d^2/h) (a - b)
-            H = T.mul_(G)
-            c = -sign * 2.0 / h
+    for k, H, sign in ((slice(0, h), Hs[0], 1.0), (slice(h, None), Hs[1], -1.0)):
+        c = sign * scale * abs(scale) if kernel == "distance" else -sign * 2.0 / h
         Ak, Bk = A[:, k], B[:, k]
         HB, HtA, row, col = _skinny_grads(H, Ak, Bk)
         grad_A.append((row * Ak - HB) * c)
         grad_B.append((col * Bk - HtA) * c)
     return torch.cat(grad_A, 1), torch.cat(grad_B, 1)
+
+
+# --- the same, entry by entry, for the compiled path (ops/compiled.py) -----------------
+# Written as broadcasts over (out, in) with no intermediate GEMM, so that inductor fuses
+# each function into one loop; the eager path above is faster without compilation.
+def _pointwise_terms(A: torch.Tensor, Bt: torch.Tensor, kernel: str, scale: float) -> list[torch.Tensor]:
+    """T1, T2 of ``_half_terms`` from A (out, r) and Bt = B^T (r, in), each squared
+    distance summed coordinate by coordinate (exact: no |a|^2 + |b|^2 - 2ab cancellation)."""
+    return _terms_from_differences(lambda k: A[:, k:k + 1] - Bt[k:k + 1], A.shape[1] // 2, kernel, scale)
+
+
+def _terms_from_differences(diff, h: int, kernel: str, scale: float) -> list[torch.Tensor]:
+    """T1, T2 from diff(k) = a_k - b_k, coordinate k of the rank, over any broadcast shape."""
+    terms = []
+    for k0 in (0, h):
+        q = sum(diff(k).square() for k in range(k0, k0 + h))
+        terms.append(abs(scale) * q.sqrt() if kernel == "distance" else scale * torch.exp(-q / h))
+    return terms
+
+
+def _pointwise_delta(terms: list[torch.Tensor], kernel: str, scale: float) -> torch.Tensor:
+    D = terms[0] - terms[1]
+    return -D if kernel == "distance" and scale < 0 else D
+
+
+def _pointwise_kept(D: torch.Tensor, threshold: torch.Tensor, reweight: bool) -> torch.Tensor:
+    kept = torch.where(D.abs() > threshold, D, 0.0)
+    return kept * D.abs() if reweight else kept
+
+
+# Each writes into buffers it is given (ops/workspace.py: no fresh (out, in) memory per
+# step on CPU); inductor stores straight into them.
+@compiled
+def fused_kernel_matrix(A, Bt, kernel: str, scale: float, out) -> None:
+    """out = the dense kernel matrix (nothing zeroed)."""
+    out.copy_(_pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale))
+
+
+@compiled
+def fused_kernel_and_count(A, Bt, kernel: str, scale: float, lo, hi, segments: int, out):
+    """out = the dense kernel matrix, and in the same loop the count pass of
+    ``kth_smallest`` over |dW| with the bracket [lo, hi]. Rather than a compaction of the
+    entries inside (torch.nonzero, a slow extra pass), the flat matrix is cut into
+    ``segments`` interleaved strips (entry e in strip e // (n / segments)) and, for every
+    position across the strips, the number of entries inside and the smallest of them are
+    reduced: with ~1% inside, a position holds at most one almost always, and that one is
+    its minimum. Returns (#|dW| < lo, counts, minima)."""
+    D = _pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale)
+    out.copy_(D)
+    a = D.abs().reshape(segments, -1)
+    inside = (a >= lo) & (a <= hi)
+    return ((a < lo).sum(), inside.sum(0, dtype=torch.int32),
+            torch.where(inside, a, torch.full_like(a, float("inf"))).amin(0))
+
+
+@compiled
+def fused_effective_weight(D, W, threshold, host_scale: float, reweight: bool, out) -> None:
+    """out = W + host_scale * keep_largest(D)."""
+    out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
+
+
+@compiled
+def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, host_scale: float,
+                           reweight: bool, w_out):
+    """The backward's (out, in) work with nothing (out, in) kept but W': rebuild the kernel,
+    write W' = W + s dW for dL/dx, and from G = g^T x (mask, reweight and the host scale
+    applied) reduce each half's H_k of ``_grads_from_h`` straight to its row sums, H_k B_k,
+    column sums and H_k^T A_k. Returns (rows (out, 2 (h+1)), cols (in, 2 (h+1))), each
+    half's block [sum, products...]."""
+    terms = _pointwise_terms(A, Bt, kernel, scale)
+    D = _pointwise_delta(terms, kernel, scale)
+    w_out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
+    Gm = torch.where(D.abs() > threshold, G.to(D.dtype) * host_scale, 0.0)
+    if reweight:
+        Gm = Gm * D.abs()
+    h = A.shape[1] // 2
+    rows, cols = [], []
+    for T, k0 in ((terms[0], 0), (terms[1], h)):
+        H = torch.where(T > 0, Gm / T, 0.0) if kernel == "distance" else Gm * T
+        rows.append(H.sum(1))
+        cols.append(H.sum(0))
+        for k in range(k0, k0 + h):
+            rows.append((H * Bt[k:k + 1]).sum(1))
+            cols.append((H * A[:, k:k + 1]).sum(0))
+    return torch.stack(rows, 1), torch.stack(cols, 1)
+
+
+def _grads_from_sums(A, B, rows, cols, kernel: str, scale: float):
+    """``_grads_from_h`` from the reductions ``fused_weight_and_grads`` returns."""
+    h = A.shape[1] // 2
+    grad_A, grad_B = [], []
+    for half, sign in ((0, 1.0), (1, -1.0)):
+        c = sign * scale * abs(scale) if kernel == "distance" else -sign * 2.0 / h
+        k, j = slice(half * h, (half + 1) * h), half * (h + 1)
+        grad_A.append((rows[:, j:j + 1] * A[:, k] - rows[:, j + 1:j + 1 + h]) * c)
+        grad_B.append((cols[:, j:j + 1] * B[:, k] - cols[:, j + 1:j + 1 + h]) * c)
+    return torch.cat(grad_A, 1), torch.cat(grad_B, 1)
+
+
+@compiled
+def fused_sample(A, B, rows, cols, kernel: str, scale: float) -> torch.Tensor:
+    """|dW| at the positions (rows, cols), from the factors."""
+    Ai, Bj = A[rows], B[cols]
+    terms = _terms_from_differences(lambda k: Ai[:, k] - Bj[:, k], A.shape[1] // 2, kernel, scale)
+    return _pointwise_delta(terms, kernel, scale).abs()
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(n: int, fan_in: int, sample: int, device: torch.device):
+    """Row and column of every (n // sample)-th entry of a flattened (n / fan_in, fan_in)."""
+    flat = torch.arange(0, n, n // sample, device=device)
+    return flat // fan_in, flat % fan_in
+
+
+def fused_kernel_and_threshold(A, B, kernel: str, scale: float, n_zero: int, out,
+                               sample: int = 32768) -> float | None:
+    """Build the kernel matrix into ``out`` and return ``sparsity_threshold`` of it, the
+    same bracket search as ``kth_smallest`` with its count pass fused into the build:
+    the sample is evaluated from the factors (no pass over dW), the bracket counted while
+    dW is written, and kthvalue runs only on the entries inside. Exact, as there."""
+    Bt = B.t().contiguous()
+    n = out.numel()
+    if n_zero <= 0 or n < 4 * sample:
+        fused_kernel_matrix(A, Bt, kernel, scale, out)
+        return None if n_zero <= 0 else float(out.reshape(-1).abs().kthvalue(n_zero).values)
+    rows, cols = _sample_positions(n, B.shape[0], sample, A.device)
+    lo, hi = _sample_bracket(fused_sample(A, B, rows, cols, kernel, scale), n_zero / n)
+    segments = 16 if n % 16 == 0 else 1
+    below, counts, minima = fused_kernel_and_count(A, Bt, kernel, scale, out.new_tensor(lo), out.new_tensor(hi),
+                                                   segments, out)
+    below = int(below)
+    values = _inside_values(out.reshape(segments, -1), counts, minima, lo, hi)
+    if below >= n_zero or below + values.numel() < n_zero:  # the bracket missed
+        return float(out.reshape(-1).abs().kthvalue(n_zero).values)
+    return float(values.kthvalue(n_zero - below).values)
+
+
+def _inside_values(strips: torch.Tensor, counts: torch.Tensor, minima: torch.Tensor, lo: float,
+                   hi: float) -> torch.Tensor:
+    """Every |dW| in [lo, hi] from ``fused_kernel_and_count``'s per-position counts and
+    minima: the minimum where a position holds one, the strips' entries where it holds
+    several. In numpy on CPU (these arrays are small; numpy's indexing costs a fraction of
+    torch's dispatch here)."""
+    if strips.device.type == "cpu":
+        c, m = counts.numpy(), minima.numpy()
+        rest = np.abs(strips.numpy()[:, np.flatnonzero(c > 1)]).ravel()
+        return torch.from_numpy(np.concatenate([m[c == 1], rest[(rest >= lo) & (rest <= hi)]]))
+    rest = strips[:, (counts > 1).nonzero().squeeze(1)].abs().reshape(-1)
+    return torch.cat([minima[counts == 1], rest[(rest >= lo) & (rest <= hi)]])
 
 
 def keep_largest(dW: torch.Tensor, threshold: float | None, reweight: bool = False) -> torch.Tensor:
@@ -193,6 +354,40 @@ class SNELLDelta(WeightDelta):
         gA, gB = _factor_grads(A, B, terms, G, self.kernel, self.scale)
         return gA.to(self.params[0].dtype), gB.to(self.params[1].dtype)
 
+    # compiled path: kernel, mask and W' fused per step (ops/compiled.py), when turned on
+    def _fused(self, W: torch.Tensor) -> bool:
+        return compiled_kernels_enabled() and self.kernel != "linear" and W.dim() == 2
+
+    def _threshold_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        # -1 keeps every entry (|dW| >= 0); a tensor, so a new value never recompiles
+        t = -1.0 if self.threshold is None else self.threshold
+        return torch.tensor(t, dtype=like.dtype, device=like.device)
+
+    @torch.no_grad()
+    def effective_weight(self, W, scale):
+        if not self._fused(W):
+            return super().effective_weight(W, scale)
+        A, B = self._factors()
+        D = scratch(0, W.shape, A.dtype, W.device)
+        self.threshold = fused_kernel_and_threshold(A, B, self.kernel, self.scale, self.n_zero, D)
+        w_eff = scratch(1, W.shape, W.dtype, W.device)
+        fused_effective_weight(D, W, self._threshold_tensor(D), float(scale), self.reweight, w_eff)
+        return w_eff
+
+    @torch.no_grad()
+    def backward(self, g, x2, W, scale, need_x, need_W):
+        if not self._fused(W):
+            return super().backward(g, x2, W, scale, need_x, need_W)
+        A, B = self._factors()
+        G = torch.mm(g.t(), x2, out=scratch(0, W.shape, g.dtype, g.device))
+        grad_W = G.clone() if need_W else None
+        w_eff = scratch(1, W.shape, W.dtype, W.device)
+        rows, cols = fused_weight_and_grads(A, B.t().contiguous(), W, G, self._threshold_tensor(A),
+                                            self.kernel, self.scale, float(scale), self.reweight, w_eff)
+        grad_x = g @ w_eff if need_x else None
+        gA, gB = _grads_from_sums(A, B, rows, cols, self.kernel, self.scale)
+        return grad_x, grad_W, (gA.to(self.params[0].dtype), gB.to(self.params[1].dtype))
+
 
 class SNELLADelta(SNELLDelta):
     """SNELLA's mixed kernel K = D + a softmax(D / t) + c for ``linear_with_weight_delta``,
@@ -210,6 +405,9 @@ class SNELLADelta(SNELLDelta):
 
     def _mix(self):
         return tuple(p.detach().float() for p in self.params[2:])
+
+    def _fused(self, W):  # the softmax term has no compiled form yet
+        return False
 
     @torch.no_grad()
     def build(self) -> torch.Tensor:
@@ -283,6 +481,18 @@ def zero_count(sparsity: float, numel: int) -> int:
     return int(math.floor(float(sparsity) * numel))
 
 
+def _sample_bracket(sub: torch.Tensor, q: float) -> tuple[float, float]:
+    """(lo, hi) around the q-quantile of a population from a sample of it, wide enough
+    (four standard errors) that the population's quantile lies inside almost always."""
+    m = sub.numel()
+    margin = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
+    k_lo, k_hi = max(1, math.floor((q - margin) * m)), min(m, math.ceil((q + margin) * m))
+    if sub.device.type == "cpu":  # one numpy partition for both: half the time of two kthvalue
+        part = np.partition(sub.detach().contiguous().numpy(), [k_lo - 1, k_hi - 1])
+        return float(part[k_lo - 1]), float(part[k_hi - 1])
+    return float(sub.kthvalue(k_lo).values), float(sub.kthvalue(k_hi).values)
+
+
 def kth_smallest(v: torch.Tensor, k: int, sample: int = 32768) -> float:
     """The k-th smallest value of a flat tensor (1-based), exactly as kthvalue but several
     times faster on large tensors: a strided sample brackets the k-th value, one pass
@@ -294,12 +504,7 @@ def kth_smallest(v: torch.Tensor, k: int, sample: int = 32768) -> float:
     n = v.numel()
     if n < 4 * sample:
         return float(v.kthvalue(k).values)
-    sub = v[:: n // sample]
-    m = sub.numel()
-    q = k / n
-    margin = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
-    lo = float(sub.kthvalue(max(1, math.floor((q - margin) * m))).values)
-    hi = float(sub.kthvalue(min(m, math.ceil((q + margin) * m))).values)
+    lo, hi = _sample_bracket(v[:: n // sample], k / n)
     at_least_lo = v >= lo
     below = n - int(torch.count_nonzero(at_least_lo))
     inside = v[at_least_lo & (v <= hi)]

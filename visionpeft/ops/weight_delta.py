@@ -11,6 +11,8 @@ A method describes its dW with a ``WeightDelta``: ``build`` for the forward, and
 (SNELL) can keep what its gradient needs from the rebuild and skip autograd. The dW that
 ``build``/``rebuild`` return belongs to the caller, which turns it into W' in place: on
 CPU every fresh (out x in) tensor costs page faults, a sizeable part of these layers' time.
+A method that fuses the whole step (SNELL's compiled kernels) overrides the two steps the
+Function runs, ``effective_weight`` and ``backward``, instead.
 """
 from __future__ import annotations
 
@@ -42,6 +44,23 @@ class WeightDelta:
         """Gradients of ``params`` given dL/d(dW); may overwrite ``grad_dW``."""
         return torch.autograd.grad(state, self.params, grad_dW.to(state.dtype), allow_unused=True)
 
+    # The two steps the Function runs. A method that fuses building W' with its
+    # gradient (SNELL's compiled kernels) overrides them; the rest use build/rebuild.
+    def effective_weight(self, W: torch.Tensor, scale: float) -> torch.Tensor:
+        """W' = W + scale * dW for the forward."""
+        return _effective_weight(self.build(), W, scale)
+
+    def backward(self, g: torch.Tensor, x2: torch.Tensor, W: torch.Tensor, scale: float,
+                 need_x: bool, need_W: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple]:
+        """(dL/dx, dL/dW (a trainable host weight), gradients of ``params``). W' is
+        rebuilt and freed before g^T x is formed: one of the two (out, in) products alive."""
+        dW, state = self.rebuild()
+        grad_x = g @ _effective_weight(dW, W, scale) if need_x else None
+        del dW
+        grad_w_eff = g.t() @ x2
+        grad_W = grad_w_eff.clone() if need_W else None
+        return grad_x, grad_W, self.param_grads(state, grad_w_eff.mul_(scale))
+
 
 def host_linear(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x2 W^T + b for 2-D x2 as one GEMM into a fresh tensor the caller may accumulate into
@@ -60,7 +79,7 @@ class _WeightDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, W, b, scale, delta, *params):
         with torch.no_grad():
-            w_eff = _effective_weight(delta.build(), W, scale)
+            w_eff = delta.effective_weight(W, scale)
         ctx.delta, ctx.scale = delta, scale
         ctx.save_for_backward(x2, W)
         return F.linear(x2, w_eff, b)
@@ -69,12 +88,8 @@ class _WeightDeltaLinear(torch.autograd.Function):
     def backward(ctx, g):
         x2, W = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
-        dW, state = ctx.delta.rebuild()
-        grad_x = g @ _effective_weight(dW, W, ctx.scale) if need_x else None
-        del dW
-        grad_w_eff = g.t() @ x2
-        grad_W = grad_w_eff.clone() if need_W else None
-        grads = ctx.delta.param_grads(state, grad_w_eff.mul_(ctx.scale))
+        with torch.no_grad():
+            grad_x, grad_W, grads = ctx.delta.backward(g, x2, W, ctx.scale, need_x, need_W)
         return (grad_x, grad_W, g.sum(0) if need_b else None, None, None, *grads)
 
 
@@ -85,7 +100,7 @@ def linear_with_weight_delta(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor |
     if torch.is_autocast_enabled(x.device.type) or x.dtype != W.dtype:
         return None
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in (x, W, *delta.params))):
-        return F.linear(x, _effective_weight(delta.build(), W, scale), b)
+        return F.linear(x, delta.effective_weight(W, scale), b)
     x2 = x.reshape(-1, x.shape[-1])
     y = _WeightDeltaLinear.apply(x2, W, b, scale, delta, *delta.params)
     return y.view(*x.shape[:-1], W.shape[0])

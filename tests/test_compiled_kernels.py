@@ -1,0 +1,118 @@
+"""SNELL's compiled (torch.compile) kernels against autograd in float64, the exact
+threshold, scratch-buffer reuse across layers, and the eager fallback."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import visionpeft as vp
+import visionpeft.methods.snell as snell
+from visionpeft.ops import compiled as compiled_mod
+from visionpeft.ops.workspace import release_scratch, scratch
+
+
+@pytest.fixture
+def compiled_on():
+    vp.set_compiled_kernels(True)
+    yield
+    vp.set_compiled_kernels(False)
+    release_scratch()
+
+
+def _reference(A, B, kernel, scale, n_zero, reweight):
+    """Autograd through cdist, kthvalue and where() (as tests/test_snell.py)."""
+    h = A.shape[1] // 2
+    if kernel == "distance":
+        d = (torch.cdist(A[:, :h], B[:, :h]) - torch.cdist(A[:, h:], B[:, h:])) * scale
+    else:
+        d = (torch.exp(-torch.cdist(A[:, :h], B[:, :h]) ** 2 / h)
+             - torch.exp(-torch.cdist(A[:, h:], B[:, h:]) ** 2 / h)) * scale
+    t = d.detach().abs().flatten().kthvalue(n_zero).values
+    kept = torch.where(d.detach().abs() > t, d, torch.zeros_like(d))
+    return kept * d.detach().abs() if reweight else kept
+
+
+@pytest.mark.parametrize("kernel,reweight,shapes", [
+    # (out, in) per layer; 512 x 256 takes the sampled-bracket threshold, two shapes in a
+    # row share the scratch buffers
+    ("distance", False, [(256, 512), (512, 256)]),
+    ("rbf", True, [(40, 24)]),
+    ("distance", True, [(40, 24)]),
+])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager would hide the compiled path
+def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monkeypatch, kernel, reweight, shapes):
+    calls = []
+    fused = snell.fused_weight_and_grads
+    monkeypatch.setattr(snell, "fused_weight_and_grads", lambda *a: calls.append(1) or fused(*a))
+    torch.manual_seed(0)
+    layers = [nn.Linear(i, o) for o, i in shapes]
+    model = nn.Sequential(*layers)
+    names = [str(k) for k in range(len(layers))]
+    vp.inject(model, vp.SNELLConfig(r=8, sparsity=0.9, kernel=kernel, reweight=reweight, target_modules=names))
+    x = torch.randn(2, 3, shapes[0][1])
+    out = model(x)
+    out.square().sum().backward()
+    assert len(calls) == len(layers)  # every layer's backward took the compiled path
+
+    # the same model in float64 through autograd
+    mods = [model[k].adapters["default"]["full"] for k in range(len(layers))]
+    params = [(m.A.detach().double().requires_grad_(True), m.B.detach().double().requires_grad_(True)) for m in mods]
+    xr = x.double()
+    for lin, m, (A, B) in zip(layers, mods, params):
+        dW = _reference(A, B, kernel, m.scale, int(m.n_zero), reweight)
+        xr = F.linear(xr, lin.weight.double() + dW, lin.bias.double())
+    torch.testing.assert_close(out.double(), xr, atol=2e-5, rtol=1e-4)
+    xr.square().sum().backward()
+    for m, (A, B) in zip(mods, params):
+        torch.testing.assert_close(m.A.grad.double(), A.grad, atol=1e-5, rtol=1e-3)
+        torch.testing.assert_close(m.B.grad.double(), B.grad, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape,kernel", [((96, 160), "distance"), ((101, 97), "rbf")])  # 97*101: 1 strip
+def test_fused_threshold_equals_kthvalue_and_zeroes_the_requested_count(compiled_on, shape, kernel):
+    torch.manual_seed(0)
+    A, B = torch.randn(shape[0], 8) * 0.2, torch.randn(shape[1], 8) * 0.2
+    n = shape[0] * shape[1]
+    for sparsity in (0.5, 0.9, 0.99):
+        k = snell.zero_count(sparsity, n)
+        out = torch.empty(shape)
+        # a small sample forces the bracket search at this size
+        t = snell.fused_kernel_and_threshold(A, B, kernel, 0.1, k, out, sample=256)
+        dense = snell.kernel_matrix(A.double(), B.double(), kernel, 0.1)
+        torch.testing.assert_close(out.double(), dense, atol=1e-6, rtol=1e-5)
+        assert t == float(out.abs().flatten().kthvalue(k).values)
+        assert int((out.abs() <= t).sum()) == k  # no ties in continuous data
+
+
+def test_fused_threshold_falls_back_when_the_bracket_misses(compiled_on, monkeypatch):
+    torch.manual_seed(0)
+    A, B = torch.randn(64, 8) * 0.2, torch.randn(96, 8) * 0.2
+    k = snell.zero_count(0.9, 64 * 96)
+    monkeypatch.setattr(snell, "_sample_bracket", lambda sub, q: (10.0, 11.0))  # nothing inside
+    out = torch.empty(64, 96)
+    t = snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, sample=256)
+    assert t == float(out.abs().flatten().kthvalue(k).values)
+
+
+def test_failed_compilation_runs_eagerly_after_one_warning(compiled_on, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    f = compiled_mod.compiled(lambda a: a * 2 + 1)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 3.0))
+
+
+def test_switch_refuses_non_bool_and_scratch_reuses_memory():
+    with pytest.raises(TypeError, match="True or False"):
+        vp.set_compiled_kernels("yes")
+    a = scratch(7, (4, 8), torch.float32, torch.device("cpu"))
+    b = scratch(7, (2, 3), torch.float32, torch.device("cpu"))
+    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    release_scratch()

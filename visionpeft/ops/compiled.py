@@ -1,0 +1,74 @@
+"""Opt-in torch.compile of the pointwise kernels some methods run over (out, in) matrices.
+
+SNELL's step is dominated by a dozen elementwise passes over every adapted weight (kernel
+distances, square roots, masks, divisions); in eager mode each is a trip through memory.
+Compiled, inductor fuses each chain into one loop (C++ with OpenMP on CPU, Triton on
+CUDA). It is off by default because the first call of each function compiles (seconds to
+tens of seconds, cached on disk by inductor afterwards) and needs a C++ compiler on CPU:
+
+    import visionpeft as vp
+    vp.set_compiled_kernels(True)      # or VISIONPEFT_COMPILED_KERNELS=1 in the environment
+
+A function whose compilation fails runs eagerly from then on, after one warning; the
+eager and compiled forms compute the same values (tests compare them).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
+from typing import Callable
+
+import torch
+
+_state = {"enabled": os.environ.get("VISIONPEFT_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes")}
+
+
+def set_compiled_kernels(enabled: bool) -> None:
+    """Turn the compiled pointwise kernels on or off for every adapter from the next call."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_compiled_kernels takes True or False, got {enabled!r}")
+    _state["enabled"] = enabled
+
+
+def compiled_kernels_enabled() -> bool:
+    return _state["enabled"]
+
+
+def compiled(fn: Callable) -> Callable:
+    """``fn`` compiled when compiled kernels are on, ``fn`` itself otherwise or after a
+    failed compilation. One compilation per distinct signature (tensor shapes, dtypes,
+    strides, devices and the other arguments' values), each with static shapes: inductor's
+    dynamic-shape code measured up to twice as slow on CPU here, and dynamo's per-function
+    recompile limit (8) would otherwise send a model's ninth layer shape back to eager."""
+    state: dict = {"failed": False}
+    by_signature: dict = {}
+
+    @functools.wraps(fn)
+    def run(*args):
+        if not _state["enabled"] or state["failed"] or torch.compiler.is_compiling():
+            return fn(*args)
+        key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                    for a in args)
+        try:
+            compiled_fn = by_signature.get(key)
+            if compiled_fn is None:
+                compiled_fn = by_signature[key] = torch.compile(_own_code(fn), fullgraph=True, dynamic=False)
+            return compiled_fn(*args)
+        except Exception as err:  # no compiler, unsupported backend: fall back, say so once
+            state["failed"] = True
+            warnings.warn(f"visionpeft: compiling {fn.__name__} failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly",
+                          RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    run.eager = fn
+    return run
+
+
+def _own_code(fn: Callable) -> Callable:
+    """A copy of ``fn`` with its own code object: dynamo keys its cache (and its recompile
+    limit) on the code object, so each signature gets a cache of its own."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
