@@ -15,9 +15,10 @@ from visionpeft.ops.workspace import release_scratch, scratch
 
 @pytest.fixture
 def compiled_on():
+    before = compiled_mod.compiled_kernels_enabled()
     vp.set_compiled_kernels(True)
     yield
-    vp.set_compiled_kernels(False)
+    vp.set_compiled_kernels(before)
     release_scratch()
 
 
@@ -86,14 +87,41 @@ def test_fused_threshold_equals_kthvalue_and_zeroes_the_requested_count(compiled
         assert int((out.abs() <= t).sum()) == k  # no ties in continuous data
 
 
-def test_fused_threshold_falls_back_when_the_bracket_misses(compiled_on, monkeypatch):
+@pytest.mark.parametrize("bracket", [(10.0, 11.0), (0.0, 1e-9)])  # above / below every entry
+def test_fused_threshold_falls_back_when_the_bracket_misses(compiled_on, monkeypatch, bracket):
     torch.manual_seed(0)
     A, B = torch.randn(64, 8) * 0.2, torch.randn(96, 8) * 0.2
     k = snell.zero_count(0.9, 64 * 96)
-    monkeypatch.setattr(snell, "_sample_bracket", lambda sub, q: (10.0, 11.0))  # nothing inside
+    monkeypatch.setattr(snell, "_sample_bracket", lambda sub, q: bracket)
     out = torch.empty(64, 96)
     t = snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, sample=256)
     assert t == float(out.abs().flatten().kthvalue(k).values)
+
+
+def test_inference_then_training_and_a_new_scale_do_not_break_or_recompile(compiled_on):
+    """Scratch buffers first made under inference_mode stay writable in training; the
+    adapter scale is a tensor argument, so changing it reuses the compiled kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40))
+    vp.inject(model, vp.SNELLConfig(r=8, sparsity=0.9, target_modules=["0"]))
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    sizes = (len(snell.fused_effective_weight.signatures), len(snell.fused_weight_and_grads.signatures))
+    for s in (0.5, 0.7):
+        vp.set_scale(model, "default", s)
+        out = model(x)
+        out.sum().backward()
+        vp.set_compiled_kernels(False)
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        vp.set_compiled_kernels(True)
+    assert (len(snell.fused_effective_weight.signatures), len(snell.fused_weight_and_grads.signatures)) == sizes
+
+
+def test_bracketed_kth_smallest_takes_bfloat16():
+    v = torch.rand(131_077).bfloat16()
+    assert snell.kth_smallest(v, 1000) == float(v.float().kthvalue(1000).values)
 
 
 def test_failed_compilation_runs_eagerly_after_one_warning(compiled_on, monkeypatch):
@@ -107,6 +135,15 @@ def test_failed_compilation_runs_eagerly_after_one_warning(compiled_on, monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(f(torch.ones(2)), torch.full((2,), 3.0))
+
+
+def test_an_input_error_is_raised_and_keeps_compilation_on(compiled_on):
+    f = compiled_mod.compiled(lambda a, b: a + b)
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        f(torch.ones(3), torch.ones(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(f(torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_switch_refuses_non_bool_and_scratch_reuses_memory():

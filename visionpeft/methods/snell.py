@@ -154,35 +154,37 @@ def fused_kernel_matrix(A, Bt, kernel: str, scale: float, out) -> None:
 
 @compiled
 def fused_kernel_and_count(A, Bt, kernel: str, scale: float, lo, hi, segments: int, out):
-    """out = the dense kernel matrix, and in the same loop the count pass of
-    ``kth_smallest`` over |dW| with the bracket [lo, hi]. Rather than a compaction of the
+    """out = the dense kernel matrix, then the count pass of ``kth_smallest`` over |dW|
+    with the bracket [lo, hi] (a second loop over ``out``). Rather than a compaction of the
     entries inside (torch.nonzero, a slow extra pass), the flat matrix is cut into
     ``segments`` interleaved strips (entry e in strip e // (n / segments)) and, for every
     position across the strips, the number of entries inside and the smallest of them are
     reduced: with ~1% inside, a position holds at most one almost always, and that one is
     its minimum. Returns (#|dW| < lo, counts, minima)."""
-    D = _pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale)
-    out.copy_(D)
-    a = D.abs().reshape(segments, -1)
+    out.copy_(_pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale))
+    a = out.abs().reshape(segments, -1)  # read back: computed from D, inductor keeps a temporary copy
     inside = (a >= lo) & (a <= hi)
     return ((a < lo).sum(), inside.sum(0, dtype=torch.int32),
             torch.where(inside, a, torch.full_like(a, float("inf"))).amin(0))
 
 
 @compiled
-def fused_effective_weight(D, W, threshold, host_scale: float, reweight: bool, out) -> None:
-    """out = W + host_scale * keep_largest(D)."""
+def fused_effective_weight(D, W, threshold, host_scale, reweight: bool, out) -> None:
+    """out = W + host_scale * keep_largest(D) (``host_scale`` a 0-d tensor: no recompile
+    when the adapter's scale changes)."""
     out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
 
 
 @compiled
-def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, host_scale: float,
+def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, host_scale,
                            reweight: bool, w_out):
-    """The backward's (out, in) work with nothing (out, in) kept but W': rebuild the kernel,
-    write W' = W + s dW for dL/dx, and from G = g^T x (mask, reweight and the host scale
-    applied) reduce each half's H_k of ``_grads_from_h`` straight to its row sums, H_k B_k,
-    column sums and H_k^T A_k. Returns (rows (out, 2 (h+1)), cols (in, 2 (h+1))), each
-    half's block [sum, products...]."""
+    """The backward's (out, in) work in one compiled function: rebuild the kernel, write
+    W' = W + s dW for dL/dx, and from G = g^T x (mask, reweight and the host scale
+    applied) reduce each half's H_k of ``_grads_from_h`` to its row sums, H_k B_k, column
+    sums and H_k^T A_k (inductor: a row loop and a column loop; writing H into scratch
+    buffers instead measured 1.6x slower). Returns (rows (out, 2 (h+1)), cols
+    (in, 2 (h+1))), each half's block [sum, products...]. ``host_scale`` is a tensor, so a
+    new adapter scale does not recompile."""
     terms = _pointwise_terms(A, Bt, kernel, scale)
     D = _pointwise_delta(terms, kernel, scale)
     w_out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
@@ -231,9 +233,10 @@ def _sample_positions(n: int, fan_in: int, sample: int, device: torch.device):
 def fused_kernel_and_threshold(A, B, kernel: str, scale: float, n_zero: int, out,
                                sample: int = 32768) -> float | None:
     """Build the kernel matrix into ``out`` and return ``sparsity_threshold`` of it, the
-    same bracket search as ``kth_smallest`` with its count pass fused into the build:
-    the sample is evaluated from the factors (no pass over dW), the bracket counted while
-    dW is written, and kthvalue runs only on the entries inside. Exact, as there."""
+    same bracket search as ``kth_smallest`` with its count pass compiled together with the
+    build: the sample is evaluated from the factors (no pass over dW), the bracket counted
+    without boolean tensors or a compaction, and kthvalue runs only on the entries inside.
+    Exact, as there."""
     Bt = B.t().contiguous()
     n = out.numel()
     if n_zero <= 0 or n < 4 * sample:
@@ -358,10 +361,11 @@ class SNELLDelta(WeightDelta):
     def _fused(self, W: torch.Tensor) -> bool:
         return compiled_kernels_enabled() and self.kernel != "linear" and W.dim() == 2
 
-    def _threshold_tensor(self, like: torch.Tensor) -> torch.Tensor:
-        # -1 keeps every entry (|dW| >= 0); a tensor, so a new value never recompiles
+    def _scalars(self, like: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(threshold, host scale) as 0-d tensors, so new values never recompile; a
+        threshold of -1 keeps every entry (|dW| >= 0)."""
         t = -1.0 if self.threshold is None else self.threshold
-        return torch.tensor(t, dtype=like.dtype, device=like.device)
+        return torch.tensor([t, float(scale)], dtype=like.dtype, device=like.device).unbind()
 
     @torch.no_grad()
     def effective_weight(self, W, scale):
@@ -371,7 +375,7 @@ class SNELLDelta(WeightDelta):
         D = scratch(0, W.shape, A.dtype, W.device)
         self.threshold = fused_kernel_and_threshold(A, B, self.kernel, self.scale, self.n_zero, D)
         w_eff = scratch(1, W.shape, W.dtype, W.device)
-        fused_effective_weight(D, W, self._threshold_tensor(D), float(scale), self.reweight, w_eff)
+        fused_effective_weight(D, W, *self._scalars(D, scale), self.reweight, w_eff)
         return w_eff
 
     @torch.no_grad()
@@ -382,8 +386,9 @@ class SNELLDelta(WeightDelta):
         G = torch.mm(g.t(), x2, out=scratch(0, W.shape, g.dtype, g.device))
         grad_W = G.clone() if need_W else None
         w_eff = scratch(1, W.shape, W.dtype, W.device)
-        rows, cols = fused_weight_and_grads(A, B.t().contiguous(), W, G, self._threshold_tensor(A),
-                                            self.kernel, self.scale, float(scale), self.reweight, w_eff)
+        threshold, host_scale = self._scalars(A, scale)
+        rows, cols = fused_weight_and_grads(A, B.t().contiguous(), W, G, threshold, self.kernel, self.scale,
+                                            host_scale, self.reweight, w_eff)
         grad_x = g @ w_eff if need_x else None
         gA, gB = _grads_from_sums(A, B, rows, cols, self.kernel, self.scale)
         return grad_x, grad_W, (gA.to(self.params[0].dtype), gB.to(self.params[1].dtype))
@@ -487,7 +492,8 @@ def _sample_bracket(sub: torch.Tensor, q: float) -> tuple[float, float]:
     m = sub.numel()
     margin = 4.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
     k_lo, k_hi = max(1, math.floor((q - margin) * m)), min(m, math.ceil((q + margin) * m))
-    if sub.device.type == "cpu":  # one numpy partition for both: half the time of two kthvalue
+    if sub.device.type == "cpu" and sub.dtype in (torch.float32, torch.float64):
+        # one numpy partition for both: half the time of two kthvalue
         part = np.partition(sub.detach().contiguous().numpy(), [k_lo - 1, k_hi - 1])
         return float(part[k_lo - 1]), float(part[k_hi - 1])
     return float(sub.kthvalue(k_lo).values), float(sub.kthvalue(k_hi).values)

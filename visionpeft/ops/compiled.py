@@ -9,7 +9,7 @@ tens of seconds, cached on disk by inductor afterwards) and needs a C++ compiler
     import visionpeft as vp
     vp.set_compiled_kernels(True)      # or VISIONPEFT_COMPILED_KERNELS=1 in the environment
 
-A function whose compilation fails runs eagerly from then on, after one warning; the
+A signature whose compilation fails runs eagerly from then on (one warning per function); the
 eager and compiled forms compute the same values (tests compare them).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA name
 _state = {"enabled": os.environ.get("VISIONPEFT_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes")}
 
 
@@ -42,28 +43,37 @@ def compiled(fn: Callable) -> Callable:
     strides, devices and the other arguments' values), each with static shapes: inductor's
     dynamic-shape code measured up to twice as slow on CPU here, and dynamo's per-function
     recompile limit (8) would otherwise send a model's ninth layer shape back to eager."""
-    state: dict = {"failed": False}
-    by_signature: dict = {}
+    by_signature: dict = {}  # signature -> compiled function, or None once it failed
+    warned: list = []
 
     @functools.wraps(fn)
     def run(*args):
-        if not _state["enabled"] or state["failed"] or torch.compiler.is_compiling():
+        if not _state["enabled"] or torch.compiler.is_compiling():
             return fn(*args)
         key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
                     for a in args)
+        if key in by_signature and by_signature[key] is None:
+            return fn(*args)
         try:
             compiled_fn = by_signature.get(key)
             if compiled_fn is None:
                 compiled_fn = by_signature[key] = torch.compile(_own_code(fn), fullgraph=True, dynamic=False)
             return compiled_fn(*args)
-        except Exception as err:  # no compiler, unsupported backend: fall back, say so once
-            state["failed"] = True
-            warnings.warn(f"visionpeft: compiling {fn.__name__} failed ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly",
-                          RuntimeWarning, stacklevel=2)
-            return fn(*args)
+        except _OOM:
+            raise
+        except Exception as err:
+            result = fn(*args)  # an error of the inputs themselves is raised from here
+            # eager works, so compiling is what failed (no compiler, unsupported backend):
+            # stay eager for this signature, say so once per function
+            by_signature[key] = None
+            if not warned:
+                warned.append(True)
+                warnings.warn(f"visionpeft: compiling {fn.__name__} failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); running it eagerly",
+                              RuntimeWarning, stacklevel=2)
+            return result
 
-    run.eager = fn
+    run.eager, run.signatures = fn, by_signature
     return run
 
 

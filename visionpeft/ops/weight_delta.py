@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class WeightDelta:
@@ -85,6 +86,7 @@ class _WeightDeltaLinear(torch.autograd.Function):
         return F.linear(x2, w_eff, b)
 
     @staticmethod
+    @once_differentiable  # the parameter gradients are hand-written: no double backward
     def backward(ctx, g):
         x2, W = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]

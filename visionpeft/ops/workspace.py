@@ -30,7 +30,10 @@ def scratch(slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     numel = math.prod(shape)
     buf = pool.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even when first asked for under inference_mode: an inference
+        # tensor could not be written by the training steps that follow
+        with torch.inference_mode(False):
+            buf = pool[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
