@@ -12,6 +12,8 @@ import visionpeft.methods.snell as snell
 from visionpeft.ops import compiled as compiled_mod
 from visionpeft.ops.workspace import release_scratch, scratch
 
+from test_snell import _reference_delta as _reference  # autograd through cdist, kthvalue, where()
+
 
 @pytest.fixture
 def compiled_on():
@@ -20,19 +22,6 @@ def compiled_on():
     yield
     vp.set_compiled_kernels(before)
     release_scratch()
-
-
-def _reference(A, B, kernel, scale, n_zero, reweight):
-    """Autograd through cdist, kthvalue and where() (as tests/test_snell.py)."""
-    h = A.shape[1] // 2
-    if kernel == "distance":
-        d = (torch.cdist(A[:, :h], B[:, :h]) - torch.cdist(A[:, h:], B[:, h:])) * scale
-    else:
-        d = (torch.exp(-torch.cdist(A[:, :h], B[:, :h]) ** 2 / h)
-             - torch.exp(-torch.cdist(A[:, h:], B[:, h:]) ** 2 / h)) * scale
-    t = d.detach().abs().flatten().kthvalue(n_zero).values
-    kept = torch.where(d.detach().abs() > t, d, torch.zeros_like(d))
-    return kept * d.detach().abs() if reweight else kept
 
 
 @pytest.mark.parametrize("kernel,reweight,shapes", [

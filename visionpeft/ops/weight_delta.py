@@ -90,8 +90,7 @@ class _WeightDeltaLinear(torch.autograd.Function):
     def backward(ctx, g):
         x2, W = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
-        with torch.no_grad():
-            grad_x, grad_W, grads = ctx.delta.backward(g, x2, W, ctx.scale, need_x, need_W)
+        grad_x, grad_W, grads = ctx.delta.backward(g, x2, W, ctx.scale, need_x, need_W)
         return (grad_x, grad_W, g.sum(0) if need_b else None, None, None, *grads)
 
 
