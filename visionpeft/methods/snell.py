@@ -18,8 +18,8 @@ A and B are Kaiming-uniform, as in the official code: dW is small but not zero a
 `reweight=True` reproduces the official code's kept values, dW * |dW| (detached).
 
 With `vp.set_compiled_kernels(True)` the distance and RBF kernels on a plain Linear run as
-torch.compile'd loops instead (``fused_*`` below: dW built entry by entry with the
-threshold's count pass in the same sweep, and the whole backward in one function).
+torch.compile'd loops instead (``fused_*`` below: dW built entry by entry and the
+threshold's count pass compiled with it, W' in one loop, the whole backward in one function).
 
 SNELLA's mixed kernel (`softmax_term=True`; read from the official SNELLA layer in
 ssfgunner/SNELL, the paper's method text was not available to us): with D the kernel
@@ -100,6 +100,11 @@ def _factor_grads(A, B, terms: list[torch.Tensor], G: torch.Tensor, kernel: str,
     return _grads_from_h(A, B, Hs, kernel, scale)
 
 
+def _half_constant(kernel: str, scale: float, sign: float, h: int) -> float:
+    """c of grad_a_i = c sum_j H_ij (a_i - b_j) for one half of the rank (sign +1 / -1)."""
+    return sign * scale * abs(scale) if kernel == "distance" else -sign * 2.0 / h
+
+
 def _grads_from_h(A, B, Hs: list[torch.Tensor], kernel: str, scale: float):
     """Each half of the kernel contributes grad_a_i = c sum_j H_ij (a_i - b_j) (mirrored
     for b_j): one skinny product per factor, rowsum(H) * A - H B. The constant c:
@@ -108,7 +113,7 @@ def _grads_from_h(A, B, Hs: list[torch.Tensor], kernel: str, scale: float):
     h = A.shape[1] // 2
     grad_A, grad_B = [], []
     for k, H, sign in ((slice(0, h), Hs[0], 1.0), (slice(h, None), Hs[1], -1.0)):
-        c = sign * scale * abs(scale) if kernel == "distance" else -sign * 2.0 / h
+        c = _half_constant(kernel, scale, sign, h)
         Ak, Bk = A[:, k], B[:, k]
         HB, HtA, row, col = _skinny_grads(H, Ak, Bk)
         grad_A.append((row * Ak - HB) * c)
@@ -208,7 +213,7 @@ def _grads_from_sums(A, B, rows, cols, kernel: str, scale: float):
     h = A.shape[1] // 2
     grad_A, grad_B = [], []
     for half, sign in ((0, 1.0), (1, -1.0)):
-        c = sign * scale * abs(scale) if kernel == "distance" else -sign * 2.0 / h
+        c = _half_constant(kernel, scale, sign, h)
         k, j = slice(half * h, (half + 1) * h), half * (h + 1)
         grad_A.append((rows[:, j:j + 1] * A[:, k] - rows[:, j + 1:j + 1 + h]) * c)
         grad_B.append((cols[:, j:j + 1] * B[:, k] - cols[:, j + 1:j + 1 + h]) * c)
