@@ -87,6 +87,56 @@ def test_fused_threshold_falls_back_when_the_bracket_misses(compiled_on, monkeyp
     assert t == float(out.abs().flatten().kthvalue(k).values)
 
 
+def test_threshold_hint_is_used_stays_exact_and_recovers_from_a_miss(compiled_on, monkeypatch):
+    """The previous threshold brackets the next search (no sample drawn); a hint that is
+    far off, or for another sparsity, still gives the exact k-th value."""
+    torch.manual_seed(0)
+    A, B = torch.randn(96, 8) * 0.2, torch.randn(160, 8) * 0.2
+    n, k = 96 * 160, snell.zero_count(0.9, 96 * 160)
+    samples = []
+    sample = snell.fused_sample
+    monkeypatch.setattr(snell, "fused_sample", lambda *a: samples.append(1) or sample(*a))
+    out, hint = torch.empty(96, 160), {}
+
+    def exact():
+        return float(out.abs().flatten().kthvalue(k).values)
+
+    assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+    assert len(samples) == 1 and hint["threshold"] == exact() and hint["n_zero"] == k
+    A += 1e-4 * torch.randn_like(A)  # a small training step: the hint brackets the new value
+    assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+    assert len(samples) == 1
+    for wrong in (hint["threshold"] * 3, hint["threshold"] / 3):  # a miss on either side
+        hint.update(threshold=wrong, width=1e-4)
+        assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+        assert hint["threshold"] == exact() and hint["width"] == snell._HINT_WIDTH[1]
+    k = snell.zero_count(0.5, n)  # another sparsity: the hint is not used
+    assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+    assert len(samples) == 2
+
+
+def test_training_steps_match_the_eager_path(compiled_on):
+    """Several AdamW steps (the threshold hint in use from the second) give the
+    parameters the eager path gives."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 512)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        vp.inject(m, vp.SNELLConfig(r=8, sparsity=0.9, target_modules=["0", "2"]))
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(4, 512)
+    for m, on in zip(models, (True, False)):
+        vp.set_compiled_kernels(on)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(4):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    assert models[0][0].adapters["default"]["full"]._threshold_hint  # the compiled path kept a hint
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_inference_then_training_and_a_new_scale_do_not_break_or_recompile(compiled_on):
     """Scratch buffers first made under inference_mode stay writable in training; the
     adapter scale is a tensor argument, so changing it reuses the compiled kernels."""

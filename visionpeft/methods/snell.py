@@ -180,16 +180,16 @@ def fused_effective_weight(D, W, threshold, host_scale, reweight: bool, out) -> 
     out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
 
 
-@compiled
+@compiled(recompute=True)
 def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, host_scale,
                            reweight: bool, w_out):
     """The backward's (out, in) work in one compiled function: rebuild the kernel, write
     W' = W + s dW for dL/dx, and from G = g^T x (mask, reweight and the host scale
     applied) reduce each half's H_k of ``_grads_from_h`` to its row sums, H_k B_k, column
-    sums and H_k^T A_k (inductor: a row loop and a column loop; writing H into scratch
-    buffers instead measured 1.6x slower). Returns (rows (out, 2 (h+1)), cols
-    (in, 2 (h+1))), each half's block [sum, products...]. ``host_scale`` is a tensor, so a
-    new adapter scale does not recompile."""
+    sums and H_k^T A_k, then assemble dL/dA, dL/dB from them. Inductor (with
+    ``recompute``) emits a row loop, a column loop and the W' loop, each rebuilding the
+    kernel from the factors; storing H or the kernel terms and reading them back measured
+    1.6x-2x slower. ``host_scale`` is a tensor, so a new adapter scale does not recompile."""
     terms = _pointwise_terms(A, Bt, kernel, scale)
     D = _pointwise_delta(terms, kernel, scale)
     w_out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
@@ -198,18 +198,19 @@ def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, ho
         Gm = Gm * D.abs()
     h = A.shape[1] // 2
     rows, cols = [], []
-    for T, k0 in ((terms[0], 0), (terms[1], h)):
+    for T, k0 in zip(terms, (0, h)):
         H = torch.where(T > 0, Gm / T, 0.0) if kernel == "distance" else Gm * T
         rows.append(H.sum(1))
         cols.append(H.sum(0))
         for k in range(k0, k0 + h):
             rows.append((H * Bt[k:k + 1]).sum(1))
             cols.append((H * A[:, k:k + 1]).sum(0))
-    return torch.stack(rows, 1), torch.stack(cols, 1)
+    return _grads_from_sums(A, Bt.t(), torch.stack(rows, 1), torch.stack(cols, 1), kernel, scale)
 
 
 def _grads_from_sums(A, B, rows, cols, kernel: str, scale: float):
-    """``_grads_from_h`` from the reductions ``fused_weight_and_grads`` returns."""
+    """``_grads_from_h`` from the row and column reductions, each half's block
+    [sum, products...] of (out, 2 (h+1)) and (in, 2 (h+1))."""
     h = A.shape[1] // 2
     grad_A, grad_B = [], []
     for half, sign in ((0, 1.0), (1, -1.0)):
@@ -235,28 +236,46 @@ def _sample_positions(n: int, fan_in: int, sample: int, device: torch.device):
     return flat // fan_in, flat % fan_in
 
 
+# The bracket around the previous step's threshold, as a fraction of it: between training
+# steps the threshold moved by ~2e-5 (lr 1e-4) to ~3e-3 (lr 1e-2) of itself (median; ViT-B,
+# AdamW), so the half-width follows four times the recent moves, within these bounds.
+_HINT_WIDTH = (1e-4, 0.05)
+
+
 def fused_kernel_and_threshold(A, B, kernel: str, scale: float, n_zero: int, out,
-                               sample: int = 32768) -> float | None:
+                               hint: dict | None = None, sample: int = 32768) -> float | None:
     """Build the kernel matrix into ``out`` and return ``sparsity_threshold`` of it, the
     same bracket search as ``kth_smallest`` with its count pass compiled together with the
-    build: the sample is evaluated from the factors (no pass over dW), the bracket counted
-    without boolean tensors or a compaction, and kthvalue runs only on the entries inside.
-    Exact, as there."""
+    build: the bracket is the previous step's threshold +- a small margin when ``hint``
+    (a dict the caller keeps between calls) holds one, else from a sample evaluated from
+    the factors (no pass over dW); it is counted without boolean tensors or a compaction,
+    and kthvalue runs only on the entries inside. Exact, as there: a bracket that misses
+    costs one eager search over ``out``."""
     Bt = B.t().contiguous()
     n = out.numel()
     if n_zero <= 0 or n < 4 * sample:
         fused_kernel_matrix(A, Bt, kernel, scale, out)
         return None if n_zero <= 0 else float(out.reshape(-1).abs().kthvalue(n_zero).values)
-    rows, cols = _sample_positions(n, B.shape[0], sample, A.device)
-    lo, hi = _sample_bracket(fused_sample(A, B, rows, cols, kernel, scale), n_zero / n)
+    previous = hint.get("threshold") if hint is not None and hint.get("n_zero") == n_zero else None
+    if previous:
+        lo, hi = previous * (1 - hint["width"]), previous * (1 + hint["width"])
+    else:
+        rows, cols = _sample_positions(n, B.shape[0], sample, A.device)
+        lo, hi = _sample_bracket(fused_sample(A, B, rows, cols, kernel, scale), n_zero / n)
     segments = 16 if n % 16 == 0 else 1
     below, counts, minima = fused_kernel_and_count(A, Bt, kernel, scale, out.new_tensor(lo), out.new_tensor(hi),
                                                    segments, out)
     below = int(below)
     values = _inside_values(out.reshape(segments, -1), counts, minima, lo, hi)
-    if below >= n_zero or below + values.numel() < n_zero:  # the bracket missed
-        return float(out.reshape(-1).abs().kthvalue(n_zero).values)
-    return float(values.kthvalue(n_zero - below).values)
+    missed = below >= n_zero or below + values.numel() < n_zero
+    t = kth_smallest(out.reshape(-1).abs(), n_zero) if missed else float(values.kthvalue(n_zero - below).values)
+    if hint is not None and t > 0:
+        if previous:  # 4x the last move, decaying slowly (repeated forwards of one step move 0)
+            width = max(4 * abs(t - previous) / t, (2.0 if missed else 0.9) * hint["width"])
+        else:
+            width = (hi - lo) / (8 * t)  # a quarter of the sample bracket's half-width
+        hint.update(threshold=t, n_zero=n_zero, width=min(max(width, _HINT_WIDTH[0]), _HINT_WIDTH[1]))
+    return t
 
 
 def _inside_values(strips: torch.Tensor, counts: torch.Tensor, minima: torch.Tensor, lo: float,
@@ -315,10 +334,12 @@ class SNELLDelta(WeightDelta):
     hands the kernel terms to the hand-written gradient. Factors in half precision are
     evaluated in fp32."""
 
-    def __init__(self, A, B, kernel: str, scale: float, n_zero: int, reweight: bool, shape):
+    def __init__(self, A, B, kernel: str, scale: float, n_zero: int, reweight: bool, shape,
+                 hint: dict | None = None):
         self.params, self.kernel, self.scale = [A, B], kernel, scale
         self.n_zero, self.reweight, self.shape = n_zero, reweight, shape
         self.threshold: float | None = None
+        self.hint = hint  # the layer's last threshold, a starting guess for the compiled search
 
     def _factors(self):
         A, B = self.params[:2]
@@ -378,7 +399,7 @@ class SNELLDelta(WeightDelta):
             return super().effective_weight(W, scale)
         A, B = self._factors()
         D = scratch(0, W.shape, A.dtype, W.device)
-        self.threshold = fused_kernel_and_threshold(A, B, self.kernel, self.scale, self.n_zero, D)
+        self.threshold = fused_kernel_and_threshold(A, B, self.kernel, self.scale, self.n_zero, D, self.hint)
         w_eff = scratch(1, W.shape, W.dtype, W.device)
         fused_effective_weight(D, W, *self._scalars(D, scale), self.reweight, w_eff)
         return w_eff
@@ -392,10 +413,9 @@ class SNELLDelta(WeightDelta):
         grad_W = G.clone() if need_W else None
         w_eff = scratch(1, W.shape, W.dtype, W.device)
         threshold, host_scale = self._scalars(A, scale)
-        rows, cols = fused_weight_and_grads(A, B.t().contiguous(), W, G, threshold, self.kernel, self.scale,
-                                            host_scale, self.reweight, w_eff)
+        gA, gB = fused_weight_and_grads(A, B.t().contiguous(), W, G, threshold, self.kernel, self.scale,
+                                        host_scale, self.reweight, w_eff)
         grad_x = g @ w_eff if need_x else None
-        gA, gB = _grads_from_sums(A, B, rows, cols, self.kernel, self.scale)
         return grad_x, grad_W, (gA.to(self.params[0].dtype), gB.to(self.params[1].dtype))
 
 
@@ -557,6 +577,7 @@ class SNELLModule(AdapterModule):
         # with the adapter and no dtype cast of the module can round it
         self.numel = host.out_features * host.fan_in
         self.register_buffer("n_zero", torch.tensor(zero_count(config.sparsity, self.numel)))
+        self._threshold_hint: dict = {}  # not state: only narrows the next exact search
         self.softmax_term = config.softmax_term
         if self.softmax_term:  # SNELLA: a * softmax(D / t) + c, three scalars per layer
             self.mix_alpha = nn.Parameter(torch.ones(()))
@@ -585,7 +606,8 @@ class SNELLModule(AdapterModule):
         if self.softmax_term:
             delta = SNELLADelta(self.A, self.B, (self.mix_alpha, self.temperature, self.shift), *args)
         else:
-            delta = SNELLDelta(self.A, self.B, *args)
+            # a layer unpickled from before the hint existed gets one here
+            delta = SNELLDelta(self.A, self.B, *args, hint=self.__dict__.setdefault("_threshold_hint", {}))
         return linear_with_weight_delta(x, weight, bias, scale, delta)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
