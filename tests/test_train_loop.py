@@ -25,7 +25,8 @@ class ToyTask(Task):
             shift = 0.3 * torch.randn(5, 2, generator=g) @ torch.randn(2, 6, generator=g)
             self.y = self.model(self.x) + self.x @ shift.t()
         cfg = {"lora": vp.LoRAConfig(r=2, target_modules=["0"]),
-               "krona": vp.KronAConfig(target_modules=["0"])}[self.method]
+               "krona": vp.KronAConfig(target_modules=["0"]),
+               "snell": vp.SNELLConfig(r=2, sparsity=0.5, target_modules=["0"])}[self.method]
         vp.inject(self.model, cfg)
 
     def models(self):
@@ -35,6 +36,9 @@ class ToyTask(Task):
         return torch.utils.data.TensorDataset(self.x, self.y)
 
     def loss(self, models, batch):
+        from visionpeft.ops.compiled import compiled_kernels_enabled
+
+        self.compiled_seen = compiled_kernels_enabled()
         self.calls += 1
         if self.crash_at is not None and self.calls == self.crash_at:
             raise KeyboardInterrupt("simulated interruption")
@@ -119,6 +123,23 @@ def test_an_interrupted_checkpoint_write_leaves_nothing_half_written(tmp_path, m
         train(ToyTask(), _cfg(tmp_path))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))] == \
         ["checkpoint-4"]
+
+
+def test_compiled_kernels_setting_holds_for_the_run_only(tmp_path):
+    """``compiled_kernels: true`` runs the task with SNELL's compiled kernels on (same
+    losses as the eager path) and the process setting comes back afterwards."""
+    from visionpeft.ops.compiled import compiled_kernels_enabled
+
+    assert not compiled_kernels_enabled()
+    runs = {}
+    for on in (True, False):
+        task = ToyTask(method="snell")
+        runs[on] = train(task, _cfg(tmp_path / str(on), max_train_steps=4, compiled_kernels=on)).losses
+        assert task.compiled_seen is on and not compiled_kernels_enabled()
+    assert len(runs[True]) == 4
+    torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="compiled_kernels must be true, false or null"):
+        TrainConfig(compiled_kernels="yes")
 
 
 def test_bad_settings_are_refused():

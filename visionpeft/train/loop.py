@@ -52,6 +52,9 @@ class TrainConfig:
     validation_steps: int | None = None
     dataloader_num_workers: int = 0
     cpu: bool = False
+    # vp.set_compiled_kernels for this run (SNELL's torch.compile'd kernels); None leaves
+    # the process setting (VISIONPEFT_COMPILED_KERNELS) as it is
+    compiled_kernels: bool | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -68,6 +71,8 @@ class TrainConfig:
             bad(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             bad(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.compiled_kernels is not None and not isinstance(self.compiled_kernels, bool):
+            bad(f"compiled_kernels must be true, false or null, got {self.compiled_kernels!r}")
         if self.resume_from_checkpoint not in (None, "latest") and not isinstance(self.resume_from_checkpoint, str):
             bad("resume_from_checkpoint must be null, 'latest' or a checkpoint folder")
 
@@ -137,9 +142,15 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     """Run ``task`` under ``cfg``; see the module docstring."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from ..ops.compiled import compiled_kernels_enabled, set_compiled_kernels
+
+    compiled_before = compiled_kernels_enabled()
     try:
+        if cfg.compiled_kernels is not None:
+            set_compiled_kernels(cfg.compiled_kernels)
         return _train(task, cfg)
     finally:
+        set_compiled_kernels(compiled_before)
         # accelerate keeps one state per process: release it, so that the next train()
         # in this process (a notebook, a sweep) may choose another mixed precision
         AcceleratorState._reset_state()
@@ -228,7 +239,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
                 finite = acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
                 if not finite:
                     good = list_checkpoints(out)
-                    raise TrainingError(f"loss became {float(loss)} at step {step + 1}; stopped. "
+                    raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; stopped. "
                                         f"Last good checkpoint: {good[-1] if good else 'none'}")
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
