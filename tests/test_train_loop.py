@@ -125,12 +125,21 @@ def test_an_interrupted_checkpoint_write_leaves_nothing_half_written(tmp_path, m
         ["checkpoint-4"]
 
 
-def test_compiled_kernels_setting_holds_for_the_run_only(tmp_path):
+@pytest.fixture
+def compiled_off():
+    from visionpeft.ops.compiled import compiled_kernels_enabled
+
+    before = compiled_kernels_enabled()
+    vp.set_compiled_kernels(False)  # whatever VISIONPEFT_COMPILED_KERNELS says
+    yield
+    vp.set_compiled_kernels(before)
+
+
+def test_compiled_kernels_setting_holds_for_the_run_only(tmp_path, compiled_off):
     """``compiled_kernels: true`` runs the task with SNELL's compiled kernels on (same
     losses as the eager path) and the process setting comes back afterwards."""
     from visionpeft.ops.compiled import compiled_kernels_enabled
 
-    assert not compiled_kernels_enabled()
     runs = {}
     for on in (True, False):
         task = ToyTask(method="snell")

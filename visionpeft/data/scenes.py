@@ -80,12 +80,12 @@ def _buildings(rng, rgb, cls, size, count, big=False):
         if box is None:
             continue
         if big:  # industrial halls: grow the box where free
-            t, l, h, w = box
-            h, w = min(size - t - 1, h * 2), min(size - l - 1, w * 2)
-            box = (t, l, h, w)
+            top, left, h, w = box
+            h, w = min(size - top - 1, h * 2), min(size - left - 1, w * 2)
+            box = (top, left, h, w)
         _paint_building(rng, rgb, box)
-        t, l, h, w = box
-        cls[t:t + h, l:l + w] = BUILDING
+        top, left, h, w = box
+        cls[top:top + h, left:left + w] = BUILDING
 
 
 def _water(rgb, cls, mask, rng):
@@ -154,7 +154,8 @@ def make_scene(rng: np.random.Generator, size: int, scene: str) -> tuple[np.ndar
         theta = rng.uniform(0, np.pi)
         u = (xx - size / 2) * np.cos(theta) + (yy - size / 2) * np.sin(theta)
         v = -(xx - size / 2) * np.sin(theta) + (yy - size / 2) * np.cos(theta)
-        centre = rng.uniform(-8, 8) + rng.uniform(4, 10) * np.sin(2 * np.pi * u / rng.uniform(30, 60) + rng.uniform(0, 6))
+        centre = rng.uniform(-8, 8) + rng.uniform(4, 10) * np.sin(2 * np.pi * u / rng.uniform(30, 60)
+                                                                  + rng.uniform(0, 6))
         _water(rgb, cls, np.abs(v - centre) < rng.uniform(2.5, 5), rng)
     elif scene == "desert":
         if rng.random() < 0.5:

@@ -23,7 +23,7 @@ def is_peft_folder(path: Path) -> bool:
 
 
 def write(factors: dict[str, Factors], folder: Path) -> None:
-    """Scale 1 everywhere: lora_alpha = r, and per-module ranks (slices, SVD) go to
+    r"""Scale 1 everywhere: lora_alpha = r, and per-module ranks (slices, SVD) go to
     rank_pattern / alpha_pattern. PEFT matches list targets by dotted suffix and pattern
     keys as ``(.*\.)?(key)$``: targets are written as one full-match regex and pattern
     keys anchored with ``^``, so no other layer (``head.fc1`` for ``fc1``) is caught."""

@@ -7,4 +7,5 @@ from .snell import SNELLConfig
 from .snella import SNELLAAllocator
 from .wara import WaRAConfig
 
-__all__ = ["AdapterConfig", "BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]
+__all__ = ["AdapterConfig", "BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator",
+           "WaRAConfig"]

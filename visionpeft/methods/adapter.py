@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import BlockAdapterModule, HostSpec
-from ..core.config import ConfigError, MethodConfig, check_choice, check_dropout, check_positive_int
+from ..core.config import MethodConfig, check_choice, check_dropout, check_positive_int
 from ..core.registry import register_method
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}

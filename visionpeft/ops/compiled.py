@@ -28,8 +28,18 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch 
 # it from the rank-r factors inside each loop beats the (out, in) round trip through memory
 # (SNELL's backward: 50 -> 25 ms per ViT-B step, 8 layers, CPU). Functions with one
 # reduction over a stored matrix are better left with the defaults.
-RECOMPUTE = {"realize_reads_threshold": 1000, "realize_opusers_threshold": 1000,
-             "realize_cpu_opcount_threshold": 10000, "realize_cpu_acc_reads_threshold": 1000}
+_RECOMPUTE = {"realize_reads_threshold": 1000, "realize_opusers_threshold": 1000,
+              "realize_opcount_threshold": 10000, "realize_acc_reads_threshold": 1000}
+
+
+@functools.lru_cache(maxsize=None)
+def recompute_options() -> dict:
+    """The options of ``_RECOMPUTE`` this torch has (an unknown one fails the compile)."""
+    import torch._inductor.config as inductor_config
+
+    return {k: v for k, v in _RECOMPUTE.items() if hasattr(inductor_config, k)}
+
+
 _state = {"enabled": os.environ.get("VISIONPEFT_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes")}
 
 
@@ -50,10 +60,9 @@ def compiled(fn: Callable | None = None, *, recompute: bool = False) -> Callable
     strides, devices and the other arguments' values), each with static shapes: inductor's
     dynamic-shape code measured up to twice as slow on CPU here, and dynamo's per-function
     recompile limit (8) would otherwise send a model's ninth layer shape back to eager.
-    Use as ``@compiled`` or ``@compiled(recompute=True)`` (see RECOMPUTE above)."""
+    Use as ``@compiled`` or ``@compiled(recompute=True)`` (see _RECOMPUTE above)."""
     if fn is None:
         return functools.partial(compiled, recompute=recompute)
-    options = RECOMPUTE if recompute else None
     by_signature: dict = {}  # signature -> compiled function, or None once it failed
     warned: list = []
 
@@ -68,6 +77,7 @@ def compiled(fn: Callable | None = None, *, recompute: bool = False) -> Callable
         try:
             compiled_fn = by_signature.get(key)
             if compiled_fn is None:
+                options = dict(recompute_options()) if recompute else None
                 compiled_fn = by_signature[key] = torch.compile(_own_code(fn), fullgraph=True, dynamic=False,
                                                                 options=options)
             return compiled_fn(*args)

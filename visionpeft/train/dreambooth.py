@@ -139,7 +139,8 @@ class DreamBoothTask(Task):
         try:
             self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         except (OSError, ValueError) as err:
-            raise TrainingError(f"pretrained_model {path!r}: cannot load its unet ({str(err).splitlines()[0]})") from None
+            first_line = str(err).splitlines()[0]
+            raise TrainingError(f"pretrained_model {path!r}: cannot load its unet ({first_line})") from None
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         self.xl = self.unet.config.addition_embed_type == "text_time"
@@ -241,7 +242,8 @@ class DreamBoothTask(Task):
         return out
 
     def frozen_models(self):
-        return {"vae": self.vae, **({} if self.text_config else {f"te{i}": te for i, te in enumerate(self.text_encoders)})}
+        encoders = {} if self.text_config else {f"te{i}": te for i, te in enumerate(self.text_encoders)}
+        return {"vae": self.vae, **encoders}
 
     def train_dataset(self):
         n = max(len(self.instance_images), len(self.class_images))

@@ -52,8 +52,8 @@ class TrainConfig:
     validation_steps: int | None = None
     dataloader_num_workers: int = 0
     cpu: bool = False
-    # vp.set_compiled_kernels for this run (SNELL's torch.compile'd kernels); None leaves
-    # the process setting (VISIONPEFT_COMPILED_KERNELS) as it is
+    # vp.set_compiled_kernels for this run (SNELL's torch.compile'd kernels), restored
+    # afterwards; None leaves the process setting as it is
     compiled_kernels: bool | None = None
 
     def __post_init__(self):
@@ -150,7 +150,8 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
             set_compiled_kernels(cfg.compiled_kernels)
         return _train(task, cfg)
     finally:
-        set_compiled_kernels(compiled_before)
+        if cfg.compiled_kernels is not None:
+            set_compiled_kernels(compiled_before)
         # accelerate keeps one state per process: release it, so that the next train()
         # in this process (a notebook, a sweep) may choose another mixed precision
         AcceleratorState._reset_state()

@@ -195,8 +195,8 @@ class ChangeDetectionTask(Task):
     def _config(self) -> dict:
         c = self.cfg
         # the backbone spec as given: the frozen weights come back from the same source
-        return {"backbone": c.backbone, "image_size": c.image_size, "decoder_channels": c.decoder_channels, "exchange": c.exchange,
-                "adapter": c.adapter}
+        return {"backbone": c.backbone, "image_size": c.image_size, "decoder_channels": c.decoder_channels,
+                "exchange": c.exchange, "adapter": c.adapter}
 
     def save_adapters(self, models, folder):
         save_detector(models["model"], folder, self._config(), self.adapter_name)
