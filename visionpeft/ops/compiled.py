@@ -33,7 +33,7 @@ _RECOMPUTE = {"realize_reads_threshold": 1000, "realize_opusers_threshold": 1000
 
 
 @functools.lru_cache(maxsize=None)
-def recompute_options() -> dict:
+def _recompute_options() -> dict:
     """The options of ``_RECOMPUTE`` this torch has (an unknown one fails the compile)."""
     import torch._inductor.config as inductor_config
 
@@ -77,7 +77,7 @@ def compiled(fn: Callable | None = None, *, recompute: bool = False) -> Callable
         try:
             compiled_fn = by_signature.get(key)
             if compiled_fn is None:
-                options = dict(recompute_options()) if recompute else None
+                options = dict(_recompute_options()) if recompute else None
                 compiled_fn = by_signature[key] = torch.compile(_own_code(fn), fullgraph=True, dynamic=False,
                                                                 options=options)
             return compiled_fn(*args)
