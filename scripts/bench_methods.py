@@ -6,7 +6,7 @@ Hosts (random init, built here):
         dim 320) as self-attention and as cross-attention over 77 x 768 text tokens,
         adapters on to_q / to_k / to_v / to_out.0
 Variants: our methods (lora, krona, block_lora, and wara / snell / snella (SNELL with SNELLA's
-softmax term) / snell_compiled (SNELL with vp.set_compiled_kernels(True)) when registered),
+softmax term) / snell_compiled, snella_compiled (with vp.set_compiled_kernels(True)) when registered),
 PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a dense
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
 to the same sparsity: what SNELL's memory saving is measured against).
@@ -40,9 +40,12 @@ OUR_CONFIGS = {
     "snella": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
                                                           target_modules=[f"re:{t}"]),
     "snell_compiled": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
+    "snella_compiled": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
+                                                                   target_modules=[f"re:{t}"]),
 }
-METHOD_OF = {"snella": "snell", "snell_compiled": "snell"}  # variants that are a setting of another method
-COMPILED = {"snell_compiled"}  # run with vp.set_compiled_kernels(True) (compiled during warm-up)
+# variants that are a setting of another method
+METHOD_OF = {"snella": "snell", "snell_compiled": "snell", "snella_compiled": "snell"}
+COMPILED = {"snell_compiled", "snella_compiled"}  # run with vp.set_compiled_kernels(True) (compiled during warm-up)
 PEFT_CONFIGS = {
     "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
     "peft_lokr": lambda peft, t: peft.LoKrConfig(r=8, alpha=16, target_modules=t),

@@ -60,6 +60,39 @@ def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monk
         torch.testing.assert_close(m.B.grad.double(), B.grad, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("kernel,reweight,shape", [
+    ("distance", True, (384, 512)),  # 196608 entries: the bracketed threshold search
+    ("rbf", False, (11, 13)),
+])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager would hide the compiled path
+def test_compiled_snella_matches_the_eager_snella(compiled_on, monkeypatch, kernel, reweight, shape):
+    """SNELLA's softmax term compiled (column statistics, then SNELL's loops on K) against
+    the eager SNELLA path, which test_snell checks against the official layer and autograd:
+    output and the gradients of all five parameters."""
+    calls = []
+    fused = snell.fused_mixed_weight_and_grads
+    monkeypatch.setattr(snell, "fused_mixed_weight_and_grads", lambda *a: calls.append(1) or fused(*a))
+    results = []
+    for on in (True, False):
+        vp.set_compiled_kernels(on)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(shape[1], shape[0]))
+        vp.inject(model, vp.SNELLConfig(r=8, sparsity=0.9, kernel=kernel, reweight=reweight, softmax_term=True,
+                                        target_modules=["0"]))
+        mod = model[0].adapters["default"]["full"]
+        with torch.no_grad():
+            mod.mix_alpha.fill_(0.7)
+            mod.temperature.fill_(0.3)
+            mod.shift.fill_(0.01)
+        x = torch.randn(6, shape[1], generator=torch.Generator().manual_seed(1))
+        out = model(x)
+        (out.sin() * 3).sum().backward()
+        results.append([out.detach()] + [p.grad for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)])
+    assert len(calls) == 1  # the compiled run's backward took the compiled path
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape,kernel", [((96, 160), "distance"), ((101, 97), "rbf")])  # 97*101: 1 strip
 def test_fused_threshold_equals_kthvalue_and_zeroes_the_requested_count(compiled_on, shape, kernel):
     torch.manual_seed(0)
@@ -135,7 +168,7 @@ def test_training_with_the_threshold_hint_equals_training_without(compiled_on, m
     x = torch.randn(4, 512)
     for m, hinted in zip(models, (True, False)):
         if not hinted:
-            monkeypatch.setattr(snell, "fused_kernel_and_threshold", lambda *a: search(*a[:6], None))
+            monkeypatch.setattr(snell, "fused_kernel_and_threshold", lambda *a, **k: search(*a[:6], None, **k))
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(4):
             opt.zero_grad()

@@ -144,6 +144,20 @@ def _pointwise_delta(terms: list[torch.Tensor], kernel: str, scale: float) -> to
     return -D if kernel == "distance" and scale < 0 else D
 
 
+def _pointwise_mixed(D: torch.Tensor, m, z, mix) -> tuple[torch.Tensor, torch.Tensor]:
+    """SNELLA's (K, S): K = D + a S + c, S = softmax over dim 0 of D / t, from the column
+    statistics m = max_i D / t and z = sum_i exp(D / t - m); ``mix`` = [a, t, c] (a tensor:
+    the three change every step, a Python float would recompile)."""
+    S = torch.exp(D / mix[1] - m) / z
+    return D + mix[0] * S + mix[2], S
+
+
+def _pointwise_kernel(A, Bt, kernel: str, scale: float, m, z, mix) -> torch.Tensor:
+    """SNELL's kernel matrix entry by entry, or SNELLA's K when ``m`` is given."""
+    D = _pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale)
+    return D if m is None else _pointwise_mixed(D, m, z, mix)[0]
+
+
 def _pointwise_kept(D: torch.Tensor, threshold: torch.Tensor, reweight: bool) -> torch.Tensor:
     kept = torch.where(D.abs() > threshold, D, 0.0)
     return kept * D.abs() if reweight else kept
@@ -151,14 +165,23 @@ def _pointwise_kept(D: torch.Tensor, threshold: torch.Tensor, reweight: bool) ->
 
 # Each writes into buffers it is given (ops/workspace.py: no fresh (out, in) memory per
 # step on CPU); inductor stores straight into them.
+# (m, z, mix) are None for SNELL, SNELLA's column statistics and [a, t, c] otherwise.
 @compiled
-def fused_kernel_matrix(A, Bt, kernel: str, scale: float, out) -> None:
+def fused_kernel_matrix(A, Bt, kernel: str, scale: float, m, z, mix, out) -> None:
     """out = the dense kernel matrix (nothing zeroed)."""
-    out.copy_(_pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale))
+    out.copy_(_pointwise_kernel(A, Bt, kernel, scale, m, z, mix))
 
 
 @compiled
-def fused_kernel_and_count(A, Bt, kernel: str, scale: float, lo, hi, segments: int, out):
+def fused_column_stats(A, Bt, kernel: str, scale: float, mix):
+    """SNELLA's softmax statistics per column: (max_i D / t, sum_i exp(D / t - max))."""
+    Dt = _pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale) / mix[1]
+    m = Dt.amax(0)
+    return m, torch.exp(Dt - m).sum(0)
+
+
+@compiled
+def fused_kernel_and_count(A, Bt, kernel: str, scale: float, m, z, mix, lo, hi, segments: int, out):
     """out = the dense kernel matrix, then the count pass of ``kth_smallest`` over |dW|
     with the bracket [lo, hi] (a second loop over ``out``). Rather than a compaction of the
     entries inside (torch.nonzero, a slow extra pass), the flat matrix is cut into
@@ -166,7 +189,7 @@ def fused_kernel_and_count(A, Bt, kernel: str, scale: float, lo, hi, segments: i
     position across the strips, the number of entries inside and the smallest of them are
     reduced: with ~1% inside, a position holds at most one almost always, and that one is
     its minimum. Returns (#|dW| < lo, counts, minima)."""
-    out.copy_(_pointwise_delta(_pointwise_terms(A, Bt, kernel, scale), kernel, scale))
+    out.copy_(_pointwise_kernel(A, Bt, kernel, scale, m, z, mix))
     a = out.abs().reshape(segments, -1)  # read back: computed from D, inductor keeps a temporary copy
     inside = (a >= lo) & (a <= hi)
     return ((a < lo).sum(), inside.sum(0, dtype=torch.int32),
@@ -208,6 +231,36 @@ def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, ho
     return _grads_from_sums(A, Bt.t(), torch.stack(rows, 1), torch.stack(cols, 1), kernel, scale)
 
 
+@compiled(recompute=True)
+def fused_mixed_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, host_scale,
+                                 reweight: bool, m, z, mix, w_out):
+    """``fused_weight_and_grads`` for SNELLA's K = D + a S + c (``SNELLADelta``'s formulas:
+    col = colsum(G S), Z = a S (G - col), dL/dD = G + Z / t), returning (dL/dA, dL/dB,
+    [dL/da, dL/dt, dL/dc]). Inductor: a column loop for col, then the row, column and
+    W' loops, each rebuilding D and S from the factors and the column statistics."""
+    terms = _pointwise_terms(A, Bt, kernel, scale)
+    D = _pointwise_delta(terms, kernel, scale)
+    K, S = _pointwise_mixed(D, m, z, mix)
+    w_out.copy_(W + host_scale * _pointwise_kept(K, threshold, reweight).to(W.dtype))
+    Gm = torch.where(K.abs() > threshold, G.to(K.dtype) * host_scale, 0.0)
+    if reweight:
+        Gm = Gm * K.abs()
+    col = (Gm * S).sum(0)
+    Z = mix[0] * S * (Gm - col)
+    grad_mix = torch.stack([col.sum(), -(Z * D).sum(1).sum() / (mix[1] * mix[1]), Gm.sum(0).sum()])
+    Gd = Gm + Z / mix[1]
+    h = A.shape[1] // 2
+    rows, cols = [], []
+    for T, k0 in zip(terms, (0, h)):
+        H = torch.where(T > 0, Gd / T, 0.0) if kernel == "distance" else Gd * T
+        rows.append(H.sum(1))
+        cols.append(H.sum(0))
+        for k in range(k0, k0 + h):
+            rows.append((H * Bt[k:k + 1]).sum(1))
+            cols.append((H * A[:, k:k + 1]).sum(0))
+    return (*_grads_from_sums(A, Bt.t(), torch.stack(rows, 1), torch.stack(cols, 1), kernel, scale), grad_mix)
+
+
 def _grads_from_sums(A, B, rows, cols, kernel: str, scale: float):
     """``_grads_from_h`` from the row and column reductions, each half's block
     [sum, products...] of (out, 2 (h+1)) and (in, 2 (h+1))."""
@@ -222,11 +275,12 @@ def _grads_from_sums(A, B, rows, cols, kernel: str, scale: float):
 
 
 @compiled
-def fused_sample(A, B, rows, cols, kernel: str, scale: float) -> torch.Tensor:
+def fused_sample(A, B, rows, cols, kernel: str, scale: float, m, z, mix) -> torch.Tensor:
     """|dW| at the positions (rows, cols), from the factors."""
     Ai, Bj = A[rows], B[cols]
     terms = _terms_from_differences(lambda k: Ai[:, k] - Bj[:, k], A.shape[1] // 2, kernel, scale)
-    return _pointwise_delta(terms, kernel, scale).abs()
+    D = _pointwise_delta(terms, kernel, scale)
+    return (D if m is None else _pointwise_mixed(D, m[cols], z[cols], mix)[0]).abs()
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,29 +296,29 @@ def _sample_positions(n: int, fan_in: int, sample: int, device: torch.device):
 _HINT_WIDTH = (1e-4, 0.05)
 
 
-def fused_kernel_and_threshold(A, B, kernel: str, scale: float, n_zero: int, out,
-                               hint: dict | None = None, sample: int = 32768) -> float | None:
+def fused_kernel_and_threshold(A, B, kernel: str, scale: float, n_zero: int, out, hint: dict | None = None,
+                               sample: int = 32768, stats: tuple = (None, None, None)) -> float | None:
     """Build the kernel matrix into ``out`` and return ``sparsity_threshold`` of it, the
     same bracket search as ``kth_smallest`` with its count pass compiled together with the
     build: the bracket is the previous step's threshold +- a small margin when ``hint``
     (a dict the caller keeps between calls) holds one, else from a sample evaluated from
     the factors (no pass over dW); it is counted without boolean tensors or a compaction,
     and kthvalue runs only on the entries inside. Exact, as there: a bracket that misses
-    costs one eager search over ``out``."""
+    costs one eager search over ``out``. ``stats``: SNELLA's (m, z, mix), for its K."""
     Bt = B.t().contiguous()
     n = out.numel()
     if n_zero <= 0 or n < 4 * sample:
-        fused_kernel_matrix(A, Bt, kernel, scale, out)
+        fused_kernel_matrix(A, Bt, kernel, scale, *stats, out)
         return None if n_zero <= 0 else float(out.reshape(-1).abs().kthvalue(n_zero).values)
     previous = hint.get("threshold") if hint is not None and hint.get("n_zero") == n_zero else None
     if previous:
         lo, hi = previous * (1 - hint["width"]), previous * (1 + hint["width"])
     else:
         rows, cols = _sample_positions(n, B.shape[0], sample, A.device)
-        lo, hi = _sample_bracket(fused_sample(A, B, rows, cols, kernel, scale), n_zero / n)
+        lo, hi = _sample_bracket(fused_sample(A, B, rows, cols, kernel, scale, *stats), n_zero / n)
     segments = 16 if n % 16 == 0 else 1
-    below, counts, minima = fused_kernel_and_count(A, Bt, kernel, scale, out.new_tensor(lo), out.new_tensor(hi),
-                                                   segments, out)
+    below, counts, minima = fused_kernel_and_count(A, Bt, kernel, scale, *stats, out.new_tensor(lo),
+                                                   out.new_tensor(hi), segments, out)
     below = int(below)
     values = _inside_values(out.reshape(segments, -1), counts, minima, lo, hi)
     missed = below >= n_zero or below + values.numel() < n_zero
@@ -340,6 +394,7 @@ class SNELLDelta(WeightDelta):
         self.n_zero, self.reweight, self.shape = n_zero, reweight, shape
         self.threshold: float | None = None
         self.hint = hint  # the layer's last threshold, a starting guess for the compiled search
+        self.stats: tuple | None = None  # set by a compiled forward: its backward is compiled too
 
     def _factors(self):
         A, B = self.params[:2]
@@ -393,30 +448,40 @@ class SNELLDelta(WeightDelta):
         t = -1.0 if self.threshold is None else self.threshold
         return torch.tensor([t, float(scale)], dtype=like.dtype, device=like.device).unbind()
 
+    def _kernel_stats(self, A, Bt) -> tuple:
+        """What the compiled kernels need besides the factors: nothing for SNELL."""
+        return None, None, None
+
+    def _fused_grads(self, A, Bt, W, G, threshold, host_scale, w_eff) -> tuple:
+        """The compiled backward: writes W' into ``w_eff``, returns the parameters' gradients."""
+        return fused_weight_and_grads(A, Bt, W, G, threshold, self.kernel, self.scale, host_scale,
+                                      self.reweight, w_eff)
+
     @torch.no_grad()
     def effective_weight(self, W, scale):
         if not self._fused(W):
             return super().effective_weight(W, scale)
         A, B = self._factors()
+        self.stats = self._kernel_stats(A, B.t().contiguous())
         D = scratch(0, W.shape, A.dtype, W.device)
-        self.threshold = fused_kernel_and_threshold(A, B, self.kernel, self.scale, self.n_zero, D, self.hint)
+        self.threshold = fused_kernel_and_threshold(A, B, self.kernel, self.scale, self.n_zero, D, self.hint,
+                                                    stats=self.stats)
         w_eff = scratch(1, W.shape, W.dtype, W.device)
         fused_effective_weight(D, W, *self._scalars(D, scale), self.reweight, w_eff)
         return w_eff
 
     @torch.no_grad()
     def backward(self, g, x2, W, scale, need_x, need_W):
-        if not self._fused(W):
+        if self.stats is None or not self._fused(W):
             return super().backward(g, x2, W, scale, need_x, need_W)
         A, B = self._factors()
         G = torch.mm(g.t(), x2, out=scratch(0, W.shape, g.dtype, g.device))
         grad_W = G.clone() if need_W else None
         w_eff = scratch(1, W.shape, W.dtype, W.device)
         threshold, host_scale = self._scalars(A, scale)
-        gA, gB = fused_weight_and_grads(A, B.t().contiguous(), W, G, threshold, self.kernel, self.scale,
-                                        host_scale, self.reweight, w_eff)
+        grads = self._fused_grads(A, B.t().contiguous(), W, G, threshold, host_scale, w_eff)
         grad_x = g @ w_eff if need_x else None
-        return grad_x, grad_W, (gA.to(self.params[0].dtype), gB.to(self.params[1].dtype))
+        return grad_x, grad_W, tuple(gp.to(p.dtype) for gp, p in zip(grads, self.params))
 
 
 class SNELLADelta(SNELLDelta):
@@ -429,15 +494,23 @@ class SNELLADelta(SNELLDelta):
     LoRA (batch 4, CPU): 3.34x checkpointed, 2.76x folded with an autograd rebuild, 2.54x
     hand-written, 2.19x with the buffers reused (SNELL 1.86x in that run; docs/BENCHMARKS.md)."""
 
-    def __init__(self, A, B, mix, kernel: str, scale: float, n_zero: int, reweight: bool, shape):
-        super().__init__(A, B, kernel, scale, n_zero, reweight, shape)
+    def __init__(self, A, B, mix, kernel: str, scale: float, n_zero: int, reweight: bool, shape,
+                 hint: dict | None = None):
+        super().__init__(A, B, kernel, scale, n_zero, reweight, shape, hint)
         self.params = [A, B, *mix]
 
     def _mix(self):
         return tuple(p.detach().float() for p in self.params[2:])
 
-    def _fused(self, W):  # the softmax term has no compiled form yet
-        return False
+    # compiled path: the softmax's column statistics first, then SNELL's loops on K
+    def _kernel_stats(self, A, Bt) -> tuple:
+        mix = torch.stack(self._mix()).to(A.device)  # [a, t, c]
+        return (*fused_column_stats(A, Bt, self.kernel, self.scale, mix), mix)
+
+    def _fused_grads(self, A, Bt, W, G, threshold, host_scale, w_eff) -> tuple:
+        gA, gB, grad_mix = fused_mixed_weight_and_grads(A, Bt, W, G, threshold, self.kernel, self.scale,
+                                                        host_scale, self.reweight, *self.stats, w_eff)
+        return gA, gB, *grad_mix.unbind()
 
     @torch.no_grad()
     def build(self) -> torch.Tensor:
@@ -603,11 +676,11 @@ class SNELLModule(AdapterModule):
         # host and delta in one GEMM; dW rebuilt in backward, never kept. The rebuild
         # reuses the forward's threshold: same dW, same mask, one search
         args = (self.kernel, self.scale, int(self.n_zero), self.reweight, self.host.weight_shape)
+        hint = self.__dict__.setdefault("_threshold_hint", {})  # set here too for layers unpickled from before it
         if self.softmax_term:
-            delta = SNELLADelta(self.A, self.B, (self.mix_alpha, self.temperature, self.shift), *args)
+            delta = SNELLADelta(self.A, self.B, (self.mix_alpha, self.temperature, self.shift), *args, hint=hint)
         else:
-            # a layer unpickled from before the hint existed gets one here
-            delta = SNELLDelta(self.A, self.B, *args, hint=self.__dict__.setdefault("_threshold_hint", {}))
+            delta = SNELLDelta(self.A, self.B, *args, hint=hint)
         return linear_with_weight_delta(x, weight, bias, scale, delta)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
