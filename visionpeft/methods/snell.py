@@ -19,7 +19,8 @@ A and B are Kaiming-uniform, as in the official code: dW is small but not zero a
 
 With `vp.set_compiled_kernels(True)` the distance and RBF kernels on a plain Linear run as
 torch.compile'd loops instead (``fused_*`` below: dW built entry by entry and the
-threshold's count pass compiled with it, W' in one loop, the whole backward in one function).
+threshold's count pass compiled with it, W' in one loop, the whole backward in one function;
+SNELLA's softmax term adds a loop for its column statistics).
 
 SNELLA's mixed kernel (`softmax_term=True`; read from the official SNELLA layer in
 ssfgunner/SNELL, the paper's method text was not available to us): with D the kernel
@@ -492,7 +493,8 @@ class SNELLADelta(SNELLDelta):
     and dL/dD goes through SNELL's kernel gradient. Every step reuses (out, in) buffers:
     on CPU each fresh one costs page faults worth several passes. ViT-B step relative to
     LoRA (batch 4, CPU): 3.34x checkpointed, 2.76x folded with an autograd rebuild, 2.54x
-    hand-written, 2.19x with the buffers reused (SNELL 1.86x in that run; docs/BENCHMARKS.md)."""
+    hand-written, 2.19x with the buffers reused (SNELL 1.86x in that run), 1.5x-1.6x with
+    compiled kernels (column statistics, then SNELL's loops on K; docs/BENCHMARKS.md)."""
 
     def __init__(self, A, B, mix, kernel: str, scale: float, n_zero: int, reweight: bool, shape,
                  hint: dict | None = None):
