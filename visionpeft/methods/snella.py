@@ -13,8 +13,8 @@ SNELL forward keeps the largest |dW| up to the layer's share.
     for step in range(1000):
         loss.backward(); alloc.step(step); opt.step(); opt.zero_grad()
 
-Defaults follow the official code (beta1 = beta2 = 0.85). The paper's learnable softmax
-term in the kernel is not implemented (see the README).
+Defaults follow the official code (beta1 = beta2 = 0.85). SNELLA's learnable softmax term
+in the kernel is `SNELLConfig(softmax_term=True)` (methods/snell.py), eager or compiled.
 """
 from __future__ import annotations
 
