@@ -216,14 +216,25 @@ def fused_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: float, ho
     1.6x-2x slower. ``host_scale`` is a tensor, so a new adapter scale does not recompile."""
     terms = _pointwise_terms(A, Bt, kernel, scale)
     D = _pointwise_delta(terms, kernel, scale)
-    w_out.copy_(W + host_scale * _pointwise_kept(D, threshold, reweight).to(W.dtype))
-    Gm = torch.where(D.abs() > threshold, G.to(D.dtype) * host_scale, 0.0)
-    if reweight:
-        Gm = Gm * D.abs()
+    Gm = _pointwise_weight_and_mask(D, W, G, threshold, host_scale, reweight, w_out)
+    return _pointwise_factor_grads(A, Bt, terms, Gm, kernel, scale)
+
+
+def _pointwise_weight_and_mask(K, W, G, threshold, host_scale, reweight: bool, w_out) -> torch.Tensor:
+    """Write W' = W + s keep(K) into ``w_out``; return dL/dK from G = g^T x: masked to the
+    kept entries, times the host scale (and |K| under reweight)."""
+    w_out.copy_(W + host_scale * _pointwise_kept(K, threshold, reweight).to(W.dtype))
+    Gm = torch.where(K.abs() > threshold, G.to(K.dtype) * host_scale, 0.0)
+    return Gm * K.abs() if reweight else Gm
+
+
+def _pointwise_factor_grads(A, Bt, terms: list[torch.Tensor], GD: torch.Tensor, kernel: str, scale: float):
+    """dL/dA, dL/dB from GD = dL/d(kernel matrix): each half's H_k of ``_factor_grads``
+    reduced to its row sums, H_k B_k, column sums and H_k^T A_k, then ``_grads_from_sums``."""
     h = A.shape[1] // 2
     rows, cols = [], []
     for T, k0 in zip(terms, (0, h)):
-        H = torch.where(T > 0, Gm / T, 0.0) if kernel == "distance" else Gm * T
+        H = torch.where(T > 0, GD / T, 0.0) if kernel == "distance" else GD * T
         rows.append(H.sum(1))
         cols.append(H.sum(0))
         for k in range(k0, k0 + h):
@@ -242,24 +253,11 @@ def fused_mixed_weight_and_grads(A, Bt, W, G, threshold, kernel: str, scale: flo
     terms = _pointwise_terms(A, Bt, kernel, scale)
     D = _pointwise_delta(terms, kernel, scale)
     K, S = _pointwise_mixed(D, m, z, mix)
-    w_out.copy_(W + host_scale * _pointwise_kept(K, threshold, reweight).to(W.dtype))
-    Gm = torch.where(K.abs() > threshold, G.to(K.dtype) * host_scale, 0.0)
-    if reweight:
-        Gm = Gm * K.abs()
+    Gm = _pointwise_weight_and_mask(K, W, G, threshold, host_scale, reweight, w_out)
     col = (Gm * S).sum(0)
     Z = mix[0] * S * (Gm - col)
     grad_mix = torch.stack([col.sum(), -(Z * D).sum(1).sum() / (mix[1] * mix[1]), Gm.sum(0).sum()])
-    Gd = Gm + Z / mix[1]
-    h = A.shape[1] // 2
-    rows, cols = [], []
-    for T, k0 in zip(terms, (0, h)):
-        H = torch.where(T > 0, Gd / T, 0.0) if kernel == "distance" else Gd * T
-        rows.append(H.sum(1))
-        cols.append(H.sum(0))
-        for k in range(k0, k0 + h):
-            rows.append((H * Bt[k:k + 1]).sum(1))
-            cols.append((H * A[:, k:k + 1]).sum(0))
-    return (*_grads_from_sums(A, Bt.t(), torch.stack(rows, 1), torch.stack(cols, 1), kernel, scale), grad_mix)
+    return (*_pointwise_factor_grads(A, Bt, terms, Gm + Z / mix[1], kernel, scale), grad_mix)
 
 
 def _grads_from_sums(A, B, rows, cols, kernel: str, scale: float):
