@@ -6,7 +6,8 @@ Hosts (random init, built here):
         dim 320) as self-attention and as cross-attention over 77 x 768 text tokens,
         adapters on to_q / to_k / to_v / to_out.0
 Variants: our methods (lora, krona, block_lora, and wara / snell / snella (SNELL with SNELLA's
-softmax term) / snell_compiled, snella_compiled (with vp.set_compiled_kernels(True)) when registered),
+softmax term) / snell_compiled, snella_compiled (with vp.set_compiled_kernels(True)) and
+snell_compiled_gemm (the same without SNELL's C backward) when registered),
 PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a dense
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
 to the same sparsity: what SNELL's memory saving is measured against).
@@ -42,10 +43,15 @@ OUR_CONFIGS = {
     "snell_compiled": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
     "snella_compiled": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
                                                                    target_modules=[f"re:{t}"]),
+    "snell_compiled_gemm": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9,
+                                                                       target_modules=[f"re:{t}"]),
 }
 # variants that are a setting of another method
-METHOD_OF = {"snella": "snell", "snell_compiled": "snell", "snella_compiled": "snell"}
-COMPILED = {"snell_compiled", "snella_compiled"}  # run with vp.set_compiled_kernels(True) (compiled during warm-up)
+METHOD_OF = {"snella": "snell", "snell_compiled": "snell", "snella_compiled": "snell", "snell_compiled_gemm": "snell"}
+# run with vp.set_compiled_kernels(True) (compiled during warm-up); the _gemm variant with
+# SNELL's C backward off (ops/native.py): the dense g^T x and the compiled loops instead
+COMPILED = {"snell_compiled", "snella_compiled", "snell_compiled_gemm"}
+NATIVE_OFF = {"snell_compiled_gemm"}
 PEFT_CONFIGS = {
     "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
     "peft_lokr": lambda peft, t: peft.LoKrConfig(r=8, alpha=16, target_modules=t),
@@ -109,14 +115,19 @@ def make(kind: str, host: str, depth: int):
     return peft.get_peft_model(model, PEFT_CONFIGS[kind](peft, targets))
 
 
-def compiled_kernels(fn, on: bool = True):
-    """fn run with vp.set_compiled_kernels(on), switched off again afterwards."""
+def compiled_kernels(fn, on: bool = True, native: bool = True):
+    """fn run with vp.set_compiled_kernels(on) (and the C kernels allowed or not), switched
+    back afterwards."""
+    from visionpeft.ops.native import set_native_kernels
+
     def run():
         vp.set_compiled_kernels(on)
+        set_native_kernels(native)
         try:
             return fn()
         finally:
             vp.set_compiled_kernels(False)
+            set_native_kernels(True)
     return run
 
 
@@ -135,14 +146,14 @@ def run_host(args, host: str) -> dict:
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         steps[k] = step_fn(m, xs, y, opt, unpack=True)
         if k in COMPILED:
-            steps[k] = compiled_kernels(steps[k])
+            steps[k] = compiled_kernels(steps[k], native=k not in NATIVE_OFF)
         for _ in range(max(1, args.warmup)):
             steps[k]()
         opt_state[k] = sum(t.numel() * t.element_size() for st in opt.state.values()
                            for t in st.values() if torch.is_tensor(t))
     timing = paired(steps, "lora", args.rounds, args.steps, torch.device("cpu"), args.clock_fn)
     mem = {k: compiled_kernels(lambda: measure_memory(m, xs, y, torch.device("cpu"), unpack=True),
-                               k in COMPILED)() for k, m in models.items()}
+                               k in COMPILED, k not in NATIVE_OFF)() for k, m in models.items()}
     peft_ms = timing["peft_lora"]["ms"]
     return {"host": host, "batch": args.batch,
             "step": {k: {**v, "vs_peft_lora": round(v["ms"] / peft_ms, 3)} for k, v in timing.items()},

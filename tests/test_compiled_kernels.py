@@ -10,6 +10,7 @@ from torch import nn
 import visionpeft as vp
 import visionpeft.methods.snell as snell
 from visionpeft.ops import compiled as compiled_mod
+from visionpeft.ops import native as native_mod
 from visionpeft.ops.workspace import release_scratch, scratch
 
 from test_snell import _reference_delta as _reference  # autograd through cdist, kthvalue, where()
@@ -24,18 +25,23 @@ def compiled_on():
     release_scratch()
 
 
-@pytest.mark.parametrize("kernel,reweight,shapes", [
+@pytest.mark.parametrize("kernel,reweight,shapes,native", [
     # (out, in) per layer; 512 x 256 takes the sampled-bracket threshold, two shapes in a
-    # row share the scratch buffers
-    ("distance", False, [(256, 512), (512, 256)]),
-    ("rbf", True, [(40, 24)]),
-    ("distance", True, [(40, 24)]),
+    # row share the scratch buffers. native: the distance kernel's backward in C
+    # (snell_backward.c) or, with it off, the compiled loops over a dense g^T x
+    ("distance", False, [(256, 512), (512, 256)], False),
+    ("distance", False, [(256, 512), (512, 256)], True),
+    ("rbf", True, [(40, 24)], False),
+    ("distance", True, [(40, 24)], False),
+    ("distance", True, [(40, 24)], True),
 ])
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager would hide the compiled path
-def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monkeypatch, kernel, reweight, shapes):
+def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monkeypatch, kernel, reweight, shapes,
+                                                               native):
     calls = []
-    fused = snell.fused_weight_and_grads
-    monkeypatch.setattr(snell, "fused_weight_and_grads", lambda *a: calls.append(1) or fused(*a))
+    taken = snell.native_sparse_grads if native else snell.fused_weight_and_grads
+    monkeypatch.setattr(snell, taken.__name__, lambda *a: calls.append(1) or taken(*a))
+    monkeypatch.setattr(native_mod, "_state", {"enabled": native})
     torch.manual_seed(0)
     layers = [nn.Linear(i, o) for o, i in shapes]
     model = nn.Sequential(*layers)

@@ -20,7 +20,10 @@ A and B are Kaiming-uniform, as in the official code: dW is small but not zero a
 With `vp.set_compiled_kernels(True)` the distance and RBF kernels on a plain Linear run as
 torch.compile'd loops instead (``fused_*`` below: dW built entry by entry and the
 threshold's count pass compiled with it, W' in one loop, the whole backward in one function;
-SNELLA's softmax term adds a loop for its column statistics).
+SNELLA's softmax term adds a loop for its column statistics). On CPU the distance kernel's
+backward then runs in C (snell_backward.c, ``native_sparse_grads``): the factor gradients
+need g^T x only where the mask keeps dW, so it takes one dot product per kept entry
+instead of the host-size GEMM.
 
 SNELLA's mixed kernel (`softmax_term=True`; read from the official SNELLA layer in
 ssfgunner/SNELL, the paper's method text was not available to us): with D the kernel
@@ -30,20 +33,24 @@ learnable scalars per layer initialised to 1, 1, 0.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import MethodConfig, ConfigError, check_choice, check_positive_int
 from ..core.registry import register_method
 from ..ops.compiled import compiled, compiled_kernels_enabled
+from ..ops.native import CLibrary
 from ..ops.weight_delta import WeightDelta, linear_with_weight_delta
 from ..ops.workspace import scratch
 
@@ -289,6 +296,48 @@ def _sample_positions(n: int, fan_in: int, sample: int, device: torch.device):
     return flat // fan_in, flat % fan_in
 
 
+# --- the backward with g^T x only where kept, in C (snell_backward.c, ops/native.py) -----
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_NATIVE = CLibrary(Path(__file__).with_name("snell_backward.c"), {
+    "snell_sparse_backward": (_C, [_P] * 5 + [_I] * 4 + [_F, _C, _F, _F, _C] + [_P] * 3 + [_I, _C]),
+    "transpose_f32": (None, [_P, _I, _I, _I, _P, _C])})
+# Tokens per call: g and x are transposed a chunk at a time into two scratch buffers of
+# (out or in) x this many floats, about a large ViT-B weight; larger batches loop.
+_TOKEN_CHUNK = 1024
+# Above this kept fraction one GEMM over every entry beats a dot product per kept entry.
+_MAX_KEPT_FRACTION = 0.3
+_CACHE_FLOATS = 128 * 1024  # xT rows a column block reads: half of a core's L2 (1 MB on this Zen 4)
+
+
+def native_sparse_grads(A, Bt, W, g, x2, threshold: float, scale: float, host_scale: float, reweight: bool,
+                        w_out) -> tuple | None:
+    """The distance kernel's backward without the dense g^T x: writes W' into ``w_out``
+    and returns (dL/dA, dL/dB), the values of ``fused_weight_and_grads`` on g^T x, with
+    g^T x formed only at the entries the mask keeps. All float32 CPU tensors, A, Bt and W
+    contiguous; g (tokens, out) and x2 (tokens, in) any layout. None when the C library
+    is not available (not built here, or native kernels off)."""
+    lib = _NATIVE.get()
+    if lib is None:
+        return None
+    out, fan_in = W.shape
+    h, threads = A.shape[1] // 2, torch.get_num_threads()
+    rows, cols = A.new_zeros(out, 2 * h + 2), A.new_zeros(fan_in, 2 * h + 2)
+    g, x2 = (t if t.stride(1) == 1 else t.contiguous() for t in (g, x2))  # rows of unit stride
+    for t0 in range(0, g.shape[0], _TOKEN_CHUNK):
+        t1 = min(g.shape[0], t0 + _TOKEN_CHUNK)
+        gT, xT = scratch(0, (out, t1 - t0), g.dtype, g.device), scratch(2, (fan_in, t1 - t0), x2.dtype, x2.device)
+        for src, dst in ((g, gT), (x2, xT)):
+            lib.transpose_f32(src[t0].data_ptr(), t1 - t0, src.shape[1], src.stride(0), dst.data_ptr(), threads)
+        status = lib.snell_sparse_backward(
+            A.data_ptr(), Bt.data_ptr(), W.data_ptr() if t0 == 0 else None, gT.data_ptr(), xT.data_ptr(),
+            out, fan_in, h, t1 - t0, abs(scale), int(scale < 0), threshold, host_scale, int(reweight),
+            w_out.data_ptr(), rows.data_ptr(), cols.data_ptr(), max(16, _CACHE_FLOATS // (t1 - t0)), threads)
+        if status != 0:
+            raise RuntimeError(f"snell_sparse_backward returned {status} (r = {A.shape[1]}: the C kernel takes "
+                               f"ranks up to 62)")
+    return _grads_from_sums(A, Bt.t(), rows, cols, "distance", scale)
+
+
 # The bracket around the previous step's threshold, as a fraction of it: between training
 # steps the threshold moved by ~2e-5 (lr 1e-4) to ~3e-3 (lr 1e-2) of itself (median; ViT-B,
 # AdamW), so the half-width follows four times the recent moves, within these bounds.
@@ -374,6 +423,7 @@ class _SparseKernel(torch.autograd.Function):
         return keep_largest(dW, threshold, reweight)
 
     @staticmethod
+    @once_differentiable  # the gradient is written by hand from saved terms: no second derivative
     def backward(ctx, G):
         A, B, dW, *terms = ctx.saved_tensors
         G = _mask_grad(G.clone(), dW, ctx.threshold, ctx.reweight)
@@ -469,16 +519,30 @@ class SNELLDelta(WeightDelta):
         fused_effective_weight(D, W, *self._scalars(D, scale), self.reweight, w_eff)
         return w_eff
 
+    def _native_grads(self, A, Bt, W, g, x2, scale, w_eff) -> tuple | None:
+        """``native_sparse_grads`` where it applies (distance kernel, float32 on CPU, a
+        sparse enough mask), else None."""
+        if not (self.kernel == "distance" and self.threshold is not None and A.shape[1] <= 62
+                and W.device.type == "cpu" and W.is_contiguous()
+                and all(t.dtype == torch.float32 for t in (A, W, g, x2))
+                and 1 - self.n_zero / W.numel() <= _MAX_KEPT_FRACTION):
+            return None
+        return native_sparse_grads(A, Bt, W, g, x2, self.threshold, self.scale, float(scale), self.reweight, w_eff)
+
     @torch.no_grad()
     def backward(self, g, x2, W, scale, need_x, need_W):
         if self.stats is None or not self._fused(W):
             return super().backward(g, x2, W, scale, need_x, need_W)
         A, B = self._factors()
-        G = torch.mm(g.t(), x2, out=scratch(0, W.shape, g.dtype, g.device))
-        grad_W = G.clone() if need_W else None
+        Bt = B.t().contiguous()
         w_eff = scratch(1, W.shape, W.dtype, W.device)
-        threshold, host_scale = self._scalars(A, scale)
-        grads = self._fused_grads(A, B.t().contiguous(), W, G, threshold, host_scale, w_eff)
+        grads = None if need_W else self._native_grads(A, Bt, W, g, x2, scale, w_eff)
+        grad_W = None
+        if grads is None:  # the dense weight gradient, then the compiled loops
+            G = torch.mm(g.t(), x2, out=scratch(0, W.shape, g.dtype, g.device))
+            grad_W = G.clone() if need_W else None
+            threshold, host_scale = self._scalars(A, scale)
+            grads = self._fused_grads(A, Bt, W, G, threshold, host_scale, w_eff)
         grad_x = g @ w_eff if need_x else None
         return grad_x, grad_W, tuple(gp.to(p.dtype) for gp, p in zip(grads, self.params))
 
@@ -499,8 +563,9 @@ class SNELLADelta(SNELLDelta):
         super().__init__(A, B, kernel, scale, n_zero, reweight, shape, hint)
         self.params = [A, B, *mix]
 
-    def _mix(self):
-        return tuple(p.detach().float() for p in self.params[2:])
+    def _mix(self):  # a, t, c in the precision the factors are evaluated in (fp32 or wider)
+        return tuple(p.detach().float() if p.dtype in (torch.float16, torch.bfloat16) else p.detach()
+                     for p in self.params[2:])
 
     # compiled path: the softmax's column statistics first, then SNELL's loops on K
     def _kernel_stats(self, A, Bt) -> tuple:
@@ -511,6 +576,9 @@ class SNELLADelta(SNELLDelta):
         gA, gB, grad_mix = fused_mixed_weight_and_grads(A, Bt, W, G, threshold, self.kernel, self.scale,
                                                         host_scale, self.reweight, *self.stats, w_eff)
         return gA, gB, *grad_mix.unbind()
+
+    def _native_grads(self, A, Bt, W, g, x2, scale, w_eff) -> None:
+        return None  # the C kernel knows SNELL's distance kernel only, not K's softmax term
 
     @torch.no_grad()
     def build(self) -> torch.Tensor:
@@ -557,9 +625,10 @@ def snella_delta(A, B, kernel: str, scale: float, n_zero: int, mix_alpha, temper
                  reweight: bool = False) -> torch.Tensor:
     """SNELLA's sparse dW: the mixed kernel with its ``n_zero`` smallest |entries| zeroed.
     Autograd runs through the softmax; the base kernel keeps its hand-written gradient."""
-    if A.dtype in (torch.float16, torch.bfloat16):
-        return snella_delta(A.float(), B.float(), kernel, scale, n_zero, mix_alpha.float(),
-                            temperature.float(), shift.float(), reweight).to(A.dtype)
+    if A.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(A.device.type):
+        with torch.autocast(A.device.type, enabled=False):
+            return snella_delta(A.float(), B.float(), kernel, scale, n_zero, mix_alpha.float(),
+                                temperature.float(), shift.float(), reweight).to(A.dtype)
     K = mixed_kernel(kernel_matrix(A, B, kernel, scale), mix_alpha, temperature, shift)
     return keep_largest(K, sparsity_threshold(K, int(n_zero)), reweight)
 
@@ -567,10 +636,12 @@ def snella_delta(A, B, kernel: str, scale: float, n_zero: int, mix_alpha, temper
 def snell_delta(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float, n_zero: int,
                 reweight: bool = False) -> torch.Tensor:
     """SNELL's sparse dW (out, fan_in): the kernel matrix with its ``n_zero`` smallest
-    entries zeroed. Half-precision factors are evaluated in fp32 (distances of nearby
-    points lose everything in fp16)."""
-    if A.dtype in (torch.float16, torch.bfloat16):
-        return snell_delta(A.float(), B.float(), kernel, scale, n_zero, reweight).to(A.dtype)
+    entries zeroed. Half-precision factors, and any under autocast, are evaluated in fp32
+    (distances of nearby points lose everything in fp16)."""
+    if A.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(A.device.type):
+        # autocast would run the distance GEMMs in half precision: the kernel stays fp32
+        with torch.autocast(A.device.type, enabled=False):
+            return snell_delta(A.float(), B.float(), kernel, scale, n_zero, reweight).to(A.dtype)
     return _SparseKernel.apply(A, B, kernel, float(scale), int(n_zero), reweight)
 
 
@@ -581,7 +652,8 @@ def kernel_matrix(A: torch.Tensor, B: torch.Tensor, kernel: str, scale: float) -
 
 def zero_count(sparsity: float, numel: int) -> int:
     """Entries to zero for a sparsity fraction (computed in double precision)."""
-    return int(math.floor(float(sparsity) * numel))
+    # rounded to 1e-6 of an entry first: 0.29 * 100 is 28.999999999999996 in floats
+    return int(math.floor(round(float(sparsity) * numel, 6)))
 
 
 def _sample_bracket(sub: torch.Tensor, q: float) -> tuple[float, float]:
