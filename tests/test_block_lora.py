@@ -98,3 +98,13 @@ def test_rank_stabilized_scale_and_input_dropout():
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(vp.ConfigError, match="dropout"):
         vp.BlockLoRAConfig(dropout=1.0, target_modules=["0"])
+
+
+def test_an_input_with_zero_rows_gives_an_empty_output_and_gradient():
+    model = nn.Sequential(nn.Linear(8, 6))
+    vp.inject(model, vp.BlockLoRAConfig(r=1, n_blocks=2, target_modules=["0"]))
+    x = torch.randn(0, 8, requires_grad=True)
+    y = model(x)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)

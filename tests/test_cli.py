@@ -67,3 +67,13 @@ def test_quickstart_short_run(tmp_path):
     assert all(0.0 <= result["metrics"][k] <= 1.0 for k in ("oa", "precision", "recall", "f1", "iou"))
     assert len(result["maps"]) == 4 and all(p.is_file() for p in result["maps"])
     assert result["figure"].stat().st_size > 0 and (tmp_path / "out" / "best" / "cd_config.json").is_file()
+
+
+def test_config_values_in_exponent_notation_are_numbers(tmp_path):
+    from visionpeft.cli import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 1e-4\nother: 2E5\nname: 1e-4x\n")
+    values = load_config(str(cfg), ["adapter.alpha=3e1", "weight_decay=1.0e-2"])
+    assert values == {"learning_rate": 1e-4, "other": 2e5, "name": "1e-4x",
+                      "adapter": {"alpha": 30.0}, "weight_decay": 1e-2}

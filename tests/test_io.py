@@ -238,3 +238,24 @@ def test_an_adapter_of_only_modules_to_save_round_trips(tmp_path):
     vp.load_adapter(fresh, tmp_path / "ft")
     x = torch.randn(2, 4)
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_save_refuses_a_file_or_a_folder_holding_other_files_and_touches_nothing(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"someone's weights")
+    with pytest.raises(FileExistsError, match="is a file"):
+        vp.save_adapter(model, weights)
+    assert weights.read_bytes() == b"someone's weights"
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "notes.txt").write_text("keep me")
+    for save in (lambda p: vp.save_adapter(model, p), lambda p: vp.export(model, p, format="peft")):
+        with pytest.raises(FileExistsError, match="notes.txt"):
+            save(project)
+        assert sorted(p.name for p in project.iterdir()) == ["data", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "project"]  # no temporaries left
+    own = vp.save_adapter(model, tmp_path / "adapter")
+    vp.save_adapter(model, own)  # a folder a save wrote is replaced
+    assert sorted(p.name for p in own.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

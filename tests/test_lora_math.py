@@ -219,3 +219,25 @@ def test_fused_host_and_lora_match_autograd_reference(bias):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(lora_linear(x, W, b, A, B, 0.7), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [vp.LoRAConfig(r=2, target_modules=["0"]),
+                                    vp.BlockLoRAConfig(r=2, n_blocks=2, target_modules=["0"]),
+                                    vp.WaRAConfig(r=2, target_modules=["0"])])
+def test_a_second_derivative_is_refused_not_silently_wrong(config):
+    """The fused Functions save x A^T without its graph: create_graph would differentiate
+    a constant, so they are once_differentiable (an error, not a wrong number)."""
+    model = nn.Sequential(nn.Linear(8, 6))
+    vp.inject(model, config)
+    randomize_adapters(model)
+    x = torch.randn(5, 8)
+    loss = model(x).square().sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+def test_alpha_must_be_finite():
+    with pytest.raises(vp.ConfigError, match="finite"):
+        vp.LoRAConfig(r=2, alpha=float("inf"), target_modules=["0"])

@@ -332,3 +332,13 @@ def test_routing_slices_attention_masks_given_by_position():
                 ref, ref_w = attn(*args, average_attn_weights=False)
             torch.testing.assert_close(out[one], ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(w[one], ref_w, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_float64_weights_keeps_float64_precision():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5)).double()
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]))  # B = 0: dW is exactly zero
+    before = model[0].base_layer.weight.detach().clone()
+    vp.merge(model, keep_original=False)
+    assert torch.equal(model[0].base_layer.weight, before)
+    vp.unmerge(model)
+    assert torch.equal(model[0].base_layer.weight, before)

@@ -320,3 +320,53 @@ def test_snella_hand_written_gradient_equals_autograd(kernel, reweight):
         grads[path] = [p.grad.clone() for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)]
     for ours, ref in zip(grads["fused"], grads["autograd"]):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_snella_budget_is_exact_takes_active_adapters_and_resumes_from_its_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 30))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2"]), name="style")
+    vp.set_active(model, ["default"])
+    alloc = SNELLAAllocator(model, target_sparsity=0.9, total_steps=4)
+    assert len(alloc.modules) == 2  # the inactive "style" adapter is left alone
+    x = torch.randn(8, 30)
+    for step in range(3):
+        model(x).square().mean().backward()
+        alloc.step(step)
+        model.zero_grad()
+    saved = alloc.state_dict()
+    resumed = SNELLAAllocator(model, target_sparsity=0.9, total_steps=4)
+    resumed.load_state_dict(saved)
+    assert resumed.initial == alloc.initial == 600.0
+    for a, b in zip(alloc.ema + alloc.unc, resumed.ema + resumed.unc):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    alloc.allocate(alloc.budget(4))
+    kept = sum(m.numel - int(m.n_zero) for m in alloc.modules)
+    assert kept == 120  # (1 - 0.9) * 1200: not 119 from 119.99999999999997
+    from visionpeft.core.model_ops import adapted_layers
+
+    style = [m for layer in adapted_layers(model).values() for m in layer.adapters["style"].values()]
+    assert [int(m.n_zero) for m in style] == [300, 300]
+    with pytest.raises(ValueError, match="holds 3 SNELL layers"):
+        resumed.load_state_dict({"initial": 1.0, "ema": [{}] * 3, "unc": [{}] * 3})
+
+
+@pytest.mark.parametrize("kernel,softmax_term", [("distance", False), ("rbf", False), ("linear", False),
+                                                 ("distance", True)])
+def test_autocast_trains_and_keeps_the_kernel_in_fp32(kernel, softmax_term):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.8, kernel=kernel, softmax_term=softmax_term,
+                                    target_modules=["0"]))
+    reference = vp.delta_weight(model, "0")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vp.delta_weight(model, "0"), reference)  # not a bf16 distance expansion
+        model(torch.randn(5, 24)).float().square().sum().backward()
+    mod = model[0].adapters["default"]["full"]
+    assert mod.A.grad is not None and mod.A.grad.dtype == torch.float32 and torch.isfinite(mod.A.grad).all()
+
+
+def test_zero_count_is_not_fooled_by_float_rounding():
+    assert [zero_count(s, 100) for s in (0.29, 0.57, 0.58, 0.9)] == [29, 57, 58, 90]
+    assert zero_count(0.9, 1001) == 900

@@ -100,3 +100,12 @@ def test_inject_never_mutates_the_config():
     before = cfg.to_dict()
     vp.inject(ToyNet(), cfg)
     assert cfg.to_dict() == before
+
+
+def test_exclusions_that_remove_every_target_are_refused_before_anything_changes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(vp.TargetError, match="removes every layer"):
+        vp.inject(model, vp.LoRAConfig(r=1, target_modules=["0", "1"], exclude_modules=["re:.*"]))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(type(m) is nn.Linear for m in model)

@@ -54,6 +54,33 @@ class ToyTask(Task):
         return {}
 
 
+class SnellaTask(ToyTask):
+    """Two SNELL layers whose sparsities SNELLA's allocator moves from ``after_backward``;
+    its EMAs go into the checkpoints through ``state_dict``."""
+
+    def setup(self, device, dtype):
+        from visionpeft.methods.snella import SNELLAAllocator
+
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(self.n, 6, generator=g)
+        self.model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+        with torch.no_grad():
+            self.y = self.model(self.x) + 0.3 * torch.randn(self.n, 5, generator=g)
+        vp.inject(self.model, vp.SNELLConfig(r=2, sparsity=0.5, target_modules=["0", "2"]))
+        self.alloc = SNELLAAllocator(self.model, target_sparsity=0.8, total_steps=12)
+        self.seen = []
+
+    def after_backward(self, models, step):
+        self.seen.append((step, all(m.A.grad is not None for m in self.alloc.modules)))
+        self.alloc.step(step)
+
+    def state_dict(self):
+        return {"snella": self.alloc.state_dict()}
+
+    def load_state_dict(self, state):
+        self.alloc.load_state_dict(state["snella"])
+
+
 def _cfg(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), max_train_steps=12, train_batch_size=8, learning_rate=5e-2,
                 checkpointing_steps=4, lr_scheduler="cosine", lr_warmup_steps=2, cpu=True)
@@ -159,3 +186,19 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="use_8bit_adam needs bitsandbytes"):
         pytest.importorskip("accelerate")
         train(ToyTask(), TrainConfig(use_8bit_adam=True, cpu=True, output_dir="/tmp/vp-never"))
+
+
+def test_after_backward_sees_the_gradients_and_task_state_resumes_exactly(tmp_path):
+    """SNELLA's allocator driven by the loop: it sees every step's gradients once, moves the
+    layers' sparsities, and a resumed run (EMAs from the checkpoint) ends identical."""
+    task = SnellaTask()
+    full = train(task, _cfg(tmp_path / "full", gradient_accumulation_steps=2))
+    assert task.seen == [(s, True) for s in range(1, 13)]
+    assert len({m.sparsity for m in task.alloc.modules}) == 2  # the layers got different shares
+    with pytest.raises(KeyboardInterrupt):
+        train(SnellaTask(crash_at=14), _cfg(tmp_path / "cut", gradient_accumulation_steps=2))
+    resumed = train(SnellaTask(), _cfg(tmp_path / "cut", resume_from_checkpoint="latest",
+                                       gradient_accumulation_steps=2))
+    assert resumed.step == full.step == 12
+    a, b = _adapter(tmp_path / "full" / "adapter"), _adapter(tmp_path / "cut" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -97,6 +97,10 @@ def test_bad_wavelet_and_levels_are_refused():
     with pytest.raises(ValueError, match="use r <= 4"):
         vp.inject(model, vp.WaRAConfig(r=5, target_modules=["0"]))
     assert isinstance(model[0], nn.Linear)
+    model = nn.Sequential(nn.Linear(5, 3))  # 3 x 5: one halving at most
+    with pytest.raises(ValueError, match="levels <= 1 here"):
+        vp.inject(model, vp.WaRAConfig(r=1, levels=2, target_modules=["0"]))
+    assert isinstance(model[0], nn.Linear)
 
 
 def test_layer_gradients_match_an_explicit_reference():
@@ -117,3 +121,25 @@ def test_layer_gradients_match_an_explicit_reference():
     for k, (b, a) in clones.items():
         torch.testing.assert_close(mod.B[k].grad, b.grad, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(mod.A[k].grad, a.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_factors_are_cached_while_frozen_and_rebuilt_when_the_factors_change(monkeypatch):
+    import visionpeft.methods.wara as wara
+
+    calls = []
+    real = wara.wara_factors
+    monkeypatch.setattr(wara, "wara_factors", lambda *a: calls.append(1) or real(*a))
+    model, mod = _inject(nn.Linear(16, 12), r=2, levels=2)
+    x = torch.randn(3, 16)
+    model(x).sum().backward()
+    model(x)
+    assert len(calls) == 2  # trainable: once per forward
+    model.requires_grad_(False)
+    first = model(x)
+    assert torch.equal(model(x), first) and len(calls) == 3  # frozen: built once, then reused
+    with torch.no_grad():
+        mod.B["A"].add_(1.0)  # an in-place change (an optimizer step, load_state_dict) bumps the version
+    changed = model(x)
+    assert len(calls) == 4 and not torch.allclose(changed, first)
+    ref = F.linear(x, model[0].base_layer.weight + mod.delta_weight(), model[0].base_layer.bias)
+    torch.testing.assert_close(changed, ref)

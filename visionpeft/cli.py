@@ -47,6 +47,22 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, also reading exponent floats without a dot or an exponent sign
+    (``1e-4``, ``2e5``: floats in YAML 1.2 and Python, strings under PyYAML's YAML 1.1)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def load_config(path: str, overrides: list[str]) -> dict:
     """A YAML file plus ``key=value`` overrides (values parsed as YAML; dotted keys reach
     into mappings, e.g. ``adapter.r=8``)."""
@@ -54,11 +70,13 @@ def load_config(path: str, overrides: list[str]) -> dict:
 
     import yaml
 
+    loader = _yaml_loader()
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.load(file.read_text(), Loader=loader) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -73,7 +91,7 @@ def load_config(path: str, overrides: list[str]) -> dict:
             target = target.setdefault(p, {})
             if not isinstance(target, dict):
                 raise ValueError(f"--set {key}: {p} is not a mapping in {path}")
-        target[leaf] = yaml.safe_load(raw)
+        target[leaf] = yaml.load(raw, Loader=loader)
     return values
 
 

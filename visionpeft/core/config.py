@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -61,8 +62,8 @@ class MethodConfig:
         if self.alpha is not None:
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
                 raise ConfigError(f"alpha must be a number or None, got {self.alpha!r}")
-            if not self.alpha > 0:
-                raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+            if not 0 < self.alpha < math.inf:
+                raise ConfigError(f"alpha must be a finite number > 0, got {self.alpha}")
         self.validate()
 
     def validate(self) -> None:

@@ -75,7 +75,13 @@ def base_shape(kind: str, module: nn.Module) -> list[int]:
 
 def _atomic_write_dir(path: Path, write) -> None:
     """Write a folder's files into a temporary sibling, then swap it in, so that an
-    interrupted save leaves the previous folder as it was."""
+    interrupted save leaves the previous folder as it was. Only a folder such a save
+    wrote is replaced: a file at ``path``, or a folder holding anything the new one would
+    not (someone's other files), is refused before anything is touched."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; a save writes a folder there. Remove the file or choose "
+                              f"another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -85,8 +91,18 @@ def _atomic_write_dir(path: Path, write) -> None:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
+            foreign = sorted(p.name for p in path.iterdir() if not (tmp / p.name).exists())
+            if foreign:
+                more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+                raise FileExistsError(f"{path} holds {foreign[:5]}{more}, which this save would not write; it "
+                                      f"replaces the whole folder, so it only overwrites a folder written by a "
+                                      f"save. Choose a new path or remove those files")
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / path.name)
+            try:
+                os.rename(path, old / path.name)
+            except OSError:
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -17,6 +17,11 @@ from torch import nn
 from .adapter import AdapterModule, HostSpec
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision widened to fp32 for merging; fp32 and float64 kept as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @dataclass
 class AdapterState:
     """Model-wide adapter settings read by every wrapper at forward time."""
@@ -121,7 +126,7 @@ class AdaptedLayerBase(nn.Module, abc.ABC):
             for part, mod in self.parts(name):
                 key = "out_proj" if part == "out_proj" else "weight"
                 d = mod.delta_weight()
-                d = (d.float() if fp32 else d) * scales[name]
+                d = (_at_least_fp32(d) if fp32 else d) * scales[name]
                 rows = None if key == "out_proj" else _rows(part, weights[key].shape[0])
                 if rows is not None:
                     pad = [d.new_zeros(d.shape)] * 3
@@ -138,7 +143,7 @@ class AdaptedLayerBase(nn.Module, abc.ABC):
         new = {}
         for key, total in self.deltas(names, scales, fp32=True).items():
             w = weights[key]
-            merged = w.float() + total.to(w.device)
+            merged = _at_least_fp32(w) + total.to(w.device)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"merging {names} gives non-finite weights; nothing was merged")
             new[key] = merged.to(w.dtype)
@@ -158,10 +163,10 @@ class AdaptedLayerBase(nn.Module, abc.ABC):
         if self._kept:
             for key, original in self._kept.items():
                 weights[key].data = original
-        else:  # merged without a kept copy: subtract in fp32 (not bit-exact in half precision)
+        else:  # merged without a kept copy: subtract in fp32 or wider (not bit-exact in half precision)
             for key, total in self.deltas(self.merged_names, self._merge_scales, fp32=True).items():
                 w = weights[key]
-                w.data = (w.float() - total.to(w.device)).to(w.dtype)
+                w.data = (_at_least_fp32(w) - total.to(w.device)).to(w.dtype)
         self._kept = {}
         self.merged_names = ()
 

@@ -183,6 +183,7 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
     """-> {layer name: (kind, parts)}, in model order. Raises TargetError on any entry
     that matches nothing, naming the closest module names. ``blocks`` resolves for a
     block method: any module can be a target, but not one inside another target."""
+    target_modules, exclude_modules = list(target_modules), list(exclude_modules)
     layers = adaptable_layers(model, blocks=blocks)
     all_modules = canonical_modules(model)
     mha_names = [n for n, (k, _) in layers.items() if k == "mha"]
@@ -206,6 +207,7 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
                 raise TargetError(f"{name}.out_proj: slices do not apply to out_proj")
             chosen[name] = _merge_parts(name, chosen.get(name, ()), ("out_proj",))
 
+    excluded = sorted(chosen)
     for entry in exclude_modules:
         pattern, parts, is_regex = parse_entry(entry)
         for name in list(chosen):
@@ -216,6 +218,9 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
                         chosen[name] = keep
                         continue
                 del chosen[name]
+    if excluded and not chosen:
+        raise TargetError(f"exclude_modules {list(exclude_modules)} removes every layer target_modules "
+                          f"{list(target_modules)} matched ({excluded}); nothing would be adapted")
     order = {n: i for i, n in enumerate(layers)}
     if blocks:
         nested = [(inner, outer) for inner in chosen for outer in chosen

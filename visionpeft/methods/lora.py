@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import MethodConfig, ConfigError, check_choice, check_dropout, check_positive_int
@@ -49,6 +50,7 @@ class _LoRAAddLinear(torch.autograd.Function):
         return torch.addmm(y2, h, B.t(), alpha=scale)
 
     @staticmethod
+    @once_differentiable  # h = x A^T is saved without its graph: a second derivative would be wrong
     def backward(ctx, g):
         x2, h, A, B = ctx.saved_tensors
         gh = (B.t() @ g.t()).t().mul(ctx.scale)
@@ -60,7 +62,8 @@ class _LoRAAddLinear(torch.autograd.Function):
 
 def _block_sum(x2: torch.Tensor, blocks: int) -> torch.Tensor:
     """(N, in) -> (N, in/blocks): the sum of ``blocks`` consecutive column chunks."""
-    return x2 if blocks == 1 else x2.view(x2.shape[0], blocks, -1).sum(1)
+    # explicit sizes, not -1: an input with zero rows has no size to infer
+    return x2 if blocks == 1 else x2.view(x2.shape[0], blocks, x2.shape[1] // blocks).sum(1)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -85,6 +88,7 @@ class _LoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # h = x A^T is saved without its graph: a second derivative would be wrong
     def backward(ctx, g):
         xs, h, W, A, B = ctx.saved_tensors
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
@@ -95,7 +99,7 @@ class _LoRALinear(torch.autograd.Function):
             if ctx.blocks == 1:
                 grad_x.addmm_(gh, A)
             else:
-                grad_x.view(g.shape[0], ctx.blocks, -1).add_((gh @ A).unsqueeze(1))
+                grad_x.view(g.shape[0], ctx.blocks, grad_x.shape[1] // ctx.blocks).add_((gh @ A).unsqueeze(1))
         grad_W = g.t() @ xs if need_W else None  # blocks == 1 here: see lora_linear
         grad_b = g.sum(0) if need_b else None
         grad_A = gh.t() @ xs if need_A else None

@@ -13,6 +13,11 @@ SNELL forward keeps the largest |dW| up to the layer's share.
     for step in range(1000):
         loss.backward(); alloc.step(step); opt.step(); opt.zero_grad()
 
+In `vp.train`, a task calls it from its ``after_backward`` hook and returns
+``alloc.state_dict()`` from its ``state_dict`` so that checkpoints resume it exactly
+(visionpeft/train/task.py). ``name=None`` takes the model's active SNELL adapters: an
+inactive one gets no gradients and would only lose its budget.
+
 Defaults follow the official code (beta1 = beta2 = 0.85). SNELLA's learnable softmax term
 in the kernel is `SNELLConfig(softmax_term=True)` (methods/snell.py), eager or compiled.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.model_ops import adapted_layers
+from ..core.model_ops import active_adapters, adapted_layers
 from .snell import SNELLModule
 
 
@@ -71,15 +76,17 @@ class SNELLAAllocator:
         if not 0.0 < target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
         self.modules: list[SNELLModule] = []
+        names = active_adapters(model) if name is None else (name,)
         for layer in adapted_layers(model).values():
             for adapter, parts in layer.adapters.items():
-                if name is None or adapter == name:
+                if adapter in names:
                     self.modules += [m for m in parts.values() if isinstance(m, SNELLModule)]
         if not self.modules:
-            raise ValueError("the model has no SNELL adapter" + (f" named {name!r}" if name else ""))
+            raise ValueError("the model has no SNELL adapter" + (f" named {name!r}" if name else " active"))
         self.sizes = [m.numel for m in self.modules]
         self.initial = float(sum(n - int(m.n_zero) for m, n in zip(self.modules, self.sizes)))
-        self.target = (1.0 - target_sparsity) * sum(self.sizes)
+        # rounded to 1e-6 of an entry first: (1 - 0.9) * 1200 is 119.99999999999997 in floats
+        self.target = float(round((1.0 - target_sparsity) * sum(self.sizes), 6))
         self.total_steps, self.interval = total_steps, interval
         self.init_warmup, self.final_warmup = init_warmup, final_warmup
         self.beta1, self.beta2 = beta1, beta2
@@ -108,10 +115,24 @@ class SNELLAAllocator:
     @torch.no_grad()
     def allocate(self, budget: float) -> list[float]:
         """Set every layer's sparsity from its share of ``budget`` non-zero entries."""
-        shares = split_budget(int(budget), self.scores(), self.sizes)
+        shares = split_budget(int(round(budget, 6)), self.scores(), self.sizes)
         for m, share, n in zip(self.modules, shares, self.sizes):
             m.n_zero.fill_(n - max(share, 1))  # keep at least one entry per layer
         return [m.sparsity for m in self.modules]
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the starting budget and both EMAs per layer (the
+        layers' sparsities are buffers saved with the adapter)."""
+        return {"initial": self.initial, "ema": [dict(e) for e in self.ema], "unc": [dict(u) for u in self.unc]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["ema"]) != len(self.modules):
+            raise ValueError(f"the state holds {len(state['ema'])} SNELL layers, this allocator has "
+                             f"{len(self.modules)}: built for another model or adapter")
+        self.initial = float(state["initial"])
+        devices = [m.A.device for m in self.modules]
+        self.ema = [{k: v.to(d) for k, v in e.items()} for e, d in zip(state["ema"], devices)]
+        self.unc = [{k: v.to(d) for k, v in u.items()} for u, d in zip(state["unc"], devices)]
 
     def step(self, step: int) -> None:
         """Call after backward, before the gradients are cleared."""

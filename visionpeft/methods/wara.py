@@ -98,6 +98,10 @@ class WaRAModule(AdapterModule):
         r, levels = config.r, config.levels
         self.shape = (host.out_features, host.fan_in)
         check_rank(r, host)
+        if 2 ** levels > min(self.shape):
+            raise ValueError(f"WaRA levels={levels} halves the update {levels} times, but this layer's "
+                             f"update is {self.shape[0]} x {self.shape[1]}: 2^levels must be at most its "
+                             f"smaller side, so levels <= {int(math.log2(min(self.shape)))} here")
         self.levels, self.wavelet = (1 if config.share_factors else levels), config.wavelet
         self.share = config.share_factors
         self.scale = lora_scale(config.alpha, r)
@@ -129,7 +133,22 @@ class WaRAModule(AdapterModule):
         return out
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
+        """(U, V), once per forward. Where no gradient is needed (frozen adapter, no_grad,
+        evaluation) they are cached, keyed on every factor's storage, version counter,
+        dtype and device, so an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds them."""
+        params = list(self.A.values()) + list(self.B.values())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
+        try:
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        except RuntimeError:  # inference tensors have no version counter: no cache
+            return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
+        cached = self.__dict__.get("_factor_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_factor_cache"] = (key, wara_factors(self.band_factors(), self.shape,
+                                                                              self.levels, self.wavelet))
+        return cached[1]
 
     def delta_weight(self) -> torch.Tensor:
         U, V = self.factors()

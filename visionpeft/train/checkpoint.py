@@ -74,14 +74,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, optimizer, scheduler, write_adapters,
-                    rng_states: list[dict], extra: dict | None = None, keep: int | None = None) -> Path:
+                    rng_states: list[dict], extra: dict | None = None, keep: int | None = None,
+                    task_state: dict | None = None) -> Path:
     """Write ``folder/checkpoint-STEP`` atomically; ``write_adapters(tmp_folder)`` adds the
-    task's adapter folders; ``rng_states`` holds one RNG state per process. Older
-    checkpoints beyond the ``keep`` newest are removed."""
+    task's adapter folders; ``rng_states`` holds one RNG state per process; ``task_state``
+    the task's own (``Task.state_dict``, tensors allowed). Older checkpoints beyond the
+    ``keep`` newest are removed."""
     tensors: dict[str, torch.Tensor] = {}
     state = {"step": step, "optimizer": _split(optimizer.state_dict(), "optimizer", tensors),
              "scheduler": _split(scheduler.state_dict(), "scheduler", tensors),
-             "rng": _split(list(rng_states), "rng", tensors), "extra": extra or {}}
+             "rng": _split(list(rng_states), "rng", tensors), "extra": extra or {},
+             "task": _split(task_state or {}, "task", tensors)}
     path = folder / f"checkpoint-{step}"
 
     def write(tmp: Path):
@@ -122,7 +125,7 @@ def resolve_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
 
 def load_checkpoint(path: Path, optimizer, scheduler, process_index: int = 0) -> dict:
     """Restore optimizer, scheduler and this process's RNG state; returns the state
-    (step, extra)."""
+    (step, extra, task: the task's own state)."""
     state = json.loads((path / STATE_NAME).read_text())
     tensors = load_file(str(path / TENSORS_NAME))
     optimizer.load_state_dict(_join(state["optimizer"], tensors))
@@ -132,4 +135,5 @@ def load_checkpoint(path: Path, optimizer, scheduler, process_index: int = 0) ->
         raise ValueError(f"{path} was written by {len(rngs)} processes; this run has more "
                          f"(process {process_index}): resume with the same process count")
     set_rng_state(rngs[process_index])
+    state["task"] = _join(state.get("task", {}), tensors)  # absent in checkpoints from before it
     return state

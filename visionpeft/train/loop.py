@@ -204,6 +204,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
         task.load_adapters({n: acc.unwrap_model(m) for n, m in prepared.items()}, ckpt)
         state = load_checkpoint(ckpt, optimizer, scheduler, acc.process_index)
         step = state["step"]
+        task.load_state_dict(state["task"])
         # micro-batches, not steps * accumulation: accelerate also steps at every epoch end
         consumed = state["extra"].get("consumed", step * cfg.gradient_accumulation_steps)
         acc.print(f"resumed from {ckpt} at step {step}")
@@ -243,6 +244,8 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
                     raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; stopped. "
                                         f"Last good checkpoint: {good[-1] if good else 'none'}")
                 acc.backward(loss)
+                if acc.sync_gradients:
+                    task.after_backward(prepared, step + 1)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()  # accelerate skips it while gradients accumulate
@@ -307,7 +310,8 @@ def _checkpoint(acc, task, prepared, out, step, consumed, optimizer, scheduler, 
     if acc.is_main_process:
         unwrapped = {n: acc.unwrap_model(m) for n, m in prepared.items()}
         save_checkpoint(out, step, optimizer, scheduler, lambda tmp: task.save_adapters(unwrapped, tmp),
-                        states, extra={"consumed": consumed}, keep=cfg.checkpoints_total_limit)
+                        states, extra={"consumed": consumed}, keep=cfg.checkpoints_total_limit,
+                        task_state=task.state_dict())
     acc.wait_for_everyone()
 
 

@@ -76,6 +76,22 @@ class Task(abc.ABC):
     def loss(self, models: dict[str, nn.Module], batch) -> tuple[torch.Tensor, dict]:
         """(loss, scalars to log) for one batch; ``models`` are the prepared ones."""
 
+    def after_backward(self, models: dict[str, nn.Module], step: int) -> None:
+        """Called once per optimizer step when its gradients are complete (all micro-batches
+        accumulated, before clipping and the optimizer), e.g. SNELLA's allocator:
+        ``self.alloc.step(step)``. ``step`` is the step being taken, from 1."""
+
+    def state_dict(self) -> dict:
+        """State a resumed run needs beyond the adapters and the optimizer (a callback's,
+        e.g. ``{"snella": self.alloc.state_dict()}``; tensors allowed): saved in every
+        checkpoint and handed to ``load_state_dict`` on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}; "
+                             f"override load_state_dict")
+
     def validate(self, models: dict[str, nn.Module], step: int, output_dir: Path) -> dict:
         return {}
 
