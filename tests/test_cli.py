@@ -77,3 +77,9 @@ def test_config_values_in_exponent_notation_are_numbers(tmp_path):
     values = load_config(str(cfg), ["adapter.alpha=3e1", "weight_decay=1.0e-2"])
     assert values == {"learning_rate": 1e-4, "other": 2e5, "name": "1e-4x",
                       "adapter": {"alpha": 30.0}, "weight_decay": 1e-2}
+
+
+def test_python_dash_m_visionpeft_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "visionpeft", "methods"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "snell" in done.stdout

@@ -259,3 +259,36 @@ def test_save_refuses_a_file_or_a_folder_holding_other_files_and_touches_nothing
     own = vp.save_adapter(model, tmp_path / "adapter")
     vp.save_adapter(model, own)  # a folder a save wrote is replaced
     assert sorted(p.name for p in own.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_hotswap_scales_each_layer_at_its_own_rank(tmp_path):
+    """rank_pattern gives layers their own r, so the alpha ratio folded into lora_B differs
+    per layer; a LoRA file whose rank exceeds one layer's is refused before any write."""
+    def build(alpha, seed):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+        vp.inject(m, vp.LoRAConfig(r=4, alpha=alpha, rank_pattern={"2": 2}, target_modules=["0", "2"]))
+        randomize_adapters(m, seed)
+        return m.eval()
+
+    src, dst = build(8, 7), build(None, 1)
+    vp.save_adapter(src, tmp_path / "a")
+    vp.load_adapter(dst, tmp_path / "a", hotswap=True)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    wide = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    vp.inject(wide, vp.LoRAConfig(r=3, target_modules=["0", "2"]))
+    randomize_adapters(wide, 3)
+    vp.export(wide, tmp_path / "peft", format="peft")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(vp.InteropError, match="file rank 3 .* rank 2"):
+        vp.load_adapter(dst, tmp_path / "peft", name="default", hotswap=True)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+
+
+def test_export_to_a_factor_format_warns_that_modules_to_save_stay_behind(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    with pytest.warns(UserWarning, match=r"modules_to_save: \['2'\]"):
+        vp.export(model, tmp_path / "peft", format="peft")

@@ -342,3 +342,29 @@ def test_merging_float64_weights_keeps_float64_precision():
     assert torch.equal(model[0].base_layer.weight, before)
     vp.unmerge(model)
     assert torch.equal(model[0].base_layer.weight, before)
+
+
+def test_a_host_submodule_called_adapters_is_frozen_and_counted_as_base():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.adapters = torch.nn.ModuleList([torch.nn.Linear(8, 8)])  # the host's own layers
+
+        def forward(self, x):
+            return self.adapters[0](self.proj(x))
+
+    model = torch.nn.Sequential(Block())
+    vp.inject(model, vp.KronAConfig(target_modules=["0.proj"]))
+    assert not model[0].adapters[0].weight.requires_grad
+    assert vp.trainable_parameters(model) == sum(p.numel() for p in model[0].proj.adapters.parameters())
+    assert vp.summary(model).total == 2 * (8 * 8 + 8)
+
+
+def test_scales_must_be_finite_and_bool_fields_must_be_bools():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    vp.inject(model, vp.LoRAConfig(r=1, target_modules=["0"]))
+    with pytest.raises(ValueError, match="finite"):
+        vp.set_scale(model, "default", float("nan"))
+    with pytest.raises(vp.ConfigError, match="true or false"):
+        vp.SNELLConfig(reweight="False", target_modules=["0"])

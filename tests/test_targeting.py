@@ -109,3 +109,8 @@ def test_exclusions_that_remove_every_target_are_refused_before_anything_changes
         vp.inject(model, vp.LoRAConfig(r=1, target_modules=["0", "1"], exclude_modules=["re:.*"]))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert all(type(m) is nn.Linear for m in model)
+
+
+def test_an_invalid_regex_names_the_entry():
+    with pytest.raises(vp.TargetError, match="not a valid regular expression"):
+        vp.inject(nn.Sequential(nn.Linear(4, 4)), vp.LoRAConfig(r=1, target_modules=["re:["]))

@@ -64,6 +64,10 @@ class MethodConfig:
                 raise ConfigError(f"alpha must be a number or None, got {self.alpha!r}")
             if not 0 < self.alpha < math.inf:
                 raise ConfigError(f"alpha must be a finite number > 0, got {self.alpha}")
+        for f in fields(self):  # a string like "False" would otherwise count as true
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be true or false, got "
+                                  f"{getattr(self, f.name)!r}")
         self.validate()
 
     def validate(self) -> None:

@@ -300,14 +300,14 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
     if missing or unexpected or wrong:
         raise AdapterFileError(f"{path} does not match the loaded {name!r}: missing {missing[:6]}, "
                                f"unexpected {unexpected[:6]}, other shapes {wrong[:6]}")
-    ratio = 1.0
-    if current.method == "lora":
-        r = current.r
-        ratio = lora_scale(saved.alpha, r, saved.rank_stabilized) / lora_scale(current.alpha, r,
-                                                                            current.rank_stabilized)
     with torch.no_grad():
         for lname, layer in adapted_layers(model).items():
             for part, mod in layer.parts(name):
+                ratio = 1.0
+                if current.method == "lora":  # per layer: rank_pattern gives layers their own r
+                    r = mod.lora_A.shape[0]
+                    ratio = lora_scale(saved.alpha, r, saved.rank_stabilized) / lora_scale(
+                        current.alpha, r, current.rank_stabilized)
                 for pname, t in mod.state_dict(keep_vars=True).items():
                     new = tensors[_key(lname, part, pname)]
                     if pname == "lora_B" and ratio != 1.0:

@@ -7,6 +7,8 @@ module without touching the model (so every error comes before any change), then
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -31,6 +33,19 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayerBase]:
 
 def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:
     return {n: m for n, m in canonical_modules(model).items() if isinstance(m, TrainedCopy)}
+
+
+def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters our wrappers hold (adapters, trained copies): told apart by
+    the module that owns them, not by name, since a host may have a submodule called
+    "adapters" or "copies" of its own."""
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, AdaptedLayerBase):
+            ids.update(id(p) for p in m.adapters.parameters())
+        elif isinstance(m, TrainedCopy):
+            ids.update(id(p) for p in m.copies.parameters())
+    return ids
 
 
 def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,8 +200,9 @@ def attach(model: nn.Module, plan: InjectionPlan) -> nn.Module:
         state.frozen_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if state.merged:
         raise RuntimeError("the model is merged; vp.unmerge(model) before adding adapters")
-    for pname, p in model.named_parameters():  # the base only: other adapters stay as they are
-        if ".adapters." not in pname and ".copies." not in pname:
+    ours = _adapter_parameter_ids(model)
+    for p in model.parameters():  # the base only: other adapters stay as they are
+        if id(p) not in ours:
             p.requires_grad_(False)
     for lname, (kind, mods) in plan.layers.items():
         module = model.get_submodule(lname)
@@ -253,6 +269,8 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
     state = get_state(model)
     _check_names(state, [name])
     _refuse_if_merged(state, "change a scale")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     state.scales[name] = float(scale)
 
 
@@ -429,6 +447,6 @@ def summary(model: nn.Module) -> AdapterSummary:
         for name, copy in holder.copies.items():
             rows.append({"module": mname, "adapter": name, "method": "full copy", "parts": ["full"],
                          "params": sum(p.numel() for p in copy.parameters())})
-    total = sum(p.numel() for n, p in model.named_parameters() if ".copies." not in n and
-                ".adapters." not in n)
+    ours = _adapter_parameter_ids(model)
+    total = sum(p.numel() for p in model.parameters() if id(p) not in ours)
     return AdapterSummary(rows, trainable_parameters(model), total)

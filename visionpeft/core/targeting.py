@@ -49,8 +49,19 @@ def parse_entry(entry: str) -> tuple[str, tuple[str, ...] | None, bool]:
         # in a regex, only a bracket made of part names is a selector, not a char class
         if not is_regex or set(parts) <= _PART_NAMES:
             parts = tuple("out_proj" if p == "out" else p for p in parts)
-            return m.group("name"), parts, is_regex
+            body = m.group("name")
+            _check_regex(entry, body, is_regex)
+            return body, parts, is_regex
+    _check_regex(entry, body, is_regex)
     return body, None, is_regex
+
+
+def _check_regex(entry: str, pattern: str, is_regex: bool) -> None:
+    if is_regex:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise TargetError(f"target {entry!r}: {pattern!r} is not a valid regular expression ({err})") from None
 
 
 def _matches(name: str, pattern: str, is_regex: bool) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.targeting import canonical_modules
 from ..core.io import _atomic_write_dir
-from ..core.model_ops import adapted_layers, get_state
+from ..core.model_ops import adapted_layers, get_state, trained_copies
 from . import diffusers_format, kohya_format, lycoris_format, peft_format
 from .factors import (InteropError, _plain_host, conv_layout_problem, hotswap_factors, inject_factors,
                       model_factors)
@@ -104,6 +104,11 @@ def export(model: nn.Module, path, name: str | None = None, format: str = "peft"
         _atomic_save_file(tensors, target, {"format": "pt"})
         layers = sum(1 for layer in adapted_layers(model).values() if name in layer.adapters)
         return ExportReport(target, format, layers)
+    copies = sorted(m for m, holder in trained_copies(model).items() if name in holder.copies)
+    if copies:
+        warnings.warn(f"{format} files hold adapter factors only: the modules {name!r} trains in full "
+                      f"(modules_to_save: {copies}) are not written; vp.save_adapter keeps them, or use "
+                      f"format='merged'", stacklevel=2)
     if format == "lycoris":
         tensors = lycoris_format.to_tensors(model, name, prefix)
         target = _single_file(path, "lycoris_weights.safetensors")

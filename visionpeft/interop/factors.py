@@ -178,7 +178,6 @@ def hotswap_factors(model: nn.Module, factors: dict[str, Factors], name: str) ->
         raise InteropError(f"a LoRA file hot-swaps into a loaded LoRA adapter; {name!r} is "
                            f"{state.configs[name].method if name in state.configs else 'not loaded'}")
     layers = {m: layer for m, layer in adapted_layers(model).items() if name in layer.adapters}
-    r = state.configs[name].r
     problems = []
     if set(layers) != set(factors):
         problems.append(f"modules only in the file: {sorted(set(factors) - set(layers))[:6]}, only in "
@@ -187,8 +186,9 @@ def hotswap_factors(model: nn.Module, factors: dict[str, Factors], name: str) ->
         parts, f = layers[m].adapters[name], factors[m]
         if set(parts) != {"full"}:
             problems.append(f"{m}: the adapter holds parts {list(parts)}, a file holds whole layers")
-        elif f.rank > r or tuple(parts["full"].lora_A.shape[1:]) != (f.down[0].numel(),) \
-                or parts["full"].lora_B.shape[0] != f.up.shape[0]:
+        elif f.rank > (r := parts["full"].lora_A.shape[0]) \
+                or tuple(parts["full"].lora_A.shape[1:]) != (f.down[0].numel(),) \
+                or parts["full"].lora_B.shape[0] != f.up.shape[0]:  # r per layer (rank_pattern)
             problems.append(f"{m}: file rank {f.rank} / dW {(f.up.shape[0], *f.down.shape[1:])} does "
                             f"not fit rank {r} / {tuple(layers[m].base_layer.weight.shape)}")
     if problems:
