@@ -370,3 +370,13 @@ def test_autocast_trains_and_keeps_the_kernel_in_fp32(kernel, softmax_term):
 def test_zero_count_is_not_fooled_by_float_rounding():
     assert [zero_count(s, 100) for s in (0.29, 0.57, 0.58, 0.9)] == [29, 57, 58, 90]
     assert zero_count(0.9, 1001) == 900
+
+
+def test_a_factor_changed_between_forward_and_backward_is_an_error_not_a_wrong_gradient():
+    model = nn.Sequential(nn.Linear(12, 10))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0"]))
+    loss = model(torch.randn(3, 12)).square().sum()
+    with torch.no_grad():
+        model[0].adapters["default"]["full"].A.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        loss.backward()

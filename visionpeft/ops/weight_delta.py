@@ -83,11 +83,20 @@ class _WeightDeltaLinear(torch.autograd.Function):
             w_eff = delta.effective_weight(W, scale)
         ctx.delta, ctx.scale = delta, scale
         ctx.save_for_backward(x2, W)
+        # dW is rebuilt from the parameters in backward: note their versions, so that one
+        # changed in place in between is an error (as autograd's saved tensors give), not a
+        # gradient of other values
+        ctx.versions = [p._version for p in params]
         return F.linear(x2, w_eff, b)
 
     @staticmethod
     @once_differentiable  # the parameter gradients are hand-written: no double backward
     def backward(ctx, g):
+        changed = [i for i, (p, v) in enumerate(zip(ctx.delta.params, ctx.versions)) if p._version != v]
+        if changed:
+            raise RuntimeError(f"parameters {changed} of this layer's adapter were modified in place between the "
+                               f"forward and the backward (an optimizer step or an edit before backward()); "
+                               f"its dW is rebuilt from them, so the gradient would be wrong")
         x2, W = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_W, grads = ctx.delta.backward(g, x2, W, ctx.scale, need_x, need_W)
