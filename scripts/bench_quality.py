@@ -210,7 +210,8 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(result: dict) -> str:
-    head = "| variant | encoder params | classify held-out (acc) | segment (mIoU) | change F1 | change IoU | s / step (seg) | memory MB |"
+    head = ("| variant | encoder params | classify held-out (acc) | segment (mIoU) | change F1 | change IoU "
+            "| s / step (seg) | memory MB |")
     lines = [head, "|" + "---|" * 8]
     for v, row in result["variants"].items():
         cell = lambda t, k: (f"{row[t][k]['mean']:.3f} ± {row[t][k]['sd']:.3f}"  # noqa: E731

@@ -37,12 +37,16 @@ KEYS = ("oa", "kappa", "precision", "recall", "f1", "iou")
 def change_maps(model, cfg, data: ChangeDetectionDataset, folder: Path, count: int = 4) -> list[Path]:
     """One panel per pair: date A | date B | true change | predicted change."""
     folder.mkdir(parents=True, exist_ok=True)
+    def to_rgb(t):
+        return (t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+    def gray(m):
+        return np.repeat((m.numpy() * 255).astype(np.uint8)[..., None], 3, 2)
+
     written = []
     for i in range(min(count, len(data))):
         item = data[i]
         probs = predict_probs(model, item["a"][None], item["b"][None], cfg["image_size"])[0]
-        to_rgb = lambda t: (t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
-        gray = lambda m: np.repeat((m.numpy() * 255).astype(np.uint8)[..., None], 3, 2)
         panel = np.concatenate([to_rgb(item["a"]), to_rgb(item["b"]), gray(item["label"]),
                                 gray((probs > 0.5).long())], axis=1)
         path = folder / f"{Path(item['name']).stem}.png"

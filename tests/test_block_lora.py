@@ -65,7 +65,8 @@ def test_gradients_match_the_explicit_form():
 
 def test_non_dividing_blocks_list_the_valid_ones():
     model = nn.Sequential(nn.Linear(10, 6))
-    with pytest.raises(ValueError, match=r"n_blocks=4 does not divide the layer's input size \(10\); valid n_blocks: \[1, 2, 5, 10\]"):
+    with pytest.raises(ValueError, match=r"n_blocks=4 does not divide the layer's input size \(10\); "
+                                         r"valid n_blocks: \[1, 2, 5, 10\]"):
         vp.inject(model, vp.BlockLoRAConfig(n_blocks=4, r=1, target_modules=["0"]))
     with pytest.raises(ValueError, match=r"rank r=3 is larger .* use r <= 2"):
         vp.inject(model, vp.BlockLoRAConfig(n_blocks=5, r=3, target_modules=["0"]))

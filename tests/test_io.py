@@ -78,7 +78,8 @@ def test_load_into_other_shapes_raises_and_leaves_model_unchanged(tmp_path):
     other = ToyNet(dim=18).eval()
     sd = {k: v.clone() for k, v in other.state_dict().items()}
     modules = dict(other.named_modules())
-    with pytest.raises(vp.AdapterFileError, match=r"layer qkv: the adapter was saved for a linear weight of shape \(45, 15\), this model.s is a linear of shape \(54, 18\)"):
+    with pytest.raises(vp.AdapterFileError, match=r"layer qkv: the adapter was saved for a linear weight of "
+                                                  r"shape \(45, 15\), this model.s is a linear of shape \(54, 18\)"):
         vp.load_adapter(other, tmp_path / "dog")
     assert dict(other.named_modules()) == modules
     assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
@@ -92,7 +93,8 @@ def test_tensor_shape_mismatch_names_the_tensor(tmp_path):
     cfg["config"]["r"] = 2  # the file's tensors hold rank 3
     (tmp_path / "dog" / vpio.CONFIG_NAME).write_text(json.dumps(cfg))
     fresh = ToyNet().eval()
-    with pytest.raises(vp.AdapterFileError, match=r"qkv\[q\].lora_A: the file holds shape \(3, 15\), the model needs \(2, 15\)"):
+    with pytest.raises(vp.AdapterFileError,
+                       match=r"qkv\[q\].lora_A: the file holds shape \(3, 15\), the model needs \(2, 15\)"):
         vp.load_adapter(fresh, tmp_path / "dog")
     assert not any("Adapted" in type(m).__name__ for m in fresh.modules())
 

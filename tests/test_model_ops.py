@@ -3,7 +3,8 @@ import copy
 
 import pytest
 import torch
-from conftest import BLOCK_METHOD_CONFIGS, METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
+from conftest import (BLOCK_METHOD_CONFIGS, METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters,
+                      toy_inputs)
 
 import visionpeft as vp
 
