@@ -369,3 +369,22 @@ def test_scales_must_be_finite_and_bool_fields_must_be_bools():
         vp.set_scale(model, "default", float("nan"))
     with pytest.raises(vp.ConfigError, match="true or false"):
         vp.SNELLConfig(reweight="False", target_modules=["0"])
+
+
+def test_adapters_and_modules_trained_in_full_do_not_nest():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    model = torch.nn.Sequential(Block(), Block())
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0.fc"], modules_to_save=["1"]), name="A")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["fc"]), name="B")  # not inside A's copy of block 1
+    assert [r["module"] for r in vp.summary(model).rows if r["adapter"] == "B"] == ["0.fc"]
+    with pytest.raises(vp.TargetError, match="train in full"):
+        vp.inject(model, vp.LoRAConfig(r=2, target_modules=["1.fc"]), name="C")
+    with pytest.raises(vp.TargetError, match=r"\['0'\]: a module cannot both"):  # block 0 holds A's, B's LoRA
+        vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0.fc"], modules_to_save=["0"]), name="D")

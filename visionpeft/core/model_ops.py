@@ -176,6 +176,8 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
             if not hits:
                 raise TargetError(f"modules_to_save entry {entry!r} matches no module")
             overlap = [h for h in hits if h in built]
+            overlap += [h for h in hits if h not in overlap and any(
+                isinstance(m, AdaptedLayerBase) for m in named[h].modules())]  # another adapter's
             if overlap:
                 raise TargetError(f"{overlap}: a module cannot both carry an adapter and be "
                                   "trained in full (modules_to_save)")

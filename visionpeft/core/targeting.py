@@ -110,11 +110,13 @@ def adaptable_layers(model: nn.Module, blocks: bool = False) -> dict[str, tuple[
     its host's layers keep their names. Block methods (``blocks=True``) see every module
     that has a forward of its own (not ModuleList/ModuleDict, not the root), kind "block".
     """
-    from .layers import AdaptedBlock
+    from .layers import AdaptedBlock, TrainedCopy
 
     out: dict[str, tuple[str, nn.Module]] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, TrainedCopy):
+            return  # trained in full for an adapter (modules_to_save): nothing inside is adapted
         if isinstance(module, AdaptedBlock):
             if blocks:
                 out[prefix] = ("block", module)
@@ -207,6 +209,7 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
         hits = [n for n in layers if _matches(n, pattern, is_regex)]
         proj_hits = [out_projs[n] for n in out_projs if _matches(n, pattern, is_regex)]
         if not hits and not proj_hits:
+            _refuse_inside_trained_copies(model, entry, pattern, is_regex)
             _raise_no_match(entry, pattern, is_regex, all_modules, layers, blocks)
         for name in hits:
             kind, module = layers[name]
@@ -242,6 +245,19 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
                               f"({len(nested)} such pair(s)); a block adapter wraps one level, "
                               "so narrow the pattern (e.g. 're:blocks\\.\\d+')")
     return {n: (layers[n][0], chosen[n]) for n in sorted(chosen, key=order.__getitem__)}
+
+
+def _refuse_inside_trained_copies(model, entry, pattern, is_regex) -> None:
+    """A target that names only layers of modules some adapter trains in full gets told so."""
+    from .layers import TrainedCopy
+
+    for name, module in model.named_modules():
+        if isinstance(module, TrainedCopy):
+            inner = [f"{name}.{n}" if n else name for n, _ in module.base_layer.named_modules()]
+            if any(_matches(n, pattern, is_regex) for n in inner):
+                raise TargetError(f"target {entry!r} lies inside {name!r}, which adapter(s) "
+                                  f"{list(module.copies)} train in full (modules_to_save); a module trained in "
+                                  f"full cannot also carry adapters")
 
 
 def _raise_no_match(entry, pattern, is_regex, all_modules, layers, blocks=False):
