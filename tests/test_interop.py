@@ -97,9 +97,9 @@ def test_peft_files_import_with_peft_outputs(tmp_path):
 
 
 # --- diffusers and kohya ------------------------------------------------------------------
-def _unet_with_lora():
+def _unet_with_lora(rank_pattern=()):
     unet = build_tiny("sd_unet")
-    vp.inject(unet, vp.LoRAConfig(r=4, alpha=2, target_modules=[UNET_ATTN]), name="dog")
+    vp.inject(unet, vp.LoRAConfig(r=4, alpha=2, rank_pattern=rank_pattern, target_modules=[UNET_ATTN]), name="dog")
     randomize_adapters(unet, std=0.1)
     return unet
 
@@ -150,10 +150,13 @@ def test_diffusers_files_import_with_diffusers_outputs(tmp_path, with_metadata):
         torch.testing.assert_close(run_host("sd_unet", lora, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_kohya_export_is_read_by_diffusers_conversion(tmp_path):
+@pytest.mark.parametrize("rank_pattern", [(), {"mid_block.attentions.0.transformer_blocks.0.attn1.to_q": 2}])
+def test_kohya_export_is_read_by_diffusers_conversion(tmp_path, rank_pattern):
+    """With layers of other ranks too: the file pads every layer to one rank, since
+    diffusers' conversion pairs per-layer alphas with the wrong layers."""
     from diffusers import StableDiffusionPipeline
 
-    unet = _unet_with_lora()
+    unet = _unet_with_lora(rank_pattern)
     inputs = example_inputs("sd_unet")
     with torch.no_grad():
         ours = run_host("sd_unet", unet, inputs)

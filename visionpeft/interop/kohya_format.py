@@ -17,15 +17,20 @@ def flat_name(module: str) -> str:
 
 def to_tensors(factors: dict[str, Factors], prefix: str) -> dict:
     out: dict = {}
+    # every layer at the file's largest rank (zero-padded): diffusers' kohya conversion
+    # pairs alphas with layers wrongly when ranks differ, so one alpha must serve all
+    rank = max((f.rank for f in factors.values()), default=0)
     for m, f in factors.items():
         key = f"{prefix}_{flat_name(m)}"
         if f"{key}.alpha" in out:
             raise InteropError(f"two adapted layers flatten to the kohya name {key!r}; kohya keys "
                                "cannot tell them apart (use format='peft' or 'diffusers')")
-        up = f.up if f.down.dim() == 2 else f.up[:, :, None, None]
-        out[f"{key}.lora_down.weight"] = f.down.contiguous()
+        down = torch.cat([f.down, f.down.new_zeros(rank - f.rank, *f.down.shape[1:])])
+        up = torch.cat([f.up, f.up.new_zeros(f.up.shape[0], rank - f.rank)], 1)
+        up = up if f.down.dim() == 2 else up[:, :, None, None]
+        out[f"{key}.lora_down.weight"] = down.contiguous()
         out[f"{key}.lora_up.weight"] = up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(f.rank))  # scale folded into up: alpha = r
+        out[f"{key}.alpha"] = torch.tensor(float(rank))  # scale folded into up: alpha = r
     return out
 
 
