@@ -55,8 +55,9 @@ def test_native_backward_equals_the_loops_over_dense_g_x(native_on, monkeypatch,
                                               torch.tensor(host_scale), reweight, w_ref)
     finally:
         vp.set_compiled_kernels(False)
-    nA, nB = snell.native_sparse_grads(A, Bt, W, g.t().contiguous().t(), x.t().contiguous().t(), t, scale,
-                                       host_scale, reweight, w_native)
+    # every input in another layout: A column-major, g and x transposed views
+    nA, nB = snell.native_sparse_grads(A.t().contiguous().t(), Bt, W, g.t().contiguous().t(), x.t().contiguous().t(),
+                                       t, scale, host_scale, reweight, w_native)
     assert torch.equal(w_native, w_ref)  # the mask and W' are the forward's, bit for bit
     # rounding differs (dot products against one GEMM, other summation orders) and
     # sum_j H (a - b) cancels (r = 2 most: both paths are ~1e-4 of the largest entry off
@@ -121,3 +122,10 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch):
 def test_switch_refuses_non_bool():
     with pytest.raises(TypeError, match="True or False"):
         native_mod.set_native_kernels(1)
+
+
+def test_cc_may_carry_a_launcher_or_flags(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("CC", f"env {native_mod._compiler()[0]}")  # two words, one command
+    lib = native_mod.CLibrary(snell._NATIVE.source, {"transpose_f32": snell._NATIVE.functions["transpose_f32"]})
+    assert lib.get() is not None

@@ -380,3 +380,16 @@ def test_a_factor_changed_between_forward_and_backward_is_an_error_not_a_wrong_g
         model[0].adapters["default"]["full"].A.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
         loss.backward()
+
+
+def test_snella_skips_a_step_whose_gradients_overflowed():
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
+    alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=4)
+    model(torch.randn(4, 16)).square().mean().backward()
+    alloc.step(1)
+    before = ([int(m.n_zero) for m in alloc.modules], [{k: v.clone() for k, v in e.items()} for e in alloc.ema])
+    alloc.modules[0].A.grad[0, 0] = float("inf")  # what a loss scaler's overflow step leaves
+    alloc.step(2)
+    assert [int(m.n_zero) for m in alloc.modules] == before[0]
+    assert all(torch.equal(e[k], b[k]) for e, b in zip(alloc.ema, before[1]) for k in e)

@@ -143,3 +143,16 @@ def test_factors_are_cached_while_frozen_and_rebuilt_when_the_factors_change(mon
     assert len(calls) == 4 and not torch.allclose(changed, first)
     ref = F.linear(x, model[0].base_layer.weight + mod.delta_weight(), model[0].base_layer.bias)
     torch.testing.assert_close(changed, ref)
+
+
+def test_factors_cached_under_inference_mode_can_be_saved_by_a_later_training_step():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 12))
+    vp.inject(model, vp.WaRAConfig(r=2, target_modules=["1"]))
+    randomize_adapters(model)
+    model[1].requires_grad_(False)  # the WaRA layer frozen, the Linear below it trained
+    model[0].requires_grad_(True)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        model(x)
+    model(x).square().sum().backward()  # the cached factors are saved for backward here
+    assert model[0].weight.grad is not None

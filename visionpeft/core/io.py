@@ -91,7 +91,8 @@ def _atomic_write_dir(path: Path, write) -> None:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            foreign = sorted(p.name for p in path.iterdir() if not (tmp / p.name).exists())
+            foreign = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                             if not (tmp / p.relative_to(path)).exists())
             if foreign:
                 more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
                 raise FileExistsError(f"{path} holds {foreign[:5]}{more}, which this save would not write; it "

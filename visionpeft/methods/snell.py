@@ -320,6 +320,7 @@ def native_sparse_grads(A, Bt, W, g, x2, threshold: float, scale: float, host_sc
     if lib is None:
         return None
     out, fan_in = W.shape
+    A = A.contiguous()  # read as row-major (out, r): e.g. a factor loaded with assign=True may not be
     h, threads = A.shape[1] // 2, torch.get_num_threads()
     rows, cols = A.new_zeros(out, 2 * h + 2), A.new_zeros(fan_in, 2 * h + 2)
     g, x2 = (t if t.stride(1) == 1 else t.contiguous() for t in (g, x2))  # rows of unit stride

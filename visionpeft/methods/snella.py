@@ -23,6 +23,8 @@ in the kernel is `SNELLConfig(softmax_term=True)` (methods/snell.py), eager or c
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -47,6 +49,7 @@ def split_budget(budget: int, scores: list[float], sizes: list[int]) -> list[int
     """Share ``budget`` entries among layers by score, each capped at its size; what a full
     layer cannot take goes to the others, again by score."""
     share = [0] * len(sizes)
+    scores = [s if math.isfinite(s) else 0.0 for s in scores]  # an overflowed score takes no share
     left = min(int(budget), sum(sizes))
     open_ = [i for i in range(len(sizes))]
     while left > 0 and open_:
@@ -94,7 +97,14 @@ class SNELLAAllocator:
         self.unc = [{} for _ in self.modules]
 
     @torch.no_grad()
-    def update_importance(self) -> None:
+    def update_importance(self) -> bool:
+        """Fold this step's |theta * grad| into the EMAs. A step whose gradients are not all
+        finite (a loss scaler's overflow, which the optimizer skips too) changes nothing and
+        returns False. Under fp16 loss scaling the gradients are still scaled here (one
+        factor for every layer, so the layers' ranking within a step is unaffected)."""
+        grads = [p.grad for m in self.modules for p in (m.A, m.B) if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return False
         for ema, unc, m in zip(self.ema, self.unc, self.modules):
             for key, p in (("A", m.A), ("B", m.B)):
                 if p.grad is None:
@@ -104,6 +114,7 @@ class SNELLAAllocator:
                     ema[key], unc[key] = torch.zeros_like(imp), torch.zeros_like(imp)
                 ema[key].mul_(self.beta1).add_(imp, alpha=1 - self.beta1)
                 unc[key].mul_(self.beta2).add_((imp - ema[key]).abs(), alpha=1 - self.beta2)
+        return True
 
     def scores(self) -> list[float]:
         return [sum((ema[k] * unc[k]).mean().item() for k in ema) for ema, unc in zip(self.ema, self.unc)]
@@ -136,7 +147,8 @@ class SNELLAAllocator:
 
     def step(self, step: int) -> None:
         """Call after backward, before the gradients are cleared."""
-        self.update_importance()
+        if not self.update_importance():
+            return
         final = step > self.total_steps - self.final_warmup  # at the target: every step
         if step > self.init_warmup and (final or step % self.interval == 0):
             self.allocate(self.budget(step))

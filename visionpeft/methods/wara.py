@@ -135,7 +135,8 @@ class WaRAModule(AdapterModule):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V), once per forward. Where no gradient is needed (frozen adapter, no_grad,
         evaluation) they are cached, keyed on every factor's storage, version counter,
-        dtype and device, so an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds them."""
+        dtype and device, so an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds them
+        (an edit through ``p.data`` bypasses the version counter: edit the parameter itself)."""
         params = list(self.A.values()) + list(self.B.values())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
@@ -145,7 +146,8 @@ class WaRAModule(AdapterModule):
             return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
         cached = self.__dict__.get("_factor_cache")
         if cached is None or cached[0] != key:
-            with torch.no_grad():
+            # normal tensors even under inference_mode: a later training step may save them
+            with torch.inference_mode(False), torch.no_grad():
                 cached = self.__dict__["_factor_cache"] = (key, wara_factors(self.band_factors(), self.shape,
                                                                               self.levels, self.wavelet))
         return cached[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ import warnings
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
-_state = {"enabled": os.environ.get("VISIONPEFT_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no")}
+_state = {"enabled": os.environ.get("VISIONPEFT_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no",
+                                                                                              "off")}
 
 
 def set_native_kernels(enabled: bool) -> None:
@@ -38,10 +40,13 @@ def native_kernels_enabled() -> bool:
     return _state["enabled"]
 
 
-def _compiler() -> str | None:
-    if os.environ.get("CC"):
-        return os.environ["CC"]
-    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+def _compiler() -> list[str] | None:
+    """The C compiler's command: $CC (may carry a launcher or flags, e.g. "ccache gcc"), else
+    cc, gcc or clang from PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return [found] if found else None
 
 
 class CLibrary:
@@ -67,22 +72,22 @@ class CLibrary:
         return self._lib
 
     def _build(self) -> ctypes.CDLL | None:
-        cc = _compiler()
         try:
+            cc = _compiler()
             if sys.platform != "linux" or cc is None:
                 raise OSError("needs Linux and a C compiler (cc, gcc or clang on PATH, or $CC)")
             with tempfile.TemporaryDirectory(prefix="visionpeft-native-") as tmp:
                 target = Path(tmp) / (self.source.stem + ".so")
-                done = subprocess.run([cc, *FLAGS, str(self.source), "-o", str(target)], capture_output=True,
+                done = subprocess.run([*cc, *FLAGS, str(self.source), "-o", str(target)], capture_output=True,
                                       text=True, timeout=120)
                 if done.returncode != 0:
-                    raise OSError(f"{cc} failed: {(done.stderr or done.stdout).strip().splitlines()[:1]}")
+                    raise OSError(f"{' '.join(cc)} failed: {(done.stderr or done.stdout).strip().splitlines()[:1]}")
                 lib = ctypes.CDLL(str(target))  # mapped: the file may go with the folder
             for name, (restype, argtypes) in self.functions.items():
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes
             return lib
-        except (OSError, subprocess.SubprocessError, AttributeError) as err:
+        except (OSError, ValueError, subprocess.SubprocessError, AttributeError) as err:  # ValueError: $CC quoting
             self._failed = True
             warnings.warn(f"visionpeft: building {self.source.name} failed ({err}); the compiled path runs "
                           f"without it", RuntimeWarning, stacklevel=3)
