@@ -313,8 +313,8 @@ def native_sparse_grads(A, Bt, W, g, x2, threshold: float, scale: float, host_sc
                         w_out) -> tuple | None:
     """The distance kernel's backward without the dense g^T x: writes W' into ``w_out``
     and returns (dL/dA, dL/dB), the values of ``fused_weight_and_grads`` on g^T x, with
-    g^T x formed only at the entries the mask keeps. All float32 CPU tensors, A, Bt and W
-    contiguous; g (tokens, out) and x2 (tokens, in) any layout. None when the C library
+    g^T x formed only at the entries the mask keeps. All float32 CPU tensors, Bt and W
+    contiguous; A, g (tokens, out) and x2 (tokens, in) any layout. None when the C library
     is not available (not built here, or native kernels off)."""
     lib = _NATIVE.get()
     if lib is None:
