@@ -308,3 +308,13 @@ def test_save_refuses_a_folder_with_a_foreign_file_in_a_subfolder_it_would_write
     with pytest.raises(FileExistsError, match="unet/my_notes.txt"):
         _atomic_write_dir(tmp_path / "out", write)
     assert (tmp_path / "out" / "unet" / "my_notes.txt").read_text() == "keep me"
+
+
+def test_a_truncated_weights_file_is_an_adapter_file_error_naming_it(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]))
+    folder = vp.save_adapter(model, tmp_path / "a")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(vp.AdapterFileError, match="adapter_model.safetensors is not a readable"):
+        vp.load_adapter(nn.Sequential(nn.Linear(4, 4)), folder)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -113,6 +114,18 @@ def _atomic_write_dir(path: Path, write) -> None:
         raise
 
 
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's safetensors, or an AdapterFileError naming the file (a truncated or
+    foreign file raises safetensors' own error without the path otherwise)."""
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from None
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter ``name`` to the folder ``path`` (created or replaced atomically)."""
     state = get_state(model)
@@ -178,7 +191,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise AdapterFileError(f"{path}: saved with {doc['method']} layout version "
                                f"{doc.get('method_version')}, this visionpeft has {spec.version}")
     config = config_from_dict(doc["config"])
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    tensors = _read_weights(path)
     plan = _plan_from_file(model, config, name, doc, tensors, path)
     return attach(model, plan)
 
@@ -294,7 +307,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
         raise AdapterFileError(f"{path}: config fields {differ} differ from the loaded {name!r} "
                                f"({ {k: b.get(k) for k in differ} } vs { {k: a.get(k) for k in differ} }); "
                                "a hotswap keeps the config, load it as a new adapter instead")
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    tensors = _read_weights(path)
     now, _ = adapter_tensors(model, name)
     missing, unexpected = sorted(set(now) - set(tensors)), sorted(set(tensors) - set(now))
     wrong = [k for k in now if k in tensors and tuple(tensors[k].shape) != tuple(now[k].shape)]
