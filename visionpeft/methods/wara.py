@@ -137,19 +137,21 @@ class WaRAModule(AdapterModule):
         evaluation) they are cached, keyed on every factor's storage, version counter,
         dtype and device, so an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds them
         (an edit through ``p.data`` bypasses the version counter: edit the parameter itself)."""
+        def build():
+            return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
+
         params = list(self.A.values()) + list(self.B.values())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
+            return build()
         try:
             key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         except RuntimeError:  # inference tensors have no version counter: no cache
-            return wara_factors(self.band_factors(), self.shape, self.levels, self.wavelet)
+            return build()
         cached = self.__dict__.get("_factor_cache")
         if cached is None or cached[0] != key:
             # normal tensors even under inference_mode: a later training step may save them
             with torch.inference_mode(False), torch.no_grad():
-                cached = self.__dict__["_factor_cache"] = (key, wara_factors(self.band_factors(), self.shape,
-                                                                              self.levels, self.wavelet))
+                cached = self.__dict__["_factor_cache"] = (key, build())
         return cached[1]
 
     def delta_weight(self) -> torch.Tensor:
