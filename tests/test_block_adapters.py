@@ -11,6 +11,7 @@ from torch import nn
 
 import visionpeft as vp
 from visionpeft.backbones import presets
+from visionpeft.core.adapter import HostSpec
 from visionpeft.backbones.tiny import build_tiny, example_inputs, run_host
 from visionpeft.methods.adapter import bottleneck_delta
 
@@ -390,3 +391,24 @@ def test_norm_only_modules_and_containers():
     vit = build_tiny("hf_dinov3")  # its layers sit in a ModuleList
     with pytest.raises(vp.TargetError, match=r"no forward of its own.*re:model\\.layer"):
         vp.inject(vit, vp.AdapterConfig(bottleneck=2, target_modules=["model.layer"]))
+
+
+def test_block_sizes_read_a_host_submodule_called_adapters_and_skip_our_own():
+    """A host may call its own layers "adapters": they count for the block's sizes; the
+    adapters we inject into it (a LoRA inside the block) do not."""
+    class HostBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapters = nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 10))
+
+        def forward(self, x):
+            return self.adapters(x)
+
+    host = nn.Sequential(HostBlock())
+    assert HostSpec.for_block(host[0]).weight_shape == (10, 6)
+    vp.inject(host, vp.LoRAConfig(r=2, target_modules=["0.adapters.2"]), name="inner")
+    assert HostSpec.for_block(host[0]).weight_shape == (10, 6)
+    # a wrapped last layer whose own adapter ends in another width still reads the host's
+    layer = host[0].adapters[2]
+    layer.adapters["inner"]["full"].register_module("tail", nn.Linear(2, 3))
+    assert HostSpec.for_block(host[0]).weight_shape == (10, 6)

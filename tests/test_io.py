@@ -297,16 +297,16 @@ def test_export_to_a_factor_format_warns_that_modules_to_save_stay_behind(tmp_pa
 
 
 def test_save_refuses_a_folder_with_a_foreign_file_in_a_subfolder_it_would_write(tmp_path):
-    from visionpeft.core.io import _atomic_write_dir
+    from visionpeft.core.atomic import write_dir
 
     def write(folder):
         (folder / "unet").mkdir()
         (folder / "unet" / "weights.bin").write_bytes(b"new")
 
-    _atomic_write_dir(tmp_path / "out", write)
+    write_dir(tmp_path / "out", write)
     (tmp_path / "out" / "unet" / "my_notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="unet/my_notes.txt"):
-        _atomic_write_dir(tmp_path / "out", write)
+        write_dir(tmp_path / "out", write)
     assert (tmp_path / "out" / "unet" / "my_notes.txt").read_text() == "keep me"
 
 

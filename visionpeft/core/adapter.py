@@ -79,8 +79,15 @@ class HostSpec:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             spec = HostSpec.from_module(module)
             return HostSpec("block", spec.out_features, spec.in_features)
-        inner = [m for n, m in module.named_modules()
-                 if ".adapters." not in f".{n}." and ".copies." not in f".{n}."]
+        from .layers import AdaptedLayerBase, TrainedCopy  # layers.py imports this file
+
+        ours = set()  # our wrappers' adapters and copies, by identity: a host may name a submodule "adapters"
+        for m in module.modules():
+            if isinstance(m, AdaptedLayerBase):
+                ours.update(id(x) for x in m.adapters.modules())
+            elif isinstance(m, TrainedCopy):
+                ours.update(id(x) for x in m.copies.modules())
+        inner = [m for m in module.modules() if id(m) not in ours]
         first = next((_in_size(m) for m in inner if _in_size(m)), None)
         last = next((_out_size(m) for m in reversed(inner) if _out_size(m)), None)
         if last is None:  # norms only (a LayerNorm on its own): width in = width out

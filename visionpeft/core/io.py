@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 
 from .. import __version__
 from .adapter import HostSpec
+from .atomic import recover, write_dir
 from .layers import AdaptedLayerBase
 from .model_ops import InjectionPlan, adapted_layers, attach, get_state, is_block_method, trained_copies
 from .registry import config_from_dict, get_method
@@ -74,46 +73,6 @@ def base_shape(kind: str, module: nn.Module) -> list[int]:
     return list((base.in_proj_weight if kind == "mha" else base.weight).shape)
 
 
-def _atomic_write_dir(path: Path, write) -> None:
-    """Write a folder's files into a temporary sibling, then swap it in, so that an
-    interrupted save leaves the previous folder as it was. Only a folder such a save
-    wrote is replaced: a file at ``path``, or a folder holding anything the new one would
-    not (someone's other files), is refused before anything is touched."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} is a file; a save writes a folder there. Remove the file or choose "
-                              f"another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            foreign = sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                             if not (tmp / p.relative_to(path)).exists())
-            if foreign:
-                more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-                raise FileExistsError(f"{path} holds {foreign[:5]}{more}, which this save would not write; it "
-                                      f"replaces the whole folder, so it only overwrites a folder written by a "
-                                      f"save. Choose a new path or remove those files")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            try:
-                os.rename(path, old / path.name)
-            except OSError:
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The folder's safetensors, or an AdapterFileError naming the file (a truncated or
     foreign file raises safetensors' own error without the path otherwise)."""
@@ -146,7 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         (folder / CONFIG_NAME).write_text(json.dumps(doc, indent=2))  # model order
 
     path = Path(path)
-    _atomic_write_dir(path, write)
+    write_dir(path, write)
     return path
 
 
@@ -176,6 +135,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     (same method, layers and shapes): no re-injection and the same parameter objects, so a
     compiled model keeps its graphs."""
     path = Path(path)
+    if not path.exists():
+        recover(path)  # a save killed mid-swap (two-rename systems) left it under .old-
     if hotswap:
         return hotswap_adapter(model, path, name)
     cfg = path / CONFIG_NAME

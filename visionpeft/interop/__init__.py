@@ -9,9 +9,7 @@ alone) and writes atomically.
 from __future__ import annotations
 
 import json
-import os
 import warnings
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.targeting import canonical_modules
-from ..core.io import _atomic_write_dir
+from ..core.atomic import write_dir, write_file
 from ..core.model_ops import adapted_layers, get_state, trained_copies
 from . import diffusers_format, kohya_format, lycoris_format, peft_format
 from .factors import (InteropError, _plain_host, conv_layout_problem, hotswap_factors, inject_factors,
@@ -52,15 +50,8 @@ class ExportReport:
 
 
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _single_file(path: Path, default_name: str) -> Path:
@@ -127,7 +118,7 @@ def export(model: nn.Module, path, name: str | None = None, format: str = "peft"
                       "(diffusers' kohya conversion) do not", stacklevel=2)
     written = max((f.rank for f in factors.values()), default=0)
     if format == "peft":
-        _atomic_write_dir(path, lambda folder: peft_format.write(factors, folder))
+        write_dir(path, lambda folder: peft_format.write(factors, folder))
         target = path
     else:
         module = diffusers_format if format == "diffusers" else kohya_format

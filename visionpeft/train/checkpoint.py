@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.io import _atomic_write_dir
+from ..core.atomic import write_dir
 
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "trainer_tensors.safetensors"
@@ -92,7 +92,7 @@ def save_checkpoint(folder: Path, step: int, optimizer, scheduler, write_adapter
         save_file(tensors, str(tmp / TENSORS_NAME))
         (tmp / STATE_NAME).write_text(json.dumps(state))
 
-    _atomic_write_dir(path, write)
+    write_dir(path, write)
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -284,9 +284,9 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     unwrapped = {n: acc.unwrap_model(m) for n, m in prepared.items()}
     report["param_checksums"] = _checksums(acc, params)
     if acc.is_main_process:
-        from ..core.io import _atomic_write_dir
+        from ..core.atomic import write_dir
 
-        _atomic_write_dir(adapter_dir, lambda tmp: task.save_adapters(unwrapped, tmp))
+        write_dir(adapter_dir, lambda tmp: task.save_adapters(unwrapped, tmp))
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
         if rows:
             _plot(rows, out / "loss.png")

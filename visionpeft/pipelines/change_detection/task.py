@@ -226,9 +226,9 @@ class ChangeDetectionTask(Task):
             f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if not isinstance(v, list)}}) + "\n")
         if metrics["iou"] > self.best_iou:  # keep the best by change IoU
             self.best_iou = metrics["iou"]
-            from ...core.io import _atomic_write_dir
+            from ...core.atomic import write_dir
 
-            _atomic_write_dir(output_dir / "best", lambda tmp: self.save_adapters(models, tmp))
+            write_dir(output_dir / "best", lambda tmp: self.save_adapters(models, tmp))
         return metrics
 
     def finish(self, models, output_dir):
