@@ -118,6 +118,42 @@ def measure_memory(model, x, y, device, unpack: bool = False) -> int:
     return peak
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the bytes torch's CPU allocator holds while ``fn()`` runs, above what it
+    held at the start: the CPU analogue of CUDA's ``max_memory_allocated() - base``. Read
+    from the profiler's allocation events (every tensor, temporary or kept, of this
+    thread, where CPU autograd also runs the backward); memory allocated outside torch
+    (e.g. a C kernel's own malloc) is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        e = todo.pop()
+        todo.extend(e.children)
+        if type(e.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+    held = peak = 0
+    for _, size in sorted(events, key=lambda t: t[0]):
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+def step_peak_memory(model, x, y, unpack: bool = False) -> int:
+    """CPU peak above the start of one forward + backward (gradients start at None and
+    are counted, as on CUDA); optimizer state is left out like CUDA's base."""
+    model.zero_grad(set_to_none=True)
+
+    def step():
+        torch.nn.functional.cross_entropy(_call(model, x, unpack), y).backward()
+
+    peak = cpu_peak_bytes(step)
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
 def loss_memory(loss_fn, params, device) -> int:
     """Memory of one backward of ``loss_fn()``: on CPU the bytes autograd saves for
     backward (distinct storages, parameters left out) plus the trainable gradients; on

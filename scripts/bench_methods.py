@@ -12,6 +12,11 @@ PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a de
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
 to the same sparsity: what SNELL's memory saving is measured against).
 Timing and memory as in bench_core.py: paired shuffled rounds, process CPU time on CPU.
+Memory twice: the bytes saved for backward plus gradients (memory_mb), and the true peak
+of one forward + backward above the start, every temporary included (peak_mb: CPU
+allocator events via the profiler; SNELL's scratch buffers are released first so they
+count), with AdamW's moments beside (adamw_state_mb). --grad-checkpointing runs the ViT
+with timm's block checkpointing; --memory-only skips the timing.
 
     python scripts/bench_methods.py --host vit unet
 """
@@ -26,7 +31,8 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from bench_core import emit, measure_memory, paired, step_fn
+from visionpeft.ops.workspace import release_scratch
+from bench_core import emit, measure_memory, paired, step_fn, step_peak_memory
 
 VIT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 UNET_TARGETS = r".*(to_q|to_k|to_v|to_out\.0)"
@@ -104,8 +110,12 @@ def dense_masked(model: nn.Module, targets: str, sparsity: float) -> nn.Module:
     return model
 
 
-def make(kind: str, host: str, depth: int):
+def make(kind: str, host: str, depth: int, grad_checkpointing: bool = False):
     model, targets = build_host(host, depth)
+    if grad_checkpointing:
+        if host != "vit":
+            raise SystemExit("--grad-checkpointing applies to the vit host (timm's set_grad_checkpointing)")
+        model.set_grad_checkpointing(True)
     if kind in OUR_CONFIGS:
         return vp.inject(model, OUR_CONFIGS[kind](targets))
     if kind == "dense_sparse":
@@ -137,7 +147,7 @@ def run_host(args, host: str) -> dict:
         kinds = [k for k in kinds if k in ("lora", "peft_lora", *args.only)]
     if "snell" in kinds:
         kinds.append("dense_sparse")
-    models = {k: make(k, host, args.depth) for k in kinds}
+    models = {k: make(k, host, args.depth, args.grad_checkpointing) for k in kinds}
     xs, y = host_inputs(host, args.batch)
     steps = {}
     opt_state = {}
@@ -151,14 +161,23 @@ def run_host(args, host: str) -> dict:
             steps[k]()
         opt_state[k] = sum(t.numel() * t.element_size() for st in opt.state.values()
                            for t in st.values() if torch.is_tensor(t))
-    timing = paired(steps, "lora", args.rounds, args.steps, torch.device("cpu"), args.clock_fn)
+    timing = {} if args.memory_only else paired(steps, "lora", args.rounds, args.steps, torch.device("cpu"),
+                                                   args.clock_fn)
     mem = {k: compiled_kernels(lambda: measure_memory(m, xs, y, torch.device("cpu"), unpack=True),
                                k in COMPILED, k not in NATIVE_OFF)() for k, m in models.items()}
-    peft_ms = timing["peft_lora"]["ms"]
-    return {"host": host, "batch": args.batch,
+    peak = {}
+    for k, m in models.items():
+        release_scratch()
+        peak[k] = compiled_kernels(lambda: step_peak_memory(m, xs, y, unpack=True), k in COMPILED,
+                                   k not in NATIVE_OFF)()
+    peft_ms = timing["peft_lora"]["ms"] if timing else None
+    return {"host": host, "batch": args.batch, "grad_checkpointing": args.grad_checkpointing,
             "step": {k: {**v, "vs_peft_lora": round(v["ms"] / peft_ms, 3)} for k, v in timing.items()},
             "memory_mb": {k: round(v / 2**20, 1) for k, v in mem.items()},
             "memory_vs_lora": {k: round(v / mem["lora"], 3) for k, v in mem.items()},
+            "peak_mb": {k: round(v / 2**20, 1) for k, v in peak.items()},
+            "peak_vs_lora": {k: round(v / peak["lora"], 3) for k, v in peak.items()},
+            "peak_plus_adamw_mb": {k: round((v + opt_state[k]) / 2**20, 1) for k, v in peak.items()},
             # what AdamW keeps between steps (two moments per trainable value), which the
             # memory figure above leaves out; SNELL's paper counts it
             "adamw_state_mb": {k: round(v / 2**20, 1) for k, v in opt_state.items()},
@@ -180,6 +199,8 @@ def main(argv=None):
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="process CPU time (steadier on a shared VM) or wall-clock time")
     p.add_argument("--only", nargs="+", help="variants to run besides lora and peft_lora")
+    p.add_argument("--memory-only", action="store_true", help="measure memory, skip the timing rounds")
+    p.add_argument("--grad-checkpointing", action="store_true", help="timm block checkpointing (vit host)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -64,3 +64,25 @@ def test_clip_vision_qkv_touches_only_the_vision_tower():
     found = resolve_targets(model, presets.CLIP_VISION_QKV)
     assert found and all(n.startswith("visual.") for n in found)
     assert all(parts == ("q", "k", "v") for _, parts in found.values())
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CONFIGS) + ["snella"])
+def test_host_gradient_checkpointing_gives_the_same_gradients(method):
+    """timm's block checkpointing runs each adapted layer's forward twice (once more in
+    the backward): gradients must equal those of the plain run, bit for bit or nearly
+    (SNELL's threshold hint and SNELLA's statistics must not drift between the two)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny("timm_vit")
+        model.set_grad_checkpointing(checkpointing)
+        targets = presets.PRESETS["timm_vit_all"]
+        config = (vp.SNELLConfig(r=4, sparsity=0.5, softmax_term=True, target_modules=targets)
+                  if method == "snella" else make_config(method, targets, **HOST_OVERRIDES.get(method, {})))
+        vp.inject(model, config)
+        randomize_adapters(model, std=0.05)
+        model.train()
+        run_host("timm_vit", model, example_inputs("timm_vit")).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
