@@ -1,52 +1,92 @@
 """Crash-safe writes of folders and files: build in a hidden sibling, then swap it in.
 
-Hidden siblings are named ``.<name>.tmp-<host>-<pid>-<random>`` (and ``.old-`` for a
-replaced folder on the way out), so the next save to the same path can tell leftovers of
-a process that died (same host, pid gone) from those of a save running right now, and
-clean them up. Replacing a folder is one atomic exchange on Linux (``renameat2`` with
-``RENAME_EXCHANGE``); elsewhere it is two renames, and a save killed between them leaves
-the previous folder as ``.old-``, which the next save to that path puts back first.
+A save builds ``.<name>.tmp-<random>`` next to its target and holds an advisory lock
+(``flock``) on it until it is done; a replaced folder waits under ``.<name>.old-<random>``
+(two-rename systems only), locked too. A lock dies with its process, whatever PID
+namespace or host it ran in, so the next save to the same path can tell the leftovers of
+a killed save (unlocked, older than a minute) from those of a save running now, remove
+them, and put back a previous folder that only an ``.old-`` sibling still holds.
+Replacing a folder is one atomic exchange on Linux (``renameat2`` with
+``RENAME_EXCHANGE``); elsewhere it is two renames. Where there is no ``flock`` (Windows)
+leftovers are left alone rather than guessed about.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+# a leftover younger than this is never removed: it may be a save between creating its
+# sibling and taking the lock on it
+_MIN_AGE_S = 60.0
+# files that file managers drop into any folder they show: not the user's data
+_FILE_MANAGER_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def _stem(path: Path) -> str:
+    """The target's name as it appears in its siblings' names, kept short enough that
+    ``.<stem>.tmp-<random>`` fits a 255-byte file name."""
+    name = path.name
+    if len(name.encode("utf-8", "surrogateescape")) <= 150:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{name[:40]}~{digest}"
 
 
 def _prefix(path: Path, kind: str) -> str:
-    return f".{path.name}.{kind}-{_HOST}-{os.getpid()}-"
+    return f".{_stem(path)}.{kind}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock(entry: Path, blocking: bool = True):
+    """An open descriptor holding an exclusive flock on ``entry`` (a folder or a file), or
+    None where it is held by someone else (non-blocking) or flock is not available."""
+    if fcntl is None:
+        return None
+    fd = os.open(entry, os.O_RDONLY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
-def _dead_leftovers(path: Path, kind: str) -> list[Path]:
-    """Hidden siblings of ``path`` of this ``kind`` left by processes of this host that no
-    longer run (never one of a live save: another host's or a running process's)."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{kind}-{re.escape(_HOST)}-(\d+)-")
+def _unlock(fd) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _abandoned(path: Path, kind: str) -> list[Path]:
+    """Siblings of ``path`` of this ``kind`` that no save holds any more."""
+    if fcntl is None or not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(_stem(path))}\.{kind}-[^/]+$")
     found = []
-    if not path.parent.is_dir():
-        return found
     for entry in path.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if not pattern.match(entry.name) or entry.is_symlink():
+            continue
+        try:
+            if time.time() - entry.lstat().st_mtime < _MIN_AGE_S:
+                continue
+            fd = _lock(entry, blocking=False)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        if fd is not None:
+            _unlock(fd)
             found.append(entry)
     return sorted(found)
 
@@ -55,18 +95,22 @@ def _remove(entry: Path) -> None:
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:
-        entry.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
 
 
-def recover(path: Path) -> None:
-    """Undo what a killed save to ``path`` left behind: put a previous folder that is only
-    under ``.old-`` back (when ``path`` is missing), and remove dead temporary siblings."""
-    for old in _dead_leftovers(path, "old"):
+def recover(path: str | os.PathLike) -> None:
+    """Undo what killed saves to ``path`` left behind: put a previous folder that only an
+    ``.old-`` sibling holds back (when ``path`` is missing), and remove abandoned
+    temporary siblings."""
+    path = Path(path)
+    for old in _abandoned(path, "old"):
         kept = old / path.name
-        if kept.exists() and not path.exists():
-            os.rename(kept, path)
+        with contextlib.suppress(OSError):  # another process may be recovering it too
+            if kept.is_dir() and not os.path.lexists(path):
+                os.rename(kept, path)
         _remove(old)
-    for tmp in _dead_leftovers(path, "tmp"):
+    for tmp in _abandoned(path, "tmp"):
         _remove(tmp)
 
 
@@ -100,15 +144,39 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDWR)  # Windows flushes only through a writable handle
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _finish_folder(folder: Path) -> None:
+    """Flush what ``write`` put in the folder, and give the folder the mode a plain mkdir
+    would have (mkdtemp makes it private, 0700, and a rename keeps that)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for entry in folder.rglob("*"):
+        if entry.is_file() and not entry.is_symlink():
+            _fsync(entry)
 
 
 def _foreign_files(path: Path, new: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not (new / p.relative_to(path)).exists())
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.name not in _FILE_MANAGER_FILES and not (new / p.relative_to(path)).exists())
+
+
+def _resolve_link(path: Path) -> Path:
+    """A symlink at ``path`` is saved through: the folder it points to is replaced, the
+    link stays."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def write_dir(path: str | os.PathLike, write) -> None:
@@ -116,16 +184,19 @@ def write_dir(path: str | os.PathLike, write) -> None:
     so that an interrupted save leaves the previous folder as it was. Only a folder such a
     save wrote is replaced: a file at ``path``, or a folder holding anything the new one
     would not (someone's other files), is refused before anything is touched."""
-    path = Path(path)
+    path = _resolve_link(Path(path))
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; a save writes a folder there. Remove the file or choose "
                               f"another path")
+    if os.path.lexists(path) and not path.exists():
+        raise FileExistsError(f"{path} is a broken symlink; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp"), dir=path.parent))
+    held = _lock(tmp)
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        _finish_folder(tmp)
         if not path.exists():
             os.rename(tmp, path)
             return
@@ -138,32 +209,61 @@ def write_dir(path: str | os.PathLike, write) -> None:
         if _exchange(tmp, path):  # tmp now holds the previous folder
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old"), dir=path.parent))
+        _swap_by_renames(path, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _unlock(held)
+
+
+def _swap_by_renames(path: Path, tmp: Path) -> None:
+    """Replace the folder ``path`` by ``tmp`` with two renames, the previous folder kept
+    under a locked ``.old-`` sibling in between (and put back if the second fails)."""
+    old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old"), dir=path.parent))
+    held = _lock(old)
+    try:
         try:
             os.rename(path, old / path.name)
         except OSError:
             shutil.rmtree(old, ignore_errors=True)
             raise
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if not os.path.lexists(path):
+                os.rename(old / path.name, path)
+            raise
+        # out of recover()'s reach before deleting: a half-deleted copy must never come back
+        trash = old.with_name(old.name.replace(".old-", ".tmp-", 1))
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        _unlock(held)
+        if old.exists() and not (old / path.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_file(path: str | os.PathLike, write) -> None:
     """Write one file through a temporary sibling (``write(tmp_path_str)``) and
     ``os.replace`` it into place."""
-    path = Path(path)
+    path = _resolve_link(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
-    os.close(fd)
+    held = None
     try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, fd = fd, None
+        else:
+            os.close(fd)
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _unlock(held)
