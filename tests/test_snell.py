@@ -393,3 +393,13 @@ def test_snella_skips_a_step_whose_gradients_overflowed():
     alloc.step(2)
     assert [int(m.n_zero) for m in alloc.modules] == before[0]
     assert all(torch.equal(e[k], b[k]) for e, b in zip(alloc.ema, before[1]) for k in e)
+
+
+def test_snella_step_without_gradients_says_where_they_went():
+    """Called before backward, after zero_grad, or under FSDP without use_orig_params
+    (the factors never get .grad): an error, not an allocator that silently stops."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
+    alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=4)
+    with pytest.raises(RuntimeError, match="use_orig_params=True"):
+        alloc.step(1)

@@ -103,7 +103,12 @@ class SNELLAAllocator:
         returns False. Under fp16 loss scaling the gradients are still scaled here (one
         factor for every layer, so the layers' ranking within a step is unaffected)."""
         grads = [p.grad for m in self.modules for p in (m.A, m.B) if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not grads and self.modules:
+            raise RuntimeError(
+                "SNELLAAllocator.step saw no gradient on any SNELL factor: call it after backward and "
+                "before zero_grad. Under FSDP, wrap the model with use_orig_params=True (FSDP's flattened "
+                "parameters otherwise hold the gradients, not the factors)")
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return False
         for ema, unc, m in zip(self.ema, self.unc, self.modules):
             for key, p in (("A", m.A), ("B", m.B)):
