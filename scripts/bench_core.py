@@ -141,13 +141,17 @@ def cpu_peak_bytes(fn) -> int:
     return peak
 
 
-def step_peak_memory(model, x, y, unpack: bool = False) -> int:
+def step_peak_memory(model, x, y, unpack: bool = False, opt=None) -> int:
     """CPU peak above the start of one forward + backward (gradients start at None and
-    are counted, as on CUDA); optimizer state is left out like CUDA's base."""
+    are counted, as on CUDA), and of the optimizer step and zero_grad too when ``opt`` is
+    given; what the optimizer held before the step is left out like CUDA's base."""
     model.zero_grad(set_to_none=True)
 
     def step():
         torch.nn.functional.cross_entropy(_call(model, x, unpack), y).backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     peak = cpu_peak_bytes(step)
     model.zero_grad(set_to_none=True)

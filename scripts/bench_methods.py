@@ -12,11 +12,13 @@ PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a de
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
 to the same sparsity: what SNELL's memory saving is measured against).
 Timing and memory as in bench_core.py: paired shuffled rounds, process CPU time on CPU.
-Memory twice: the bytes saved for backward plus gradients (memory_mb), and the true peak
-of one forward + backward above the start, every temporary included (peak_mb: CPU
+Memory three ways: the bytes saved for backward plus gradients (memory_mb); the true
+peak of one forward + backward above the start, every temporary included (peak_mb: CPU
 allocator events via the profiler; SNELL's scratch buffers are released first so they
-count), with AdamW's moments beside (adamw_state_mb). --grad-checkpointing runs the ViT
-with timm's block checkpointing; --memory-only skips the timing.
+count); and the peak of a whole training step, AdamW's update included, plus the moments
+AdamW holds between steps (step_peak_mb; adamw_state_mb alone). Frozen weights are left
+out of all three. --grad-checkpointing runs the ViT with timm's block checkpointing;
+--memory-only skips the timing.
 
     python scripts/bench_methods.py --host vit unet
 """
@@ -150,10 +152,10 @@ def run_host(args, host: str) -> dict:
     models = {k: make(k, host, args.depth, args.grad_checkpointing) for k in kinds}
     xs, y = host_inputs(host, args.batch)
     steps = {}
-    opt_state = {}
+    opt_state, opts = {}, {}
     for k, m in models.items():
         m.train()
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        opt = opts[k] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         steps[k] = step_fn(m, xs, y, opt, unpack=True)
         if k in COMPILED:
             steps[k] = compiled_kernels(steps[k], native=k not in NATIVE_OFF)
@@ -165,11 +167,12 @@ def run_host(args, host: str) -> dict:
                                                    args.clock_fn)
     mem = {k: compiled_kernels(lambda: measure_memory(m, xs, y, torch.device("cpu"), unpack=True),
                                k in COMPILED, k not in NATIVE_OFF)() for k, m in models.items()}
-    peak = {}
+    peak, step_peak = {}, {}
     for k, m in models.items():
-        release_scratch()
-        peak[k] = compiled_kernels(lambda: step_peak_memory(m, xs, y, unpack=True), k in COMPILED,
-                                   k not in NATIVE_OFF)()
+        for out, opt in ((peak, None), (step_peak, opts[k])):
+            release_scratch()
+            out[k] = compiled_kernels(lambda: step_peak_memory(m, xs, y, unpack=True, opt=opt), k in COMPILED,
+                                      k not in NATIVE_OFF)()
     peft_ms = timing["peft_lora"]["ms"] if timing else None
     return {"host": host, "batch": args.batch, "grad_checkpointing": args.grad_checkpointing,
             "step": {k: {**v, "vs_peft_lora": round(v["ms"] / peft_ms, 3)} for k, v in timing.items()},
@@ -177,7 +180,10 @@ def run_host(args, host: str) -> dict:
             "memory_vs_lora": {k: round(v / mem["lora"], 3) for k, v in mem.items()},
             "peak_mb": {k: round(v / 2**20, 1) for k, v in peak.items()},
             "peak_vs_lora": {k: round(v / peak["lora"], 3) for k, v in peak.items()},
-            "peak_plus_adamw_mb": {k: round((v + opt_state[k]) / 2**20, 1) for k, v in peak.items()},
+            "step_peak_mb": {k: round((v + opt_state[k]) / 2**20, 1) for k, v in step_peak.items()},
+            "step_peak_vs_dense_sparse": ({k: round((v + opt_state[k]) / (step_peak["dense_sparse"]
+                                                                        + opt_state["dense_sparse"]), 3)
+                                           for k, v in step_peak.items()} if "dense_sparse" in step_peak else {}),
             # what AdamW keeps between steps (two moments per trainable value), which the
             # memory figure above leaves out; SNELL's paper counts it
             "adamw_state_mb": {k: round(v / 2**20, 1) for k, v in opt_state.items()},
