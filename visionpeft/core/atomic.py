@@ -152,6 +152,19 @@ def _fsync(file: Path) -> None:
         os.close(fd)
 
 
+def _fsync_parent(path: Path) -> None:
+    """Make a rename in ``path``'s folder durable (POSIX; Windows cannot open folders)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder: durability is best effort
+        pass
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -199,6 +212,7 @@ def write_dir(path: str | os.PathLike, write) -> None:
         _finish_folder(tmp)
         if not path.exists():
             os.rename(tmp, path)
+            _fsync_parent(path)
             return
         foreign = _foreign_files(path, tmp)
         if foreign:
@@ -207,9 +221,11 @@ def write_dir(path: str | os.PathLike, write) -> None:
                                   f"replaces the whole folder, so it only overwrites a folder written by a "
                                   f"save. Choose a new path or remove those files")
         if _exchange(tmp, path):  # tmp now holds the previous folder
+            _fsync_parent(path)
             shutil.rmtree(tmp, ignore_errors=True)
             return
         _swap_by_renames(path, tmp)
+        _fsync_parent(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,6 +278,7 @@ def write_file(path: str | os.PathLike, write) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync_parent(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
