@@ -16,8 +16,8 @@ from visionpeft.core import atomic
 posix_only = pytest.mark.skipif(atomic.fcntl is None, reason="leftovers are only cleaned where flock exists")
 
 
-def leftover(parent, name, kind, suffix="x1", folder=True, age_s=600):
-    entry = parent / f".{name}.{kind}-{suffix}"
+def leftover(parent, name, kind, suffix="1", folder=True, age_s=600):
+    entry = parent / f".{name}.{kind}-{suffix * 12}"
     entry.mkdir() if folder else entry.write_bytes(b"half")
     then = time.time() - age_s
     os.utime(entry, (then, then))
@@ -144,7 +144,8 @@ def test_a_single_file_write_replaces_atomically_and_keeps_the_old_file_on_failu
 
 
 def test_saved_folders_and_files_get_the_modes_of_a_plain_mkdir_and_open(tmp_path):
-    mask = atomic._umask()
+    mask = os.umask(0o022)
+    os.umask(mask)
     atomic.write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("1"))
     atomic.write_file(tmp_path / "w.bin", lambda tmp: open(tmp, "wb").write(b"1"))
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
@@ -167,3 +168,71 @@ def test_long_names_and_file_manager_files_do_not_stop_a_save(tmp_path):
     atomic.write_dir(long, lambda d: (d / "a.txt").write_text("2"))
     assert (long / "a.txt").read_text() == "2"
     assert names(tmp_path) == [long.name]
+
+
+@posix_only
+def test_recover_keeps_the_old_copy_when_putting_it_back_fails(tmp_path, monkeypatch):
+    old = leftover(tmp_path, "out", "old")
+    (old / "out").mkdir()
+    (old / "out" / "weights.bin").write_bytes(b"only copy")
+    os.utime(old, (time.time() - 600,) * 2)
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "rename", no_space)
+    atomic.recover(tmp_path / "out")
+    assert (old / "out" / "weights.bin").read_bytes() == b"only copy"
+    monkeypatch.undo()
+    atomic.recover(tmp_path / "out")
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == b"only copy"
+    assert names(tmp_path) == ["out"]
+
+
+def test_without_locks_saves_still_work_and_leftovers_are_only_put_back_never_removed(tmp_path, monkeypatch):
+    if atomic.fcntl is None:
+        pytest.skip("no fcntl")
+
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")  # ENOLCK: NFS without lockd
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    open_fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    atomic.write_file(tmp_path / "w.bin", lambda tmp: open(tmp, "wb").write(b"1"))
+    atomic.write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("1"))
+    assert (tmp_path / "w.bin").read_bytes() == b"1" and (tmp_path / "out" / "a.txt").read_text() == "1"
+    if open_fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+    stale = leftover(tmp_path, "out", "tmp")
+    old = leftover(tmp_path, "gone", "old")
+    (old / "gone").mkdir()
+    os.utime(old, (time.time() - 600,) * 2)
+    atomic.write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("2"))
+    atomic.recover(tmp_path / "gone")
+    assert stale.exists()  # cannot tell whether a save uses it: kept
+    assert (tmp_path / "gone").is_dir()  # moving a copy back to a missing path destroys nothing
+
+
+@posix_only
+def test_a_target_whose_name_looks_like_a_sibling_keeps_its_own_leftovers(tmp_path):
+    """`run` and `run.old-1`: the second's hidden copy is not the first's leftover."""
+    theirs = tmp_path / f".run.old-1.old-{'a' * 12}"
+    theirs.mkdir()
+    (theirs / "run.old-1").mkdir()
+    os.utime(theirs, (time.time() - 600,) * 2)
+    atomic.write_dir(tmp_path / "run", lambda d: (d / "a.txt").write_text("1"))
+    assert (theirs / "run.old-1").is_dir()
+
+
+@posix_only
+def test_an_old_copy_superseded_by_a_newer_folder_is_removed(tmp_path):
+    """Concurrent two-rename saves can leave a previous folder under .old- while another
+    save's folder already stands at the path: a later save removes it, never restores it."""
+    atomic.write_dir(tmp_path / "out", lambda d: (d / "a.txt").write_text("new"))
+    old = leftover(tmp_path, "out", "old")
+    (old / "out").mkdir()
+    (old / "out" / "a.txt").write_text("older")
+    os.utime(old, (time.time() - 600,) * 2)
+    atomic.recover(tmp_path / "out")
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+    assert names(tmp_path) == ["out"]

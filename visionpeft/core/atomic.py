@@ -1,14 +1,15 @@
 """Crash-safe writes of folders and files: build in a hidden sibling, then swap it in.
 
-A save builds ``.<name>.tmp-<random>`` next to its target and holds an advisory lock
-(``flock``) on it until it is done; a replaced folder waits under ``.<name>.old-<random>``
+A save builds ``.<name>.tmp-<12 hex>`` next to its target and holds an advisory lock
+(``flock``) on it until it is done; a replaced folder waits under ``.<name>.old-<12 hex>``
 (two-rename systems only), locked too. A lock dies with its process, whatever PID
-namespace or host it ran in, so the next save to the same path can tell the leftovers of
-a killed save (unlocked, older than a minute) from those of a save running now, remove
-them, and put back a previous folder that only an ``.old-`` sibling still holds.
-Replacing a folder is one atomic exchange on Linux (``renameat2`` with
-``RENAME_EXCHANGE``); elsewhere it is two renames. Where there is no ``flock`` (Windows)
-leftovers are left alone rather than guessed about.
+namespace it ran in, so the next save to the same path can tell the leftovers of a killed
+save (unlocked, older than a minute) from those of a save running now, remove them, and
+put back a previous folder that only an ``.old-`` sibling still holds. Where locks cannot
+be taken (Windows; NFS without lock support) nothing is ever removed, and a previous
+folder is only moved back to a missing path, which destroys nothing. Replacing a folder
+is one atomic exchange on Linux (``renameat2`` with ``RENAME_EXCHANGE``); elsewhere it is
+two renames.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import functools
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,11 +36,13 @@ except ImportError:  # Windows
 _MIN_AGE_S = 60.0
 # files that file managers drop into any folder they show: not the user's data
 _FILE_MANAGER_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+_SUFFIX_HEX = 12
+FREE, HELD, UNKNOWN = "free", "held", "unknown"
 
 
 def _stem(path: Path) -> str:
     """The target's name as it appears in its siblings' names, kept short enough that
-    ``.<stem>.tmp-<random>`` fits a 255-byte file name."""
+    ``.<stem>.tmp-<suffix>`` fits a 255-byte file name."""
     name = path.name
     if len(name.encode("utf-8", "surrogateescape")) <= 150:
         return name
@@ -47,22 +50,48 @@ def _stem(path: Path) -> str:
     return f"{name[:40]}~{digest}"
 
 
-def _prefix(path: Path, kind: str) -> str:
-    return f".{_stem(path)}.{kind}-"
+def _sibling(path: Path, kind: str, suffix: str | None = None) -> Path:
+    return path.with_name(f".{_stem(path)}.{kind}-{suffix or secrets.token_hex(_SUFFIX_HEX // 2)}")
 
 
-def _lock(entry: Path, blocking: bool = True):
-    """An open descriptor holding an exclusive flock on ``entry`` (a folder or a file), or
-    None where it is held by someone else (non-blocking) or flock is not available."""
+def _new_sibling(path: Path, kind: str, folder: bool):
+    """Create a fresh hidden sibling with the modes a plain mkdir/open would give (the
+    kernel applies the umask); -> (path, fd of a file or None)."""
+    for _ in range(100):
+        entry = _sibling(path, kind)
+        try:
+            if folder:
+                os.mkdir(entry, 0o777)
+                return entry, None
+            return entry, os.open(entry, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary sibling of {path}")
+
+
+def _try_lock(fd: int, blocking: bool) -> str:
+    """FREE (now locked by us), HELD (someone else holds it) or UNKNOWN (no locks here)."""
+    if fcntl is None:
+        return UNKNOWN
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return HELD
+    except OSError:  # ENOLCK, ENOSYS, EBADF (NFS wants a writable fd): locks unsupported
+        return UNKNOWN
+    return FREE
+
+
+def _lock(entry: Path):
+    """An open descriptor holding an exclusive flock on ``entry`` (None where locks are
+    not available: the save goes on unlocked)."""
     if fcntl is None:
         return None
     fd = os.open(entry, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    if _try_lock(fd, blocking=True) == FREE:
+        return fd
+    os.close(fd)
+    return None
 
 
 def _unlock(fd) -> None:
@@ -70,28 +99,40 @@ def _unlock(fd) -> None:
         os.close(fd)  # closing the last descriptor releases the flock
 
 
-def _abandoned(path: Path, kind: str) -> list[Path]:
-    """Siblings of ``path`` of this ``kind`` that no save holds any more."""
-    if fcntl is None or not path.parent.is_dir():
+def _state(entry: Path) -> str:
+    """Whether a leftover is abandoned (FREE), in use (HELD) or cannot be told (UNKNOWN)."""
+    try:
+        if time.time() - entry.lstat().st_mtime < _MIN_AGE_S:
+            return HELD
+        if fcntl is None:
+            return UNKNOWN
+        fd = os.open(entry, os.O_RDONLY)
+    except OSError:  # gone meanwhile, or not ours to open
+        return HELD
+    try:
+        return _try_lock(fd, blocking=False)
+    finally:
+        os.close(fd)  # also drops the lock we may just have taken
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    pattern = re.compile(rf"^\.{re.escape(_stem(path))}\.{kind}-[0-9a-f]{{{_SUFFIX_HEX}}}$")
+    try:
+        return sorted(e for e in path.parent.iterdir() if pattern.match(e.name) and not e.is_symlink())
+    except OSError:  # no parent, or not listable
         return []
-    pattern = re.compile(rf"^\.{re.escape(_stem(path))}\.{kind}-[^/]+$")
-    found = []
-    for entry in path.parent.iterdir():
-        if not pattern.match(entry.name) or entry.is_symlink():
-            continue
+
+
+def _discard(entry: Path, path: Path) -> None:
+    """Delete a leftover, first renamed to a ``.tmp-`` name so that a deletion cut short
+    can never be mistaken for a previous folder to put back."""
+    if ".old-" in entry.name[-(_SUFFIX_HEX + 5):]:
+        trash = _sibling(path, "tmp", entry.name[-_SUFFIX_HEX:])
         try:
-            if time.time() - entry.lstat().st_mtime < _MIN_AGE_S:
-                continue
-            fd = _lock(entry, blocking=False)
-        except OSError:  # gone meanwhile, or not ours to open
-            continue
-        if fd is not None:
-            _unlock(fd)
-            found.append(entry)
-    return sorted(found)
-
-
-def _remove(entry: Path) -> None:
+            os.rename(entry, trash)
+        except OSError:
+            return
+        entry = trash
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:
@@ -102,16 +143,22 @@ def _remove(entry: Path) -> None:
 def recover(path: str | os.PathLike) -> None:
     """Undo what killed saves to ``path`` left behind: put a previous folder that only an
     ``.old-`` sibling holds back (when ``path`` is missing), and remove abandoned
-    temporary siblings."""
+    siblings. Nothing is removed unless a lock says no save uses it, and an ``.old-``
+    copy only once ``path`` holds a folder again."""
     path = Path(path)
-    for old in _abandoned(path, "old"):
+    for old in _leftovers(path, "old"):
+        state = _state(old)
+        if state == HELD:
+            continue
         kept = old / path.name
-        with contextlib.suppress(OSError):  # another process may be recovering it too
-            if kept.is_dir() and not os.path.lexists(path):
+        if kept.is_dir() and not os.path.lexists(path):
+            with contextlib.suppress(OSError):  # full disk, no permission, a racing recover
                 os.rename(kept, path)
-        _remove(old)
-    for tmp in _abandoned(path, "tmp"):
-        _remove(tmp)
+        if state == FREE and path.is_dir():  # put back, or superseded by a newer folder
+            _discard(old, path)
+    for tmp in _leftovers(path, "tmp"):
+        if _state(tmp) == FREE:
+            _discard(tmp, path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,7 +192,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDWR)  # Windows flushes only through a writable handle
+    # Windows flushes only through a writable handle; POSIX reads are enough (and work on
+    # read-only files)
+    fd = os.open(file, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -165,30 +214,14 @@ def _fsync_parent(path: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _finish_folder(folder: Path) -> None:
-    """Flush what ``write`` put in the folder, and give the folder the mode a plain mkdir
-    would have (mkdtemp makes it private, 0700, and a rename keeps that)."""
-    mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for entry in folder.rglob("*"):
-        if entry.is_file() and not entry.is_symlink():
-            _fsync(entry)
-
-
 def _foreign_files(path: Path, new: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")
                   if p.name not in _FILE_MANAGER_FILES and not (new / p.relative_to(path)).exists())
 
 
 def _resolve_link(path: Path) -> Path:
-    """A symlink at ``path`` is saved through: the folder it points to is replaced, the
-    link stays."""
+    """A symlink at ``path`` is saved through: what it points to is replaced, the link
+    stays."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
@@ -201,19 +234,24 @@ def write_dir(path: str | os.PathLike, write) -> None:
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; a save writes a folder there. Remove the file or choose "
                               f"another path")
-    if os.path.lexists(path) and not path.exists():
-        raise FileExistsError(f"{path} is a broken symlink; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp"), dir=path.parent))
-    held = _lock(tmp)
+    tmp, _ = _new_sibling(path, "tmp", folder=True)
+    held = None
     try:
+        held = _lock(tmp)
         write(tmp)
-        _finish_folder(tmp)
+        for entry in tmp.rglob("*"):
+            if entry.is_file() and not entry.is_symlink():
+                _fsync(entry)
         if not path.exists():
-            os.rename(tmp, path)
-            _fsync_parent(path)
-            return
+            try:
+                os.rename(tmp, path)
+                _fsync_parent(path)
+                return
+            except OSError as err:  # another save created it meanwhile: replace that one
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.is_dir():
+                    raise
         foreign = _foreign_files(path, tmp)
         if foreign:
             more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
@@ -235,29 +273,23 @@ def write_dir(path: str | os.PathLike, write) -> None:
 
 def _swap_by_renames(path: Path, tmp: Path) -> None:
     """Replace the folder ``path`` by ``tmp`` with two renames, the previous folder kept
-    under a locked ``.old-`` sibling in between (and put back if the second fails)."""
-    old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old"), dir=path.parent))
-    held = _lock(old)
+    under a locked ``.old-`` sibling in between and put back if the second one fails."""
+    old, _ = _new_sibling(path, "old", folder=True)
+    held, moved = None, False
     try:
-        try:
-            os.rename(path, old / path.name)
-        except OSError:
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if not os.path.lexists(path):
-                os.rename(old / path.name, path)
-            raise
-        # out of recover()'s reach before deleting: a half-deleted copy must never come back
-        trash = old.with_name(old.name.replace(".old-", ".tmp-", 1))
-        os.rename(old, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        held = _lock(old)
+        os.rename(path, old / path.name)
+        moved = True
+        os.rename(tmp, path)
+        moved = False
     finally:
-        _unlock(held)
-        if old.exists() and not (old / path.name).exists():
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if moved and not os.path.lexists(path):
+                os.rename(old / path.name, path)  # if this fails, the .old- copy stays for recover()
+        finally:
+            _unlock(held)
+        if not (old / path.name).exists() or path.is_dir():
+            _discard(old, path)  # renamed to .tmp- first: a cut-short deletion is never restored
 
 
 def write_file(path: str | os.PathLike, write) -> None:
@@ -266,21 +298,17 @@ def write_file(path: str | os.PathLike, write) -> None:
     path = _resolve_link(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
-    held = None
+    tmp, fd = _new_sibling(path, "tmp", folder=False)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held, fd = fd, None
-        else:
+        if _try_lock(fd, blocking=True) != FREE:  # no locks here: go on unlocked
             os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(Path(tmp))
+            fd = None
+        write(str(tmp))
+        _fsync(tmp)
         os.replace(tmp, path)
         _fsync_parent(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     finally:
-        _unlock(held)
+        _unlock(fd)
