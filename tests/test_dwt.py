@@ -190,8 +190,11 @@ def test_wavelet_filters_are_pywt_and_orthogonal():
 
 def test_unknown_and_biorthogonal_wavelets_raise():
     x = torch.zeros(8, 8)
-    with pytest.raises(ValueError, match="unknown wavelet.*haar"):
+    with pytest.raises(ValueError, match="unknown wavelet.*haar") as err:
         D.wavedec2(x, "nope", 1)
+    listed = str(err.value).split(": ", 1)[1].split(", ")
+    assert listed == [n for n in pywt.wavelist(kind="discrete") if pywt.Wavelet(n).orthogonal]
+    assert "db2" in listed and "sym4" in listed and "bior2.2" not in listed
     with pytest.raises(ValueError, match="unknown wavelet"):
         D.wavelet_filters("morl")  # continuous, not discrete
     with pytest.raises(ValueError, match="only orthogonal"):

@@ -62,8 +62,10 @@ def _filter_lists(name: str) -> tuple[tuple[float, ...], ...]:
         raise TypeError(f"wavelet name must be a str, got {type(name).__name__}")
     known = pywt.wavelist(kind="discrete")
     if name not in known:
+        usable = [n for n in known if pywt.Wavelet(n).orthogonal]  # what the synthesis below inverts
         raise ValueError(
-            f"unknown wavelet {name!r}; PyWavelets' discrete wavelets are: {', '.join(known)}"
+            f"unknown wavelet {name!r}; PyWavelets' orthogonal wavelets (the ones taken here) are: "
+            f"{', '.join(usable)}"
         )
     w = pywt.Wavelet(name)
     if not w.orthogonal:
