@@ -27,8 +27,8 @@ from torch import nn
 from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import MethodConfig, check_dropout, check_positive_int
 from ..core.registry import register_method
-from .krona import divisors
-from .lora import lora_add_linear, lora_linear, lora_scale
+from ..ops.factorize import divisors
+from ..ops.low_rank import lora_add_linear, lora_linear, lora_scale
 
 
 # --- pure math ------------------------------------------------------------------------

@@ -25,19 +25,11 @@ from torch import nn
 from ..core.adapter import AdapterModule, HostSpec
 from ..core.config import MethodConfig, ConfigError
 from ..core.registry import register_method
+from ..ops.factorize import divisors, sqrt_factor
 from ..ops.weight_delta import host_linear
 
 
 # --- pure math ------------------------------------------------------------------------
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def sqrt_factor(n: int) -> int:
-    """The largest divisor of n not above sqrt(n): the most balanced split n = f * (n/f)."""
-    return max(d for d in divisors(n) if d * d <= n)
-
-
 def krona_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """alpha * kron(A, B); for a conv B is (p, q, kh, kw) and A acts per kernel tap."""
     if B.dim() == 4:

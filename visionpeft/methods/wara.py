@@ -33,7 +33,7 @@ from ..core.adapter import AdapterModule, HostSpec, check_rank
 from ..core.config import MethodConfig, ConfigError, check_positive_int
 from ..core.registry import register_method
 from ..ops.dwt import crop, idwt1, subband_shapes, waverec2, wavelet_filters
-from .lora import lora_add_linear, lora_delta_conv, lora_linear, lora_scale
+from ..ops.low_rank import lora_add_linear, lora_delta_conv, lora_linear, lora_scale
 
 DETAIL_NAMES = ("H", "V", "D")
 
