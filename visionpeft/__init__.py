@@ -9,6 +9,7 @@ from .core.config import MethodConfig, ConfigError  # noqa: E402
 from .core.io import AdapterFileError, hotswap_adapter, load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .core.model_ops import (  # noqa: E402
     active_adapters,
+    adapter_names,
     delta_weight,
     disabled,
     inject,
@@ -21,7 +22,8 @@ from .core.model_ops import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
-from .core.registry import get_method, list_methods, register_method  # noqa: E402
+from .core.atomic import write_dir as atomic_write_dir  # noqa: E402
+from .core.registry import config_from_dict, get_method, list_methods, register_method  # noqa: E402
 from .core.targeting import TargetError  # noqa: E402
 from .methods import *  # noqa: E402,F401,F403
 from .methods import __all__ as _method_names  # noqa: E402
@@ -31,7 +33,7 @@ from .ops.compiled import set_compiled_kernels  # noqa: E402
 
 __all__ = [
     "MethodConfig", "ConfigError", "TargetError", "AdapterFileError",
-    "inject", "set_active", "set_scale", "active_adapters", "disabled", "routing", "merge",
+    "inject", "adapter_names", "config_from_dict", "atomic_write_dir", "set_active", "set_scale", "active_adapters", "disabled", "routing", "merge",
     "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
     "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",
     "presets", "export", "import_adapter", "detect_format", "ExportReport", "InteropError",

@@ -172,6 +172,19 @@ class AdapterModule(nn.Module, abc.ABC):
     def compute_dtype(self) -> torch.dtype:
         return next(iter(self.parameters())).dtype
 
+    # --- capabilities for files and hot-swap (methods with a registry factor_layout) ---
+    def export_factors(self, scale: float = 1.0) -> dict[str, torch.Tensor] | None:
+        """This layer's update as the tensors of its method's file layout
+        (``MethodSpec.factor_layout``), with the method's scale and ``scale`` (the
+        adapter's `vp.set_scale` multiplier) folded in so the layout's own rule gives
+        exactly ``scale * delta_weight()``; None where the method has no such form."""
+        return None
+
+    def import_factors(self, factors: dict[str, torch.Tensor]) -> None:
+        """Write tensors of the method's file layout into this module in place (same
+        parameter objects), so that ``delta_weight()`` equals the update they describe."""
+        raise TypeError(f"{type(self).__name__} has no file layout to import factors into")
+
     def extra_repr(self) -> str:
         return f"{self.host.kind} {tuple(self.host.weight_shape)}"
 

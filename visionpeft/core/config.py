@@ -73,6 +73,12 @@ class MethodConfig:
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError saying what is allowed."""
 
+    @classmethod
+    def from_factors(cls, factors: dict[str, dict], target_modules: list[str]) -> "MethodConfig":
+        """A config whose modules on these layers hold ``factors`` ({layer: tensors of the
+        method's file layout}) exactly; methods with a registry ``factor_layout`` define it."""
+        raise TypeError(f"{cls.__name__} has no file layout to build a config from")
+
     def for_layer(self, name: str) -> "MethodConfig":
         """The config one layer's module is built from (per-layer overrides, e.g. LoRA's
         rank_pattern); the adapter as a whole keeps ``self``."""

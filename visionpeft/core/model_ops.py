@@ -77,6 +77,12 @@ def get_state(model: nn.Module, required: bool = True) -> AdapterState | None:
     return None
 
 
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters injected into ``model``, in injection order ([] for none)."""
+    state = get_state(model, required=False)
+    return [] if state is None else list(state.configs)
+
+
 def _check_names(state: AdapterState, names) -> None:
     unknown = [n for n in names if n not in state.configs]
     if unknown:

@@ -194,8 +194,24 @@ class KronAModule(AdapterModule):
             return krona_conv(x, self.A, self.B, self.scale, self.host)
         return self.host.op(x, self.delta_weight())  # grouped conv: exact via dW
 
+    # --- the "lokr" file layout (LyCORIS LoKr, full factors): dW = kron(w1, w2) ----------
+    def export_factors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        # with both factors stored in full, LyCORIS and ComfyUI apply scale 1 whatever
+        # alpha says, so every scale goes into w1
+        return {"lokr_w1": self.A.detach().float() * (self.scale * scale),
+                "lokr_w2": self.B.detach().float()}
 
-@register_method("krona", KronAModule, layer_kinds=("linear", "conv2d"))
+    @torch.no_grad()
+    def import_factors(self, factors: dict[str, torch.Tensor]) -> None:
+        w1, w2 = factors["lokr_w1"], factors["lokr_w2"]
+        if tuple(w1.shape) != tuple(self.A.shape) or tuple(w2.shape) != tuple(self.B.shape):
+            raise ValueError(f"LoKr factors {tuple(w1.shape)} x {tuple(w2.shape)} do not match this "
+                             f"layer's KronA factors {tuple(self.A.shape)} x {tuple(self.B.shape)}")
+        self.A.copy_(w1.float() / self.scale)
+        self.B.copy_(w2)
+
+
+@register_method("krona", KronAModule, layer_kinds=("linear", "conv2d"), factor_layout="lokr")
 @dataclass(frozen=True)
 class KronAConfig(MethodConfig):
     """a1: output factor (A has a1 rows, B out/a1); a2: input factor (A has a2 columns, B
@@ -205,6 +221,21 @@ class KronAConfig(MethodConfig):
 
     a1: int | None = None
     a2: int | None = None
+
+    @classmethod
+    def from_factors(cls, factors: dict[str, dict], target_modules: list[str]) -> "KronAConfig":
+        """alpha 1; the file's (a1, a2) when every layer shares them, or None when each layer
+        has its balanced split."""
+        shapes = {m: tuple(f["lokr_w1"].shape) for m, f in factors.items()}
+        sizes = {m: (f["lokr_w1"].shape[0] * f["lokr_w2"].shape[0], f["lokr_w1"].shape[1] * f["lokr_w2"].shape[1])
+                 for m, f in factors.items()}
+        if all(s == (sqrt_factor(sizes[m][0]), sqrt_factor(sizes[m][1])) for m, s in shapes.items()):
+            return cls(alpha=1.0, target_modules=target_modules)
+        if len(set(shapes.values())) == 1:
+            a1, a2 = next(iter(shapes.values()))
+            return cls(a1=a1, a2=a2, alpha=1.0, target_modules=target_modules)
+        raise ConfigError(f"the LoKr factors differ per layer ({sorted(set(shapes.values()))[:6]}) and are "
+                          "not each layer's balanced split; one KronA config cannot hold them")
 
     def validate(self) -> None:
         for name in ("a1", "a2"):

@@ -59,8 +59,33 @@ class LoRAModule(AdapterModule):
             return lora_add_linear(self._drop(x), y, self.lora_A, self.lora_B, self.scale * scale)
         return super().add_delta(x, y, scale)
 
+    # --- the "lora" file layout: dW = up @ down, every scale folded into up --------------
+    def export_factors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        r = self.lora_A.shape[0]
+        return {"down": self.lora_A.detach().float().reshape(r, *self.host.weight_shape[1:]),
+                "up": self.lora_B.detach().float() * (self.scale * scale)}
 
-@register_method("lora", LoRAModule, layer_kinds=("linear", "conv2d"))
+    @torch.no_grad()
+    def import_factors(self, factors: dict[str, torch.Tensor]) -> None:
+        """A lower rank is zero-padded; a higher one is reduced exactly by SVD when this
+        layer's rank is already its full rank (dW cannot have more)."""
+        down, up = factors["down"].float().flatten(1), factors["up"].float().flatten(1)
+        r, fan_in = self.lora_A.shape
+        if (up.shape[0], down.shape[1]) != (self.lora_B.shape[0], fan_in):
+            raise ValueError(f"factors give dW {(up.shape[0], down.shape[1])}, this layer's LoRA "
+                             f"holds {(self.lora_B.shape[0], fan_in)}")
+        if down.shape[0] > r:
+            if r < min(self.lora_B.shape[0], fan_in):
+                raise ValueError(f"factors of rank {down.shape[0]} do not fit this layer's rank {r}")
+            U, S, Vh = torch.linalg.svd(up @ down, full_matrices=False)
+            up, down = U[:, :r] * S[:r], Vh[:r]
+        k = down.shape[0]
+        self.lora_A.zero_()[:k].copy_(down)
+        self.lora_B.zero_()[:, :k].copy_(up / self.scale)
+
+
+@register_method("lora", LoRAModule, layer_kinds=("linear", "conv2d"), factor_layout="lora",
+                 folded_fields=("alpha", "rank_stabilized", "init"))
 @dataclass(frozen=True)
 class LoRAConfig(MethodConfig):
     """r: rank; alpha: scale numerator (None = r, i.e. scale 1); dropout on the adapter
@@ -86,6 +111,17 @@ class LoRAConfig(MethodConfig):
             raise ConfigError(f"LoRAConfig.rank_pattern ranks must be integers >= 1, got {bad[:4]}")
         object.__setattr__(self, "rank_pattern", pairs)
         super().__post_init__()
+
+    @classmethod
+    def from_factors(cls, factors: dict[str, dict], target_modules: list[str]) -> "LoRAConfig":
+        """Scale 1, each layer at its factors' rank capped by what the layer can hold (dW
+        has no more); the most common rank is r, the others go to rank_pattern."""
+        ranks = {m: min(f["down"].shape[0], f["up"].shape[0], f["down"][0].numel())
+                 for m, f in factors.items()}
+        counts = list(ranks.values())
+        r = max(set(counts), key=counts.count)
+        return cls(r=r, target_modules=target_modules,
+                   rank_pattern={m: k for m, k in ranks.items() if k != r})
 
     def for_layer(self, name: str) -> "LoRAConfig":
         ranks = dict(self.rank_pattern)
