@@ -135,8 +135,12 @@ def test_foreign_folders_go_to_import_and_future_versions_are_refused(tmp_path):
     (tmp_path / "dog" / vpio.CONFIG_NAME).write_text(json.dumps(doc))
     with pytest.raises(vp.AdapterFileError, match="upgrade visionpeft"):
         vp.load_adapter(ToyNet(), tmp_path / "dog")
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    # a folder whose subfolders hold adapters (a DreamBooth run's adapter/) names them
+    with pytest.raises(vp.AdapterFileError, match=r"has no adapter_config.json: its subfolders \['dog', 'peft'\]"):
         vp.load_adapter(ToyNet(), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        vp.load_adapter(ToyNet(), tmp_path / "empty")
 
 
 def test_two_adapters_saved_and_loaded_side_by_side(tmp_path):

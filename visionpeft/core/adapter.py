@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class HostWrapper(nn.Module):
+    """Base of the wrappers visionpeft puts around host modules (core/layers.py): the host
+    stays as ``base_layer``, and ``owned()`` holds what we added (adapters, trained
+    copies), so code that walks a host can skip our pieces by identity, not by name."""
+
+    owned_attr: str = ""
+
+    def owned(self) -> nn.Module:
+        return self._modules[self.owned_attr]
+
+
 @dataclass(frozen=True)
 class HostSpec:
     """The weight an adapter updates: a Linear (out, in) or a Conv2d (out, in/g, kh, kw).
@@ -79,14 +90,10 @@ class HostSpec:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             spec = HostSpec.from_module(module)
             return HostSpec("block", spec.out_features, spec.in_features)
-        from .layers import AdaptedLayerBase, TrainedCopy  # layers.py imports this file
-
         ours = set()  # our wrappers' adapters and copies, by identity: a host may name a submodule "adapters"
         for m in module.modules():
-            if isinstance(m, AdaptedLayerBase):
-                ours.update(id(x) for x in m.adapters.modules())
-            elif isinstance(m, TrainedCopy):
-                ours.update(id(x) for x in m.copies.modules())
+            if isinstance(m, HostWrapper):
+                ours.update(id(x) for x in m.owned().modules())
         inner = [m for m in module.modules() if id(m) not in ours]
         first = next((_in_size(m) for m in inner if _in_size(m)), None)
         last = next((_out_size(m) for m in reversed(inner) if _out_size(m)), None)

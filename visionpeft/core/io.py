@@ -6,7 +6,9 @@ A saved adapter is a folder with
   adapter_model.safetensors  tensors keyed ``<layer>.<param>`` (whole layer) or
                              ``<layer>[<part>].<param>`` (a q/k/v/in_proj/out_proj part),
                              plus ``<module>.<param>`` for modules trained in full
-Loading checks all of it against the model before the model is touched.
+Loading checks all of it against the model before the model is touched. This file
+knows only this format; `visionpeft.files` dispatches paths to it or to the foreign
+formats of `visionpeft.interop`.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
 from .adapter import HostSpec
-from .atomic import recover, write_dir
+from .atomic import write_dir
 from .layers import AdaptedLayerBase
-from .model_ops import InjectionPlan, adapted_layers, attach, get_state, is_block_method, trained_copies
+from .model_ops import InjectionPlan, adapted_layers, attach, get_state, is_block_method, plan_injection, trained_copies
 from .registry import config_from_dict, get_method
 from .targeting import adaptable_layers, canonical_modules
+from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -125,26 +127,21 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return doc
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 hotswap: bool = False) -> nn.Module:
+def is_saved_adapter(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by `save_adapter`."""
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (ValueError, OSError):
+        return False
+
+
+def load_saved(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Inject an adapter from a folder written by `save_adapter`. Everything (method,
-    version, layers, every tensor's shape) is checked before the model changes. A PEFT
-    folder or a diffusers / kohya / LyCORIS file goes through `vp.import_adapter`.
-
-    ``hotswap=True`` instead replaces the tensors of the loaded adapter ``name`` in place
-    (same method, layers and shapes): no re-injection and the same parameter objects, so a
-    compiled model keeps its graphs."""
+    version, layers, every tensor's shape) is checked before the model changes."""
     path = Path(path)
-    if not path.exists():
-        recover(path)  # a save killed mid-swap (two-rename systems) left it under .old-
-    if hotswap:
-        return hotswap_adapter(model, path, name)
-    cfg = path / CONFIG_NAME
-    if not (cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT) and (
-            path.is_file() or cfg.is_file() or any(path.glob("*.safetensors"))):
-        from ..interop import import_adapter  # foreign formats live in interop/
-
-        return import_adapter(model, path, name or "default")
     doc = read_adapter_config(path)
     name = name or doc.get("name", "default")
     spec = get_method(doc["method"])
@@ -158,8 +155,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
 
 def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
-    from .model_ops import plan_injection
-
     state = get_state(model, required=False)
     if state is not None and name in state.configs:
         raise ValueError(f"the model already has an adapter named {name!r}")
@@ -227,26 +222,15 @@ def _plan_from_file(model, config, name, doc, tensors, path) -> InjectionPlan:
 _TARGETING_FIELDS = {"target_modules", "exclude_modules", "modules_to_save"}
 
 
-def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+def hotswap_saved(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Copy a saved adapter's tensors into the loaded adapter ``name`` (default: the saved
-    name). The saved config must equal the loaded one, except that a LoRA's alpha may
-    differ: the ratio of scales is folded into lora_B, so the module's scale (a Python
-    float a compiled graph may hold as a constant) stays. A PEFT folder or a diffusers /
-    kohya file hot-swaps into a loaded LoRA of the same modules and at least its rank.
-    Everything is checked first."""
-    from ..methods.lora import lora_scale
-
+    name) in place: the same parameter objects, so a compiled model keeps its graphs. The
+    saved config must equal the loaded one except in the fields the method's registry
+    entry lets differ: ``runtime_fields`` (touch no tensor) and ``folded_fields`` (their
+    effect is re-folded into the tensors, e.g. a LoRA's alpha, so the module's own scale,
+    a constant a compiled graph may hold, stays). Everything is checked first."""
     path = Path(path)
     state = get_state(model)
-    cfg = path / CONFIG_NAME
-    if not (cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT):
-        from ..interop import detect_format, hotswap_factors, read_factors  # a LoRA file
-
-        if name is None:
-            raise ValueError("name the loaded adapter to hot-swap into")
-        if state.merged:
-            raise RuntimeError(f"adapters {list(state.merged)} are merged; unmerge before a hotswap")
-        return hotswap_factors(model, read_factors(model, path, detect_format(path)), name)
     doc = read_adapter_config(path)
     name = name or doc.get("name", "default")
     if name not in state.configs:
@@ -258,16 +242,15 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
     saved = config_from_dict(doc["config"])
     if saved.method != current.method:
         raise AdapterFileError(f"{path} holds a {saved.method} adapter; {name!r} is {current.method}")
-    # a LoRA's alpha is folded into lora_B; no method's dropout, nor LoRA's init, touches
-    # stored tensors
-    folded = {"dropout"} | ({"alpha", "rank_stabilized", "init"} if current.method == "lora" else set())
+    spec = get_method(current.method)
+    free = _TARGETING_FIELDS | set(spec.runtime_fields) | set(spec.folded_fields)
     a, b = current.to_dict(), saved.to_dict()
-    differ = sorted(k for k in set(a) | set(b)
-                    if k not in _TARGETING_FIELDS | folded and a.get(k) != b.get(k))
+    differ = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
     if differ:
         raise AdapterFileError(f"{path}: config fields {differ} differ from the loaded {name!r} "
                                f"({ {k: b.get(k) for k in differ} } vs { {k: a.get(k) for k in differ} }); "
                                "a hotswap keeps the config, load it as a new adapter instead")
+    refold = any(a.get(k) != b.get(k) for k in spec.folded_fields)
     tensors = _read_weights(path)
     now, _ = adapter_tensors(model, name)
     missing, unexpected = sorted(set(now) - set(tensors)), sorted(set(tensors) - set(now))
@@ -278,16 +261,14 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
     with torch.no_grad():
         for lname, layer in adapted_layers(model).items():
             for part, mod in layer.parts(name):
-                ratio = 1.0
-                if current.method == "lora":  # per layer: rank_pattern gives layers their own r
-                    r = mod.lora_A.shape[0]
-                    ratio = lora_scale(saved.alpha, r, saved.rank_stabilized) / lora_scale(
-                        current.alpha, r, current.rank_stabilized)
+                new = {p: tensors[_key(lname, part, p)] for p in mod.state_dict()}
+                if refold:  # the saved module, built from its own config, hands over its factors
+                    saved_mod = spec.module_cls(saved.for_layer(lname), mod.host)
+                    saved_mod.load_state_dict(new)
+                    mod.import_factors(saved_mod.export_factors())
+                    continue
                 for pname, t in mod.state_dict(keep_vars=True).items():
-                    new = tensors[_key(lname, part, pname)]
-                    if pname == "lora_B" and ratio != 1.0:
-                        new = new.float() * ratio
-                    t.copy_(new.to(t.dtype))
+                    t.copy_(new[pname].to(t.dtype))
         for mname, holder in trained_copies(model).items():
             if name in holder.copies:
                 for pname, t in holder.copies[name].state_dict(keep_vars=True).items():

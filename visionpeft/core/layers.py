@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import AdapterModule, HostSpec
+from .adapter import AdapterModule, HostSpec, HostWrapper
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -70,10 +70,11 @@ def _apply_delta(mod: AdapterModule, x: torch.Tensor, y: torch.Tensor, scale: fl
     return y + (d * scale).to(y.dtype)
 
 
-class AdaptedLayerBase(nn.Module, abc.ABC):
+class AdaptedLayerBase(HostWrapper, abc.ABC):
     """Common bookkeeping: adapters by name and part, merge state, attribute fallthrough."""
 
     kind: str = ""
+    owned_attr = "adapters"
 
     def __init__(self, base_layer: nn.Module, state: AdapterState):
         super().__init__()
@@ -324,9 +325,11 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
         return out, weights
 
 
-class TrainedCopy(nn.Module):
+class TrainedCopy(HostWrapper):
     """A module trained in full for an adapter (`modules_to_save`): the base stays frozen
     and untouched; each adapter owns a copy; the active adapter's copy runs."""
+
+    owned_attr = "copies"
 
     def __init__(self, base_layer: nn.Module, state: AdapterState):
         super().__init__()

@@ -17,6 +17,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .adapter import HostWrapper
+from .layers import AdaptedBlock, AdaptedLayerBase, TrainedCopy
+
 LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.MultiheadAttention: "mha"}
 FUSED_SLICES = ("q", "k", "v")
 MHA_PARTS = ("in_proj", "q", "k", "v", "out_proj")
@@ -29,8 +32,6 @@ class TargetError(ValueError):
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    from .layers import AdaptedLayerBase  # circular at import time only
-
     if isinstance(module, AdaptedLayerBase):
         return module.kind
     for cls, kind in LAYER_KINDS.items():
@@ -75,15 +76,13 @@ def canonical_modules(model: nn.Module) -> dict[str, nn.Module]:
     its host's name and the host's children keep theirs (no ``base_layer`` hop), so
     targets and saved files do not depend on the order adapters were added in. Our other
     wrappers stand for their host layer; their internals are not listed."""
-    from .layers import AdaptedBlock
-
     out: dict[str, nn.Module] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
         out[prefix] = module
         if isinstance(module, AdaptedBlock):
             children = module.base_layer.named_children()
-        elif isinstance(module, _wrapper_types()):
+        elif isinstance(module, HostWrapper):
             return
         else:
             children = module.named_children()
@@ -92,12 +91,6 @@ def canonical_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     walk(model, "")
     return out
-
-
-def _wrapper_types():
-    from .layers import AdaptedLayerBase, TrainedCopy
-
-    return (AdaptedLayerBase, TrainedCopy)
 
 
 def adaptable_layers(model: nn.Module, blocks: bool = False) -> dict[str, tuple[str, nn.Module]]:
@@ -110,8 +103,6 @@ def adaptable_layers(model: nn.Module, blocks: bool = False) -> dict[str, tuple[
     its host's layers keep their names. Block methods (``blocks=True``) see every module
     that has a forward of its own (not ModuleList/ModuleDict, not the root), kind "block".
     """
-    from .layers import AdaptedBlock, TrainedCopy
-
     out: dict[str, tuple[str, nn.Module]] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -249,8 +240,6 @@ def resolve_targets(model: nn.Module, target_modules: Iterable[str],
 
 def _refuse_inside_trained_copies(model, entry, pattern, is_regex) -> None:
     """A target that names only layers of modules some adapter trains in full gets told so."""
-    from .layers import TrainedCopy
-
     for name, module in model.named_modules():
         if isinstance(module, TrainedCopy):
             inner = [f"{name}.{n}" if n else name for n, _ in module.base_layer.named_modules()]

@@ -8,7 +8,9 @@ import json
 import math
 import re
 
-from .factors import Factors, InteropError
+from .factors import Factors, export_lora_factors, lora_entries
+from .formats import (ExportReport, FileFormat, InteropError, read_keys, read_tensors, register_format,
+                      save_tensors_file, single_file, the_file)
 from .peft_format import _pattern_value
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -79,3 +81,19 @@ def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict |
         up = ab["B"].float().flatten(1)
         out[module] = Factors(ab["A"].float(), up * scale(module) if scale else up)
     return out
+
+
+def _read(model, path, prefix):
+    file = the_file(path)
+    _, metadata = read_keys(file)
+    return lora_entries(from_tensors(read_tensors(file), prefix, str(path), metadata))
+
+
+def _export(model, name, path, rank, prefix) -> ExportReport:
+    factors, errors = export_lora_factors(model, name, rank, "diffusers", grouped_convs_ok=False)
+    target = single_file(path, WEIGHTS_NAME)
+    save_tensors_file(to_tensors(factors, prefix), target)
+    return ExportReport(target, "diffusers", len(factors), max((f.rank for f in factors.values()), default=0), errors)
+
+
+register_format(FileFormat("diffusers", detect_keys=looks_like, read=_read, write=_export, default_prefix="unet"))

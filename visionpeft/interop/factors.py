@@ -1,28 +1,30 @@
-"""The common currency of the LoRA formats: per host module, dW = up @ down with every
-scale folded into ``up``.
+"""The LoRA layout, common to the PEFT, diffusers and kohya formats: per host module,
+dW = up @ down with every scale folded into ``up``.
 
 down (r, in) or (r, in, kh, kw) for a conv, up (out, r). Foreign formats store a scale
 next to the factors (alpha / r); ours is folded in on export, so a file always says
 alpha = r (scale 1), which every loader reads the same way. Getting factors out of a
-model: a LoRA adapter gives its own (exact; fused-qkv slices become one factor pair for
-the whole Linear with zero rows elsewhere); any other weight-space method goes through a
-truncated SVD of dW at a chosen rank, with the relative error reported per layer.
+model: a method whose modules hold the "lora" layout gives its own (exact; fused-qkv
+slices become one factor pair for the whole Linear with zero rows elsewhere); any other
+weight-space method goes through a truncated SVD of dW at a chosen rank, with the
+relative error reported per layer.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..core.targeting import canonical_modules
-from ..core.model_ops import adapted_layers, get_state, inject
+from ..core.adapter import HostWrapper
+from ..core.model_ops import adapted_layers, get_state
 from ..core.registry import get_method
+from ..core.targeting import canonical_modules
+from .formats import Entries, InteropError
 
-
-class InteropError(ValueError):
-    """A file or adapter cannot be converted; the message says what was found."""
+LORA = "lora"  # the layout name
 
 
 @dataclass
@@ -39,30 +41,18 @@ class Factors:
         return d.reshape(self.up.shape[0], *self.down.shape[1:])
 
 
-def _host_of(layer) -> nn.Module:
-    base = layer.base_layer
-    if isinstance(base, nn.MultiheadAttention):
-        raise InteropError("nn.MultiheadAttention adapters have no LoRA-file layout in "
-                           "diffusers/PEFT/kohya/LyCORIS; use format='merged' or vp.save_adapter")
-    return base
+def lora_entries(factors: dict[str, Factors]) -> Entries:
+    return {m: (LORA, {"down": f.down, "up": f.up}) for m, f in factors.items()}
 
 
-def _lora_factors(layer, name: str, scale: float) -> Factors:
-    """One LoRA adapter of one layer, slices stacked into a whole-layer pair."""
-    out = layer.base_layer.weight.shape[0]
-    downs, ups = [], []
-    for part, mod in layer.adapters[name].items():
-        s = mod.scale * scale
-        up = mod.lora_B.detach().float() * s
-        if part != "full":  # q/k/v rows of a fused Linear: zero rows for the others
-            third = out // 3
-            i = "qkv".index(part)
-            full = up.new_zeros(out, up.shape[1])
-            full[i * third:(i + 1) * third] = up
-            up = full
-        downs.append(mod.lora_A.detach().float().reshape(mod.lora_A.shape[0], *layer.base_layer.weight.shape[1:]))
-        ups.append(up)
-    return Factors(torch.cat(downs, 0), torch.cat(ups, 1))
+def plain_host(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, HostWrapper) else module
+
+
+def exact_targets(names) -> list[str]:
+    """Target entries that match these layer names and nothing else (a plain name would
+    also match by dotted suffix)."""
+    return [f"re:{re.escape(n)}" for n in names]
 
 
 def svd_factors(dW: torch.Tensor, rank: int) -> tuple[Factors, float]:
@@ -86,10 +76,30 @@ def conv_layout_problem(host: nn.Module) -> str | None:
     return None
 
 
-def model_factors(model: nn.Module, name: str, rank: int | None = None
-                  ) -> tuple[dict[str, Factors], dict[str, float]]:
+def _whole_layer(layer, name: str, scale: float) -> Factors:
+    """The adapter's exact "lora" factors of one layer, slices stacked into one pair for
+    the whole fused Linear (zero rows for the projections a slice does not cover)."""
+    weight_shape = tuple(layer.base_layer.weight.shape)
+    downs, ups = [], []
+    for part, mod in layer.adapters[name].items():
+        f = mod.export_factors(scale)
+        up = f["up"]
+        if part != "full":
+            third = weight_shape[0] // 3
+            i = "qkv".index(part)
+            full = up.new_zeros(weight_shape[0], up.shape[1])
+            full[i * third:(i + 1) * third] = up
+            up = full
+        downs.append(f["down"].reshape(f["down"].shape[0], *weight_shape[1:]))
+        ups.append(up)
+    return Factors(torch.cat(downs, 0), torch.cat(ups, 1))
+
+
+def lora_factors(model: nn.Module, name: str, rank: int | None = None
+                 ) -> tuple[dict[str, Factors], dict[str, float]]:
     """{host module name: Factors} of adapter ``name`` and {module: relative SVD error}
-    (empty for an exact LoRA export). ``rank`` is required for methods other than LoRA."""
+    (empty for an exact export). ``rank`` is required unless the method's modules hold
+    the "lora" layout; with it, dW is truncated by SVD."""
     state = get_state(model)
     if name not in state.configs:
         raise KeyError(f"no adapter named {name!r}; this model has {list(state.configs)}")
@@ -97,18 +107,22 @@ def model_factors(model: nn.Module, name: str, rank: int | None = None
         raise InteropError(f"adapters {list(state.merged)} are merged into the weights; "
                            "vp.unmerge(model) before exporting factors")
     method = state.configs[name].method
-    if not get_method(method).weight_space:
+    spec = get_method(method)
+    if not spec.weight_space:
         raise InteropError(f"adapter {name!r} ({method}) has no weight-space form to export")
-    if method != "lora" and rank is None:
-        raise InteropError(f"adapter {name!r} is {method}, not LoRA: give rank=... to export it "
-                           "as a LoRA by truncated SVD of dW (the error is reported per layer)")
+    exact = spec.factor_layout == LORA and rank is None
+    if not exact and rank is None:
+        raise InteropError(f"adapter {name!r} is {method}, whose layers are not LoRA factors: give rank=... "
+                           "to export it as a LoRA by truncated SVD of dW (the error is reported per layer)")
     factors, errors = {}, {}
     for lname, layer in adapted_layers(model).items():
         if name not in layer.adapters:
             continue
-        _host_of(layer)
-        if method == "lora" and rank is None:
-            factors[lname] = _lora_factors(layer, name, state.scales[name])
+        if isinstance(layer.base_layer, nn.MultiheadAttention):
+            raise InteropError("nn.MultiheadAttention adapters have no LoRA-file layout in "
+                               "diffusers/PEFT/kohya/LyCORIS; use format='merged' or vp.save_adapter")
+        if exact:
+            factors[lname] = _whole_layer(layer, name, state.scales[name])
             continue
         with torch.no_grad():
             dW = layer.deltas([name], state.scales, fp32=True)["weight"]
@@ -116,90 +130,20 @@ def model_factors(model: nn.Module, name: str, rank: int | None = None
     return factors, errors
 
 
-def _plain_host(module: nn.Module) -> nn.Module:
-    from ..core.layers import AdaptedLayerBase
-
-    return module.base_layer if isinstance(module, AdaptedLayerBase) else module
-
-
-def exact_targets(names) -> list[str]:
-    """Target entries that match these layer names and nothing else (a plain name would
-    also match by dotted suffix)."""
-    return [f"re:{re.escape(n)}" for n in names]
-
-
-def inject_factors(model: nn.Module, factors: dict[str, Factors], name: str) -> nn.Module:
-    """Add a LoRA adapter ``name`` that reproduces ``factors`` exactly, scale 1, each
-    layer at its file rank (a rank above what the layer can hold is first reduced exactly
-    by SVD, dW's rank being at most that). Every module and shape is checked before the
-    model is touched."""
-    from ..methods.lora import LoRAConfig
-
+def export_lora_factors(model: nn.Module, name: str, rank: int | None, format: str,
+                        grouped_convs_ok: bool) -> tuple[dict[str, Factors], dict[str, float]]:
+    """`lora_factors` plus the check every LoRA format needs: loaders that build a LoRA
+    conv (PEFT, diffusers) have no groups or dilation, weight-patching loaders (kohya's
+    users: ComfyUI, A1111) apply any conv exactly."""
+    factors, errors = lora_factors(model, name, rank)
     modules = canonical_modules(model)
-    missing = [m for m in factors if m not in modules]
-    if missing:
-        raise InteropError(f"{len(missing)} module(s) of the file are not in this model: "
-                           f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    problems, ranks = [], {}
-    for mname, f in factors.items():
-        host = _plain_host(modules[mname])
-        if not isinstance(host, (nn.Linear, nn.Conv2d)):
-            problems.append(f"{mname} is {type(host).__name__}, not Linear/Conv2d")
-            continue
-        got = (f.up.shape[0], *f.down.shape[1:])
-        if got != tuple(host.weight.shape):
-            problems.append(f"{mname}: file gives dW {got}, the layer's weight is {tuple(host.weight.shape)}")
-            continue
-        limit = min(f.up.shape[0], f.down[0].numel())
-        if f.rank > limit:
-            factors[mname] = svd_factors(f.delta_weight(), limit)[0]
-        ranks[mname] = factors[mname].rank
-    if problems:
-        raise InteropError("the file does not fit this model: " + "; ".join(problems[:8]))
-    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
-    cfg = LoRAConfig(r=r, target_modules=exact_targets(factors),
-                     rank_pattern={m: k for m, k in ranks.items() if k != r})
-    inject(model, cfg, name=name)
-    layers = adapted_layers(model)
-    with torch.no_grad():
-        for mname, f in factors.items():
-            mod = layers[mname].adapters[name]["full"]
-            mod.lora_A.copy_(f.down.reshape(f.rank, -1).to(mod.lora_A.dtype))
-            mod.lora_B.copy_((f.up / mod.scale).to(mod.lora_B.dtype))
-    return model
-
-
-def hotswap_factors(model: nn.Module, factors: dict[str, Factors], name: str) -> nn.Module:
-    """Write ``factors`` into the loaded LoRA adapter ``name`` in place: the same modules,
-    ranks up to the adapter's r (zero-padded), and lora_B divided by the module's scale
-    so the module's own constants stay (a compiled graph keeps them)."""
-    state = get_state(model)
-    if name not in state.configs or state.configs[name].method != "lora":
-        raise InteropError(f"a LoRA file hot-swaps into a loaded LoRA adapter; {name!r} is "
-                           f"{state.configs[name].method if name in state.configs else 'not loaded'}")
-    layers = {m: layer for m, layer in adapted_layers(model).items() if name in layer.adapters}
-    problems = []
-    if set(layers) != set(factors):
-        problems.append(f"modules only in the file: {sorted(set(factors) - set(layers))[:6]}, only in "
-                        f"the adapter: {sorted(set(layers) - set(factors))[:6]}")
-    for m in sorted(set(layers) & set(factors)):
-        parts, f = layers[m].adapters[name], factors[m]
-        if set(parts) != {"full"}:
-            problems.append(f"{m}: the adapter holds parts {list(parts)}, a file holds whole layers")
-        elif f.rank > (r := parts["full"].lora_A.shape[0]) \
-                or tuple(parts["full"].lora_A.shape[1:]) != (f.down[0].numel(),) \
-                or parts["full"].lora_B.shape[0] != f.up.shape[0]:  # r per layer (rank_pattern)
-            problems.append(f"{m}: file rank {f.rank} / dW {(f.up.shape[0], *f.down.shape[1:])} does "
-                            f"not fit rank {r} / {tuple(layers[m].base_layer.weight.shape)}")
-    if problems:
-        raise InteropError("cannot hot-swap: " + "; ".join(problems[:6]))
-    with torch.no_grad():
-        for m, f in factors.items():
-            mod = layers[m].adapters[name]["full"]
-            down = torch.zeros_like(mod.lora_A)
-            up = torch.zeros_like(mod.lora_B)
-            down[:f.rank] = f.down.reshape(f.rank, -1).to(down.dtype)
-            up[:, :f.rank] = (f.up / mod.scale).to(up.dtype)
-            mod.lora_A.copy_(down)
-            mod.lora_B.copy_(up)
-    return model
+    odd = {m: why for m in factors if (why := conv_layout_problem(plain_host(modules[m])))}
+    if odd and not grouped_convs_ok:
+        raise InteropError(f"{format} builds a LoRA conv without groups or dilation, so these "
+                           f"layers would load wrong: {odd}; use format='kohya' (weight-patching "
+                           "loaders such as ComfyUI apply it exactly) or 'merged'")
+    if odd:
+        warnings.warn(f"{format} export of convs with {odd}: loaders that patch weights (ComfyUI, "
+                      "A1111) apply it exactly, loaders that build LoRA conv layers "
+                      "(diffusers' kohya conversion) do not", stacklevel=3)
+    return factors, errors

@@ -7,12 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.targeting import canonical_modules
-from .factors import Factors, InteropError
-
-
-def flat_name(module: str) -> str:
-    return module.replace(".", "_")
+from .factors import Factors, export_lora_factors, lora_entries
+from .names import flat_name, module_lookup, split_stem
+from .formats import (ExportReport, FileFormat, InteropError, read_tensors, register_format, save_tensors_file,
+                      single_file, the_file)
 
 
 def to_tensors(factors: dict[str, Factors], prefix: str) -> dict:
@@ -36,42 +34,6 @@ def to_tensors(factors: dict[str, Factors], prefix: str) -> dict:
 
 def looks_like(keys) -> bool:
     return any(k.endswith(".lora_down.weight") for k in keys)
-
-
-class _Lookup(dict):
-    """{flattened name: dotted name}; a flattened name two modules share is refused only
-    when a file entry asks for it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.clashes: dict[str, list[str]] = {}
-        for name in canonical_modules(model):
-            flat = flat_name(name)
-            if flat in self and self[flat] != name:
-                self.clashes.setdefault(flat, [self[flat]]).append(name)
-            self[flat] = name
-
-    def get(self, flat, default=None):
-        if flat in self.clashes:
-            raise InteropError(f"modules {self.clashes[flat]} share the kohya name {flat!r}; a "
-                               "kohya key cannot say which one it means")
-        return super().get(flat, default)
-
-
-def module_lookup(model: nn.Module) -> _Lookup:
-    return _Lookup(model)
-
-
-def split_stem(stem: str, table: dict, prefixes=None) -> tuple[str, str] | None:
-    """(prefix, module) for a key stem ``<prefix>_<flattened module>``; the prefix may
-    itself contain underscores, so every split point is tried (given prefixes first)."""
-    for p in prefixes or ():
-        if stem.startswith(p + "_") and stem[len(p) + 1:] in table:
-            return p, table.get(stem[len(p) + 1:])
-    for i, ch in enumerate(stem):
-        if ch == "_" and i and stem[i + 1:] in table:
-            return stem[:i], table.get(stem[i + 1:])
-    return None
 
 
 def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str) -> dict[str, Factors]:
@@ -110,3 +72,17 @@ def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str
     if not out:
         raise InteropError(f"{where} has no LoRA entry that matches a module of this model")
     return out
+
+
+def _export(model, name, path, rank, prefix) -> ExportReport:
+    factors, errors = export_lora_factors(model, name, rank, "kohya", grouped_convs_ok=True)
+    target = single_file(path, "lora_weights.safetensors")
+    save_tensors_file(to_tensors(factors, prefix), target)
+    return ExportReport(target, "kohya", len(factors), max((f.rank for f in factors.values()), default=0), errors)
+
+
+def _read(model, path, prefix):
+    return lora_entries(from_tensors(read_tensors(the_file(path)), model, prefix, str(path)))
+
+
+register_format(FileFormat("kohya", detect_keys=looks_like, read=_read, write=_export, default_prefix="lora_unet"))

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..core.layers import AdaptedBlock
 from ..core.model_ops import adapted_layers, canonical_state_dict, get_state, trained_copies
+from .formats import ExportReport, FileFormat, register_format, save_tensors_file, single_file
 
 
 def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -52,3 +53,13 @@ def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             tensor = copies[owner].copies[name].state_dict(keep_vars=True)[rest[len('base_layer.'):]]
         out[plain] = merged.get(id(tensor), tensor) if id(tensor) in params else tensor
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _export(model, name, path, rank, prefix) -> ExportReport:
+    target = single_file(path, "model.safetensors")
+    save_tensors_file(merged_state_dict(model, name), target)
+    layers = sum(1 for layer in adapted_layers(model).values() if name in layer.adapters)
+    return ExportReport(target, "merged", layers)
+
+
+register_format(FileFormat("merged", write=_export, factors_only=False))

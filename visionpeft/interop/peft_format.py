@@ -10,7 +10,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .factors import Factors, InteropError
+from ..core.atomic import write_dir
+from .factors import Factors, export_lora_factors, lora_entries
+from .formats import ExportReport, FileFormat, InteropError, register_format
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,6 +55,8 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read(folder: Path) -> dict[str, Factors]:
+    if not is_peft_folder(folder):
+        raise InteropError(f"{folder} is not a PEFT adapter folder (adapter_config.json with peft_type)")
     config = json.loads((folder / CONFIG_NAME).read_text())
     if config.get("peft_type") != "LORA":
         raise InteropError(f"{folder} is a PEFT {config.get('peft_type')} adapter; only LORA converts")
@@ -82,3 +86,13 @@ def read(folder: Path) -> dict[str, Factors]:
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         out[module] = Factors(down, up * scale)
     return out
+
+
+def _export(model, name, path: Path, rank, prefix) -> ExportReport:
+    factors, errors = export_lora_factors(model, name, rank, "peft", grouped_convs_ok=False)
+    write_dir(path, lambda folder: write(factors, folder))
+    return ExportReport(path, "peft", len(factors), max((f.rank for f in factors.values()), default=0), errors)
+
+
+register_format(FileFormat("peft", detect_folder=is_peft_folder,
+                           read=lambda model, path, prefix: lora_entries(read(path)), write=_export))

@@ -76,7 +76,7 @@ class LoRAModule(AdapterModule):
                              f"holds {(self.lora_B.shape[0], fan_in)}")
         if down.shape[0] > r:
             if r < min(self.lora_B.shape[0], fan_in):
-                raise ValueError(f"factors of rank {down.shape[0]} do not fit this layer's rank {r}")
+                raise ValueError(f"file rank {down.shape[0]} does not fit rank {r} of this layer's LoRA")
             U, S, Vh = torch.linalg.svd(up @ down, full_matrices=False)
             up, down = U[:, :r] * S[:r], Vh[:r]
         k = down.shape[0]
