@@ -7,15 +7,19 @@ the weights here. They are registered as ordinary timm models whose pretrained c
 names the packaged file, so ``timm.create_model("embedded_vit_s", pretrained=True)``,
 ``load_backbone("timm", "embedded-vit-s")`` and ``backbone: {name: embedded-vit-s,
 pretrained: true}`` all go through timm's own loader.
+
+Only timm's public API is used: `register_model`, `generate_default_cfgs` and
+`build_model_with_cfg` from ``timm.models``, the `VisionTransformer` class and its
+`checkpoint_filter_fn` (what timm's own ViT entry points pass to the same builder).
+`register_model` reads this module's ``default_cfgs``, as it does for timm's modules.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import register_model
-from timm.models._registry import generate_default_cfgs
-from timm.models.vision_transformer import _create_vision_transformer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -59,4 +63,8 @@ def embedded_vit_s(pretrained: bool = False, **kwargs):
     if pretrained and not (kwargs.get("pretrained_cfg_overlay") or {}).get("file"):
         check_weights("embedded_vit_s")  # the packaged file, unless a checkpoint is given
     args = dict(EMBEDDED["embedded-vit-s"][1], num_classes=0)
-    return _create_vision_transformer("embedded_vit_s", pretrained=pretrained, **dict(args, **kwargs))
+    kwargs = dict(args, **kwargs)
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(VisionTransformer, "embedded_vit_s", pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
