@@ -57,8 +57,8 @@ def build(default_checkpoint: str = ""):
         ckpt = gr.Textbox(label="checkpoint folder", value=default_checkpoint)
         run = gr.Button("Detect changes", variant="primary")
         with gr.Row():
-            mask = gr.Image(label="change mask")
-            overlay = gr.Image(label="overlay on date B")
+            mask = gr.Image(label="change mask", format="png")  # lossless: the mask stays 0/255
+            overlay = gr.Image(label="overlay on date B", format="png")
         area = gr.Textbox(label="result")
         run.click(detect, [a, b, ckpt], [mask, overlay, area], api_name="detect")
     return demo

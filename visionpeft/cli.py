@@ -161,6 +161,29 @@ def _cmd_predict_cd(args) -> int:
     return 0
 
 
+def _demo_hub():
+    """demos/app.py of the source tree this package runs from (the demos are not packaged)."""
+    import importlib.util
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "demos" / "app.py"
+    if not app.is_file():
+        raise FileNotFoundError(f"no {app}: the Gradio demos ship with the source tree, not the installed "
+                                "package; run from a clone installed with pip install -e .")
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError("gradio is not installed (pip install gradio)")
+    spec = importlib.util.spec_from_file_location("visionpeft_demo_hub", app)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cmd_demo(args) -> int:
+    hub = _demo_hub()
+    hub.serve(host=args.host, port=args.port, share=args.share, cd_checkpoint=args.cd_checkpoint)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -196,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile", type=int, help="window size (default: the training image size)")
     d.add_argument("--stride", type=int, help="window stride (default: half the tile)")
     d.set_defaults(func=_cmd_predict_cd)
+    g = sub.add_parser("demo", help="serve the Gradio demos, one tab per pipeline (demos/app.py)")
+    g.add_argument("--cd-checkpoint", metavar="DIR", help="change detection: a trained checkpoint "
+                   "(output_dir, best/ or adapter/), the tab's default")
+    g.add_argument("--port", type=int, default=7860, metavar="N")
+    g.add_argument("--host", default="127.0.0.1", metavar="H",
+                   help="address to bind (0.0.0.0: every interface)")
+    g.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    g.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -1,0 +1,193 @@
+"""demos/app.py, the Gradio hub with one tab per pipeline's demo, and `visionpeft demo`."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionpeft.data.change_detection import write_synthetic_levir
+from visionpeft.train import run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # Debian's package, which .ci/run installs
+QUIET = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+
+
+def _hub():
+    if str(ROOT / "demos") not in sys.path:  # as tests/test_change_detection.py imports the demo
+        sys.path.insert(0, str(ROOT / "demos"))
+    import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny change-detection checkpoint (test_change_detection.py's recipe, fewer steps)."""
+    root = tmp_path_factory.mktemp("hub")
+    write_synthetic_levir(root / "data", n_train=4, n_val=2, n_test=2, size=64, seed=0)
+    run_config({"task": "change_detection", "data_root": str(root / "data"),
+                "backbone": {"name": "timm_sam2_hiera", "source": "tiny"},
+                "adapter": {"method": "lora", "r": 4, "alpha": 16, "target_modules": ["qkv"]},
+                "image_size": 64, "decoder_channels": 16, "train_batch_size": 2, "max_train_steps": 2,
+                "learning_rate": 3e-3, "validation_steps": 2, "checkpointing_steps": 2,
+                "output_dir": str(root / "out"), "cpu": True})
+    return root
+
+
+def _pair(root, i):
+    return root / "data" / "test" / "A" / f"test_{i:04d}.png", root / "data" / "test" / "B" / f"test_{i:04d}.png"
+
+
+def _direct(root, i):
+    """detect() called directly, as the tab's endpoint should answer."""
+    hub = _hub()
+    a, b = _pair(root, i)
+    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))
+    return hub.load_demo("change_detection").detect(rgb(a), rgb(b), str(root / "out"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_hub_answers_on_the_change_detection_endpoint_as_detect_does(trained):
+    pytest.importorskip("gradio")
+    from gradio_client import Client, handle_file
+
+    hub = _hub()
+    app = hub.build_app(cd_checkpoint=str(trained / "out"))
+    app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        a, b = _pair(trained, 1)
+        mask, overlay, text = client.predict(handle_file(str(a)), handle_file(str(b)), str(trained / "out"),
+                                             api_name="/detect")
+        want_mask, want_overlay, want_text = _direct(trained, 1)
+        assert text == want_text and text.startswith("changed area:")
+        np.testing.assert_array_equal(np.asarray(Image.open(mask).convert("L")), want_mask)
+        np.testing.assert_array_equal(np.asarray(Image.open(overlay).convert("RGB")), want_overlay)
+        assert want_mask.shape == (64, 64) and 0 < want_mask.mean() < 255  # a mask with edges, not all one value
+    finally:
+        app.close()
+
+
+def test_a_tab_is_one_entry_and_bad_options_fail_before_building(trained, tmp_path):
+    import gradio as gr
+
+    hub = _hub()
+    assert hub.TABS[0].label == "Change detection"
+    echo = hub.Tab("Echo", lambda: gr.Interface(lambda s: s, "text", "text", api_name="echo"))
+    app = hub.build_app([*hub.TABS, echo], cd_checkpoint=str(trained / "out"))
+    tabs = [c["props"]["label"] for c in app.config["components"] if c["type"] == "tabitem"]
+    assert tabs == ["Change detection", "Echo"]
+    names = {d.get("api_name") for d in app.config["dependencies"]}
+    assert {"detect", "echo"} <= names
+    # the checkpoint is the tab's default in the page
+    values = [c["props"].get("value") for c in app.config["components"] if c["type"] == "textbox"]
+    assert str(trained / "out") in values
+    with pytest.raises(FileNotFoundError, match="no change-detection checkpoint"):
+        hub.build_app(cd_checkpoint=str(tmp_path))
+    with pytest.raises(TypeError, match="unknown demo option"):
+        hub.build_app(checkpoint=str(trained / "out"))
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)")
+def test_the_hub_in_a_headless_browser(trained, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    hub = _hub()
+    app = hub.build_app(cd_checkpoint=str(trained / "out"))
+    app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--disable-quic"]
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+            page = browser.new_page()
+            page.goto(app.local_url)
+            tab = page.get_by_role("tab", name="Change detection")
+            tab.wait_for(state="visible", timeout=30000)
+            assert tab.get_attribute("aria-selected") == "true"  # the first tab, open on load
+            inputs = page.locator("input[type=file]")
+            inputs.first.wait_for(state="attached", timeout=30000)
+            a, b = _pair(trained, 0)
+            inputs.nth(0).set_input_files(str(a))
+            inputs.nth(1).set_input_files(str(b))
+            page.get_by_role("button", name="Detect changes").click()
+            page.wait_for_function("() => [...document.querySelectorAll('textarea')].some("
+                                   "t => t.value.startsWith('changed area'))", timeout=60000)
+            src = page.wait_for_function(  # the image shown in the "change mask" block
+                "() => { const l = [...document.querySelectorAll('[data-testid=block-label]')]"
+                ".find(e => e.innerText.trim() === 'change mask'); const i = l && l.closest('.block')"
+                ".querySelector('img'); return i && i.src }", timeout=30000).json_value()
+            shown_mask = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("L"))
+            shown = page.get_by_label("result").input_value()
+            page.screenshot(path=str(tmp_path / "hub.png"), full_page=True)
+            browser.close()
+        want_mask, _, want_text = _direct(trained, 0)
+        assert shown == want_text
+        np.testing.assert_array_equal(shown_mask, want_mask)
+        assert (tmp_path / "hub.png").stat().st_size > 10_000
+    finally:
+        app.close()
+
+
+def test_demo_with_a_missing_checkpoint_ends_in_one_line():
+    run = subprocess.run([sys.executable, "-m", "visionpeft.cli", "demo", "--cd-checkpoint", "/nonexistent"],
+                         capture_output=True, text=True, cwd=ROOT, env=QUIET, timeout=300)
+    assert run.returncode == 2, run.stderr[-1500:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("visionpeft demo: /nonexistent"), run.stderr[-1500:]
+
+
+def test_demo_without_gradio_or_outside_a_source_tree_ends_in_one_line(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from visionpeft import cli
+
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a))
+        assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err == "visionpeft demo: gradio is not installed (pip install gradio)\n"
+    # an installed (not editable) package has no demos/ next to it
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "visionpeft" / "cli.py"))
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the Gradio demos ship with the source tree" in err, err
+
+
+def test_visionpeft_demo_serves_the_hub(trained):
+    pytest.importorskip("gradio")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "visionpeft.cli", "demo", "--cd-checkpoint",
+                             str(trained / "out"), "--port", str(port)],
+                            cwd=ROOT, env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, status, page = time.monotonic() + 240, None, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    status, page = r.status, r.read().decode("utf-8", "replace")
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        assert status == 200 and "visionpeft demos" in page
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
