@@ -8,6 +8,7 @@ import json
 import math
 import re
 
+from .diffusers_layouts import looks_converted, pick_component, read_converted
 from .factors import Factors, export_lora_factors, lora_entries
 from .formats import (ExportReport, FileFormat, InteropError, read_keys, read_tensors, register_format,
                       save_tensors_file, single_file, the_file)
@@ -27,7 +28,9 @@ def to_tensors(factors: dict[str, Factors], prefix: str) -> dict:
 
 
 def looks_like(keys) -> bool:
-    return any(re.search(r"\.lora_[AB]\.weight$", k) for k in keys)
+    """PEFT keys under a component prefix, or the older layouts diffusers still converts
+    (the DreamBooth example's ``.lora.down.weight``, ``lora_linear_layer``)."""
+    return any(re.search(r"\.lora_[AB]\.weight$", k) for k in keys) or looks_converted(keys)
 
 
 def _scales(metadata: dict | None, prefix: str):
@@ -48,16 +51,19 @@ def _scales(metadata: dict | None, prefix: str):
     return scale
 
 
-def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict | None = None
-                 ) -> dict[str, Factors]:
+def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict | None = None,
+                 model=None) -> dict[str, Factors]:
     """Scales come from the file's ``lora_adapter_metadata`` when diffusers wrote one, and
-    are 1 otherwise, as diffusers does; ``prefix=None`` takes the one component prefix the
-    file has."""
+    are 1 otherwise, as diffusers does; ``prefix=None`` takes the file's one component
+    prefix, or the one whose modules all exist in ``model``."""
     prefixes = sorted({k.split(".", 1)[0] for k in tensors})
     if prefix is None:
-        if len(prefixes) != 1:
+        by_prefix = {p: {k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(p + ".")}
+                     for p in prefixes}
+        prefix = pick_component(by_prefix, model, None, where) if model is not None else \
+            pick_component(by_prefix, None, None, where) if len(prefixes) == 1 else None
+        if prefix is None:
             raise InteropError(f"{where} holds LoRAs for {prefixes}; say which with prefix=...")
-        prefix = prefixes[0]
     pairs: dict[str, dict] = {}
     unplaced = []
     for key, t in tensors.items():
@@ -85,8 +91,10 @@ def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict |
 
 def _read(model, path, prefix):
     file = the_file(path)
-    _, metadata = read_keys(file)
-    return lora_entries(from_tensors(read_tensors(file), prefix, str(path), metadata))
+    keys, metadata = read_keys(file)
+    if looks_converted(keys):
+        return lora_entries(read_converted(read_tensors(file), model, prefix, str(path), metadata))
+    return lora_entries(from_tensors(read_tensors(file), prefix, str(path), metadata, model))
 
 
 def _export(model, name, path, rank, prefix) -> ExportReport:

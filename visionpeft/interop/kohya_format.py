@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .factors import Factors, export_lora_factors, lora_entries
+from .diffusers_layouts import looks_converted, read_converted
 from .names import flat_name, module_lookup, split_stem
 from .formats import (ExportReport, FileFormat, InteropError, read_tensors, register_format, save_tensors_file,
                       single_file, the_file)
@@ -82,7 +83,17 @@ def _export(model, name, path, rank, prefix) -> ExportReport:
 
 
 def _read(model, path, prefix):
-    return lora_entries(from_tensors(read_tensors(the_file(path)), model, prefix, str(path)))
+    """Keys that name this model's modules are read as kohya writes them (each module's
+    own alpha / r, as kohya and ComfyUI apply it); a file they do not place (original-SD
+    block names of SDXL files, text encoders whose model dropped a ``text_model`` level)
+    goes through diffusers' conversion, as ``pipe.load_lora_weights`` reads it."""
+    tensors = read_tensors(the_file(path))
+    try:
+        return lora_entries(from_tensors(tensors, model, prefix, str(path)))
+    except InteropError:
+        if not looks_converted(list(tensors)):
+            raise
+    return lora_entries(read_converted(tensors, model, prefix, str(path)))
 
 
 register_format(FileFormat("kohya", detect_keys=looks_like, read=_read, write=_export, default_prefix="lora_unet"))
