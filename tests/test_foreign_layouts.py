@@ -1,7 +1,8 @@
 """LoRA files in the layouts diffusers converts on load, each written by the library that
 writes it (diffusers' DreamBooth-example save, LyCORIS's kohya network), read with
 convert_with_diffusers, applied as W += up @ down, and compared with what diffusers' own
-``pipe.load_lora_weights`` makes of the same file on a tiny pipeline."""
+``pipe.load_lora_weights`` makes of the same file on a tiny pipeline; then the same file
+through ``vp.load_adapter`` into each model of a fresh pipeline, compared the same way."""
 from __future__ import annotations
 
 import pytest
@@ -72,6 +73,18 @@ def _compare(label, ours, ref, base, run):
     assert diff < TOL, label
 
 
+def _vp_loaded(tiny, file, components, xl=False, prefixes=None):
+    """A fresh pipeline whose models each got the file through vp.load_adapter (the
+    component read from which one fits the model, or from ``prefixes``)."""
+    import visionpeft as vp
+
+    pipe = _pipe(tiny, xl)
+    for comp in components:
+        vp.load_adapter(getattr(pipe, comp), file, name="x", prefix=(prefixes or {}).get(comp))
+        assert vp.active_adapters(getattr(pipe, comp)) == ("x",)
+    return pipe
+
+
 def _randomize(module, marker, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -130,6 +143,10 @@ def test_dreambooth_example_file_matches_load_lora_weights(tiny, tmp_path, monke
     _apply(ours.text_encoder, fit_names(factors["text_encoder"], ours.text_encoder))
     _compare("dreambooth unet", ours.unet, ref.unet, base.unet, _unet_out)
     _compare("dreambooth text_encoder", ours.text_encoder, ref.text_encoder, base.text_encoder, _te_out)
+    loaded = _vp_loaded(tiny, tmp_path, ["unet", "text_encoder"])  # the output folder itself
+    _compare("dreambooth unet, vp.load_adapter", loaded.unet, ref.unet, base.unet, _unet_out)
+    _compare("dreambooth text_encoder, vp.load_adapter", loaded.text_encoder, ref.text_encoder,
+             base.text_encoder, _te_out)
 
 
 def test_dreambooth_file_with_adapter_metadata_keeps_alpha_over_r(tiny, tmp_path, monkeypatch):
@@ -148,6 +165,8 @@ def test_dreambooth_file_with_adapter_metadata_keeps_alpha_over_r(tiny, tmp_path
     _compare("dreambooth+metadata unet", ours.unet, ref.unet, base.unet, _unet_out)
     _compare("dreambooth+metadata text_encoder", ours.text_encoder, ref.text_encoder, base.text_encoder, _te_out)
     assert (_unet_out(train.unet) - _unet_out(ours.unet)).abs().max() < TOL
+    loaded = _vp_loaded(tiny, path, ["unet", "text_encoder"])
+    _compare("dreambooth+metadata unet, vp.load_adapter", loaded.unet, ref.unet, base.unet, _unet_out)
     no_header = convert_with_diffusers(load_file(path))["unet"]
     some = next(iter(no_header))
     torch.testing.assert_close(factors["unet"][some].up, 2 * no_header[some].up)
@@ -210,6 +229,10 @@ def test_kohya_sd15_file_with_text_encoder_and_conv_layers(tiny, tmp_path):
     _apply(ours.text_encoder, factors["text_encoder"])
     _compare("kohya sd1.5 unet", ours.unet, ref.unet, base.unet, _unet_out)
     _compare("kohya sd1.5 text_encoder", ours.text_encoder, ref.text_encoder, base.text_encoder, _te_out)
+    loaded = _vp_loaded(tiny, tmp_path / "kohya.safetensors", ["unet", "text_encoder"])
+    _compare("kohya sd1.5 unet, vp.load_adapter", loaded.unet, ref.unet, base.unet, _unet_out)
+    _compare("kohya sd1.5 text_encoder, vp.load_adapter", loaded.text_encoder, ref.text_encoder,
+             base.text_encoder, _te_out)
 
 
 def _sgm_index(kind: str, block: int, layer: int, layers_per_block: int) -> int:
@@ -278,6 +301,19 @@ def test_kohya_sdxl_file_with_original_sd_block_names(tiny, tmp_path):
     _compare("kohya sdxl (sgm names) unet", ours.unet, ref.unet, base.unet, _unet_out)
     _compare("kohya sdxl text_encoder (lora_te1_)", ours.text_encoder, ref.text_encoder, base.text_encoder, _te_out)
     _compare("kohya sdxl text_encoder_2 (lora_te2_)", ours.text_encoder_2, ref.text_encoder_2,
+             base.text_encoder_2, _te_out)
+    import visionpeft as vp
+
+    # the tiny SDXL's two text encoders have the same module names and shapes (the real
+    # ones differ in width), so which one a file entry is for must be said
+    with pytest.raises(vp.InteropError, match=r"holds LoRAs for \['text_encoder', 'text_encoder_2'\]; say which"):
+        vp.load_adapter(_pipe(tiny, xl=True).text_encoder, tmp_path / "sdxl.safetensors")
+    loaded = _vp_loaded(tiny, tmp_path / "sdxl.safetensors", ["unet", "text_encoder", "text_encoder_2"], xl=True,
+                        prefixes={"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"})
+    _compare("kohya sdxl unet, vp.load_adapter", loaded.unet, ref.unet, base.unet, _unet_out)
+    _compare("kohya sdxl text_encoder, vp.load_adapter", loaded.text_encoder, ref.text_encoder,
+             base.text_encoder, _te_out)
+    _compare("kohya sdxl text_encoder_2, vp.load_adapter", loaded.text_encoder_2, ref.text_encoder_2,
              base.text_encoder_2, _te_out)
 
 

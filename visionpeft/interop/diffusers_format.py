@@ -60,10 +60,7 @@ def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict |
     if prefix is None:
         by_prefix = {p: {k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in tensors if k.startswith(p + ".")}
                      for p in prefixes}
-        prefix = pick_component(by_prefix, model, None, where) if model is not None else \
-            pick_component(by_prefix, None, None, where) if len(prefixes) == 1 else None
-        if prefix is None:
-            raise InteropError(f"{where} holds LoRAs for {prefixes}; say which with prefix=...")
+        prefix = pick_component(by_prefix, model, None, where)
     pairs: dict[str, dict] = {}
     unplaced = []
     for key, t in tensors.items():

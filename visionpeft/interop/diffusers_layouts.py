@@ -27,7 +27,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .factors import Factors, InteropError
+from ..core.targeting import canonical_modules
+from .factors import Factors, plain_host
+from .formats import InteropError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _SGM = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
@@ -142,6 +144,8 @@ def convert_with_diffusers(tensors: dict[str, torch.Tensor], unet_config=None, m
         raise InteropError(f"{len(odd)} key(s) are no LoRA weight of {COMPONENTS}: {odd[:8]}")
     if metadata is not None and "lora_adapter_metadata" in metadata:
         metadata = json.loads(metadata["lora_adapter_metadata"])
+    elif metadata is not None and not any(k.split(".", 1)[0] in COMPONENTS for k in metadata):
+        metadata = None  # a raw safetensors header without diffusers' LoraConfig ({"format": "pt"})
     if alphas and metadata:
         raise InteropError("the file has both kohya alphas and a lora_adapter_metadata header; diffusers "
                            "refuses it")
@@ -169,20 +173,30 @@ KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": 
                     "lora_te2": "text_encoder_2"}
 
 
+def _fits(factors: dict, modules: dict) -> bool:
+    """Every module exists in the model and, where factors are given, has dW's shape."""
+    for name, f in factors.items():
+        if name not in modules:
+            return False
+        weight = getattr(plain_host(modules[name]), "weight", None)
+        if isinstance(f, Factors) and (weight is None or
+                                       (f.up.shape[0], *f.down.shape[1:]) != tuple(weight.shape)):
+            return False
+    return True
+
+
 def pick_component(components: dict[str, dict], model, prefix: str | None, where: str) -> str:
     """The component of a multi-model file (UNet and text encoders) that ``model`` is:
     the one ``prefix`` names, the only one, or the only one whose modules all exist in
-    the model."""
+    the model (with dW's shape, where ``components`` maps names to Factors)."""
     if prefix is not None:
         if prefix not in components:
             raise InteropError(f"{where} has no LoRA under prefix {prefix!r}; it has {sorted(components)}")
         return prefix
     if len(components) == 1:
         return next(iter(components))
-    from ..core.targeting import canonical_modules
-
-    names = canonical_modules(model)
-    fits = [c for c, factors in components.items() if all(m in names for m in factors)]
+    modules = canonical_modules(model) if model is not None else {}
+    fits = [c for c, factors in components.items() if _fits(factors, modules)]
     if len(fits) != 1:
         raise InteropError(f"{where} holds LoRAs for {sorted(components)}; say which with prefix=...")
     return fits[0]
@@ -195,6 +209,8 @@ def read_converted(tensors: dict, model, prefix: str | None, where: str, metadat
     which one fits the model, names fitted to the model's text_model level."""
     config = getattr(model, "config", None)
     unet_config = config if isinstance(config, Mapping) and "layers_per_block" in config else None
+    if unet_config is None:  # not a UNet: its original-SD block names cannot be mapped, nor are they needed
+        tensors = {k: v for k, v in tensors.items() if not _SGM.match(k)}
     components = convert_with_diffusers(tensors, unet_config, metadata)
     if not components:
         raise InteropError(f"{where}: no LoRA layout diffusers converts")
