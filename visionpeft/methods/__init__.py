@@ -2,10 +2,11 @@
 from .adapter import AdapterConfig
 from .block_lora import BlockLoRAConfig
 from .krona import KronAConfig
+from .loha import LoHaConfig
 from .lora import LoRAConfig
 from .snell import SNELLConfig
 from .snella import SNELLAAllocator
 from .wara import WaRAConfig
 
-__all__ = ["AdapterConfig", "BlockLoRAConfig", "KronAConfig", "LoRAConfig", "SNELLConfig", "SNELLAAllocator",
-           "WaRAConfig"]
+__all__ = ["AdapterConfig", "BlockLoRAConfig", "KronAConfig", "LoHaConfig", "LoRAConfig", "SNELLConfig",
+           "SNELLAAllocator", "WaRAConfig"]
