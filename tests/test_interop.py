@@ -303,8 +303,99 @@ def test_decomposed_lokr_is_refused_and_the_model_untouched(tmp_path):
     assert _untouched(model)
 
 
+# --- LyCORIS LoHa -------------------------------------------------------------------------
+def _loha_small(alpha=5.0, r=3):
+    torch.manual_seed(0)
+    model = Small()
+    vp.inject(model, vp.LoHaConfig(r=r, alpha=alpha, target_modules=["conv", "fc1", "fc2"]), name="lh")
+    randomize_adapters(model, std=0.5)
+    return model
+
+
+def test_loha_export_loads_in_lycoris_and_reimports_to_the_same_file(tmp_path):
+    from lycoris import create_lycoris_from_weights
+
+    model = _loha_small()
+    vp.set_scale(model, "lh", 0.7)  # folded into hada_w1_a
+    x = _img()
+    with torch.no_grad():
+        ours = model(x)
+    path = vp.export(model, tmp_path / "loha.safetensors", format="lycoris").path
+    written = load_file(str(path))
+    assert sorted(k.split(".", 1)[1] for k in written if k.startswith("lycoris_fc1.")) == \
+        ["alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+    assert float(written["lycoris_fc1.alpha"]) == 5.0  # the config's alpha, tensors as they are
+    torch.manual_seed(0)
+    host = Small()
+    with torch.no_grad():
+        assert (host(x) - ours).abs().max() > 1e-2
+    network, _ = create_lycoris_from_weights(1.0, str(path), host)
+    assert len(network.loras) == 3
+    network.apply_to()  # LyCORIS's forward (its merge_to applies alpha / r twice: a LyCORIS bug)
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), ours, atol=1e-5, rtol=1e-5)
+    # our import of our export: the same adapter, and exported again the same file
+    torch.manual_seed(0)
+    fresh = Small()
+    assert vp.detect_format(path) == "lycoris"
+    vp.load_adapter(fresh, path, name="back")
+    assert vp.core.model_ops.get_state(fresh).configs["back"].method == "loha"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ours, atol=1e-6, rtol=1e-6)
+    again = load_file(str(vp.export(fresh, tmp_path / "again.safetensors", format="lycoris").path))
+    assert written.keys() == again.keys()
+    for k in written:
+        torch.testing.assert_close(again[k], written[k], atol=0, rtol=0)
+
+
+def test_lycoris_loha_network_imports_as_loha_and_hot_swaps(tmp_path):
+    from lycoris import create_lycoris
+
+    torch.manual_seed(0)
+    host = Small()
+    fresh = copy.deepcopy(host)
+    network = create_lycoris(host, 1.0, linear_dim=4, linear_alpha=2, conv_dim=2, conv_alpha=4, algo="loha")
+    network.apply_to()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    network.save_weights(str(tmp_path / "loha.safetensors"), torch.float32, None)
+    x = _img()
+    with torch.no_grad():
+        expected = host(x)
+    vp.import_adapter(fresh, tmp_path / "loha.safetensors", name="lh")
+    with torch.no_grad():
+        out = fresh(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # hot-swap the same file into a loaded LoHa of the same layers (the conv's rank 2 is
+    # zero-padded to 4): the same parameter objects
+    target = _loha_small(alpha=None, r=4)
+    with torch.no_grad():
+        target_before = target(x)
+    params = [id(p) for p in target.parameters()]
+    vp.load_adapter(target, tmp_path / "loha.safetensors", name="lh", hotswap=True)
+    assert [id(p) for p in target.parameters()] == params
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), expected, atol=1e-5, rtol=1e-5)
+        assert (target_before - expected).abs().max() > 1e-2
+    # a LoRA adapter cannot take LoHa factors
+    with pytest.raises(vp.InteropError, match="holds loha factors; 'a' is lora"):
+        vp.load_adapter(_lora_small(), tmp_path / "loha.safetensors", name="a", hotswap=True)
+
+
+def test_tucker_loha_is_refused_and_the_model_untouched(tmp_path):
+    save_file({"lycoris_fc1.hada_w1_a": torch.randn(12, 2), "lycoris_fc1.hada_w1_b": torch.randn(2, 8),
+               "lycoris_fc1.hada_w2_a": torch.randn(12, 2), "lycoris_fc1.hada_w2_b": torch.randn(2, 8),
+               "lycoris_fc1.hada_t1": torch.randn(2, 2, 1, 1)}, str(tmp_path / "t.safetensors"))
+    model = Small()
+    with pytest.raises(vp.InteropError, match="fc1 stores LoHa's Tucker cores"):
+        vp.import_adapter(model, tmp_path / "t.safetensors")
+    assert _untouched(model)
+
+
 # --- merged and SVD -----------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lora", "krona", "block_lora", "wara", "snell"])
+@pytest.mark.parametrize("method", ["lora", "krona", "block_lora", "wara", "snell", "loha"])
 def test_merged_export_loads_strictly_into_a_fresh_host(tmp_path, method):
     from conftest import METHOD_CONFIGS
 
