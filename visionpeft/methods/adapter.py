@@ -13,8 +13,8 @@ with ``up`` zero-initialised, so a new adapter leaves the host unchanged. Placem
 (x is what the block receives, after any input-position adapter on the same block.)
 
 PeftCD's released code (dyzy41/PeftCD) adds one more GELU after ``up`` and leaves ``up``
-at the default init; we keep the textbook form above (DESIGN section 4), which starts at
-the identity.
+at the default init; we keep the textbook form above (Houlsby et al., 2019: zero-initialised
+``up``), which starts at the identity.
 """
 from __future__ import annotations
 
