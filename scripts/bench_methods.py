@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 import visionpeft as vp
-from visionpeft.ops.workspace import release_scratch
 from bench_core import emit, measure_memory, paired, step_fn, step_peak_memory
 
 VIT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -128,18 +127,11 @@ def make(kind: str, host: str, depth: int, grad_checkpointing: bool = False):
 
 
 def compiled_kernels(fn, on: bool = True, native: bool = True):
-    """fn run with vp.set_compiled_kernels(on) (and the C kernels allowed or not), switched
-    back afterwards."""
-    from visionpeft.ops.native import set_native_kernels
+    """fn run inside vp.kernels(compiled=on, native=native)."""
 
     def run():
-        vp.set_compiled_kernels(on)
-        set_native_kernels(native)
-        try:
+        with vp.kernels(compiled=on, native=native):
             return fn()
-        finally:
-            vp.set_compiled_kernels(False)
-            set_native_kernels(True)
     return run
 
 
@@ -170,7 +162,7 @@ def run_host(args, host: str) -> dict:
     peak, step_peak = {}, {}
     for k, m in models.items():
         for out, opt in ((peak, None), (step_peak, opts[k])):
-            release_scratch()
+            vp.release_scratch()
             out[k] = compiled_kernels(lambda: step_peak_memory(m, xs, y, unpack=True, opt=opt), k in COMPILED,
                                       k not in NATIVE_OFF)()
     peft_ms = timing["peft_lora"]["ms"] if timing else None

@@ -10,7 +10,8 @@ from torch import nn
 import visionpeft as vp
 import visionpeft.methods.snell as snell
 from visionpeft.ops import compiled as compiled_mod
-from visionpeft.ops import native as native_mod
+from visionpeft.ops import kernels as kernels_mod
+from visionpeft.ops import kth, snell_autograd, snell_kernels, snell_native
 from visionpeft.ops.workspace import release_scratch, scratch
 
 from test_snell import _reference_delta as _reference  # autograd through cdist, kthvalue, where()
@@ -39,9 +40,9 @@ def compiled_on():
 def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monkeypatch, kernel, reweight, shapes,
                                                                native):
     calls = []
-    taken = snell.native_sparse_grads if native else snell.fused_weight_and_grads
-    monkeypatch.setattr(snell, taken.__name__, lambda *a: calls.append(1) or taken(*a))
-    monkeypatch.setattr(native_mod, "_state", {"enabled": native})
+    taken = snell_native.native_sparse_grads if native else snell_kernels.fused_weight_and_grads
+    monkeypatch.setattr(snell_autograd, taken.__name__, lambda *a: calls.append(1) or taken(*a))
+    monkeypatch.setitem(kernels_mod._DEFAULTS, "native", native)
     torch.manual_seed(0)
     layers = [nn.Linear(i, o) for o, i in shapes]
     model = nn.Sequential(*layers)
@@ -76,8 +77,8 @@ def test_compiled_snella_matches_the_eager_snella(compiled_on, monkeypatch, kern
     the eager SNELLA path, which test_snell checks against the official layer and autograd:
     output and the gradients of all five parameters."""
     calls = []
-    fused = snell.fused_mixed_weight_and_grads
-    monkeypatch.setattr(snell, "fused_mixed_weight_and_grads", lambda *a: calls.append(1) or fused(*a))
+    fused = snell_kernels.fused_mixed_weight_and_grads
+    monkeypatch.setattr(snell_autograd, "fused_mixed_weight_and_grads", lambda *a: calls.append(1) or fused(*a))
     results = []
     for on in (True, False):
         vp.set_compiled_kernels(on)
@@ -108,7 +109,7 @@ def test_fused_threshold_equals_kthvalue_and_zeroes_the_requested_count(compiled
         k = snell.zero_count(sparsity, n)
         out = torch.empty(shape)
         # a small sample forces the bracket search at this size
-        t = snell.fused_kernel_and_threshold(A, B, kernel, 0.1, k, out, sample=256)
+        t = kth.fused_kernel_and_threshold(A, B, kernel, 0.1, k, out, sample=256)
         dense = snell.kernel_matrix(A.double(), B.double(), kernel, 0.1)
         torch.testing.assert_close(out.double(), dense, atol=1e-6, rtol=1e-5)
         assert t == float(out.abs().flatten().kthvalue(k).values)
@@ -120,9 +121,9 @@ def test_fused_threshold_falls_back_when_the_bracket_misses(compiled_on, monkeyp
     torch.manual_seed(0)
     A, B = torch.randn(64, 8) * 0.2, torch.randn(96, 8) * 0.2
     k = snell.zero_count(0.9, 64 * 96)
-    monkeypatch.setattr(snell, "_sample_bracket", lambda sub, q: bracket)
+    monkeypatch.setattr(kth, "sample_bracket", lambda sub, q: bracket)
     out = torch.empty(64, 96)
-    t = snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, sample=256)
+    t = kth.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, sample=256)
     assert t == float(out.abs().flatten().kthvalue(k).values)
 
 
@@ -133,26 +134,26 @@ def test_threshold_hint_is_used_stays_exact_and_recovers_from_a_miss(compiled_on
     A, B = torch.randn(96, 8) * 0.2, torch.randn(160, 8) * 0.2
     n, k = 96 * 160, snell.zero_count(0.9, 96 * 160)
     samples, misses = [], []
-    sample, exact_search = snell.fused_sample, snell.kth_smallest
-    monkeypatch.setattr(snell, "fused_sample", lambda *a: samples.append(1) or sample(*a))
-    monkeypatch.setattr(snell, "kth_smallest", lambda *a: misses.append(1) or exact_search(*a))
+    sample, exact_search = kth.fused_sample, kth.kth_smallest
+    monkeypatch.setattr(kth, "fused_sample", lambda *a: samples.append(1) or sample(*a))
+    monkeypatch.setattr(kth, "kth_smallest", lambda *a: misses.append(1) or exact_search(*a))
     out, hint = torch.empty(96, 160), {}
 
     def exact():
         return float(out.abs().flatten().kthvalue(k).values)
 
-    assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+    assert kth.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
     assert len(samples) == 1 and hint["threshold"] == exact() and hint["n_zero"] == k
     A += 1e-4 * torch.randn_like(A)  # a small training step: the hint brackets the new value
-    assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+    assert kth.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
     assert (len(samples), len(misses)) == (1, 0)
     for wrong in (hint["threshold"] * 3, hint["threshold"] / 3):  # a miss on either side
         hint.update(threshold=wrong, width=1e-4)
-        assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
-        assert hint["threshold"] == exact() and hint["width"] == snell._HINT_WIDTH[1]
+        assert kth.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+        assert hint["threshold"] == exact() and hint["width"] == kth.HINT_WIDTH[1]
     assert (len(samples), len(misses)) == (1, 2)
     k = snell.zero_count(0.5, n)  # another sparsity: the hint is not used
-    assert snell.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
+    assert kth.fused_kernel_and_threshold(A, B, "distance", 0.1, k, out, hint, sample=256) == exact()
     assert len(samples) == 2
 
 
@@ -162,8 +163,8 @@ def test_training_with_the_threshold_hint_equals_training_without(compiled_on, m
     the parameters of the same steps searched from a fresh sample every time: the hint
     only narrows an exact search."""
     samples = []
-    sample, search = snell.fused_sample, snell.fused_kernel_and_threshold
-    monkeypatch.setattr(snell, "fused_sample", lambda *a: samples.append(1) or sample(*a))
+    sample, search = kth.fused_sample, kth.fused_kernel_and_threshold
+    monkeypatch.setattr(kth, "fused_sample", lambda *a: samples.append(1) or sample(*a))
     torch.manual_seed(0)
     # 384 x 512 = 196608 entries, above 4 x 32768: the bracketed search, not plain kthvalue
     models = [nn.Sequential(nn.Linear(512, 384), nn.GELU(), nn.Linear(384, 512)) for _ in range(2)]
@@ -174,7 +175,8 @@ def test_training_with_the_threshold_hint_equals_training_without(compiled_on, m
     x = torch.randn(4, 512)
     for m, hinted in zip(models, (True, False)):
         if not hinted:
-            monkeypatch.setattr(snell, "fused_kernel_and_threshold", lambda *a, **k: search(*a[:6], None, **k))
+            monkeypatch.setattr(snell_autograd, "fused_kernel_and_threshold",
+                                lambda *a, **k: search(*a[:6], None, **k))
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(4):
             opt.zero_grad()
@@ -198,7 +200,7 @@ def test_inference_then_training_and_a_new_scale_do_not_break_or_recompile(compi
     with torch.inference_mode():
         model(x)
     model(x).sum().backward()
-    sizes = (len(snell.fused_effective_weight.signatures), len(snell.fused_weight_and_grads.signatures))
+    sizes = (len(snell_kernels.fused_effective_weight.signatures), len(snell_kernels.fused_weight_and_grads.signatures))
     for s in (0.5, 0.7):
         vp.set_scale(model, "default", s)
         out = model(x)
@@ -206,7 +208,8 @@ def test_inference_then_training_and_a_new_scale_do_not_break_or_recompile(compi
         vp.set_compiled_kernels(False)
         torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
         vp.set_compiled_kernels(True)
-    assert (len(snell.fused_effective_weight.signatures), len(snell.fused_weight_and_grads.signatures)) == sizes
+    assert (len(snell_kernels.fused_effective_weight.signatures),
+            len(snell_kernels.fused_weight_and_grads.signatures)) == sizes
 
 
 def test_bracketed_kth_smallest_takes_bfloat16():

@@ -1,4 +1,4 @@
-"""SNELL's C backward (methods/snell_backward.c, built by ops/native.py): the same W' bit
+"""SNELL's C backward (ops/snell_backward.c, built by ops/native.py): the same W' bit
 for bit and the same factor gradients as the compiled loops over a dense g^T x, the cases
 that keep the dense path, and a failed build."""
 import warnings
@@ -9,6 +9,8 @@ from torch import nn
 
 import visionpeft as vp
 import visionpeft.methods.snell as snell
+from visionpeft.ops import kernels as kernels_mod
+from visionpeft.ops import kth, snell_autograd, snell_kernels, snell_native
 from visionpeft.ops import native as native_mod
 from visionpeft.ops.workspace import release_scratch
 
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.skipif(native_mod._compiler() is None, reason="no C com
 
 @pytest.fixture
 def native_on(monkeypatch):
-    monkeypatch.setattr(native_mod, "_state", {"enabled": True})
+    monkeypatch.setitem(kernels_mod._DEFAULTS, "native", True)
     yield
     release_scratch()
 
@@ -26,7 +28,7 @@ def _threshold(A, B, scale, sparsity):
     D = torch.empty(A.shape[0], B.shape[0])
     vp.set_compiled_kernels(True)  # the forward's own search
     try:
-        return snell.fused_kernel_and_threshold(A, B, "distance", scale, snell.zero_count(sparsity, D.numel()), D)
+        return kth.fused_kernel_and_threshold(A, B, "distance", scale, snell.zero_count(sparsity, D.numel()), D)
     finally:
         vp.set_compiled_kernels(False)
 
@@ -39,8 +41,8 @@ def _threshold(A, B, scale, sparsity):
 ])
 def test_native_backward_equals_the_loops_over_dense_g_x(native_on, monkeypatch, out, fan_in, tokens, r, scale,
                                                          host_scale, reweight):
-    monkeypatch.setattr(snell, "_TOKEN_CHUNK", 64)  # chunked tokens and small column blocks on small shapes
-    monkeypatch.setattr(snell, "_CACHE_FLOATS", 64 * 40)
+    monkeypatch.setattr(snell_native, "_TOKEN_CHUNK", 64)  # chunked tokens and small column blocks on small shapes
+    monkeypatch.setattr(snell_native, "_CACHE_FLOATS", 64 * 40)
     torch.manual_seed(0)
     A, B, W = torch.randn(out, r) * 0.3, torch.randn(fan_in, r) * 0.3, torch.randn(out, fan_in) * 0.02
     g, x = torch.randn(tokens, out), torch.randn(tokens, fan_in)
@@ -51,13 +53,13 @@ def test_native_backward_equals_the_loops_over_dense_g_x(native_on, monkeypatch,
     # float in double precision, inductor and the C kernel in float, as the compiled forward)
     vp.set_compiled_kernels(True)
     try:
-        gA, gB = snell.fused_weight_and_grads(A, Bt, W, g.t() @ x, torch.tensor(t), "distance", scale,
+        gA, gB = snell_kernels.fused_weight_and_grads(A, Bt, W, g.t() @ x, torch.tensor(t), "distance", scale,
                                               torch.tensor(host_scale), reweight, w_ref)
     finally:
         vp.set_compiled_kernels(False)
     # every input in another layout: A column-major, g and x transposed views
-    nA, nB = snell.native_sparse_grads(A.t().contiguous().t(), Bt, W, g.t().contiguous().t(), x.t().contiguous().t(),
-                                       t, scale, host_scale, reweight, w_native)
+    nA, nB = snell_native.native_sparse_grads(A.t().contiguous().t(), Bt, W, g.t().contiguous().t(),
+                                              x.t().contiguous().t(), t, scale, host_scale, reweight, w_native)
     assert torch.equal(w_native, w_ref)  # the mask and W' are the forward's, bit for bit
     # rounding differs (dot products against one GEMM, other summation orders) and
     # sum_j H (a - b) cancels (r = 2 most: both paths are ~1e-4 of the largest entry off
@@ -76,14 +78,14 @@ def _step(model, x):
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager would hide the compiled path
 def test_native_path_is_taken_where_it_applies_and_matches_the_dense_path(native_on, monkeypatch, case):
     calls = []
-    real = snell.native_sparse_grads
+    real = snell_native.native_sparse_grads
 
     def counted(*args):
         grads = real(*args)
         calls.extend([] if grads is None else [1])  # None: the library is switched off
         return grads
 
-    monkeypatch.setattr(snell, "native_sparse_grads", counted)
+    monkeypatch.setattr(snell_autograd, "native_sparse_grads", counted)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(40, 56), nn.GELU(), nn.Linear(56, 24))
     cfg = dict(r=8, sparsity=0.5 if case == "dense_mask" else 0.9, softmax_term=case == "snella")
@@ -111,7 +113,7 @@ def test_native_path_is_taken_where_it_applies_and_matches_the_dense_path(native
 
 def test_a_failed_build_warns_once_and_returns_none(monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    lib = native_mod.CLibrary(snell._NATIVE.source, {})
+    lib = native_mod.CLibrary(snell_native.LIBRARY.source, {})
     with pytest.warns(RuntimeWarning, match="snell_backward.c"):
         assert lib.get() is None
     with warnings.catch_warnings():
@@ -127,5 +129,6 @@ def test_switch_refuses_non_bool():
 def test_cc_may_carry_a_launcher_or_flags(monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("CC", f"env {native_mod._compiler()[0]}")  # two words, one command
-    lib = native_mod.CLibrary(snell._NATIVE.source, {"transpose_f32": snell._NATIVE.functions["transpose_f32"]})
+    lib = native_mod.CLibrary(snell_native.LIBRARY.source,
+                              {"transpose_f32": snell_native.LIBRARY.functions["transpose_f32"]})
     assert lib.get() is not None

@@ -30,6 +30,9 @@ from .backbones import presets  # noqa: E402
 from .interop import ExportReport, InteropError, export  # noqa: E402
 from .files import detect_format, hotswap_adapter, import_adapter, load_adapter  # noqa: E402
 from .ops.compiled import set_compiled_kernels  # noqa: E402
+from .ops.kernels import kernels  # noqa: E402
+from .ops.native import set_native_kernels  # noqa: E402
+from .ops.workspace import release_scratch  # noqa: E402
 
 __all__ = [
     "MethodConfig", "ConfigError", "TargetError", "AdapterFileError",
@@ -38,6 +41,6 @@ __all__ = [
     "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
     "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",
     "presets", "export", "import_adapter", "detect_format", "ExportReport", "InteropError",
-    "set_compiled_kernels",
+    "set_compiled_kernels", "set_native_kernels", "kernels", "release_scratch",
     *_method_names,
 ]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..core.model_ops import active_adapters, adapted_layers
-from .snell import SNELLModule
+from ..core.registry import get_method
 
 
 def cubic_budget(step: int, total_steps: int, initial: float, target: float,
@@ -78,12 +78,14 @@ class SNELLAAllocator:
                  interval: int = 1, beta1: float = 0.85, beta2: float = 0.85):
         if not 0.0 < target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in (0, 1), got {target_sparsity}")
-        self.modules: list[SNELLModule] = []
+        # SNELL's module class through the registry: methods do not import one another
+        snell_module = get_method("snell").module_cls
+        self.modules: list[nn.Module] = []
         names = active_adapters(model) if name is None else (name,)
         for layer in adapted_layers(model).values():
             for adapter, parts in layer.adapters.items():
                 if adapter in names:
-                    self.modules += [m for m in parts.values() if isinstance(m, SNELLModule)]
+                    self.modules += [m for m in parts.values() if isinstance(m, snell_module)]
         if not self.modules:
             raise ValueError("the model has no SNELL adapter" + (f" named {name!r}" if name else " active"))
         self.sizes = [m.numel for m in self.modules]

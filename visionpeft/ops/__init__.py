@@ -1,1 +1,3 @@
-"""Reserved for later issues (see DESIGN.md section 3)."""
+"""Pure tensor code below every other layer: transforms (dwt), low-rank and Kronecker
+products, SNELL's kernels, compiled and native kernel plumbing and the kernel switch
+(`kernels`). Nothing here imports the rest of visionpeft."""

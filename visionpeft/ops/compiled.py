@@ -7,7 +7,9 @@ CUDA). It is off by default because the first call of each function compiles (se
 tens of seconds, cached on disk by inductor afterwards) and needs a C++ compiler on CPU:
 
     import visionpeft as vp
-    vp.set_compiled_kernels(True)      # or VISIONPEFT_COMPILED_KERNELS=1 in the environment
+    with vp.kernels(compiled=True):    # this block only (ops/kernels.py)
+        ...
+    vp.set_compiled_kernels(True)      # the process default, or VISIONPEFT_COMPILED_KERNELS=1
 
 A signature whose compilation fails runs eagerly from then on (one warning per function); the
 eager and compiled forms compute the same values (tests compare them).
@@ -15,12 +17,13 @@ eager and compiled forms compute the same values (tests compare them).
 from __future__ import annotations
 
 import functools
-import os
 import types
 import warnings
 from typing import Callable
 
 import torch
+
+from .kernels import kernel_enabled, set_default
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA name
 # ``recompute=True``: inductor stores an intermediate that many reductions read (a kernel
@@ -40,18 +43,19 @@ def _recompute_options() -> dict:
     return {k: v for k, v in _RECOMPUTE.items() if hasattr(inductor_config, k)}
 
 
-_state = {"enabled": os.environ.get("VISIONPEFT_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes")}
-
-
 def set_compiled_kernels(enabled: bool) -> None:
-    """Turn the compiled pointwise kernels on or off for every adapter from the next call."""
+    """Set the process default: compiled kernels on or off for every adapter from the next
+    call, in every thread. A ``with kernels(compiled=...)`` block (ops/kernels.py)
+    overrides it for the code inside the block."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_compiled_kernels takes True or False, got {enabled!r}")
-    _state["enabled"] = enabled
+    set_default("compiled", enabled)
 
 
 def compiled_kernels_enabled() -> bool:
-    return _state["enabled"]
+    """Whether compiled kernels run here: the innermost ``kernels(compiled=...)`` block,
+    else the process default."""
+    return kernel_enabled("compiled")
 
 
 def compiled(fn: Callable | None = None, *, recompute: bool = False) -> Callable:
@@ -68,7 +72,7 @@ def compiled(fn: Callable | None = None, *, recompute: bool = False) -> Callable
 
     @functools.wraps(fn)
     def run(*args):
-        if not _state["enabled"] or torch.compiler.is_compiling():
+        if not kernel_enabled("compiled") or torch.compiler.is_compiling():
             return fn(*args)
         key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
                     for a in args)

@@ -4,11 +4,13 @@ torch.compile (ops/compiled.py) fuses elementwise chains and reductions along on
 which covers most of what SNELL does per step, but not work whose amount depends on the
 data: SNELL's backward needs the weight gradient g^T x only at the entries its mask keeps
 (a tenth of them at 90% sparsity), which is a dot product per kept entry, not a GEMM.
-Such a kernel is written in C next to its method and built here, the way inductor builds
-its own kernels: once per process, with OpenMP, ``-march=native`` for this machine, and
-``-ffp-contract=off`` (inductor's setting) so that arithmetic shared with the compiled
-forward rounds identically. It runs only where compiled kernels are on
-(``vp.set_compiled_kernels(True)``); with no compiler, or when the build fails, the
+Such a kernel is written in C in this folder (e.g. snell_backward.c, bound in
+snell_native.py) and built here, the way inductor builds its own kernels: once per
+process, with OpenMP, ``-march=native`` for this machine, and ``-ffp-contract=off``
+(inductor's setting) so that arithmetic shared with the compiled forward rounds
+identically. It runs only where compiled kernels are on (``vp.kernels(compiled=True)``,
+ops/kernels.py); ``kernels(native=False)``, ``set_native_kernels(False)`` or
+VISIONPEFT_NATIVE_KERNELS=0 keep it off. With no compiler, or when the build fails, the
 method keeps its compiled-only path after one warning.
 """
 from __future__ import annotations
@@ -24,20 +26,24 @@ import threading
 import warnings
 from pathlib import Path
 
+from .kernels import kernel_enabled, set_default
+
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
-_state = {"enabled": os.environ.get("VISIONPEFT_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no",
-                                                                                              "off")}
 
 
 def set_native_kernels(enabled: bool) -> None:
-    """Allow (default) or forbid the C kernels; with them off, compiled kernels run alone."""
+    """Set the process default: allow (the default) or forbid the C kernels, in every
+    thread; with them off, compiled kernels run alone. A ``with kernels(native=...)``
+    block (ops/kernels.py) overrides it for the code inside the block."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_native_kernels takes True or False, got {enabled!r}")
-    _state["enabled"] = enabled
+    set_default("native", enabled)
 
 
 def native_kernels_enabled() -> bool:
-    return _state["enabled"]
+    """Whether the C kernels are allowed here: the innermost ``kernels(native=...)`` block,
+    else the process default."""
+    return kernel_enabled("native")
 
 
 def _compiler() -> list[str] | None:
@@ -63,7 +69,7 @@ class CLibrary:
         self._lock = threading.Lock()
 
     def get(self) -> ctypes.CDLL | None:
-        if not _state["enabled"] or self._failed:
+        if not kernel_enabled("native") or self._failed:
             return None
         if self._lib is None:
             with self._lock:

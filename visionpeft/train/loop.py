@@ -52,7 +52,7 @@ class TrainConfig:
     validation_steps: int | None = None
     dataloader_num_workers: int = 0
     cpu: bool = False
-    # vp.set_compiled_kernels for this run (SNELL's torch.compile'd kernels), restored
+    # vp.kernels(compiled=...) around this run (SNELL's torch.compile'd kernels), restored
     # afterwards; None leaves the process setting as it is
     compiled_kernels: bool | None = None
 
@@ -142,18 +142,15 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     """Run ``task`` under ``cfg``; see the module docstring."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from ..ops.compiled import compiled_kernels_enabled, set_compiled_kernels
+    from ..ops.kernels import kernels
 
-    compiled_before = compiled_kernels_enabled()
     try:
-        if cfg.compiled_kernels is not None:
-            set_compiled_kernels(cfg.compiled_kernels)
-        return _train(task, cfg)
+        with kernels(compiled=cfg.compiled_kernels):  # this run only; None keeps the caller's choice
+            return _train(task, cfg)
     finally:
-        if cfg.compiled_kernels is not None:
-            set_compiled_kernels(compiled_before)
         # accelerate keeps one state per process: release it, so that the next train()
-        # in this process (a notebook, a sweep) may choose another mixed precision
+        # in this process (a notebook, a sweep) may choose another mixed precision.
+        # Private, but accelerate (1.15) has no public reset: free_memory() keeps the state.
         AcceleratorState._reset_state()
         GradientState._reset_state()
 

@@ -1,7 +1,7 @@
 /* SNELL's backward on CPU with the weight gradient formed only where the mask keeps it.
 
    Built by visionpeft/ops/native.py with the machine's C compiler (OpenMP, -ffp-contract=off)
-   and called from snell.py (`native_sparse_grads`) when compiled kernels are on.
+   and called through snell_native.py (`native_sparse_grads`) when compiled kernels are on.
 
    With the distance kernel T_k[i, j] = |s| ||a_k,i - b_k,j|| over the two halves k of the
    rank, D = T_1 - T_2 (negated when s < 0) and the mask |D| > threshold, the factor
@@ -12,14 +12,14 @@
    multiply-adds. Everything else is linear in G_m, so a caller may split the tokens into
    chunks and call once per chunk: `rows` and `cols` are accumulated, never overwritten.
 
-   Per row i and block of columns: T_1, T_2 and D as in snell.py's `_pointwise_terms`
+   Per row i and block of columns: T_1, T_2 and D as in snell_math.py's `pointwise_terms`
    (squared differences summed coordinate by coordinate in the same order, one sqrt, the
    scale: the same float operations as the forward, so the mask is the forward's bit for
    bit), W' = W + host_scale * kept (when `W` is given), the kept columns gathered, and for
    each a dot product of gT[i] with xT[j]; then H_k is reduced into
      rows[i] = [sum_j H_1, sum_j H_1 b_1,j (h values), sum_j H_2, sum_j H_2 b_2,j]
      cols[j] = [sum_i H_1, sum_i H_1 a_1,i, sum_i H_2, sum_i H_2 a_2,i]
-   (each (2 h + 2) wide, the layout of snell.py's `_grads_from_sums`). Threads split the
+   (each (2 h + 2) wide, the layout of snell_math.py's `grads_from_sums`). Threads split the
    rows; each keeps its own column sums, added up at the end. Column blocks of `col_block`
    keep the xT rows a block reads in the core's cache while all the thread's rows use them. */
 #include <math.h>
