@@ -7,20 +7,21 @@ from collections import Counter
 
 
 def _cmd_methods(args) -> int:
-    from .core.registry import get_method, list_methods
+    from . import get_method, list_methods
 
     for name in list_methods():
         spec = get_method(name)
         doc = (spec.config_cls.__doc__ or "").strip().splitlines()
+        files = f"files: {spec.factor_layout}" if spec.factor_layout else ""
         print(f"{name:<12} {spec.config_cls.__name__:<20} layers: {', '.join(spec.layer_kinds):<16} "
-              f"{'merges' if spec.weight_space else ''}")
+              f"{'merges' if spec.weight_space else '':<8}{files}".rstrip())
         if args.verbose and doc:
             print("    " + "\n    ".join(doc))
     return 0
 
 
 def _cmd_info(args) -> int:
-    from .core.io import read_adapter_config
+    from . import read_adapter_config
 
     doc = read_adapter_config(args.adapter_dir)
     cfg = doc["config"]
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .train.task import TrainingError
+    from .train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
