@@ -33,11 +33,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import visionpeft as vp  # noqa: E402
-from visionpeft.backbones.loaders import load_backbone  # noqa: E402
+from visionpeft.backbones import load_backbone  # noqa: E402
 from visionpeft.data.scenes import CLASSES, HELD_OUT_SCENES, SCENE_TYPES, scene_set  # noqa: E402
 from visionpeft.pipelines.change_detection.metrics import ConfusionMatrix  # noqa: E402
+from visionpeft.train import PRETRAIN_MEAN as MEAN, PRETRAIN_STD as STD  # noqa: E402
 from visionpeft.train import Task, TrainConfig, run_config, train  # noqa: E402
-from visionpeft.train.pretrain import MEAN, STD  # noqa: E402
 
 DEPTH = 6
 FULL = [f"blocks.{i}" for i in range(DEPTH)] + ["patch_embed", "norm"]
@@ -78,7 +78,7 @@ def encoder(variant: str, pretrained: bool) -> nn.Module:
         host = load_backbone("timm", "embedded-vit-s", pretrained=pretrained)
     if VARIANTS[variant] is None:
         return host.requires_grad_(False)
-    vp.inject(host, vp.core.registry.config_from_dict(VARIANTS[variant]))
+    vp.inject(host, vp.config_from_dict(VARIANTS[variant]))
     return host
 
 

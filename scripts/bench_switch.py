@@ -51,8 +51,7 @@ def time_switches(switch, names, n: int) -> dict:
 
 
 def ours(unet, count: int, switches: int) -> dict:
-    have = len(vp.core.model_ops.get_state(unet, required=False).configs) \
-        if vp.core.model_ops.get_state(unet, required=False) else 0
+    have = len(vp.adapter_names(unet))
     for i in tqdm(range(have, count), desc=f"visionpeft: inject up to {count}", leave=False):
         vp.inject(unet, vp.LoRAConfig(r=4, target_modules=TARGETS), name=f"a{i}")
     names = [f"a{i}" for i in range(count)]

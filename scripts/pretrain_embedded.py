@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from visionpeft.backbones.embedded import ALIASES, EMBEDDED, weights_file
-from visionpeft.train import TrainConfig, train
-from visionpeft.train.pretrain import PretrainConfig, PretrainTask, encoder_state_dict
+from visionpeft.train import PretrainConfig, PretrainTask, TrainConfig, encoder_state_dict, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

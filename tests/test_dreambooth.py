@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from visionpeft.backbones.tiny import save_tiny_sd_pipeline
+from visionpeft.pipelines.dreambooth import DreamBoothConfig, DreamBoothTask
 from visionpeft.train import TrainConfig, run_config, train
-from visionpeft.train.dreambooth import DreamBoothConfig, DreamBoothTask
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -195,7 +195,7 @@ def test_bad_input_ends_in_one_line_at_the_cli(tiny, tmp_path):
         "does not exist": {"instance_data_dir": str(tmp_path / "missing")},
         "has no images": {"instance_data_dir": str(empty)},
         "cannot read image": {"instance_data_dir": str(broken)},
-        "unknown adapter method 'loha'": {"adapter": {"method": "loha", "target_modules": ATTN}},
+        "unknown adapter method 'no_such_method'": {"adapter": {"method": "no_such_method", "target_modules": ATTN}},
         "unknown key(s) ['instance_prompts']": {"instance_prompts": "x"},
     }
     for expected, change in cases.items():
@@ -222,6 +222,112 @@ def test_the_diffusers_style_script_maps_its_flags(tiny, tmp_path):
     import visionpeft as vp
 
     assert vp.read_adapter_config(tmp_path / "adapter" / "unet")["method"] == "krona"
+
+
+def _script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_dreambooth
+
+    return train_dreambooth
+
+
+BASE_ARGS = ["--pretrained_model_name_or_path", "sd", "--instance_data_dir", "inst", "--instance_prompt", "x"]
+
+
+@pytest.mark.parametrize("method,field", [("lora", "r"), ("wara", "r"), ("block_lora", "r"), ("snell", "r"),
+                                          ("adapter", "bottleneck")])
+def test_the_script_maps_rank_to_each_methods_rank_field(method, field):
+    import visionpeft as vp
+
+    script = _script()
+    adapter = script.parse(BASE_ARGS + ["--adapter", method, "--rank", "8"])["adapter"]
+    assert adapter == {"method": method, "target_modules": ATTN, field: 8}
+    assert getattr(vp.config_from_dict(adapter), field) == 8  # the config takes it
+    # without --rank: LoRA keeps diffusers' default 4, the others their own config defaults
+    plain = script.parse(BASE_ARGS + ["--adapter", method])["adapter"]
+    assert plain == {"method": method, "target_modules": ATTN, **({"r": 4} if method == "lora" else {})}
+    # --adapter_args may repeat the same rank, not contradict it
+    same = script.parse(BASE_ARGS + ["--adapter", method, "--rank", "8", "--adapter_args", f"{{{field}: 8}}"])
+    assert same["adapter"][field] == 8
+    with pytest.raises(ValueError, match=rf"^--rank 8 and --adapter_args {field}: 2 disagree"):
+        script.parse(BASE_ARGS + ["--adapter", method, "--rank", "8", "--adapter_args", f"{{{field}: 2}}"])
+
+
+def test_the_script_refuses_rank_for_a_method_without_one(tmp_path, capsys):
+    script = _script()
+    assert "rank" not in script.parse(BASE_ARGS + ["--adapter", "krona"])["adapter"]  # no --rank: fine
+    with pytest.raises(ValueError) as err:
+        script.parse(BASE_ARGS + ["--adapter", "krona", "--rank", "8"])
+    msg = str(err.value)
+    assert "\n" not in msg and "'krona'" in msg and "a1/a2" in msg and "fields: " in msg
+    assert "a1" in msg.split("fields: ")[1] and "a2" in msg.split("fields: ")[1]
+    # main: one line on stderr, exit code 2, nothing trained
+    assert script.main(BASE_ARGS + ["--adapter", "krona", "--rank", "8", "--output_dir", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_dreambooth: --rank does not apply to 'krona'")
+    assert not (tmp_path / "o").exists()
+    # a method without a rank field and no hint of its own gets the generic one-line error
+    import dataclasses
+
+    import visionpeft as vp
+
+    @dataclasses.dataclass
+    class _NoRank:
+        alpha: float = 1.0
+        target_modules: list = dataclasses.field(default_factory=list)
+
+    real = vp.get_method
+    script.vp.get_method = lambda name: (type("Spec", (), {"config_cls": _NoRank})() if name == "norank"
+                                         else real(name))
+    try:
+        with pytest.raises(ValueError, match=r"^--rank does not apply to 'norank', which has no rank field "
+                                             r"\(its fields: alpha\); set its size with --adapter_args$"):
+            script.adapter_spec("norank", 4, "to_q", {})
+    finally:
+        script.vp.get_method = real
+    with pytest.raises(ValueError, match=r"^--adapter: unknown method 'nope'; registered: \["):
+        script.parse(BASE_ARGS + ["--adapter", "nope", "--rank", "8"])
+
+
+def test_dreambooth_moved_to_pipelines_with_a_deprecation_path():
+    import visionpeft.train
+    from visionpeft import pipelines
+    from visionpeft.train import build_task, task_names
+
+    with pytest.warns(DeprecationWarning, match=r"from visionpeft\.pipelines\.dreambooth import DreamBoothTask") as rec:
+        from visionpeft.train import DreamBoothTask as Old
+    assert Old is DreamBoothTask and len(rec) == 1  # one warning per import, not two
+    with pytest.warns(DeprecationWarning, match=r"visionpeft\.pipelines\.dreambooth"):
+        assert visionpeft.train.DreamBoothConfig is DreamBoothConfig
+    assert pipelines.DreamBoothTask is DreamBoothTask
+    assert {"dreambooth", "change_detection", "pretrain_embedded"} <= set(task_names())
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; known tasks: \[.*'dreambooth'"):
+        build_task("nope", {})
+    with pytest.raises(AttributeError):
+        visionpeft.train.NoSuchThing  # noqa: B018
+
+
+def test_run_config_finds_pipeline_tasks_in_a_fresh_process():
+    """``task: dreambooth`` needs nothing but visionpeft.train imported: the registry
+    loads the pipelines package, whose recipes register themselves."""
+    code = ("import sys, visionpeft.train as t\n"
+            "assert not any(m.startswith('visionpeft.pipelines') for m in sys.modules)\n"
+            "task = t.build_task('dreambooth', {'pretrained_model': 'x', 'instance_data_dir': 'i',\n"
+            "    'instance_prompt': 'p', 'adapter': {'method': 'lora', 'r': 2, 'target_modules': ['to_q']}})\n"
+            "print(type(task).__module__, task.unet_config.r)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["visionpeft.pipelines.dreambooth.task", "2"]
+
+
+def test_register_task_refuses_a_second_loader_for_a_name():
+    from visionpeft.train import register_task
+
+    with pytest.raises(ValueError, match=r"task 'dreambooth' is already registered .*replace=True"):
+        register_task("dreambooth", lambda values: None)
+    with pytest.raises(TypeError, match="must be callable"):
+        register_task("x_not_callable", "visionpeft.pipelines.dreambooth")
 
 
 @pytest.mark.parametrize("pipe", ["sd", "sdxl"])

@@ -1,1 +1,17 @@
-"""Reserved for later issues (see DESIGN.md section 3)."""
+"""Task recipes built on the public API and the training loop (`visionpeft.train`):
+
+- `visionpeft.pipelines.change_detection`: PeftCD change detection (``task: change_detection``);
+- `visionpeft.pipelines.dreambooth`: DreamBooth on Stable Diffusion / SDXL (``task: dreambooth``).
+
+Each recipe registers its task name with `visionpeft.train.register_task` when imported;
+importing this package imports them all, which is how ``visionpeft train`` and
+`visionpeft.train.run_config` find them. A recipe imports only public names: the package
+root (``import visionpeft as vp``), `visionpeft.train`, `visionpeft.backbones`,
+`visionpeft.data` and other pipelines.
+"""
+from . import change_detection, dreambooth  # importing them registers their tasks
+from .change_detection import ChangeDetectionConfig, ChangeDetectionTask
+from .dreambooth import DreamBoothConfig, DreamBoothTask
+
+__all__ = ["change_detection", "dreambooth", "ChangeDetectionConfig", "ChangeDetectionTask",
+           "DreamBoothConfig", "DreamBoothTask"]

@@ -1,28 +1,29 @@
-"""The shared training loop and the task recipes that run on it.
+"""The shared training loop, the Task interface recipes implement, and the task registry.
 
-    from visionpeft.train import TrainConfig, train, DreamBoothTask, DreamBoothConfig
+    from visionpeft.train import TrainConfig, train
+    from visionpeft.pipelines.dreambooth import DreamBoothTask, DreamBoothConfig
     result = train(DreamBoothTask(DreamBoothConfig(...)), TrainConfig(output_dir="out"))
 
-or from a YAML file: ``visionpeft train configs/dreambooth_lora_sd15.yaml``.
+or from a YAML file: ``visionpeft train configs/dreambooth_lora_sd15.yaml``, whose ``task:``
+names a registered task (``register_task``; the recipes of `visionpeft.pipelines` register
+themselves, ``pretrain_embedded`` is registered here).
 """
+import sys
+import warnings
+
 from .loop import TrainConfig, TrainResult, train
-from .task import Task, TrainingError
+from .pretrain import MEAN as PRETRAIN_MEAN
+from .pretrain import STD as PRETRAIN_STD
+from .pretrain import PretrainConfig, PretrainTask, encoder_state_dict
+from .task import (Task, TrainingError, _load_pipelines, adapter_config, build_task, register_task,
+                   task_config, task_names)
 
-TASKS = {"dreambooth": ("visionpeft.train.dreambooth", "DreamBoothTask", "DreamBoothConfig"),
-         "change_detection": ("visionpeft.pipelines.change_detection.task", "ChangeDetectionTask",
-                              "ChangeDetectionConfig"),
-         "pretrain_embedded": ("visionpeft.train.pretrain", "PretrainTask", "PretrainConfig")}
+
+def _pretrain_task(values: dict) -> Task:
+    return PretrainTask(PretrainConfig.from_dict(values))
 
 
-def build_task(name: str, values: dict) -> Task:
-    """A task from its name and its (non-loop) config keys."""
-    import importlib
-
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
-    module, task_cls, cfg_cls = TASKS[name]
-    mod = importlib.import_module(module)
-    return getattr(mod, task_cls)(getattr(mod, cfg_cls).from_dict(values))
+register_task("pretrain_embedded", _pretrain_task)
 
 
 def run_config(values: dict) -> TrainResult:
@@ -31,18 +32,26 @@ def run_config(values: dict) -> TrainResult:
     values = dict(values)
     task_name = values.pop("task", None)
     if task_name is None:
-        raise ValueError(f"the config has no 'task' key; known tasks: {sorted(TASKS)}")
+        raise ValueError(f"the config has no 'task' key; known tasks: {task_names()}")
     loop_cfg, rest = TrainConfig.split(values)
     return train(build_task(task_name, rest), loop_cfg)
 
 
+# names that moved to visionpeft.pipelines: still importable from here, with a warning
+_MOVED = {"DreamBoothTask": "dreambooth", "DreamBoothConfig": "dreambooth"}
+
+
 def __getattr__(name):
-    if name in ("DreamBoothTask", "DreamBoothConfig"):
-        from . import dreambooth
+    if name in _MOVED:
+        where = f"visionpeft.pipelines.{_MOVED[name]}"
+        # `from visionpeft.train import X` asks twice (importlib's hasattr, then the import): warn once
+        if sys._getframe(1).f_code.co_name != "_handle_fromlist":
+            warnings.warn(f"visionpeft.train.{name} moved: import it from {where} "
+                          f"(from {where} import {name})", DeprecationWarning, stacklevel=2)
+        return getattr(getattr(_load_pipelines(), _MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return getattr(dreambooth, name)
-    raise AttributeError(name)
 
-
-__all__ = ["TrainConfig", "TrainResult", "train", "Task", "TrainingError", "build_task", "run_config",
-           "DreamBoothTask", "DreamBoothConfig"]
+__all__ = ["TrainConfig", "TrainResult", "train", "Task", "TrainingError", "adapter_config", "task_config",
+           "register_task", "build_task", "task_names", "run_config",
+           "PretrainConfig", "PretrainTask", "encoder_state_dict", "PRETRAIN_MEAN", "PRETRAIN_STD"]

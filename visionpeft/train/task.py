@@ -1,10 +1,19 @@
 """What a task gives the training loop: models with adapters, data, a loss. The loop
 (`visionpeft.train.loop.train`) knows nothing else, so every recipe (DreamBooth, change
-detection, segmentation, few-shot CLIP, point clouds) runs the same loop."""
+detection, segmentation, few-shot CLIP, point clouds) runs the same loop.
+
+Tasks are found by name (``task:`` in a YAML config) in a registry: a recipe registers
+itself with ``register_task(name, loader)``, where ``loader(values)`` builds the task from
+its config keys. The recipes in `visionpeft.pipelines` register on import; ``build_task``
+imports that package when a name is not registered yet (``_load_pipelines``: the one
+place train/ reaches up to pipelines/, and only by package, never by recipe name).
+"""
 from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,10 +28,8 @@ class TrainingError(RuntimeError):
 
 def adapter_config(spec: dict, where: str):
     """A registered method's config from ``{method: ..., fields...}``."""
-    from ..core.registry import config_from_dict
-
     try:
-        return config_from_dict(dict(spec))
+        return vp.config_from_dict(dict(spec))
     except KeyError:
         raise ValueError(f"{where}: unknown adapter method {spec.get('method')!r}; registered: "
                          f"{vp.list_methods()}") from None
@@ -107,3 +114,47 @@ class Task(abc.ABC):
     def load_adapters(self, models: dict[str, nn.Module], folder: Path) -> None:
         for name, model in models.items():
             vp.load_adapter(model, folder / name, name=self.adapter_name, hotswap=True)
+
+
+# --- the task registry ------------------------------------------------------------------
+_TASKS: dict[str, Callable[[dict], Task]] = {}
+
+
+def register_task(name: str, loader: Callable[[dict], Task], replace: bool = False) -> None:
+    """Make ``task: name`` in a config build ``loader(values)``, ``values`` being the
+    config's keys minus ``task`` and the loop's (TrainConfig) keys. A second loader for a
+    taken name is refused unless ``replace`` (the same function re-registered, e.g. by a
+    module reload, replaces the first)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_task: the name must be a non-empty string, got {name!r}")
+    if not callable(loader):
+        raise TypeError(f"register_task({name!r}): the loader must be callable (values -> Task), "
+                        f"got {type(loader).__name__}")
+    old = _TASKS.get(name)
+    same = old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) \
+        == (getattr(loader, "__module__", None), getattr(loader, "__qualname__", None))
+    if old is not None and old is not loader and not same and not replace:
+        raise ValueError(f"task {name!r} is already registered (by {getattr(old, '__module__', '?')}); "
+                         "pass replace=True to override it")
+    _TASKS[name] = loader
+
+
+def _load_pipelines():
+    """Import `visionpeft.pipelines`, whose recipes register their tasks on import. The
+    only import of pipelines/ from train/ (build_task and the deprecated names use it)."""
+    return importlib.import_module("visionpeft.pipelines")
+
+
+def task_names() -> list[str]:
+    """The registered task names, the pipelines' included (sorted)."""
+    _load_pipelines()
+    return sorted(_TASKS)
+
+
+def build_task(name: str, values: dict) -> Task:
+    """A task from its registered name and its (non-loop) config keys."""
+    if name not in _TASKS:
+        _load_pipelines()
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(_TASKS)}")
+    return _TASKS[name](dict(values))

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import visionpeft as vp
+from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
-from ...train.task import Task, TrainingError, adapter_config, task_config
 from .metrics import ConfusionMatrix
 from .model import FeatureEncoder, SiameseChangeDetector, probe_channels
 
@@ -31,12 +31,12 @@ def build_backbone(spec: dict) -> nn.Module:
     if not name:
         raise ValueError("backbone: give a name, e.g. {name: sam2_hiera_tiny, source: timm}")
     if source == "tiny":
-        from ...backbones.tiny import build_tiny
+        from visionpeft.backbones.tiny import build_tiny
 
         return build_tiny(name, seed=spec.pop("seed", 0))
     if source not in ("timm", "transformers"):
         raise ValueError(f"backbone.source must be timm, transformers or tiny, got {source!r}")
-    from ...backbones.loaders import load_backbone
+    from visionpeft.backbones import load_backbone
 
     if spec.get("pretrained", True):
         return load_backbone(source, name, **spec)
@@ -87,7 +87,7 @@ class Detector(nn.Module):
 
 def save_detector(model: Detector, folder: Path, config: dict, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if vp.core.model_ops.get_state(model.host, required=False) is not None:  # else: frozen encoder
+    if vp.adapter_names(model.host):  # else: frozen encoder
         vp.save_adapter(model.host, folder / "encoder", name=name)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.net.decoder.state_dict().items()},
               str(folder / DECODER_NAME))
@@ -163,7 +163,7 @@ class ChangeDetectionTask(Task):
         self.best_iou = -1.0
 
     def setup(self, device, dtype):
-        from ...data.change_detection import ChangeDetectionDataset, find_triples
+        from visionpeft.data.change_detection import ChangeDetectionDataset, find_triples
 
         cfg = self.cfg
         try:
@@ -226,9 +226,7 @@ class ChangeDetectionTask(Task):
             f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if not isinstance(v, list)}}) + "\n")
         if metrics["iou"] > self.best_iou:  # keep the best by change IoU
             self.best_iou = metrics["iou"]
-            from ...core.atomic import write_dir
-
-            write_dir(output_dir / "best", lambda tmp: self.save_adapters(models, tmp))
+            vp.atomic_write_dir(output_dir / "best", lambda tmp: self.save_adapters(models, tmp))
         return metrics
 
     def finish(self, models, output_dir):

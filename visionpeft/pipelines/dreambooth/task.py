@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import visionpeft as vp
-
-from .task import Task, TrainingError, adapter_config, task_config
+from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
