@@ -543,3 +543,68 @@ def test_grouped_and_dilated_convs_are_refused_where_loaders_build_conv_layers(t
     vp.import_adapter(fresh, path, name="k")  # our reader patches weights: exact
     with torch.no_grad():
         torch.testing.assert_close(fresh(x)[1], ours, atol=1e-5, rtol=1e-5)
+
+
+# --- review fixes: component picking, dW shapes, mismatched ranks, our own folders ------
+def test_a_diffusers_file_for_two_models_goes_to_the_one_that_fits(tmp_path):
+    model = _lora_small()
+    vp.export(model, tmp_path / "one.safetensors", format="diffusers")
+    tensors = load_file(str(tmp_path / "one.safetensors"))
+    other = {"text_encoder.encoder.layers.0.q_proj.lora_A.weight": torch.randn(2, 8),
+             "text_encoder.encoder.layers.0.q_proj.lora_B.weight": torch.randn(8, 2)}
+    save_file({**tensors, **other}, str(tmp_path / "two.safetensors"))
+    x = _img()
+    with torch.no_grad():
+        expected = model(x)
+    torch.manual_seed(0)
+    fresh = Small()
+    vp.load_adapter(fresh, tmp_path / "two.safetensors", name="u")  # only unet.* fits Small
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
+    both = {**tensors, **{k.replace("unet.", "transformer.", 1): v.clone() for k, v in tensors.items()}}
+    save_file(both, str(tmp_path / "both.safetensors"))
+    torch.manual_seed(0)
+    blank = Small()
+    with pytest.raises(vp.InteropError, match=r"holds LoRAs for \['transformer', 'unet'\]; say which with prefix"):
+        vp.load_adapter(blank, tmp_path / "both.safetensors")
+    assert _untouched(blank)
+    vp.load_adapter(blank, tmp_path / "both.safetensors", prefix="transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(blank(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_file_whose_dw_has_another_shape_is_refused_naming_both(tmp_path):
+    # a (1, 9) kernel has as many entries as the conv's (3, 3): only the full shape tells
+    save_file({"lora_unet_conv.lora_down.weight": torch.randn(2, 3, 1, 9),
+               "lora_unet_conv.lora_up.weight": torch.randn(8, 2, 1, 1)}, str(tmp_path / "k.safetensors"))
+    model = Small()
+    with pytest.raises(vp.InteropError, match=r"conv: the file gives dW \(8, 3, 1, 9\), the layer's weight is "
+                                              r"\(8, 3, 3, 3\)"):
+        vp.load_adapter(model, tmp_path / "k.safetensors")
+    assert _untouched(model)
+    # a file for a wider layer: named as a shape problem, not as a rank
+    save_file({"unet.fc1.lora_A.weight": torch.randn(8, 64), "unet.fc1.lora_B.weight": torch.randn(64, 8)},
+              str(tmp_path / "wide.safetensors"))
+    with pytest.raises(vp.InteropError, match=r"fc1: the file gives dW \(64, 64\), the layer's weight is \(12, 8\)"):
+        vp.load_adapter(model, tmp_path / "wide.safetensors")
+    loaded = _lora_small()
+    with pytest.raises(vp.InteropError, match=r"fc1: the file gives dW \(64, 64\)"):
+        vp.load_adapter(loaded, tmp_path / "wide.safetensors", name="a", hotswap=True)
+
+
+def test_a_lora_pair_of_two_ranks_is_refused_with_the_module(tmp_path):
+    save_file({"unet.fc1.lora_A.weight": torch.randn(2, 8), "unet.fc1.lora_B.weight": torch.randn(12, 3)},
+              str(tmp_path / "r.safetensors"))
+    model = Small()
+    with pytest.raises(vp.InteropError, match="fc1: down has rank 2, up rank 3"):
+        vp.load_adapter(model, tmp_path / "r.safetensors")
+    assert _untouched(model)
+
+
+def test_interop_calls_on_our_own_folder_say_what_it_is(tmp_path):
+    from visionpeft import interop
+
+    vp.save_adapter(_lora_small(), tmp_path / "ours", name="a")
+    assert vp.detect_format(tmp_path / "ours") == "visionpeft"
+    with pytest.raises(vp.InteropError, match="is a vp.save_adapter folder, not a foreign format"):
+        interop.detect_format(tmp_path / "ours")

@@ -322,3 +322,44 @@ def test_a_truncated_weights_file_is_an_adapter_file_error_naming_it(tmp_path):
     weights.write_bytes(weights.read_bytes()[:40])
     with pytest.raises(vp.AdapterFileError, match="adapter_model.safetensors is not a readable"):
         vp.load_adapter(nn.Sequential(nn.Linear(4, 4)), folder)
+
+
+@pytest.mark.parametrize("method, alphas", [("lora", (8.0, 3.0)), ("krona", (0.5, 2.0)), ("loha", (5.0, 2.0))])
+def test_a_hotswap_with_another_alpha_refolds_it_and_draws_no_random_numbers(tmp_path, method, alphas):
+    """The methods whose registry entry declares alpha folded take a saved adapter with
+    another alpha: the loaded module keeps its own scale (a compiled graph's constant),
+    its tensors change so that outputs equal the saved adapter's; the user's RNG stream
+    is not touched by the saved module built to hand over its factors."""
+    def build(alpha, seed):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Conv2d(10, 4, 1))
+        cfg = {"lora": vp.LoRAConfig(r=3, alpha=alpha, target_modules=["0", "2"]),
+               "krona": vp.KronAConfig(alpha=alpha, target_modules=["0", "2"]),
+               "loha": vp.LoHaConfig(r=3, alpha=alpha, target_modules=["0", "2"])}[method]
+        vp.inject(m, cfg)
+        randomize_adapters(m, seed, std=0.5)
+        return m.eval()
+
+    class Wrap(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            h = self.inner[1](self.inner[0](x))
+            return self.inner[2](h[..., None, None])
+
+    src, dst = build(alphas[0], 7), build(alphas[1], 1)
+    vp.save_adapter(src, tmp_path / "a")
+    scales = [m.scale for m in dst.modules() if hasattr(m, "scale") and isinstance(m.scale, float)]
+    params = [id(p) for p in dst.parameters()]
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    vp.load_adapter(dst, tmp_path / "a", hotswap=True)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert [id(p) for p in dst.parameters()] == params
+    assert [m.scale for m in dst.modules() if hasattr(m, "scale") and isinstance(m.scale, float)] == scales
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(Wrap(dst)(x), Wrap(src)(x), atol=1e-5, rtol=1e-5)

@@ -263,7 +263,8 @@ def hotswap_saved(model: nn.Module, path: str | os.PathLike, name: str | None = 
             for part, mod in layer.parts(name):
                 new = {p: tensors[_key(lname, part, p)] for p in mod.state_dict()}
                 if refold:  # the saved module, built from its own config, hands over its factors
-                    saved_mod = spec.module_cls(saved.for_layer(lname), mod.host)
+                    with torch.random.fork_rng(devices=[]):  # its init draws numbers: not the user's
+                        saved_mod = spec.module_cls(saved.for_layer(lname), mod.host)
                     saved_mod.load_state_dict(new)
                     mod.import_factors(saved_mod.export_factors())
                     continue

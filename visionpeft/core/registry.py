@@ -49,6 +49,10 @@ def register_method(name: str, module_cls, *, layer_kinds=("linear", "conv2d"),
             raise ValueError(f"method {name!r} is already registered")
         if folded_fields and factor_layout is None:
             raise ValueError(f"method {name!r}: folded_fields need a factor_layout to re-fold")
+        taken = [m for m, spec in _METHODS.items() if factor_layout and spec.factor_layout == factor_layout]
+        if taken:
+            raise ValueError(f"method {name!r}: the {factor_layout!r} file layout is held by {taken[0]!r} "
+                             "already; a file must find one method")
         config_cls.method = name
         _METHODS[name] = MethodSpec(name, config_cls, module_cls, tuple(layer_kinds),
                                     weight_space, version, factor_layout, tuple(runtime_fields),
@@ -78,7 +82,7 @@ def config_from_dict(data: dict) -> "MethodConfig":
 
 def method_for_layout(layout: str) -> MethodSpec:
     """The registered method whose modules hold files of ``layout`` exactly."""
-    found = [spec for spec in _METHODS.values() if spec.factor_layout == layout]
+    found = [spec for spec in _METHODS.values() if spec.factor_layout == layout]  # one at most
     if not found:
         known = sorted({s.factor_layout for s in _METHODS.values() if s.factor_layout})
         raise KeyError(f"no registered method holds {layout!r} factors; layouts with a method: {known}")

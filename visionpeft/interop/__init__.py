@@ -7,6 +7,7 @@ registry and detects formats from file contents (never from the file name alone)
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,10 @@ def detect_format(path) -> str:
                 return fmt.name
         cfg = path / "adapter_config.json"
         if cfg.is_file():
+            doc = json.loads(cfg.read_text())
+            if isinstance(doc, dict) and doc.get("format") == "visionpeft":
+                raise InteropError(f"{path} is a vp.save_adapter folder, not a foreign format: "
+                                   "vp.load_adapter / vp.detect_format read it")
             raise InteropError(f"{cfg} is neither a visionpeft nor a PEFT adapter config")
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:

@@ -13,7 +13,7 @@ from ..core.model_ops import adapted_layers, attach, get_state, plan_injection
 from ..core.registry import get_method, method_for_layout
 from ..core.targeting import canonical_modules
 from .factors import exact_targets, plain_host
-from .formats import Entries, InteropError
+from .formats import Entries, InteropError, delta_shape, fits_weight
 
 
 def _one_layout(entries: Entries, where: str) -> str:
@@ -42,6 +42,7 @@ def inject_entries(model: nn.Module, entries: Entries, name: str, where: str = "
            if not isinstance(plain_host(modules[m]), (nn.Linear, nn.Conv2d))]
     if odd:
         raise InteropError(f"{where} does not fit this model: {'; '.join(odd[:8])} (files adapt Linear/Conv2d)")
+    _check_shapes(entries, modules, where)
     tensors = {m: t for m, (_, t) in entries.items()}
     try:
         config = spec.config_cls.from_factors(tensors, exact_targets(entries))
@@ -57,6 +58,16 @@ def inject_entries(model: nn.Module, entries: Entries, name: str, where: str = "
     if problems:
         raise InteropError(f"{where} does not fit this model: " + "; ".join(problems[:8]))
     return attach(model, plan)
+
+
+def _check_shapes(entries: Entries, modules: dict, where: str) -> None:
+    wrong = []
+    for m, (layout, tensors) in entries.items():
+        shape, weight = delta_shape(layout, tensors), tuple(plain_host(modules[m]).weight.shape)
+        if not fits_weight(shape, weight):
+            wrong.append(f"{m}: the file gives dW {tuple(shape)}, the layer's weight is {weight}")
+    if wrong:
+        raise InteropError(f"{where} does not fit this model: " + "; ".join(wrong[:8]))
 
 
 def hotswap_entries(model: nn.Module, entries: Entries, name: str, where: str = "the file") -> nn.Module:
@@ -75,6 +86,7 @@ def hotswap_entries(model: nn.Module, entries: Entries, name: str, where: str = 
     if get_method(method).factor_layout != layout:
         raise InteropError(f"{where} holds {layout} factors; {name!r} is {method}, which does not hold them")
     layers = {m: layer for m, layer in adapted_layers(model).items() if name in layer.adapters}
+    _check_shapes({m: e for m, e in entries.items() if m in layers}, layers, where)
     problems = []
     if set(layers) != set(entries):
         problems.append(f"modules only in the file: {sorted(set(entries) - set(layers))[:6]}, only in "

@@ -173,11 +173,13 @@ KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": 
                     "lora_te2": "text_encoder_2"}
 
 
-def _fits(factors: dict, modules: dict) -> bool:
-    """Every module exists in the model and, where factors are given, has dW's shape."""
-    for name, f in factors.items():
+def _fits(factors, modules: dict) -> bool:
+    """Every module exists in the model and, where ``factors`` maps names to Factors
+    (not a plain collection of names), has dW's shape."""
+    for name in factors:
         if name not in modules:
             return False
+        f = factors[name] if isinstance(factors, Mapping) else None
         weight = getattr(plain_host(modules[name]), "weight", None)
         if isinstance(f, Factors) and (weight is None or
                                        (f.up.shape[0], *f.down.shape[1:]) != tuple(weight.shape)):
@@ -188,7 +190,8 @@ def _fits(factors: dict, modules: dict) -> bool:
 def pick_component(components: dict[str, dict], model, prefix: str | None, where: str) -> str:
     """The component of a multi-model file (UNet and text encoders) that ``model`` is:
     the one ``prefix`` names, the only one, or the only one whose modules all exist in
-    the model (with dW's shape, where ``components`` maps names to Factors)."""
+    the model (with dW's shape, where a component maps names to Factors; a set of
+    module names is checked by name only)."""
     if prefix is not None:
         if prefix not in components:
             raise InteropError(f"{where} has no LoRA under prefix {prefix!r}; it has {sorted(components)}")

@@ -23,6 +23,28 @@ from ..core.atomic import write_file
 Entries = dict[str, tuple[str, dict[str, torch.Tensor]]]  # module -> (layout, tensors)
 
 
+def delta_shape(layout: str, tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The shape of the dW a layout's tensors describe (a conv's kernel where the file
+    keeps its dims, else the (out, fan_in) matrix); None for a layout not known here."""
+    if layout == "lora":
+        down, up = tensors["down"], tensors["up"]
+        return (up.shape[0], *down.shape[1:])
+    if layout == "lokr":
+        w1, w2 = tensors["lokr_w1"], tensors["lokr_w2"]
+        return (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
+    if layout == "loha":
+        return (tensors["hada_w1_a"].shape[0], *tensors["hada_w1_b"].shape[1:])
+    return None
+
+
+def fits_weight(shape: tuple[int, ...] | None, weight_shape: tuple[int, ...]) -> bool:
+    """dW's shape against a layer's weight: equal, or the weight viewed as a matrix."""
+    if shape is None:
+        return True  # the method's import_factors checks it
+    flat = (weight_shape[0], int(torch.Size(weight_shape[1:]).numel()))
+    return tuple(shape) == tuple(weight_shape) or (len(shape) == 2 and tuple(shape) == flat)
+
+
 class InteropError(ValueError):
     """A file or adapter cannot be converted; the message says what was found."""
 

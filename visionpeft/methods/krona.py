@@ -211,7 +211,8 @@ class KronAModule(AdapterModule):
         self.B.copy_(w2)
 
 
-@register_method("krona", KronAModule, layer_kinds=("linear", "conv2d"), factor_layout="lokr")
+@register_method("krona", KronAModule, layer_kinds=("linear", "conv2d"), factor_layout="lokr",
+                 folded_fields=("alpha",))
 @dataclass(frozen=True)
 class KronAConfig(MethodConfig):
     """a1: output factor (A has a1 rows, B out/a1); a2: input factor (A has a2 columns, B

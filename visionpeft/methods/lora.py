@@ -70,6 +70,8 @@ class LoRAModule(AdapterModule):
         """A lower rank is zero-padded; a higher one is reduced exactly by SVD when this
         layer's rank is already its full rank (dW cannot have more)."""
         down, up = factors["down"].float().flatten(1), factors["up"].float().flatten(1)
+        if down.shape[0] != up.shape[1]:
+            raise ValueError(f"down has rank {down.shape[0]}, up rank {up.shape[1]}; a LoRA pair shares one rank")
         r, fan_in = self.lora_A.shape
         if (up.shape[0], down.shape[1]) != (self.lora_B.shape[0], fan_in):
             raise ValueError(f"factors give dW {(up.shape[0], down.shape[1])}, this layer's LoRA "
@@ -85,7 +87,7 @@ class LoRAModule(AdapterModule):
 
 
 @register_method("lora", LoRAModule, layer_kinds=("linear", "conv2d"), factor_layout="lora",
-                 folded_fields=("alpha", "rank_stabilized", "init"))
+                 runtime_fields=("dropout", "init"), folded_fields=("alpha", "rank_stabilized"))
 @dataclass(frozen=True)
 class LoRAConfig(MethodConfig):
     """r: rank; alpha: scale numerator (None = r, i.e. scale 1); dropout on the adapter
