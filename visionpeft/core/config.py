@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -28,6 +29,28 @@ def _targets_tuple(value, field_name: str) -> tuple[str, ...]:
         f"{field_name} must be a module name, a 're:' regex or a list of those; "
         f"got {value!r}"
     )
+
+
+def rank_pattern_pairs(owner: str, pattern) -> tuple[tuple[str, int], ...]:
+    """A ``rank_pattern`` ({exact layer name: rank}, or its pairs) as sorted pairs,
+    checked: what a frozen config stores (a dict is not hashable)."""
+    try:
+        pairs = pattern.items() if isinstance(pattern, dict) else pattern
+        pairs = tuple(sorted((str(k), v) for k, v in pairs))
+    except (TypeError, ValueError, AttributeError):
+        raise ConfigError(f"{owner}.rank_pattern must map layer names to ranks, got {pattern!r}") from None
+    bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise ConfigError(f"{owner}.rank_pattern ranks must be integers >= 1, got {bad[:4]}")
+    return pairs
+
+
+def split_ranks(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """(r, rank_pattern) for per-layer ranks: the most common rank (a tie goes to the
+    larger) and the layers that differ from it."""
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))
+    return r, {m: k for m, k in ranks.items() if k != r}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ host op is applied with dW, exact for convs with any stride, dilation or groups.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import ConfigError, MethodConfig, check_dropout, check_positive_int
+from ..core.config import (ConfigError, MethodConfig, check_dropout, check_positive_int, rank_pattern_pairs,
+                           split_ranks)
 from ..core.registry import register_method
 from ..ops.weight_delta import WeightDelta, linear_with_weight_delta
 
@@ -172,17 +172,7 @@ class LoHaConfig(MethodConfig):
     rank_pattern: tuple = ()
 
     def __post_init__(self):
-        pattern = self.rank_pattern
-        try:
-            pairs = pattern.items() if isinstance(pattern, dict) else pattern
-            pairs = tuple(sorted((str(k), v) for k, v in pairs))
-        except (TypeError, ValueError, AttributeError):
-            raise ConfigError(f"LoHaConfig.rank_pattern must map layer names to ranks, "
-                              f"got {pattern!r}") from None
-        bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-        if bad:
-            raise ConfigError(f"LoHaConfig.rank_pattern ranks must be integers >= 1, got {bad[:4]}")
-        object.__setattr__(self, "rank_pattern", pairs)
+        object.__setattr__(self, "rank_pattern", rank_pattern_pairs("LoHaConfig", self.rank_pattern))
         super().__post_init__()
 
     @classmethod
@@ -199,16 +189,14 @@ class LoHaConfig(MethodConfig):
             ranks[m] = min(k, f["hada_w1_a"].shape[0], f["hada_w1_b"][0].numel())
             a = f.get("alpha")
             alphas.add(None if a is None else float(a))
-        counts = Counter(ranks.values())
-        r = max(counts, key=lambda k: (counts[k], k))
-        if len(counts) == 1 and len(alphas) == 1:
+        r, pattern = split_ranks(ranks)
+        if not pattern and len(alphas) == 1:
             (alpha,) = alphas
             if alpha is None or alpha == 0.0:  # LyCORIS reads both as alpha = r: scale 1
                 return cls(r=r, target_modules=target_modules)
             if 0.0 < alpha < math.inf:
                 return cls(r=r, alpha=alpha, target_modules=target_modules)
-        return cls(r=r, target_modules=target_modules,
-                   rank_pattern={m: k for m, k in ranks.items() if k != r})
+        return cls(r=r, target_modules=target_modules, rank_pattern=pattern)
 
     def for_layer(self, name: str) -> "LoHaConfig":
         ranks = dict(self.rank_pattern)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterModule, HostSpec, check_rank
-from ..core.config import MethodConfig, ConfigError, check_choice, check_dropout, check_positive_int
+from ..core.config import (MethodConfig, check_choice, check_dropout, check_positive_int, rank_pattern_pairs,
+                           split_ranks)
 from ..core.registry import register_method
 from ..ops.low_rank import lora_add_linear, lora_delta_conv, lora_delta_weight, lora_linear, lora_scale
 
@@ -102,16 +103,7 @@ class LoRAConfig(MethodConfig):
     rank_pattern: tuple = ()
 
     def __post_init__(self):
-        pattern = self.rank_pattern
-        pairs = pattern.items() if isinstance(pattern, dict) else pattern
-        try:
-            pairs = tuple(sorted((str(k), v) for k, v in pairs))
-        except (TypeError, ValueError):
-            raise ConfigError(f"LoRAConfig.rank_pattern must map layer names to ranks, got {pattern!r}") from None
-        bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-        if bad:
-            raise ConfigError(f"LoRAConfig.rank_pattern ranks must be integers >= 1, got {bad[:4]}")
-        object.__setattr__(self, "rank_pattern", pairs)
+        object.__setattr__(self, "rank_pattern", rank_pattern_pairs("LoRAConfig", self.rank_pattern))
         super().__post_init__()
 
     @classmethod
@@ -120,10 +112,8 @@ class LoRAConfig(MethodConfig):
         has no more); the most common rank is r, the others go to rank_pattern."""
         ranks = {m: min(f["down"].shape[0], f["up"].shape[0], f["down"][0].numel())
                  for m, f in factors.items()}
-        counts = list(ranks.values())
-        r = max(set(counts), key=counts.count)
-        return cls(r=r, target_modules=target_modules,
-                   rank_pattern={m: k for m, k in ranks.items() if k != r})
+        r, pattern = split_ranks(ranks)
+        return cls(r=r, target_modules=target_modules, rank_pattern=pattern)
 
     def for_layer(self, name: str) -> "LoRAConfig":
         ranks = dict(self.rank_pattern)
