@@ -40,7 +40,7 @@ class Tab(NamedTuple):
 
 
 def _cd_checkpoint(path: str):
-    from visionpeft.pipelines.change_detection.task import find_checkpoint
+    from visionpeft.pipelines.change_detection import find_checkpoint
 
     return find_checkpoint(path)  # FileNotFoundError: not a checkpoint, nor its best/ or adapter/
 

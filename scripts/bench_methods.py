@@ -6,7 +6,7 @@ Hosts (random init, built here):
         dim 320) as self-attention and as cross-attention over 77 x 768 text tokens,
         adapters on to_q / to_k / to_v / to_out.0
 Variants: our methods (lora, krona, block_lora, and wara / snell / snella (SNELL with SNELLA's
-softmax term) / snell_compiled, snella_compiled (with vp.set_compiled_kernels(True)) and
+softmax term) / snell_compiled, snella_compiled (inside vp.kernels(compiled=True)) and
 snell_compiled_gemm (the same without SNELL's C backward) when registered),
 PEFT LoRA, LoKr (nearest to KronA), WaveFT (nearest to WaRA), and for SNELL a dense
 masked-gradient sparse-tuning baseline (the weights themselves trainable, gradients masked
@@ -55,7 +55,7 @@ OUR_CONFIGS = {
 }
 # variants that are a setting of another method
 METHOD_OF = {"snella": "snell", "snell_compiled": "snell", "snella_compiled": "snell", "snell_compiled_gemm": "snell"}
-# run with vp.set_compiled_kernels(True) (compiled during warm-up); the _gemm variant with
+# run inside vp.kernels(compiled=True) (compiled during warm-up); the _gemm variant with
 # SNELL's C backward off (ops/native.py): the dense g^T x and the compiled loops instead
 COMPILED = {"snell_compiled", "snella_compiled", "snell_compiled_gemm"}
 NATIVE_OFF = {"snell_compiled_gemm"}

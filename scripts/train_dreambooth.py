@@ -2,7 +2,7 @@
 run on visionpeft's loop with any adapter. Every flag maps to a config key of
 `visionpeft train` (see configs/dreambooth_lora_sd15.yaml); --adapter picks the method
 and --adapter_args adds its fields. --rank sets the method's rank field (r for LoRA,
-WaRA, Block-LoRA and SNELL; bottleneck for the bottleneck adapter; LoRA's default is 4,
+WaRA, Block-LoRA, SNELL and LoHa; bottleneck for the bottleneck adapter; LoRA's default is 4,
 as in diffusers); a method without one (KronA: use its factors a1/a2) refuses it.
 
     accelerate launch scripts/train_dreambooth.py \\
@@ -82,7 +82,7 @@ def parse(argv=None) -> dict:
     for name in SWITCHES:
         p.add_argument(f"--{name}", action="store_true")
     p.add_argument("--rank", type=int, default=None,
-                   help="the adapter's rank field: r (lora, wara, block_lora, snell; lora default 4) or "
+                   help="the adapter's rank field: r (lora, wara, block_lora, snell, loha; lora default 4) or "
                         "bottleneck (adapter); krona has none (use --adapter_args with a1/a2)")
     p.add_argument("--adapter", default="lora", help="any registered method (visionpeft methods)")
     p.add_argument("--adapter_args", default="{}", help='YAML mapping of method fields, e.g. "{a1: 4, a2: 4}"')

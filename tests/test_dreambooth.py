@@ -305,6 +305,14 @@ def test_dreambooth_moved_to_pipelines_with_a_deprecation_path():
         build_task("nope", {})
     with pytest.raises(AttributeError):
         visionpeft.train.NoSuchThing  # noqa: B018
+    # the old module path too (a fresh import, so that its warning fires here)
+    import importlib
+    import sys
+
+    sys.modules.pop("visionpeft.train.dreambooth", None)
+    with pytest.warns(DeprecationWarning, match=r"visionpeft\.train\.dreambooth moved"):
+        old_module = importlib.import_module("visionpeft.train.dreambooth")
+    assert old_module.DreamBoothTask is DreamBoothTask and old_module.DreamBoothConfig is DreamBoothConfig
 
 
 def test_run_config_finds_pipeline_tasks_in_a_fresh_process():

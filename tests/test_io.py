@@ -138,6 +138,13 @@ def test_foreign_folders_go_to_import_and_future_versions_are_refused(tmp_path):
     # a folder whose subfolders hold adapters (a DreamBooth run's adapter/) names them
     with pytest.raises(vp.AdapterFileError, match=r"has no adapter_config.json: its subfolders \['dog', 'peft'\]"):
         vp.load_adapter(ToyNet(), tmp_path)
+    # and one level further (a DreamBooth output_dir holds adapter/unet, adapter/text_encoder)
+    run = tmp_path / "run"
+    vp.save_adapter(_trained("lora"), run / "adapter" / "unet", name="dog")
+    (run / "checkpoint-5").mkdir()
+    with pytest.raises(vp.AdapterFileError, match=r"its subfolders \['adapter/unet'\] hold adapters; pass the one "
+                                                  r"for this model, e.g. .*run/adapter/unet"):
+        vp.load_adapter(ToyNet(), run)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         vp.load_adapter(ToyNet(), tmp_path / "empty")

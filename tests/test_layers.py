@@ -34,6 +34,8 @@ ALLOWED_UP = {
     ("visionpeft.train.task", "visionpeft.pipelines"):
         "a YAML task name is looked up after importing the pipelines package, whose recipes register "
         "themselves (by package, never by recipe); visionpeft.train.DreamBoothTask's deprecation path uses it",
+    ("visionpeft.train.dreambooth", "visionpeft.pipelines.dreambooth"):
+        "the old module path, kept as a deprecation shim",
 }
 
 

@@ -27,11 +27,12 @@ def detect_format(path) -> str:
 
 
 def _adapter_subfolders(path: Path) -> list[str]:
-    """Subfolders of ``path`` that hold an adapter (a DreamBooth run's ``adapter/`` holds
-    ``unet`` and ``text_encoder``)."""
+    """Folders up to two levels below ``path`` that hold an adapter, relative to it (a
+    DreamBooth run's output holds ``adapter/unet`` and ``adapter/text_encoder``)."""
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and (p / io.CONFIG_NAME).is_file())
+    found = sorted(str(p.parent.relative_to(path)) for p in path.glob("*/" + io.CONFIG_NAME))
+    return found or sorted(str(p.parent.relative_to(path)) for p in path.glob("*/*/" + io.CONFIG_NAME))
 
 
 def _check_exists(path: Path) -> None:

@@ -6,8 +6,8 @@ from visionpeft.train import register_task
 
 from .metrics import ConfusionMatrix, metrics_from_confusion
 from .model import FeatureEncoder, SiameseChangeDetector
-from .task import (ChangeDetectionConfig, ChangeDetectionTask, Detector, evaluate, load_detector,
-                   predict_probs)
+from .task import (ChangeDetectionConfig, ChangeDetectionTask, Detector, evaluate, find_checkpoint,
+                   load_detector, predict_probs)
 
 
 def _task(values: dict) -> ChangeDetectionTask:
@@ -17,5 +17,5 @@ def _task(values: dict) -> ChangeDetectionTask:
 register_task("change_detection", _task)
 
 __all__ = ["ConfusionMatrix", "metrics_from_confusion", "FeatureEncoder", "SiameseChangeDetector",
-           "ChangeDetectionConfig", "ChangeDetectionTask", "Detector", "evaluate", "load_detector",
+           "ChangeDetectionConfig", "ChangeDetectionTask", "Detector", "evaluate", "find_checkpoint", "load_detector",
            "predict_probs"]
