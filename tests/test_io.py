@@ -370,3 +370,19 @@ def test_a_hotswap_with_another_alpha_refolds_it_and_draws_no_random_numbers(tmp
     x = torch.randn(4, 6)
     with torch.no_grad():
         torch.testing.assert_close(Wrap(dst)(x), Wrap(src)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_as_visionpeft_is_save_adapter(tmp_path):
+    model = _trained("lora")
+    report = vp.export(model, tmp_path / "ours", format="visionpeft")
+    assert report.format == "visionpeft" and report.layers == 6 and vp.detect_format(report.path) == "visionpeft"
+    x, img = toy_inputs()
+    torch.manual_seed(0)
+    fresh = ToyNet().eval()
+    vp.load_adapter(fresh, report.path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, img), model(x, img))
+    with pytest.raises(ValueError, match="takes no rank or prefix"):
+        vp.export(model, tmp_path / "again", format="visionpeft", rank=4)
+    with pytest.raises(ValueError, match=r"format must be one of \['peft', 'lycoris', 'kohya', 'diffusers', 'merged'\]"):
+        vp.export(model, tmp_path / "x", format="nope")

@@ -27,8 +27,8 @@ from .core.targeting import TargetError  # noqa: E402
 from .methods import *  # noqa: E402,F401,F403
 from .methods import __all__ as _method_names  # noqa: E402
 from .backbones import presets  # noqa: E402
-from .interop import ExportReport, InteropError, export  # noqa: E402
-from .files import detect_format, hotswap_adapter, import_adapter, load_adapter  # noqa: E402
+from .interop import ExportReport, InteropError  # noqa: E402
+from .files import detect_format, export, hotswap_adapter, import_adapter, load_adapter  # noqa: E402
 from .ops.compiled import set_compiled_kernels  # noqa: E402
 from .ops.kernels import kernels  # noqa: E402
 from .ops.native import set_native_kernels  # noqa: E402

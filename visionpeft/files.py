@@ -1,5 +1,6 @@
-"""Adapter files, whatever wrote them: the one place that sends a path to our own format
-(`core.io`) or to a foreign one (`interop`), for loading, hot-swapping and importing.
+"""Adapter files, whatever wrote them or reads them: the one place that sends a path to
+our own format (`core.io`) or to a foreign one (`interop`), for loading, hot-swapping,
+importing and exporting.
 
     vp.load_adapter(unet, "out/dog")                       # vp.save_adapter folder
     vp.load_adapter(unet, "their_lora.safetensors")        # diffusers / kohya / LyCORIS file
@@ -16,6 +17,8 @@ from . import interop
 from .core import io
 from .core.atomic import recover
 from .core.io import AdapterFileError
+from .core.model_ops import adapter_names
+from .interop import ExportReport
 
 NATIVE = "visionpeft"
 
@@ -89,3 +92,21 @@ def import_adapter(model: nn.Module, path, name: str = "default", format: str | 
     if (format or detect_format(path)) == NATIVE:
         return io.load_saved(model, path, name)
     return interop.import_adapter(model, path, name, format, prefix)
+
+
+def export(model: nn.Module, path, name: str | None = None, format: str = "peft", rank: int | None = None,
+           prefix: str | None = None) -> ExportReport:
+    """Write adapter ``name`` for another tool (`interop.export`: "peft", "diffusers",
+    "kohya", "lycoris", "merged"), or as our own folder with ``format="visionpeft"``
+    (`save_adapter`)."""
+    if format == NATIVE:
+        if rank is not None or prefix is not None:
+            raise ValueError("format='visionpeft' saves the adapter as it is: it takes no rank or prefix")
+        if name is None:
+            names = adapter_names(model)
+            if len(names) != 1:
+                raise ValueError(f"the model has adapters {names}; name the one to export")
+            name = names[0]
+        saved = io.save_adapter(model, path, name)
+        return ExportReport(saved, NATIVE, len(io.read_adapter_config(saved)["targets"]))
+    return interop.export(model, path, name, format, rank, prefix)

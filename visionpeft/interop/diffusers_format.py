@@ -5,14 +5,12 @@ that `pipe.load_lora_weights`, `UNet2DConditionModel.load_lora_adapter` and
 from __future__ import annotations
 
 import json
-import math
 import re
 
 from .diffusers_layouts import looks_converted, pick_component, read_converted
-from .factors import Factors, export_lora_factors, lora_entries
+from .factors import Factors, export_lora_factors, lora_entries, peft_scale
 from .formats import (ExportReport, FileFormat, InteropError, read_keys, read_tensors, register_format,
                       save_tensors_file, single_file, the_file)
-from .peft_format import _pattern_value
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -43,12 +41,7 @@ def _scales(metadata: dict | None, prefix: str):
     if "r" not in cfg:
         return None
 
-    def scale(module: str) -> float:
-        r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
-        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-    return scale
+    return lambda module: peft_scale(cfg, module)
 
 
 def from_tensors(tensors: dict, prefix: str | None, where: str, metadata: dict | None = None,

@@ -11,6 +11,7 @@ relative error reported per layer.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,22 @@ class Factors:
     def delta_weight(self) -> torch.Tensor:
         d = self.up.float() @ self.down.float().flatten(1)
         return d.reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+def peft_scale(config: dict, module: str) -> float:
+    """alpha / r (or alpha / sqrt(r) with use_rslora) of one module under a PEFT LoraConfig
+    (as a dict: r, lora_alpha, rank_pattern, alpha_pattern), PEFT's pattern rule: a
+    pattern key must match a suffix of the module's name. PEFT folders and diffusers'
+    ``lora_adapter_metadata`` header both carry one."""
+    def value(patterns: dict, default):
+        for key, v in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return v
+        return default
+
+    r = value(config.get("rank_pattern"), config["r"])
+    alpha = value(config.get("alpha_pattern"), config.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def lora_entries(factors: dict[str, Factors]) -> Entries:

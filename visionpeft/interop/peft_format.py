@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from ..core.atomic import write_dir
-from .factors import Factors, export_lora_factors, lora_entries
+from .factors import Factors, export_lora_factors, lora_entries, peft_scale
 from .formats import ExportReport, FileFormat, InteropError, register_format
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,13 +46,6 @@ def write(factors: dict[str, Factors], folder: Path) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    for key, value in patterns.items():  # PEFT's rule: the pattern must match a name suffix
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def read(folder: Path) -> dict[str, Factors]:
     if not is_peft_folder(folder):
         raise InteropError(f"{folder} is not a PEFT adapter folder (adapter_config.json with peft_type)")
@@ -81,10 +73,7 @@ def read(folder: Path) -> dict[str, Factors]:
         if set(ab) != {"A", "B"}:
             raise InteropError(f"{folder}: {module} has only lora_{''.join(ab)}")
         down, up = ab["A"].float(), ab["B"].float().flatten(1)
-        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        out[module] = Factors(down, up * scale)
+        out[module] = Factors(down, up * peft_scale(config, module))
     return out
 
 
