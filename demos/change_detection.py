@@ -37,7 +37,9 @@ def detect(image_a, image_b, checkpoint: str):
         model, cfg = _model(checkpoint.strip())
     except (FileNotFoundError, ValueError) as err:
         raise gr.Error(str(err)) from None
-    to_tensor = lambda x: torch.from_numpy(x[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    def to_tensor(x):
+        return torch.from_numpy(x[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
     probs = predict_probs(model, to_tensor(a), to_tensor(b), cfg["image_size"])[0].numpy()
     changed = probs > 0.5
     mask = changed.astype(np.uint8) * 255

@@ -11,6 +11,11 @@ import visionpeft as vp  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Debian's Chromium, which .ci/run installs, for the demos' headless-browser tests
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"]
+
 # One tiny config per registered method; test_registry_covers_every_method keeps this
 # in step with the registry, so a new method is put under every shared test body.
 METHOD_CONFIGS = {

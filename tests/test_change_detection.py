@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import visionpeft as vp
-from conftest import randomize_adapters
+from conftest import CHROMIUM, CHROMIUM_FLAGS, randomize_adapters
 from visionpeft.backbones import presets
 from visionpeft.backbones.tiny import build_tiny
 from visionpeft.data.change_detection import write_synthetic_levir
@@ -183,7 +183,6 @@ def test_the_gradio_demo_answers_through_gradio_client(trained):
         demo.close()
 
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package, which .ci/run installs
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)")
@@ -195,11 +194,9 @@ def test_the_demo_in_a_headless_browser(trained, tmp_path):
     root, _ = trained
     demo = demo_module.build(str(root / "out"))
     demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", "--disable-quic"]
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page()
             page.goto(demo.local_url)
             inputs = page.locator("input[type=file]")

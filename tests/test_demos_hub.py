@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import CHROMIUM, CHROMIUM_FLAGS
+
 from visionpeft.data.change_detection import write_synthetic_levir
 from visionpeft.train import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"  # Debian's package, which .ci/run installs
 QUIET = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 
 
@@ -51,7 +52,9 @@ def _direct(root, i):
     """detect() called directly, as the tab's endpoint should answer."""
     hub = _hub()
     a, b = _pair(root, i)
-    rgb = lambda p: np.asarray(Image.open(p).convert("RGB"))
+    def rgb(path):
+        return np.asarray(Image.open(path).convert("RGB"))
+
     return hub.load_demo("change_detection").detect(rgb(a), rgb(b), str(root / "out"))
 
 
@@ -108,11 +111,9 @@ def test_the_hub_in_a_headless_browser(trained, tmp_path):
     hub = _hub()
     app = hub.build_app(cd_checkpoint=str(trained / "out"))
     app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", "--disable-quic"]
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page()
             page.goto(app.local_url)
             tab = page.get_by_role("tab", name="Change detection")

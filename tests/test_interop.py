@@ -220,26 +220,33 @@ def test_a_diffusers_file_hot_swaps_into_a_compiled_lora(tmp_path):
         vp.load_adapter(small, path, name="a", hotswap=True)
 
 
-def test_lycoris_lora_file_imports_through_the_kohya_layout(tmp_path):
-    """LyCORIS's LoCon writes lora_down / lora_up / alpha (the kohya layout) under
-    prefix "lycoris", with alpha != r, Linear and conv."""
+def _lycoris_network_file(path, seed, std, **kw):
+    """A LyCORIS network on a Small host (create_lycoris(**kw)), its parameters set at
+    random, saved by LyCORIS to ``path``: -> (an untouched copy of the host, the network's
+    output on _img(), that input)."""
     from lycoris import create_lycoris
 
     torch.manual_seed(0)
     host = Small()
     fresh = copy.deepcopy(host)
-    network = create_lycoris(host, 1.0, linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=8,
-                             algo="lora")
+    network = create_lycoris(host, 1.0, **kw)
     network.apply_to()
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in network.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    network.save_weights(str(tmp_path / "locon.safetensors"), torch.float32, None)
-    assert vp.detect_format(tmp_path / "locon.safetensors") == "kohya"
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    network.save_weights(str(path), torch.float32, None)
     x = _img()
     with torch.no_grad():
-        expected = host(x)
+        return fresh, host(x), x
+
+
+def test_lycoris_lora_file_imports_through_the_kohya_layout(tmp_path):
+    """LyCORIS's LoCon writes lora_down / lora_up / alpha (the kohya layout) under
+    prefix "lycoris", with alpha != r, Linear and conv."""
+    fresh, expected, x = _lycoris_network_file(tmp_path / "locon.safetensors", 6, 0.3, linear_dim=4,
+                                               linear_alpha=2, conv_dim=4, conv_alpha=8, algo="lora")
+    assert vp.detect_format(tmp_path / "locon.safetensors") == "kohya"
     vp.import_adapter(fresh, tmp_path / "locon.safetensors", name="l")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
@@ -272,22 +279,8 @@ def test_lycoris_export_loads_in_lycoris_with_the_same_outputs(tmp_path):
 
 
 def test_lycoris_lokr_file_imports_as_krona(tmp_path):
-    from lycoris import create_lycoris
-
-    torch.manual_seed(0)
-    host = Small()
-    fresh = copy.deepcopy(host)
-    network = create_lycoris(host, 1.0, linear_dim=100000, linear_alpha=1, algo="lokr", factor=-1,
-                             full_matrix=True)
-    network.apply_to()
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    network.save_weights(str(tmp_path / "lokr.safetensors"), torch.float32, None)
-    x = _img()
-    with torch.no_grad():
-        expected = host(x)
+    fresh, expected, x = _lycoris_network_file(tmp_path / "lokr.safetensors", 4, 0.3, linear_dim=100000,
+                                               linear_alpha=1, algo="lokr", factor=-1, full_matrix=True)
     vp.import_adapter(fresh, tmp_path / "lokr.safetensors", name="kr")
     assert vp.get_method(vp.core.model_ops.get_state(fresh).configs["kr"].method).name == "krona"
     with torch.no_grad():
@@ -349,21 +342,8 @@ def test_loha_export_loads_in_lycoris_and_reimports_to_the_same_file(tmp_path):
 
 
 def test_lycoris_loha_network_imports_as_loha_and_hot_swaps(tmp_path):
-    from lycoris import create_lycoris
-
-    torch.manual_seed(0)
-    host = Small()
-    fresh = copy.deepcopy(host)
-    network = create_lycoris(host, 1.0, linear_dim=4, linear_alpha=2, conv_dim=2, conv_alpha=4, algo="loha")
-    network.apply_to()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    network.save_weights(str(tmp_path / "loha.safetensors"), torch.float32, None)
-    x = _img()
-    with torch.no_grad():
-        expected = host(x)
+    fresh, expected, x = _lycoris_network_file(tmp_path / "loha.safetensors", 5, 0.5, linear_dim=4,
+                                               linear_alpha=2, conv_dim=2, conv_alpha=4, algo="loha")
     vp.import_adapter(fresh, tmp_path / "loha.safetensors", name="lh")
     with torch.no_grad():
         out = fresh(x)

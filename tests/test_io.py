@@ -384,5 +384,6 @@ def test_export_as_visionpeft_is_save_adapter(tmp_path):
         assert torch.equal(fresh(x, img), model(x, img))
     with pytest.raises(ValueError, match="takes no rank or prefix"):
         vp.export(model, tmp_path / "again", format="visionpeft", rank=4)
-    with pytest.raises(ValueError, match=r"format must be one of \['peft', 'lycoris', 'kohya', 'diffusers', 'merged'\]"):
+    with pytest.raises(ValueError,
+                       match=r"format must be one of \['peft', 'lycoris', 'kohya', 'diffusers', 'merged'\]"):
         vp.export(model, tmp_path / "x", format="nope")

@@ -267,6 +267,15 @@ def _file_dw(f):
     return (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * f["alpha"] / f["hada_w1_b"].shape[0]
 
 
+def _inject_factors(model, config, factors):
+    """Adapter "imp" from ``config``, each layer's factors written in: -> the adapted layers."""
+    vp.inject(model, config, name="imp")
+    layers = adapted_layers(model)
+    for name, f in factors.items():
+        layers[name].adapters["imp"]["full"].import_factors(f)
+    return layers
+
+
 def test_a_lycoris_network_imports_exactly_and_exports_the_same_file():
     torch.manual_seed(0)
     base = _Net().eval()
@@ -280,10 +289,7 @@ def test_a_lycoris_network_imports_exactly_and_exports_the_same_file():
     assert sorted(factors) == sorted(LAYERS)
     config = vp.LoHaConfig.from_factors(factors, target_modules=sorted(factors))
     assert (config.r, config.alpha, config.rank_pattern) == (4, 2.0, ())
-    vp.inject(ours, config, name="imp")
-    layers = adapted_layers(ours)
-    for name, f in factors.items():
-        layers[name].adapters["imp"]["full"].import_factors(f)
+    layers = _inject_factors(ours, config, factors)
     with torch.no_grad():
         _assert_outputs_close(ours(x, img), expected)
     for name, f in factors.items():  # tensors round-trip bit for bit
@@ -308,10 +314,7 @@ def test_a_lycoris_network_with_per_layer_ranks_and_an_oversized_rank_imports():
     assert config.alpha is None and config.r in (2, 4)
     assert dict(config.rank_pattern) == {k: v for k, v in {"block.fc": 4, "small": 3, "conv": 2,
                                                            "gconv": 2}.items() if v != config.r}
-    vp.inject(ours, config, name="imp")
-    layers = adapted_layers(ours)
-    for name, f in factors.items():
-        layers[name].adapters["imp"]["full"].import_factors(f)
+    layers = _inject_factors(ours, config, factors)
     with torch.no_grad():
         _assert_outputs_close(ours(x, img), expected)
     for name, f in factors.items():  # exported back: the same dW by LyCORIS's rule
