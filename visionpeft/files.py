@@ -46,8 +46,9 @@ def _check_exists(path: Path) -> None:
     if path.is_dir() and not (path / io.CONFIG_NAME).is_file() and not any(path.glob("*.safetensors")):
         subs = _adapter_subfolders(path)
         if subs:
+            example = next((x for x in subs if x.startswith("adapter/")), subs[-1])  # a run's final adapters
             raise AdapterFileError(f"{path} has no {io.CONFIG_NAME}: its subfolders {subs} hold adapters; "
-                                   f"pass the one for this model, e.g. {path / subs[-1]}")
+                                   f"pass the one for this model, e.g. {path / example}")
         raise FileNotFoundError(f"{path} has no {io.CONFIG_NAME} and no .safetensors file; is it an "
                                 "adapter folder?")
 
