@@ -235,7 +235,7 @@ BASE_ARGS = ["--pretrained_model_name_or_path", "sd", "--instance_data_dir", "in
 
 
 @pytest.mark.parametrize("method,field", [("lora", "r"), ("wara", "r"), ("block_lora", "r"), ("snell", "r"),
-                                          ("adapter", "bottleneck")])
+                                          ("loha", "r"), ("adapter", "bottleneck")])
 def test_the_script_maps_rank_to_each_methods_rank_field(method, field):
     import visionpeft as vp
 
