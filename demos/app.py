@@ -120,8 +120,8 @@ def serve(host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
     build_app(**options).launch(server_name=host, server_port=port, share=share)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     options = vars(p.parse_args(argv))
     host, port, share = options.pop("host"), options.pop("port"), options.pop("share")

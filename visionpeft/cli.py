@@ -180,9 +180,8 @@ def _demo_hub():
 
 
 def _cmd_demo(args) -> int:
-    hub = _demo_hub()
-    hub.serve(host=args.host, port=args.port, share=args.share, cd_checkpoint=args.cd_checkpoint)
-    return 0
+    # the hub's own parser reads the options, so a new tab's flag needs no change here
+    return _demo_hub().main(args.hub_args, prog="visionpeft demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,21 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile", type=int, help="window size (default: the training image size)")
     d.add_argument("--stride", type=int, help="window stride (default: half the tile)")
     d.set_defaults(func=_cmd_predict_cd)
-    g = sub.add_parser("demo", help="serve the Gradio demos, one tab per pipeline (demos/app.py)")
-    g.add_argument("--cd-checkpoint", metavar="DIR", help="change detection: a trained checkpoint "
-                   "(output_dir, best/ or adapter/), the tab's default")
-    g.add_argument("--port", type=int, default=7860, metavar="N")
-    g.add_argument("--host", default="127.0.0.1", metavar="H",
-                   help="address to bind (0.0.0.0: every interface)")
-    g.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    g.set_defaults(func=_cmd_demo)
+    g = sub.add_parser("demo", add_help=False,
+                       help="serve the Gradio demos, one tab per pipeline (demos/app.py; "
+                            "visionpeft demo --help lists its options)")
+    g.set_defaults(func=_cmd_demo)  # its options (--cd-checkpoint DIR, --port N, ...) go to the hub's parser
     return p
 
 
 def main(argv=None) -> int:
     from .train import TrainingError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        args.hub_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError, TrainingError) as err:
