@@ -28,7 +28,7 @@ from .methods import *  # noqa: E402,F401,F403
 from .methods import __all__ as _method_names  # noqa: E402
 from .backbones import presets  # noqa: E402
 from .interop import ExportReport, InteropError  # noqa: E402
-from .files import detect_format, export, hotswap_adapter, import_adapter, load_adapter  # noqa: E402
+from .files import detect_format, export, hotswap_adapter, import_adapter, list_formats, load_adapter  # noqa: E402,E501
 from .ops.compiled import set_compiled_kernels  # noqa: E402
 from .ops.kernels import kernels  # noqa: E402
 from .ops.native import set_native_kernels  # noqa: E402
@@ -40,7 +40,7 @@ __all__ = [
     "active_adapters", "disabled", "routing", "merge",
     "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
     "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",
-    "presets", "export", "import_adapter", "detect_format", "ExportReport", "InteropError",
+    "presets", "export", "import_adapter", "detect_format", "list_formats", "ExportReport", "InteropError",
     "set_compiled_kernels", "set_native_kernels", "kernels", "release_scratch",
     *_method_names,
 ]

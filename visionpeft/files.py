@@ -23,6 +23,11 @@ from .interop import ExportReport
 NATIVE = "visionpeft"
 
 
+def list_formats() -> list[str]:
+    """Every format `export` writes or `load_adapter` reads: ours, then the registered ones."""
+    return [NATIVE, *interop.FORMATS]
+
+
 def detect_format(path) -> str:
     """"visionpeft" (a `vp.save_adapter` folder) or the registered foreign format of a
     folder or file ("peft", "diffusers", "kohya", "lycoris"), read from its contents."""
