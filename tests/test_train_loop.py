@@ -183,6 +183,10 @@ def test_bad_settings_are_refused():
         TrainConfig(lr_scheduler="warm")
     with pytest.raises(ValueError, match="max_train_steps must be an integer >= 1"):
         TrainConfig(max_train_steps=0)
+    # `mixed_precision: no` unquoted, or --set mixed_precision=no, reaches us as YAML's false
+    assert TrainConfig(mixed_precision=False).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        TrainConfig(mixed_precision=True)
     with pytest.raises(ValueError, match="use_8bit_adam needs bitsandbytes"):
         pytest.importorskip("accelerate")
         train(ToyTask(), TrainConfig(use_8bit_adam=True, cpu=True, output_dir="/tmp/vp-never"))

@@ -67,6 +67,8 @@ class TrainConfig:
                 bad(f"{name} must be an integer >= 1, got {v!r}")
         if self.lr_scheduler not in SCHEDULERS:
             bad(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` (also from --set) as false
+            self.mixed_precision = "no"
         if self.mixed_precision not in PRECISIONS:
             bad(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
