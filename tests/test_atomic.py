@@ -236,3 +236,28 @@ def test_an_old_copy_superseded_by_a_newer_folder_is_removed(tmp_path):
     atomic.recover(tmp_path / "out")
     assert (tmp_path / "out" / "a.txt").read_text() == "new"
     assert names(tmp_path) == ["out"]
+
+
+def test_saved_adapters_and_exports_are_0644_under_umask_022_though_safetensors_writes_0600(tmp_path):
+    from safetensors.torch import save_file
+    mask = os.umask(0o022)
+    try:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]))
+        vp.save_adapter(model, tmp_path / "adapter")
+        vp.export(model, tmp_path / "peft", format="peft")
+        vp.export(model, tmp_path / "kohya.safetensors", format="kohya")
+        # a writer's own private temporary (mkstemp: 0600), a subfolder and an executable
+        atomic.write_dir(tmp_path / "out", lambda d: (save_file({"a": torch.zeros(2)}, str(d / "w.safetensors")),
+                                                      (d / "sub").mkdir(mode=0o700),
+                                                      (d / "sub" / "run.sh").write_text("#!/bin/sh\n"),
+                                                      os.chmod(d / "sub" / "run.sh", 0o700)))
+        atomic.write_file(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, tmp))
+    finally:
+        os.umask(mask)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"adapter": 0o755, "adapter/adapter_config.json": 0o644,
+                     "adapter/adapter_model.safetensors": 0o644,
+                     "peft": 0o755, "peft/adapter_config.json": 0o644, "peft/adapter_model.safetensors": 0o644,
+                     "kohya.safetensors": 0o644, "out": 0o755, "out/w.safetensors": 0o644, "out/sub": 0o755,
+                     "out/sub/run.sh": 0o744, "w.safetensors": 0o644}  # its own x bit kept

@@ -93,6 +93,13 @@ def test_prior_preservation_validation_snr_cache_and_exports(tiny, tmp_path):
 
     unet = UNet2DConditionModel.from_pretrained(tiny / "sd", subfolder="unet")
     unet.load_lora_adapter(res.report["export_diffusers"], prefix="unet")  # diffusers reads it
+    # one folder per format, each holding one weights file a loader pointed at it finds
+    export = out / "export"
+    assert sorted(p.relative_to(export).as_posix() for p in export.rglob("*")) == [
+        "diffusers", "diffusers/pytorch_lora_weights.safetensors", "kohya", "kohya/default.safetensors",
+        "peft", "peft/adapter_config.json", "peft/adapter_model.safetensors"]
+    assert res.report["export_diffusers"] == str(export / "diffusers" / "pytorch_lora_weights.safetensors")
+    assert res.report["export_peft"] == str(export / "peft")
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, tmp_path):
@@ -384,3 +391,81 @@ def test_mixed_precision_validation_and_random_crops(tiny, tmp_path):
     res = run_config(values)
     assert res.step == 2 and all(np.isfinite(res.losses))
     assert (tmp_path / "validation" / "step-000002.png").is_file()
+
+
+def test_bad_export_formats_and_a_missing_export_rank_are_refused_when_the_config_is_built(tiny, tmp_path):
+    def build(**kw):
+        values = _values(tiny, tmp_path, **kw)
+        loop_keys = set(TrainConfig.__dataclass_fields__)
+        return DreamBoothConfig.from_dict({k: v for k, v in values.items() if k not in loop_keys and k != "task"})
+
+    with pytest.raises(ValueError, match=r"'safetensor' is not a format vp\.export writes; choose from "
+                                         r"\['visionpeft', 'peft', 'lycoris', 'kohya', 'diffusers', 'merged'\]"):
+        build(export_formats=["diffusers", "safetensor"])
+    wara = {"method": "wara", "r": 4, "target_modules": ATTN}
+    with pytest.raises(ValueError, match=r"\['diffusers', 'kohya'\] write LoRA factors; adapter is wara.*"
+                                         r"set export_rank"):
+        build(adapter=wara, export_formats=["diffusers", "kohya", "merged"])
+    with pytest.raises(ValueError, match=r"text_encoder_adapter is loha.*export_rank"):
+        build(text_encoder_adapter={"method": "loha", "r": 2, "target_modules": ["q_proj"]}, export_formats=["peft"])
+    with pytest.raises(ValueError, match="export_rank must be a positive integer"):
+        build(adapter=wara, export_formats=["diffusers"], export_rank=0)
+    with pytest.raises(ValueError, match="'lycoris' writes LoRA, LoKr"):
+        build(adapter=wara, export_formats=["lycoris"], export_rank=4)
+    build(adapter=wara, export_formats=["diffusers", "merged", "visionpeft"], export_rank=4)  # fine
+    build(export_formats=["peft", "diffusers", "kohya", "lycoris", "merged", "visionpeft"])  # LoRA: no rank
+
+
+def test_class_image_generation_says_how_many_at_what_size_and_how_long(tiny, tmp_path, capsys):
+    values = _values(tiny, tmp_path / "out", with_prior_preservation=True, class_data_dir=str(tmp_path / "cls"),
+                     class_prompt="a dog", num_class_images=3, sample_batch_size=1, max_train_steps=1)
+    run_config(values)
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "generating 3 class images of 'a dog' at 32x32" in text
+    assert "the first batch of 1 took" in text and "more for the other 2" in text
+
+
+@pytest.mark.parametrize("pipe", ["sd", "sdxl"])
+def test_diffusers_export_holds_unet_and_text_encoder_loras_for_load_lora_weights(tiny, tmp_path, pipe):
+    """pipe.load_lora_weights(export/diffusers) loads the UNet's and the text encoders'
+    LoRA from the one file, computing what the trained models compute."""
+    import visionpeft as vp
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "out"
+    values = _values(tiny, out, pretrained_model=str(tiny / pipe), max_train_steps=3, learning_rate=5e-2,
+                     export_formats=["diffusers"],
+                     text_encoder_adapter={"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]})
+    run_config(values)
+    folder = out / "export" / "diffusers"
+    assert sorted(p.name for p in folder.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    encoders = ["text_encoder"] + (["text_encoder_2"] if pipe == "sdxl" else [])
+    keys = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".", 1)[0] for k in keys} == {"unet", *encoders}
+
+    theirs = DiffusionPipeline.from_pretrained(tiny / pipe)
+    theirs.load_lora_weights(folder)
+    ours = DiffusionPipeline.from_pretrained(tiny / pipe)
+    for name in ["unet", *encoders]:
+        vp.load_adapter(getattr(ours, name), out / "adapter" / name)
+    torch.manual_seed(0)
+    ids = theirs.tokenizer(["a photo of sks dog"], padding="max_length", max_length=theirs.tokenizer.model_max_length,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        for name in encoders:
+            a = getattr(theirs, name)(ids, output_hidden_states=True)
+            b = getattr(ours, name)(ids, output_hidden_states=True)
+            torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-4)
+            base = getattr(DiffusionPipeline.from_pretrained(tiny / pipe), name)(ids)[0]
+            assert not torch.allclose(base, b[0], atol=1e-4)  # the text encoder's LoRA did change it
+        unet = ours.unet
+        lat = torch.randn(1, unet.config.in_channels, 8, 8)
+        hidden = torch.randn(1, ids.shape[1], unet.config.cross_attention_dim)
+        kw = {}
+        if pipe == "sdxl":
+            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, theirs.text_encoder_2.config.projection_dim),
+                                       "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+        torch.testing.assert_close(theirs.unet(lat, 10, hidden, **kw).sample, unet(lat, 10, hidden, **kw).sample,
+                                   atol=1e-4, rtol=1e-4)

@@ -588,3 +588,105 @@ def test_interop_calls_on_our_own_folder_say_what_it_is(tmp_path):
     assert vp.detect_format(tmp_path / "ours") == "visionpeft"
     with pytest.raises(vp.InteropError, match="is a vp.save_adapter folder, not a foreign format"):
         interop.detect_format(tmp_path / "ours")
+
+
+# --- PEFT modules_to_save -----------------------------------------------------------------
+class _Headed(nn.Module):
+    """A LoRA target, a trained head (a Sequential: dotted parameter names) and a module
+    whose name ends like the head's (PEFT matches modules_to_save by plain suffix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 12)
+        self.subhead = nn.Linear(12, 12)
+        self.head = nn.Sequential(nn.Linear(12, 5), nn.LayerNorm(5))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.subhead(torch.relu(self.fc1(x)))))
+
+
+def _headed_with_trained_head():
+    torch.manual_seed(0)
+    model = _Headed()
+    vp.inject(model, vp.LoRAConfig(r=3, alpha=5, target_modules=["fc1"], modules_to_save=["head"]), name="a")
+    randomize_adapters(model, 0)
+    with torch.no_grad():
+        for p in model.head.copies["a"].parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def test_peft_export_writes_modules_to_save_as_peft_does_and_peft_loads_them(tmp_path):
+    import json
+    import warnings
+
+    from peft import PeftModel
+
+    model = _headed_with_trained_head()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "modules_to_save are not written" warning for peft
+        vp.export(model, tmp_path / "peft", format="peft")
+    keys = sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert keys == ["base_model.model.fc1.lora_A.weight", "base_model.model.fc1.lora_B.weight",
+                    "base_model.model.head.0.bias", "base_model.model.head.0.weight",
+                    "base_model.model.head.1.bias", "base_model.model.head.1.weight",
+                    "base_model.model.subhead.bias", "base_model.model.subhead.weight"]  # as PEFT writes
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
+    torch.manual_seed(0)
+    theirs = PeftModel.from_pretrained(_Headed(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours, atol=1e-5, rtol=1e-5)
+    # and back: the trained head comes back as a trained copy of the imported adapter
+    torch.manual_seed(0)
+    fresh = _Headed()
+    vp.import_adapter(fresh, tmp_path / "peft", name="back")
+    # subhead too: PEFT wraps it as well (suffix match), with its own weights
+    assert vp.core.model_ops.get_state(fresh).configs["back"].modules_to_save == ("head", "subhead")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ours, atol=1e-5, rtol=1e-5)
+        vp.set_active(fresh, [])
+        torch.testing.assert_close(fresh(x), _Headed_untrained_output(x), atol=1e-6, rtol=1e-6)
+    vp.set_active(fresh, ["back"])
+    vp.save_adapter(fresh, tmp_path / "ours", name="back")  # our own format keeps the head too
+    torch.manual_seed(0)
+    again = vp.load_adapter(_Headed(), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours, atol=1e-5, rtol=1e-5)
+
+
+def _Headed_untrained_output(x):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return _Headed()(x)
+
+
+def test_a_peft_folder_with_a_trained_head_from_peft_imports_and_misfits_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    host = _Headed()
+    fresh, small = copy.deepcopy(host), Small()
+    peft_model = get_peft_model(host, LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"], init_lora_weights=False,
+                                                 modules_to_save=["head"])).eval()
+    with torch.no_grad():
+        for p in peft_model.base_model.model.head.modules_to_save["default"].parameters():
+            p.add_(1.0)
+    peft_model.save_pretrained(tmp_path / "p")
+    x = torch.randn(3, 8)
+    vp.load_adapter(fresh, tmp_path / "p", name="imported")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), peft_model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(vp.InteropError, match="also holds modules trained in full"):
+        vp.load_adapter(fresh, tmp_path / "p", name="imported", hotswap=True)
+    with pytest.raises(vp.InteropError):
+        vp.import_adapter(small, tmp_path / "p")
+    assert _untouched(small)
+
+
+def test_factor_formats_still_warn_that_modules_to_save_stay_behind(tmp_path):
+    model = _headed_with_trained_head()
+    with pytest.warns(UserWarning, match=r"modules_to_save: \['head'\]"):
+        vp.export(model, tmp_path / "k.safetensors", format="kohya")

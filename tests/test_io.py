@@ -304,7 +304,7 @@ def test_export_to_a_factor_format_warns_that_modules_to_save_stay_behind(tmp_pa
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
     with pytest.warns(UserWarning, match=r"modules_to_save: \['2'\]"):
-        vp.export(model, tmp_path / "peft", format="peft")
+        vp.export(model, tmp_path / "k.safetensors", format="kohya")
 
 
 def test_save_refuses_a_folder_with_a_foreign_file_in_a_subfolder_it_would_write(tmp_path):

@@ -20,9 +20,96 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _safetensors_summary(file) -> tuple[int, int]:
+    """(tensor count, parameter count) of a .safetensors file, from its header alone."""
+    import json
+    import math
+    import struct
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, MemoryError, OverflowError):
+            raise ValueError(f"{file} is not a safetensors file (unreadable header)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    return len(tensors), sum(math.prod(v.get("shape", ())) for v in tensors.values())
+
+
+def _tensor_line(file) -> str:
+    n, params = _safetensors_summary(file)
+    return f"{n} tensors, {params:,} parameters in {file.name}"
+
+
+def _info_peft(path, doc: dict) -> int:
+    """A PEFT folder (adapter_config.json with peft_type): what its config and weights say."""
+    print(f"adapter:     PEFT {doc.get('peft_type')} adapter  ({path})")
+    main_keys = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "task_type")
+    print("config:      " + ", ".join(f"{k}={doc[k]}" for k in main_keys if k in doc))
+    if doc.get("base_model_name_or_path"):
+        print(f"base model:  {doc['base_model_name_or_path']}")
+    print(f"targets:     {doc.get('target_modules')}")
+    weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()]
+    if not weights:
+        print("weights:     none found (adapter_model.safetensors / adapter_model.bin)")
+    elif weights[0].suffix == ".safetensors":
+        print(f"weights:     {_tensor_line(weights[0])}")
+    else:
+        print(f"weights:     {weights[0].name} (a pickle: not opened; convert it to safetensors)")
+    print(f"load:        vp.load_adapter(model, {str(path)!r}) imports it into a visionpeft adapter")
+    return 0
+
+
+def _info_change_detection(path, folders: list) -> int:
+    """A change-detection checkpoint (cd_config.json, decoder weights, the encoder's adapter
+    in encoder/): what each folder holds and where the adapter is."""
+    import json
+
+    for folder in folders:
+        cfg = json.loads((folder / "cd_config.json").read_text())
+        backbone = cfg.get("backbone") or {}
+        print(f"change-detection checkpoint: {folder}")
+        print(f"  backbone:  {backbone.get('name')} ({backbone.get('source', 'timm')}"
+              f"{', random init' if backbone.get('pretrained') is False else ''})")
+        print(f"  model:     image_size={cfg.get('image_size')}, decoder_channels={cfg.get('decoder_channels')}, "
+              f"exchange={cfg.get('exchange')}")
+        holds = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        print(f"  holds:     {', '.join(holds)}")
+        if (folder / "decoder.safetensors").is_file():
+            print(f"  decoder:   {_tensor_line(folder / 'decoder.safetensors')}")
+        encoder = folder / "encoder"
+        if (encoder / "adapter_config.json").is_file():
+            method = (cfg.get("adapter") or {}).get("method", "?")
+            print(f"  adapter:   {encoder} ({method}; visionpeft info {encoder} describes it)")
+        else:
+            print("  adapter:   none (the encoder was trained frozen)")
+    print(f"use:         visionpeft evaluate-cd --checkpoint {path} / visionpeft predict-cd --checkpoint {path}")
+    return 0
+
+
 def _cmd_info(args) -> int:
+    import json
+    from pathlib import Path
+
     from . import read_adapter_config
 
+    path = Path(args.adapter_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    cd = [f for f in (path, path / "best", path / "adapter") if (f / "cd_config.json").is_file()]
+    if cd and not (path / "adapter_config.json").is_file():
+        return _info_change_detection(path, cd[:1] if cd[0] == path else cd)
+    cfg_file = path / "adapter_config.json"
+    if cfg_file.is_file():
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{cfg_file} is not valid JSON: {err}") from None
+        if isinstance(raw, dict) and "peft_type" in raw and raw.get("format") != "visionpeft":
+            return _info_peft(path, raw)
     doc = read_adapter_config(args.adapter_dir)
     cfg = doc["config"]
     print(f"adapter:     {doc.get('name')}  ({args.adapter_dir})")
@@ -74,26 +161,54 @@ def load_config(path: str, overrides: list[str]) -> dict:
     loader = _yaml_loader()
 
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} is not a file")
     try:
         values = yaml.load(file.read_text(), Loader=loader) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"{_yaml_problem(err, path)} (not valid YAML)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (YAML) file") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of keys, got {type(values).__name__}")
+        raise ValueError(f"{path} must hold a mapping of keys (key: value lines), got a "
+                         f"{type(values).__name__}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set takes key=value, got {item!r}")
+            raise ValueError(f"--set takes KEY=VALUE (e.g. --set adapter.r=8), got {item!r}")
         target = values
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
             if not isinstance(target, dict):
                 raise ValueError(f"--set {key}: {p} is not a mapping in {path}")
-        target[leaf] = yaml.load(raw, Loader=loader)
+        try:
+            target[leaf] = yaml.load(raw, Loader=loader)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key}: the value {raw!r} is not valid YAML: "
+                             f"{_yaml_problem(err, None)}") from None
     return values
+
+
+def _yaml_problem(err, path: str | None) -> str:
+    """``path:line:column: problem`` of a YAML error (line and column from 1), on one line."""
+    import yaml
+
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        what = err.problem or "syntax error"
+        if err.context:
+            ctx = err.context
+            if err.context_mark is not None and (err.context_mark.line, err.context_mark.column) != \
+                    (mark.line, mark.column):
+                ctx += f" that started at line {err.context_mark.line + 1}, column {err.context_mark.column + 1}"
+            what += f" ({ctx})"
+        return f"{path}:{mark.line + 1}:{mark.column + 1}: {what}" if path else f"{where}: {what}"
+    first = (str(err).splitlines() or ["syntax error"])[0]
+    return f"{path}: {first}" if path else first
 
 
 def _cmd_train(args) -> int:
@@ -136,6 +251,8 @@ def _read_rgb(path: str):
 
 
 def _cmd_predict_cd(args) -> int:
+    from pathlib import Path
+
     import numpy as np
     from PIL import Image
 
@@ -145,6 +262,9 @@ def _cmd_predict_cd(args) -> int:
     if a.shape != b.shape:
         raise ValueError(f"{args.image_a} is {a.shape[3]}x{a.shape[2]} but {args.image_b} is "
                          f"{b.shape[3]}x{b.shape[2]}; the two dates must have the same size")
+    for out in (args.output, args.overlay):  # like evaluate-cd --output: parent folders are made
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     model, cfg = load_detector(args.checkpoint)
     tile = args.tile or cfg["image_size"]
     probs = predict_probs(model, a, b, tile, args.stride)[0]
@@ -236,12 +356,32 @@ def main(argv=None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (visionpeft info DIR | head -1): stop quietly, as the Python
+        # docs' "Note on SIGPIPE" does, with the status a SIGPIPE death gives
+        _silence_stdout()
+        return 141
     except (FileNotFoundError, ValueError, KeyError, TrainingError) as err:
-        # user errors end in one line, not a traceback
+        # user errors end in one line, not a traceback (the loaders' OfflineWeightsError is
+        # a FileNotFoundError, their UnknownModelError a ValueError)
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = " ".join(str(msg).split()) or type(err).__name__  # one line, however it was worded
         print(f"visionpeft {args.command}: {msg}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured stdout)
+        pass
 
 
 if __name__ == "__main__":

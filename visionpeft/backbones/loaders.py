@@ -42,19 +42,61 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-__all__ = ["FAMILIES", "OfflineWeightsError", "load_backbone"]
+__all__ = ["FAMILIES", "OfflineWeightsError", "UnknownModelError", "load_backbone"]
 
 # Suffixes that only a file path (never a hub id or model name) ends with.
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz")
 _SCHEMES = ("hf-hub:", "local-dir:")
 
 
-class OfflineWeightsError(OSError):
+class OfflineWeightsError(FileNotFoundError):
     """Weights named by a hub id are neither reachable nor in the local cache.
 
     An ``OSError`` because that is what transformers and diffusers raise for the
-    same situation, so existing ``except OSError`` handlers keep working.
+    same situation, so existing ``except OSError`` handlers keep working; a
+    ``FileNotFoundError`` (the weights are missing here) so that callers which
+    report missing files as user errors (the ``visionpeft`` command) report it too.
     """
+
+    @classmethod
+    def for_hub(cls, family: str, name: str, hint: str) -> OfflineWeightsError:
+        """The error for ``family`` weights ``name`` missing from the cache; ``hint``
+        says what to pass instead (a local file or folder)."""
+        from huggingface_hub import constants
+
+        state = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+        return cls(
+            f"{family} weights for {name!r} are not available offline: {state} and they "
+            f"are not in the local Hugging Face cache. Download them where there is "
+            f"network access, then pass {hint}."
+        )
+
+
+class UnknownModelError(ValueError):
+    """A model name the host library does not know (a ``ValueError``: a wrong setting)."""
+
+    @classmethod
+    def for_timm(cls, name: str) -> UnknownModelError:
+        """The error for timm model ``name``, naming the closest registered names."""
+        import difflib
+
+        import timm
+
+        arch = name.split(".", 1)[0]  # without a pretrained tag
+        models = timm.list_models()
+        close = difflib.get_close_matches(arch, models, n=5, cutoff=0.6)
+        if close:
+            hint = f"did you mean {', '.join(close)}?"
+        else:
+            family = arch.split("_", 1)[0]
+            same = [m for m in models if m.startswith(family)] if family else []
+            if same:
+                near = difflib.get_close_matches(arch, same, n=5, cutoff=0.0)
+                hint = (f"timm has {len(same)} models named {family}*, e.g. {', '.join(near)} "
+                        f"(timm.list_models('{family}*') lists them)")
+            else:
+                hint = "timm.list_models('*pattern*') lists the known names"
+        return cls(f"timm has no model {arch!r}: {hint}")
 
 
 # --------------------------------------------------------------------------- #
@@ -131,14 +173,7 @@ def _hub_errors(family: str, name: str, hint: str) -> Iterator[None]:
     except Exception as err:
         if not _is_cache_miss(err):
             raise
-        from huggingface_hub import constants
-
-        state = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-        raise OfflineWeightsError(
-            f"{family} weights for {name!r} are not available offline: {state} and they "
-            f"are not in the local Hugging Face cache. Download them where there is "
-            f"network access, then pass {hint}."
-        ) from err
+        raise OfflineWeightsError.for_hub(family, name, hint) from err
 
 
 # --------------------------------------------------------------------------- #
@@ -172,6 +207,8 @@ def _load_timm(name_or_path: str, *, pretrained: bool, checkpoint_path: str | No
         if "num_classes" in kwargs:
             overlay["num_classes"] = kwargs["num_classes"]
         kwargs["pretrained_cfg_overlay"] = overlay
+    if not name.startswith(_SCHEMES) and not timm.is_model(name):
+        raise UnknownModelError.for_timm(name)  # timm's own error is a RuntimeError
     with _hub_errors("timm", name, "a local file as checkpoint_path or a local timm folder"):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
@@ -298,9 +335,11 @@ def load_backbone(
     """Load the host ``name_or_path`` of ``family`` (one of :data:`FAMILIES`).
 
     See the module docstring for what each family accepts.  Raises
-    ``ValueError`` for an unknown family, ``FileNotFoundError`` for a local path
-    that does not exist (before the library is called) and
-    :class:`OfflineWeightsError` for hub weights that cannot be had offline.
+    ``ValueError`` for an unknown family, :class:`UnknownModelError` (a
+    ``ValueError``) for a timm model name timm does not know, ``FileNotFoundError``
+    for a local path that does not exist (before the library is called) and
+    :class:`OfflineWeightsError` (a ``FileNotFoundError``) for hub weights that
+    cannot be had offline.
     """
     try:
         loader = _LOADERS[family]

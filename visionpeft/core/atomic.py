@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,31 @@ def _new_sibling(path: Path, kind: str, folder: bool):
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary sibling of {path}")
+
+
+def _plain_modes(tmp: Path, file_mode: int) -> None:
+    """Give what ``write`` put at ``tmp`` (a file, or a folder's files and subfolders) the
+    modes a plain open()/mkdir gives under this process's umask: writers that build their
+    file through a private temporary of their own (safetensors' save_file does) leave it
+    0600. ``file_mode`` is the mode the kernel gave our own fresh sibling (0o666 & ~umask);
+    execute bits a writer set are kept where the umask allows them."""
+    if os.name != "posix":
+        return
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # r -> x: 0o644 -> 0o755
+    entries = [tmp] if not tmp.is_dir() else [e for e in tmp.rglob("*")]
+    for entry in entries:
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            mode = file_mode | (st.st_mode & dir_mode & 0o111)
+        elif stat.S_ISDIR(st.st_mode):
+            mode = dir_mode
+        else:  # links and the like keep theirs
+            continue
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(entry, mode)
 
 
 def _try_lock(fd: int, blocking: bool) -> str:
@@ -241,6 +267,7 @@ def write_dir(path: str | os.PathLike, write) -> None:
     try:
         held = _lock(tmp)
         write(tmp)
+        _plain_modes(tmp, stat.S_IMODE(tmp.stat().st_mode) & 0o666)
         for entry in tmp.rglob("*"):
             if entry.is_file() and not entry.is_symlink():
                 _fsync(entry)
@@ -300,10 +327,12 @@ def write_file(path: str | os.PathLike, write) -> None:
     recover(path)
     tmp, fd = _new_sibling(path, "tmp", folder=False)
     try:
+        file_mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask, as the kernel made it
         if _try_lock(fd, blocking=True) != FREE:  # no locks here: go on unlocked
             os.close(fd)
             fd = None
         write(str(tmp))
+        _plain_modes(tmp, file_mode)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_parent(path)

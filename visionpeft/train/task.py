@@ -35,13 +35,34 @@ def adapter_config(spec: dict, where: str):
                          f"{vp.list_methods()}") from None
 
 
+def unknown_keys_message(where: str, unknown: list[str], task_keys: list[str]) -> str:
+    """One line naming ``unknown`` keys, the closest known key first ("did you mean ..."),
+    then every key a config may hold: the task's and the training loop's (TrainConfig)."""
+    import difflib
+
+    from .loop import TrainConfig  # loop imports this module: looked up when needed
+
+    loop_keys = sorted(f.name for f in dataclasses.fields(TrainConfig))
+    known = sorted(set(task_keys) | set(loop_keys))
+    hints = []
+    for key in unknown:
+        if key in loop_keys:
+            hints.append(f"{key} is a training-loop key (TrainConfig), not a {where} one")
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        if close:
+            hints.append(f"did you mean {' or '.join(close)}" + (f" for {key}" if len(unknown) > 1 else "") + "?")
+    return (f"{where}: unknown key(s) {unknown}" + (f"; {'; '.join(hints)}" if hints else "")
+            + f"; known {where} keys: {sorted(task_keys)}; known training-loop keys: {loop_keys}")
+
+
 def task_config(cls, values: dict, where: str, skip: tuple[str, ...] = ()):
     """A task's config dataclass from a YAML mapping: unknown and missing keys are named."""
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
     names = {f.name for f in fields}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise ValueError(unknown_keys_message(where, unknown, sorted(names)))
     missing = [f.name for f in fields if f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:

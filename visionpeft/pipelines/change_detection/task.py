@@ -47,6 +47,45 @@ def build_backbone(spec: dict) -> nn.Module:
         return load_backbone(source, name, **spec)
 
 
+def check_backbone(spec: dict) -> None:
+    """What can be told of a timm backbone before any data is read or weight downloaded:
+    a name timm does not know (`UnknownModelError`, with the closest names), and, with
+    ``HF_HUB_OFFLINE=1``, pretrained hub weights missing from the local cache
+    (`OfflineWeightsError`). Anything else (local paths, transformers, custom weight
+    sources) is left to the loader."""
+    if not isinstance(spec, dict):
+        return
+    name, source = spec.get("name"), spec.get("source", "timm")
+    if source != "timm" or not isinstance(name, str) or not name:
+        return
+    import os
+
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from visionpeft.backbones.embedded import ALIASES
+    from visionpeft.backbones.loaders import OfflineWeightsError, UnknownModelError
+
+    name = ALIASES.get(name, name)
+    if name.startswith((".", "~", "hf-hub:", "local-dir:")) or "/" in name or "\\" in name \
+            or os.path.exists(os.path.expanduser(name)):
+        return  # a path or a hub repo: the loader checks it
+    if not timm.is_model(name):
+        raise UnknownModelError.for_timm(name)
+    if not spec.get("pretrained", True) or spec.get("checkpoint_path") or "pretrained_cfg" in spec \
+            or "pretrained_cfg_overlay" in spec:
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = get_pretrained_cfg(name)
+    if not constants.HF_HUB_OFFLINE or cfg is None or not cfg.hf_hub_id or cfg.file or cfg.state_dict:
+        return
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    if not any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
+        raise OfflineWeightsError.for_hub("timm", name, "a local file as checkpoint_path or a local timm folder")
+
+
 @dataclass
 class ChangeDetectionConfig:
     data_root: str
@@ -158,6 +197,7 @@ class ChangeDetectionTask(Task):
     def __init__(self, cfg: ChangeDetectionConfig):
         self.cfg = cfg
         self.adapter_name = cfg.adapter_name
+        check_backbone(cfg.backbone)  # a wrong name or missing weights fail before the data is read
         # adapter: null trains the decoder on a frozen encoder (the lower reference)
         self.adapter_config = None if cfg.adapter is None else adapter_config(cfg.adapter, "adapter")
         self.best_iou = -1.0

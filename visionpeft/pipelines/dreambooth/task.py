@@ -12,6 +12,7 @@ prompt embeddings. Keys follow the diffusers example's names.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,41 @@ import visionpeft as vp
 from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# LoRA-file formats: a LoRA adapter as it is, any other weight-space method as the
+# rank-export_rank SVD of its dW
+_LORA_FORMATS = ("peft", "diffusers", "kohya")
+# where each format goes under output_dir/export/<format>/: a file name, or None for a
+# folder format (PEFT, our own); "{name}" is the adapter's name
+_EXPORT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "{name}.safetensors",
+                 "lycoris": "{name}.safetensors", "merged": "unet.safetensors", "peft": None, "visionpeft": None}
+_EXPORT_PREFIXES = {"diffusers": "unet", "kohya": "lora_unet", "lycoris": "lora_unet"}
+
+
+def check_exports(formats, rank, adapters: dict) -> None:
+    """Refuse, before any training, an export the end of the run could not write:
+    an unknown format, or a rank a method's dW needs for a LoRA-file format.
+    ``adapters``: {"adapter": its mapping, "text_encoder_adapter": ...}."""
+    bad = [f for f in formats if f not in vp.list_formats()]
+    if bad:
+        raise ValueError(f"export_formats: {bad[0]!r} is not a format vp.export writes; choose from "
+                         f"{vp.list_formats()}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"export_rank must be a positive integer, got {rank!r}")
+    for field, values in adapters.items():
+        try:
+            spec = vp.get_method(values["method"])
+        except (KeyError, TypeError):  # an unknown method: the adapter config names it
+            continue
+        if not spec.weight_space:
+            continue  # refused with its own message (no dW at all)
+        needs_rank = [f for f in formats if f in _LORA_FORMATS and spec.factor_layout != "lora"]
+        if needs_rank and rank is None:
+            raise ValueError(f"export_formats {needs_rank} write LoRA factors; {field} is {values['method']}, "
+                             f"whose dW is written as its rank-export_rank SVD: set export_rank (e.g. 16)")
+        if "lycoris" in formats and spec.factor_layout is None:
+            raise ValueError(f"export_formats 'lycoris' writes LoRA, LoKr (krona) or LoHa factors; {field} is "
+                             f"{values['method']}, which holds none: use diffusers/kohya with export_rank, or "
+                             "merged")
 
 
 @dataclass
@@ -56,6 +92,9 @@ class DreamBoothConfig:
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise ValueError("with_prior_preservation needs class_data_dir and class_prompt")
         self.export_formats = tuple(self.export_formats or ())
+        check_exports(self.export_formats, self.export_rank,
+                      {"adapter": self.adapter, **({"text_encoder_adapter": self.text_encoder_adapter}
+                                                   if isinstance(self.text_encoder_adapter, dict) else {})})
 
     @classmethod
     def from_dict(cls, values: dict) -> "DreamBoothConfig":
@@ -179,6 +218,12 @@ class DreamBoothTask(Task):
         pipe.set_progress_bar_config(disable=True)
         g = torch.Generator().manual_seed(1234)
         made = 0
+        batches = math.ceil(missing / cfg.sample_batch_size)
+        print(f"prior preservation: generating {missing} class images of {cfg.class_prompt!r} at "
+              f"{cfg.resolution}x{cfg.resolution} into {folder} ({have} there, num_class_images "
+              f"{cfg.num_class_images}), {batches} batch(es) of up to {cfg.sample_batch_size} with the full "
+              f"base pipeline on {self.device}; a time estimate follows the first batch", flush=True)
+        start = time.monotonic()
         with tqdm(total=missing, desc="class images") as bar:
             while made < missing:
                 n = min(cfg.sample_batch_size, missing - made)
@@ -188,6 +233,11 @@ class DreamBoothTask(Task):
                     im.save(folder / f"class-{have + made:05d}.png")
                     made += 1
                 bar.update(n)
+                if made == n and made < missing:
+                    first = time.monotonic() - start
+                    bar.write(f"class images: the first batch of {n} took {_duration(first)}; about "
+                              f"{_duration(first * (batches - 1))} more for the other {missing - made} "
+                              "(they are kept in class_data_dir and not generated again)")
 
     def _inject(self):
         vp.inject(self.unet, self.unet_config, name=self.adapter_name)
@@ -334,16 +384,61 @@ class DreamBoothTask(Task):
         return {}
 
     def finish(self, models, output_dir):
+        """One folder per format under ``output_dir/export``, so a loader pointed at a
+        folder finds one file: ``export/diffusers`` (for ``pipe.load_lora_weights``; the
+        text encoders' LoRA too, when trained), ``export/kohya/<name>.safetensors``,
+        ``export/lycoris/<name>.safetensors``, ``export/peft`` (a PEFT folder of the
+        UNet), ``export/merged/unet.safetensors``, ``export/visionpeft`` (our own folder)."""
         out = {}
         for fmt in self.cfg.export_formats:
-            prefix = {"diffusers": "unet", "kohya": "lora_unet", "lycoris": "lora_unet"}.get(fmt)
-            target = output_dir / "export" / (fmt if fmt == "peft" else f"{fmt}.safetensors")
-            report = vp.export(models["unet"], target, name=self.adapter_name, format=fmt,
-                               rank=self.cfg.export_rank, prefix=prefix)
+            folder = output_dir / "export" / fmt
+            if fmt == "diffusers":
+                report = self._export_diffusers(models, folder)
+            else:
+                file = _EXPORT_FILES[fmt]
+                target = folder / file.format(name=self.adapter_name) if file else folder
+                report = vp.export(models["unet"], target, name=self.adapter_name, format=fmt,
+                                   rank=self.cfg.export_rank if fmt in _LORA_FORMATS else None,
+                                   prefix=_EXPORT_PREFIXES.get(fmt))
             out[f"export_{fmt}"] = str(report.path)
             if report.svd_error:
                 out[f"export_{fmt}_max_svd_error"] = report.max_error
         return out
+
+    def _export_diffusers(self, models, folder: Path):
+        """``folder/pytorch_lora_weights.safetensors`` with the UNet's LoRA under ``unet.``
+        and, when trained, each text encoder's under its pipeline name (``text_encoder.``,
+        ``text_encoder_2.``): one file ``pipe.load_lora_weights(folder)`` loads whole. The
+        folder is swapped in at once, so a killed export leaves the previous one."""
+        from safetensors.torch import load_file, save_file
+
+        parts = {"unet": models["unet"], **{k: m for k, m in models.items() if k.startswith("text_encoder")}}
+        name = _EXPORT_FILES["diffusers"]
+        reports = {}
+
+        def write(tmp: Path):
+            tensors = {}
+            for prefix, model in parts.items():
+                part = tmp / f".{prefix}.safetensors"
+                reports[prefix] = vp.export(model, part, name=self.adapter_name, format="diffusers",
+                                            rank=self.cfg.export_rank, prefix=prefix)
+                tensors.update(load_file(str(part)))
+                part.unlink()
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+
+        vp.atomic_write_dir(folder, write)
+        report = reports["unet"]
+        report.path = folder / name
+        report.layers = sum(r.layers for r in reports.values())
+        report.rank = max(r.rank or 0 for r in reports.values()) or None
+        for prefix, r in reports.items():
+            if prefix != "unet":
+                report.svd_error.update({f"{prefix}.{m}": e for m, e in r.svd_error.items()})
+        return report
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _random_crop(image: torch.Tensor, size: int) -> torch.Tensor:
