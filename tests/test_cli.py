@@ -1,8 +1,10 @@
 """The visionpeft command and the quickstart script, run as a user would."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TOY_TARGETS, ToyNet, randomize_adapters
 
@@ -83,3 +85,19 @@ def test_python_dash_m_visionpeft_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "visionpeft", "methods"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "snell" in done.stdout
+
+
+def test_train_help_lists_every_registered_task_and_methods_v_every_field(capsys):
+    from visionpeft.cli import TASKS
+    from visionpeft.train import task_names
+
+    assert sorted(TASKS) == task_names()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(t in out for t in TASKS) and "(default: None)" in out
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    for name in vp.list_methods():
+        for f in dataclasses.fields(vp.get_method(name).config_cls):
+            assert f"      {f.name} = " in out, (name, f.name)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from collections import Counter
 
@@ -15,8 +17,12 @@ def _cmd_methods(args) -> int:
         files = f"files: {spec.factor_layout}" if spec.factor_layout else ""
         print(f"{name:<12} {spec.config_cls.__name__:<20} layers: {', '.join(spec.layer_kinds):<16} "
               f"{'merges' if spec.weight_space else '':<8}{files}".rstrip())
-        if args.verbose and doc:
-            print("    " + "\n    ".join(doc))
+        if args.verbose:
+            if doc:
+                print("    " + "\n    ".join(doc))
+            for f in dataclasses.fields(spec.config_cls):  # the shared fields too, each with its default
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                print(f"      {f.name} = {default!r}")
     return 0
 
 
@@ -304,30 +310,41 @@ def _cmd_demo(args) -> int:
     return _demo_hub().main(args.hub_args, prog="visionpeft demo")
 
 
+# the task names YAML configs take (the pipelines register them; tests check this list is complete,
+# so that `train --help` need not import every pipeline)
+TASKS = ("change_detection", "dreambooth", "pretrain_embedded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="visionpeft", description="Parameter-efficient adapters for "
+    p = argparse.ArgumentParser(prog="visionpeft", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Parameter-efficient adapters for "
                                 "vision and diffusion models.")
     p.add_argument("--version", action="version", version=f"visionpeft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = sub.add_parser("methods", help="list registered adapter methods")
-    m.add_argument("-v", "--verbose", action="store_true", help="show each config's fields")
+    m.add_argument("-v", "--verbose", action="store_true", help="show each config's doc and every field with "
+                   "its default")
     m.set_defaults(func=_cmd_methods)
     i = sub.add_parser("info", help="describe a saved adapter folder")
     i.add_argument("adapter_dir")
     i.add_argument("--all", action="store_true", help="list every adapted layer")
     i.set_defaults(func=_cmd_info)
-    t = sub.add_parser("train", help="train an adapter from a YAML config (see configs/)")
+    t = sub.add_parser("train", help="train an adapter from a YAML config (see configs/)",
+                       epilog=f"tasks (the config's task: key): {', '.join(TASKS)}. Their keys: README.md "
+                              "'Training' (the loop's and DreamBooth's), 'Change detection (PeftCD)', and the "
+                              "commented configs/*.yaml; a mistyped key is refused naming the closest.")
     t.add_argument("config")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (repeatable; dotted keys reach into mappings)")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("evaluate-cd", help="change-detection metrics of a checkpoint on a data split")
     e.add_argument("--checkpoint", required=True, help="a training output_dir, its best/ or adapter/")
-    e.add_argument("--data-root", required=True)
-    e.add_argument("--split", default="test")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--data-root", required=True, help="a LEVIR-CD / WHU-CD / S2Looking layout or list files")
+    e.add_argument("--split", default="test", help="the split to evaluate")
+    e.add_argument("--batch-size", type=int, default=4, help="image pairs per forward")
     e.add_argument("--output", help="write the metrics as JSON here")
     e.set_defaults(func=_cmd_evaluate_cd)
     d = sub.add_parser("predict-cd", help="change mask of one image pair (sliding window)")
