@@ -44,6 +44,7 @@ OUR_CONFIGS = {
     "krona": lambda t: vp.get_method("krona").config_cls(target_modules=[f"re:{t}"]),
     "block_lora": lambda t: vp.get_method("block_lora").config_cls(r=8, n_blocks=4, target_modules=[f"re:{t}"]),
     "wara": lambda t: vp.get_method("wara").config_cls(r=8, target_modules=[f"re:{t}"]),
+    "loha": lambda t: vp.get_method("loha").config_cls(r=8, target_modules=[f"re:{t}"]),
     "snell": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, target_modules=[f"re:{t}"]),
     "snella": lambda t: vp.get_method("snell").config_cls(r=8, sparsity=0.9, softmax_term=True,
                                                           target_modules=[f"re:{t}"]),
@@ -62,6 +63,7 @@ NATIVE_OFF = {"snell_compiled_gemm"}
 PEFT_CONFIGS = {
     "peft_lora": lambda peft, t: peft.LoraConfig(r=8, lora_alpha=16, target_modules=t),
     "peft_lokr": lambda peft, t: peft.LoKrConfig(r=8, alpha=16, target_modules=t),
+    "peft_loha": lambda peft, t: peft.LoHaConfig(r=8, alpha=8, target_modules=t),
     "peft_waveft": lambda peft, t: peft.WaveFTConfig(target_modules=t),
 }
 
