@@ -406,14 +406,20 @@ def test_bad_export_formats_and_a_missing_export_rank_are_refused_when_the_confi
     with pytest.raises(ValueError, match=r"\['diffusers', 'kohya'\] write LoRA factors; adapter is wara.*"
                                          r"set export_rank"):
         build(adapter=wara, export_formats=["diffusers", "kohya", "merged"])
-    with pytest.raises(ValueError, match=r"text_encoder_adapter is loha.*export_rank"):
-        build(text_encoder_adapter={"method": "loha", "r": 2, "target_modules": ["q_proj"]}, export_formats=["peft"])
+    te_loha = {"method": "loha", "r": 2, "target_modules": ["q_proj"]}
+    with pytest.raises(ValueError,
+                       match=r"\['diffusers'\] write LoRA factors; text_encoder_adapter is loha.*export_rank"):
+        build(text_encoder_adapter=te_loha, export_formats=["diffusers", "peft"])
+    build(text_encoder_adapter=te_loha, export_formats=["peft", "kohya", "merged"])  # they write the UNet only
     with pytest.raises(ValueError, match="export_rank must be a positive integer"):
         build(adapter=wara, export_formats=["diffusers"], export_rank=0)
-    with pytest.raises(ValueError, match="'lycoris' writes LoRA, LoKr"):
+    with pytest.raises(ValueError, match="'lycoris' writes LoKr .krona. or LoHa factors; adapter is wara"):
         build(adapter=wara, export_formats=["lycoris"], export_rank=4)
+    with pytest.raises(ValueError, match="'lycoris' writes LoKr .krona. or LoHa factors; adapter is lora: use kohya"):
+        build(export_formats=["lycoris"])
     build(adapter=wara, export_formats=["diffusers", "merged", "visionpeft"], export_rank=4)  # fine
-    build(export_formats=["peft", "diffusers", "kohya", "lycoris", "merged", "visionpeft"])  # LoRA: no rank
+    build(export_formats=["peft", "diffusers", "kohya", "merged", "visionpeft"])  # LoRA: no rank
+    build(adapter={"method": "loha", "r": 2, "target_modules": ATTN}, export_formats=["lycoris"])
 
 
 def test_class_image_generation_says_how_many_at_what_size_and_how_long(tiny, tmp_path, capsys):

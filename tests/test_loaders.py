@@ -219,3 +219,18 @@ def test_argument_conflicts(tmp_path):
         load_backbone("transformers", str(tmp_path), checkpoint_path=weights)
     with pytest.raises(ValueError, match="tag="):
         load_backbone("open_clip", "ViT-B-32")
+
+
+def test_timm_names_are_checked_as_timm_reads_them():
+    from visionpeft.backbones import UnknownModelError, check_timm_name
+
+    assert check_timm_name("resnet18") and check_timm_name("vit_tiny_patch16_224.augreg_in21k")
+    # names with a source (timm's deprecated hf_hub: alias, any case) are timm's to resolve
+    assert not check_timm_name("hf_hub:timm/resnet18.a1_in1k") and not check_timm_name("HF-HUB:timm/resnet18")
+    with pytest.raises(UnknownModelError, match=r"vit_tiny_patch16_224 has no pretrained weights tagged 'badtag'; "
+                                                r"its tags: \['augreg_in21k'"):
+        check_timm_name("vit_tiny_patch16_224.badtag")
+    with pytest.raises(UnknownModelError, match="did you mean resnet18"):
+        check_timm_name("resnet_18")
+    with pytest.raises(UnknownModelError, match="Use 'hf-hub:timm/resnet18'"):
+        check_timm_name("timm/resnet18")

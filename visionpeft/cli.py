@@ -377,8 +377,12 @@ def main(argv=None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
-        # the reader went away (visionpeft info DIR | head -1): stop quietly, as the Python
-        # docs' "Note on SIGPIPE" does, with the status a SIGPIPE death gives
+        # the reader of our stdout went away (visionpeft info DIR | head -1): stop quietly, as
+        # the Python docs' "Note on SIGPIPE" does, with the status a SIGPIPE death gives; a
+        # broken pipe inside training or the demo server (a data loader's, a socket's) is
+        # not ours to hide
+        if args.command in ("train", "demo"):
+            raise
         _silence_stdout()
         return 141
     except (FileNotFoundError, ValueError, KeyError, TrainingError) as err:

@@ -1,5 +1,6 @@
 """Hosts: target presets, loaders for real checkpoints, tiny local builders (tests, demos)."""
 from . import embedded, presets  # noqa: F401  (embedded: registers the packaged timm models)
-from .loaders import load_backbone
+from .embedded import ALIASES
+from .loaders import OfflineWeightsError, UnknownModelError, check_timm_name, load_backbone
 
-__all__ = ["presets", "load_backbone"]
+__all__ = ["presets", "load_backbone", "ALIASES", "OfflineWeightsError", "UnknownModelError", "check_timm_name"]

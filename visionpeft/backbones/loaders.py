@@ -72,6 +72,29 @@ class OfflineWeightsError(FileNotFoundError):
         )
 
 
+def check_timm_name(name: str) -> bool:
+    """Refuse a timm registry name timm does not know (architecture or pretrained tag) with
+    the closest names; names with a source (``hf-hub:``, ``local-dir:``, timm's aliases)
+    are left to timm. -> whether ``name`` is a registry name."""
+    import timm
+    from timm.models import parse_model_name, split_model_name_tag
+
+    try:
+        source, model = parse_model_name(name)
+    except ValueError as err:  # a path or repo id without a source prefix: timm's own hint
+        raise UnknownModelError(str(err)) from None
+    if source is not None:
+        return False
+    arch, tag = split_model_name_tag(model)
+    if not timm.is_model(arch):
+        raise UnknownModelError.for_timm(model)
+    if tag and not timm.list_pretrained(f"{arch}.{tag}"):
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+        raise UnknownModelError(f"timm's {arch} has no pretrained weights tagged {tag!r}; its tags: {tags[:8]}"
+                                + (" ..." if len(tags) > 8 else ""))
+    return True
+
+
 class UnknownModelError(ValueError):
     """A model name the host library does not know (a ``ValueError``: a wrong setting)."""
 
@@ -207,8 +230,8 @@ def _load_timm(name_or_path: str, *, pretrained: bool, checkpoint_path: str | No
         if "num_classes" in kwargs:
             overlay["num_classes"] = kwargs["num_classes"]
         kwargs["pretrained_cfg_overlay"] = overlay
-    if not name.startswith(_SCHEMES) and not timm.is_model(name):
-        raise UnknownModelError.for_timm(name)  # timm's own error is a RuntimeError
+    if not name.startswith(_SCHEMES):
+        check_timm_name(name)  # timm's own errors are RuntimeErrors with a traceback
     with _hub_errors("timm", name, "a local file as checkpoint_path or a local timm folder"):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 

@@ -60,29 +60,29 @@ def check_backbone(spec: dict) -> None:
         return
     import os
 
-    import timm
     from timm.models import get_pretrained_cfg
 
-    from visionpeft.backbones.embedded import ALIASES
-    from visionpeft.backbones.loaders import OfflineWeightsError, UnknownModelError
+    from visionpeft.backbones import ALIASES, OfflineWeightsError, check_timm_name
 
     name = ALIASES.get(name, name)
-    if name.startswith((".", "~", "hf-hub:", "local-dir:")) or "/" in name or "\\" in name \
-            or os.path.exists(os.path.expanduser(name)):
-        return  # a path or a hub repo: the loader checks it
-    if not timm.is_model(name):
-        raise UnknownModelError.for_timm(name)
+    if os.path.exists(os.path.expanduser(name)) or not check_timm_name(name):
+        return  # a path, a hub repo or a local folder: the loader checks it
     if not spec.get("pretrained", True) or spec.get("checkpoint_path") or "pretrained_cfg" in spec \
             or "pretrained_cfg_overlay" in spec:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
+    if not constants.HF_HUB_OFFLINE:
+        return
     cfg = get_pretrained_cfg(name)
-    if not constants.HF_HUB_OFFLINE or cfg is None or not cfg.hf_hub_id or cfg.file or cfg.state_dict:
+    if cfg is None or not cfg.hf_hub_id or cfg.file or cfg.state_dict:
         return
     repo, _, revision = cfg.hf_hub_id.partition("@")
-    files = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-    if not any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+             *([cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []))
+    cache = spec.get("cache_dir")  # timm.create_model(cache_dir=...) looks there
+    if not any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache, revision=revision or None), str)
+               for f in files):
         raise OfflineWeightsError.for_hub("timm", name, "a local file as checkpoint_path or a local timm folder")
 
 

@@ -50,14 +50,16 @@ def check_exports(formats, rank, adapters: dict) -> None:
             continue
         if not spec.weight_space:
             continue  # refused with its own message (no dW at all)
-        needs_rank = [f for f in formats if f in _LORA_FORMATS and spec.factor_layout != "lora"]
+        # only the diffusers file carries the text encoders; the other formats write the UNet
+        written = formats if field == "adapter" else [f for f in formats if f == "diffusers"]
+        needs_rank = [f for f in written if f in _LORA_FORMATS and spec.factor_layout != "lora"]
         if needs_rank and rank is None:
             raise ValueError(f"export_formats {needs_rank} write LoRA factors; {field} is {values['method']}, "
                              f"whose dW is written as its rank-export_rank SVD: set export_rank (e.g. 16)")
-        if "lycoris" in formats and spec.factor_layout is None:
-            raise ValueError(f"export_formats 'lycoris' writes LoRA, LoKr (krona) or LoHa factors; {field} is "
-                             f"{values['method']}, which holds none: use diffusers/kohya with export_rank, or "
-                             "merged")
+        if "lycoris" in written and spec.factor_layout not in ("lokr", "loha"):
+            raise ValueError(f"export_formats 'lycoris' writes LoKr (krona) or LoHa factors; {field} is "
+                             f"{values['method']}: use kohya (LoRA keys ComfyUI and LyCORIS read; with export_rank "
+                             "for a method other than LoRA), or merged")
 
 
 @dataclass
