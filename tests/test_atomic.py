@@ -261,3 +261,9 @@ def test_saved_adapters_and_exports_are_0644_under_umask_022_though_safetensors_
                      "peft": 0o755, "peft/adapter_config.json": 0o644, "peft/adapter_model.safetensors": 0o644,
                      "kohya.safetensors": 0o644, "out": 0o755, "out/w.safetensors": 0o644, "out/sub": 0o755,
                      "out/sub/run.sh": 0o744, "w.safetensors": 0o644}  # its own x bit kept
+    # a writer that hard-links someone's private file into the folder leaves its mode alone
+    private = tmp_path.parent / f"{tmp_path.name}-private.txt"
+    private.write_text("mine")
+    os.chmod(private, 0o600)
+    atomic.write_dir(tmp_path / "linked", lambda d: os.link(private, d / "mine.txt"))
+    assert private.stat().st_mode & 0o777 == 0o600

@@ -268,10 +268,10 @@ def _cmd_predict_cd(args) -> int:
     if a.shape != b.shape:
         raise ValueError(f"{args.image_a} is {a.shape[3]}x{a.shape[2]} but {args.image_b} is "
                          f"{b.shape[3]}x{b.shape[2]}; the two dates must have the same size")
+    model, cfg = load_detector(args.checkpoint)  # a bad checkpoint leaves no folders behind
     for out in (args.output, args.overlay):  # like evaluate-cd --output: parent folders are made
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-    model, cfg = load_detector(args.checkpoint)
     tile = args.tile or cfg["image_size"]
     probs = predict_probs(model, a, b, tile, args.stride)[0]
     mask = (probs > 0.5).numpy().astype(np.uint8) * 255

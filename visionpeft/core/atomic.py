@@ -85,6 +85,8 @@ def _plain_modes(tmp: Path, file_mode: int) -> None:
             st = entry.lstat()
         except OSError:
             continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            continue  # a hard link to someone's file: its mode is theirs
         if stat.S_ISREG(st.st_mode):
             mode = file_mode | (st.st_mode & dir_mode & 0o111)
         elif stat.S_ISDIR(st.st_mode):
