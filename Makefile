@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: quickstart test venv install install-test bench clean
+.PHONY: quickstart test venv install install-test bench methods-catalog clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_switch.py
 	$(BIN)/python scripts/bench_dreambooth.py
 	$(BIN)/python scripts/bench_cd.py
+
+# after a method or a config field changes (a test says when): the list `visionpeft methods` prints
+methods-catalog: $(VENV)/.installed
+	$(BIN)/python -c "from visionpeft.cli import write_methods_catalog; write_methods_catalog()"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -87,6 +87,38 @@ def test_python_dash_m_visionpeft_runs_the_cli():
     assert done.returncode == 0 and "snell" in done.stdout
 
 
+def test_methods_catalog_is_the_registry():
+    """`visionpeft methods` prints from methods/catalog.json (no torch import): the file must
+    say what the registry says. If this fails after a method or field changed: make methods-catalog"""
+    import json
+
+    from visionpeft.cli import METHODS_CATALOG, describe_methods_live
+
+    assert json.loads(METHODS_CATALOG.read_text()) == describe_methods_live(), \
+        "methods/catalog.json is stale: run `make methods-catalog`"
+
+
+def test_help_and_methods_import_no_torch():
+    """The package root is lazy: --help, --version and methods answer without torch or host
+    libraries (a second or more each), and the API still loads on first use."""
+    code = ("import sys, contextlib, io\n"
+            "from visionpeft.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['train', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try: main(argv)\n"
+            "        except SystemExit: pass\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    assert main(['methods', '-v']) == 0\n"
+            "heavy = [m for m in ('torch', 'timm', 'diffusers', 'numpy') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert 'LoRAConfig' in out.getvalue()\n"
+            "import visionpeft as vp, timm\n"
+            "assert vp.LoRAConfig(r=2, target_modules=['fc']).r == 2 and 'torch' in sys.modules\n"
+            "assert 'embedded_vit_s' in timm.list_models('embedded_*')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_train_help_lists_every_registered_task_and_methods_v_every_field(capsys):
     from visionpeft.cli import TASKS
     from visionpeft.train import task_names

@@ -6,24 +6,56 @@ import dataclasses
 import functools
 import sys
 from collections import Counter
+from pathlib import Path
+
+
+# `visionpeft methods` reads this file (written from the registry by `make methods-catalog`,
+# checked equal to it by a test), so that listing methods needs no torch import
+METHODS_CATALOG = Path(__file__).parent / "methods" / "catalog.json"
 
 
 def _cmd_methods(args) -> int:
+    import json
+
+    try:
+        catalog = json.loads(METHODS_CATALOG.read_text())
+    except FileNotFoundError:  # a source tree without the file: ask the registry itself
+        catalog = describe_methods_live()
+    for m in catalog:
+        files = f"files: {m['factor_layout']}" if m["factor_layout"] else ""
+        print(f"{m['name']:<12} {m['config']:<20} layers: {', '.join(m['layer_kinds']):<16} "
+              f"{'merges' if m['weight_space'] else '':<8}{files}".rstrip())
+        if args.verbose:
+            if m["doc"]:
+                print("    " + "\n    ".join(m["doc"].splitlines()))
+            for field, default in m["fields"]:
+                print(f"      {field} = {default}")
+    return 0
+
+
+def describe_methods_live() -> list[dict]:
+    """Each registered method as plain data: name, config class, layer kinds, file layout,
+    doc and every config field (the shared ones too) with its default. Imports torch."""
     from . import get_method, list_methods
 
+    out = []
     for name in list_methods():
         spec = get_method(name)
-        doc = (spec.config_cls.__doc__ or "").strip().splitlines()
-        files = f"files: {spec.factor_layout}" if spec.factor_layout else ""
-        print(f"{name:<12} {spec.config_cls.__name__:<20} layers: {', '.join(spec.layer_kinds):<16} "
-              f"{'merges' if spec.weight_space else '':<8}{files}".rstrip())
-        if args.verbose:
-            if doc:
-                print("    " + "\n    ".join(doc))
-            for f in dataclasses.fields(spec.config_cls):  # the shared fields too, each with its default
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                print(f"      {f.name} = {default!r}")
-    return 0
+        fields = []
+        for f in dataclasses.fields(spec.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            fields.append([f.name, repr(default)])
+        out.append({"name": name, "config": spec.config_cls.__name__, "layer_kinds": list(spec.layer_kinds),
+                    "weight_space": spec.weight_space, "factor_layout": spec.factor_layout,
+                    "doc": (spec.config_cls.__doc__ or "").strip(), "fields": fields})
+    return out
+
+
+def write_methods_catalog(path=METHODS_CATALOG) -> None:
+    """Regenerate methods/catalog.json from the registry (`make methods-catalog`)."""
+    import json
+
+    path.write_text(json.dumps(describe_methods_live(), indent=1) + "\n")
 
 
 def _safetensors_summary(file) -> tuple[int, int]:
@@ -363,9 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    from .train import TrainingError
+def _user_errors() -> tuple[type, ...]:
+    """Errors that mean bad input, not a bug: they end in one line. A TrainingError can only
+    come from a loaded training package, so it is not imported (and torch with it) to catch it."""
+    train = sys.modules.get(f"{__package__}.train")
+    return (FileNotFoundError, ValueError, KeyError) + ((train.TrainingError,) if train else ())
 
+
+def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
@@ -385,7 +422,7 @@ def main(argv=None) -> int:
             raise
         _silence_stdout()
         return 141
-    except (FileNotFoundError, ValueError, KeyError, TrainingError) as err:
+    except _user_errors() as err:
         # user errors end in one line, not a traceback (the loaders' OfflineWeightsError is
         # a FileNotFoundError, their UnknownModelError a ValueError)
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
