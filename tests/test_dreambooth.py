@@ -97,7 +97,7 @@ def test_prior_preservation_validation_snr_cache_and_exports(tiny, tmp_path):
     export = out / "export"
     assert sorted(p.relative_to(export).as_posix() for p in export.rglob("*")) == [
         "diffusers", "diffusers/pytorch_lora_weights.safetensors", "kohya", "kohya/default.safetensors",
-        "peft", "peft/adapter_config.json", "peft/adapter_model.safetensors"]
+        "peft", "peft/unet", "peft/unet/adapter_config.json", "peft/unet/adapter_model.safetensors"]
     assert res.report["export_diffusers"] == str(export / "diffusers" / "pytorch_lora_weights.safetensors")
     assert res.report["export_peft"] == str(export / "peft")
 
@@ -407,10 +407,13 @@ def test_bad_export_formats_and_a_missing_export_rank_are_refused_when_the_confi
                                          r"set export_rank"):
         build(adapter=wara, export_formats=["diffusers", "kohya", "merged"])
     te_loha = {"method": "loha", "r": 2, "target_modules": ["q_proj"]}
-    with pytest.raises(ValueError,
-                       match=r"\['diffusers'\] write LoRA factors; text_encoder_adapter is loha.*export_rank"):
-        build(text_encoder_adapter=te_loha, export_formats=["diffusers", "peft"])
-    build(text_encoder_adapter=te_loha, export_formats=["peft", "kohya", "merged"])  # they write the UNet only
+    with pytest.raises(ValueError,  # every format holds the text encoders too
+                       match=r"\['peft', 'kohya'\] write LoRA factors; text_encoder_adapter is loha.*export_rank"):
+        build(text_encoder_adapter=te_loha, export_formats=["peft", "kohya", "merged"])
+    with pytest.raises(ValueError, match="'lycoris' writes LoKr .krona. or LoHa factors; text_encoder_adapter is lora"):
+        build(adapter={"method": "loha", "r": 2, "target_modules": ATTN}, export_formats=["lycoris"],
+              text_encoder_adapter={"method": "lora", "r": 2, "target_modules": ["q_proj"]})
+    build(text_encoder_adapter=te_loha, export_formats=["peft", "kohya", "merged"], export_rank=2)
     with pytest.raises(ValueError, match="export_rank must be a positive integer"):
         build(adapter=wara, export_formats=["diffusers"], export_rank=0)
     with pytest.raises(ValueError, match="'lycoris' writes LoKr .krona. or LoHa factors; adapter is wara"):
@@ -433,45 +436,71 @@ def test_class_image_generation_says_how_many_at_what_size_and_how_long(tiny, tm
 
 
 @pytest.mark.parametrize("pipe", ["sd", "sdxl"])
-def test_diffusers_export_holds_unet_and_text_encoder_loras_for_load_lora_weights(tiny, tmp_path, pipe):
-    """pipe.load_lora_weights(export/diffusers) loads the UNet's and the text encoders'
-    LoRA from the one file, computing what the trained models compute."""
+def test_every_export_holds_unet_and_text_encoders_and_loads_in_their_tools(tiny, tmp_path, pipe):
+    """Each export folder holds the UNet's and the text encoders' adapters, and the tool
+    that reads it computes what the trained models compute: diffusers'
+    pipe.load_lora_weights for the diffusers and kohya files (kohya through diffusers' own
+    converter), PEFT's PeftModel for each peft/<model> folder, load_state_dict(strict) for
+    each merged file, vp.load_adapter for our folders."""
     import visionpeft as vp
     from diffusers import DiffusionPipeline
+    from peft import PeftModel
 
     out = tmp_path / "out"
+    formats = ["diffusers", "kohya", "peft", "merged", "visionpeft"]
     values = _values(tiny, out, pretrained_model=str(tiny / pipe), max_train_steps=3, learning_rate=5e-2,
-                     export_formats=["diffusers"],
-                     text_encoder_adapter={"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]})
-    run_config(values)
-    folder = out / "export" / "diffusers"
-    assert sorted(p.name for p in folder.iterdir()) == ["pytorch_lora_weights.safetensors"]
+                     export_formats=formats,  # (diffusers reads a kohya text encoder only with out_proj in it)
+                     text_encoder_adapter={"method": "lora", "r": 2,
+                                           "target_modules": ["q_proj", "v_proj", "out_proj"]})
+    res = run_config(values)
     encoders = ["text_encoder"] + (["text_encoder_2"] if pipe == "sdxl" else [])
-    keys = load_file(str(folder / "pytorch_lora_weights.safetensors"))
-    assert {k.split(".", 1)[0] for k in keys} == {"unet", *encoders}
+    parts = ["unet", *encoders]
+    export = out / "export"
+    assert sorted(p.name for p in (export / "diffusers").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    keys = load_file(str(export / "diffusers" / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".", 1)[0] for k in keys} == set(parts)
+    kohya = load_file(str(export / "kohya" / "default.safetensors"))
+    te_prefixes = {"lora_te"} if pipe == "sd" else {"lora_te1", "lora_te2"}
+    assert {k.split("_text_model", 1)[0] for k in kohya if not k.startswith("lora_unet_")} == te_prefixes
+    for fmt in ("peft", "visionpeft"):
+        assert sorted(p.name for p in (export / fmt).iterdir()) == sorted(parts)
+    assert sorted(p.name for p in (export / "merged").iterdir()) == sorted(f"{m}.safetensors" for m in parts)
+    assert res.report["export_peft"] == str(export / "peft")
+    assert res.report["export_merged"] == str(export / "merged")
 
-    theirs = DiffusionPipeline.from_pretrained(tiny / pipe)
-    theirs.load_lora_weights(folder)
-    ours = DiffusionPipeline.from_pretrained(tiny / pipe)
-    for name in ["unet", *encoders]:
+    def fresh():
+        return DiffusionPipeline.from_pretrained(tiny / pipe)
+
+    ours = fresh()
+    for name in parts:
         vp.load_adapter(getattr(ours, name), out / "adapter" / name)
+    by_diffusers = fresh()
+    by_diffusers.load_lora_weights(export / "diffusers")
+    by_kohya = fresh()
+    by_kohya.load_lora_weights(str(export / "kohya" / "default.safetensors"))
+    merged, by_peft, by_us = fresh(), fresh(), fresh()
+    for name in parts:
+        getattr(merged, name).load_state_dict(load_file(str(export / "merged" / f"{name}.safetensors")), strict=True)
+        setattr(by_peft, name, PeftModel.from_pretrained(getattr(by_peft, name), export / "peft" / name).eval())
+        vp.load_adapter(getattr(by_us, name), export / "visionpeft" / name)
+
     torch.manual_seed(0)
-    ids = theirs.tokenizer(["a photo of sks dog"], padding="max_length", max_length=theirs.tokenizer.model_max_length,
-                           return_tensors="pt").input_ids
+    ids = ours.tokenizer(["a photo of sks dog"], padding="max_length", max_length=ours.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    lat = torch.randn(1, ours.unet.config.in_channels, 8, 8)
+    hidden = torch.randn(1, ids.shape[1], ours.unet.config.cross_attention_dim)
+    kw = {}
+    if pipe == "sdxl":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, ours.text_encoder_2.config.projection_dim),
+                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
     with torch.no_grad():
-        for name in encoders:
-            a = getattr(theirs, name)(ids, output_hidden_states=True)
-            b = getattr(ours, name)(ids, output_hidden_states=True)
-            torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-4)
-            base = getattr(DiffusionPipeline.from_pretrained(tiny / pipe), name)(ids)[0]
-            assert not torch.allclose(base, b[0], atol=1e-4)  # the text encoder's LoRA did change it
-        unet = ours.unet
-        lat = torch.randn(1, unet.config.in_channels, 8, 8)
-        hidden = torch.randn(1, ids.shape[1], unet.config.cross_attention_dim)
-        kw = {}
-        if pipe == "sdxl":
-            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, theirs.text_encoder_2.config.projection_dim),
-                                       "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
-        torch.testing.assert_close(theirs.unet(lat, 10, hidden, **kw).sample, unet(lat, 10, hidden, **kw).sample,
-                                   atol=1e-4, rtol=1e-4)
+        base = {name: getattr(fresh(), name)(ids)[0] for name in encoders}
+        for theirs in (by_diffusers, by_kohya, merged, by_peft, by_us):
+            for name in encoders:
+                a = getattr(theirs, name)(ids, output_hidden_states=True)
+                b = getattr(ours, name)(ids, output_hidden_states=True)
+                torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-4)
+                assert not torch.allclose(base[name], b[0], atol=1e-4)  # the text encoder's LoRA changed it
+            torch.testing.assert_close(theirs.unet(lat, 10, hidden, **kw).sample,
+                                       ours.unet(lat, 10, hidden, **kw).sample, atol=1e-4, rtol=1e-4)

@@ -657,6 +657,52 @@ def test_peft_export_writes_modules_to_save_as_peft_does_and_peft_loads_them(tmp
         torch.testing.assert_close(again(x), ours, atol=1e-5, rtol=1e-5)
 
 
+class _Neck(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 12)  # PEFT's suffix match for "head" catches neck.head too
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lin(x)))
+
+
+class _Necked(_Headed):
+    def __init__(self):
+        super().__init__()
+        self.neck = _Neck()
+
+    def forward(self, x):
+        return self.head(self.neck(torch.relu(self.fc1(x))))
+
+
+def test_peft_export_writes_what_peft_also_catches_inside_another_adapters_trained_module(tmp_path):
+    """Adapter "b" trains neck in full; exporting "a" (modules_to_save head) must still
+    write neck.head, which PEFT wraps on a fresh host by suffix, with the host's weights."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = _Necked()
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["fc1"], modules_to_save=["neck"]), name="b")
+    vp.inject(model, vp.LoRAConfig(r=3, target_modules=["fc1"], modules_to_save=["head"]), name="a")
+    randomize_adapters(model, 0)
+    with torch.no_grad():
+        for copy_ in (model.head.copies["a"], model.neck.copies["b"]):
+            for p in copy_.parameters():
+                p.add_(torch.randn_like(p))
+    vp.set_active(model, "a")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(x)
+    vp.export(model, tmp_path / "peft", name="a", format="peft")
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert "base_model.model.neck.head.weight" in keys
+    torch.manual_seed(0)
+    theirs = PeftModel.from_pretrained(_Necked(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours, atol=1e-5, rtol=1e-5)
+
+
 def _Headed_untrained_output(x):
     torch.manual_seed(0)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from torch import nn
 
 from .factors import Factors, export_lora_factors, lora_entries
 from .diffusers_layouts import looks_converted, read_converted
-from .names import flat_name, module_lookup, split_stem
+from .names import file_module_names, flat_name, module_lookup, split_stem
 from .formats import (ExportReport, FileFormat, InteropError, read_tensors, register_format, save_tensors_file,
                       single_file, the_file)
 
@@ -77,6 +77,8 @@ def from_tensors(tensors: dict, model: nn.Module, prefix: str | None, where: str
 
 def _export(model, name, path, rank, prefix) -> ExportReport:
     factors, errors = export_lora_factors(model, name, rank, "kohya", grouped_convs_ok=True)
+    renamed = file_module_names(model)  # the names kohya's tools key on (text_model. of CLIP)
+    factors = {renamed.get(m, m): f for m, f in factors.items()}
     target = single_file(path, "lora_weights.safetensors")
     save_tensors_file(to_tensors(factors, prefix), target)
     return ExportReport(target, "kohya", len(factors), max((f.rank for f in factors.values()), default=0), errors)

@@ -22,7 +22,7 @@ from ..core.registry import get_method
 from .factors import LORA, Factors
 from .formats import ExportReport, FileFormat, InteropError, read_tensors, register_format, save_tensors_file
 from .formats import single_file, the_file
-from .names import flat_name, module_lookup, split_stem
+from .names import file_module_names, flat_name, module_lookup, split_stem
 
 # layout -> (keys an entry must have, keys it may have)
 LAYOUTS = {
@@ -100,6 +100,7 @@ def to_tensors(model: nn.Module, name: str, prefix: str) -> dict:
         raise InteropError(f"format='lycoris' writes LoKr or LoHa files, from a KronA or LoHa adapter; "
                            f"{name!r} is {method} (export it as a LoRA: format='kohya' with rank=...)")
     out = {}
+    renamed = file_module_names(model)  # the names LyCORIS and ComfyUI key on (text_model. of CLIP)
     for lname, layer in adapted_layers(model).items():
         if name not in layer.adapters:
             continue
@@ -107,7 +108,7 @@ def to_tensors(model: nn.Module, name: str, prefix: str) -> dict:
         if set(parts) != {"full"} or isinstance(layer.base_layer, nn.MultiheadAttention):
             raise InteropError(f"{lname}: LyCORIS files hold whole Linear/Conv2d layers; this adapter "
                                f"has parts {list(parts)} (use format='merged')")
-        key = f"{prefix}_{flat_name(lname)}"
+        key = f"{prefix}_{flat_name(renamed.get(lname, lname))}"
         if any(k.startswith(key + ".") for k in out):
             raise InteropError(f"two adapted layers flatten to the LyCORIS name {key!r}")
         tensors = parts["full"].export_factors(state.scales[name])

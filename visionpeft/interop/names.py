@@ -12,6 +12,20 @@ def flat_name(module: str) -> str:
     return module.replace(".", "_")
 
 
+def _lacks_text_model_level(model: nn.Module) -> bool:
+    """transformers 5 dropped the ``text_model`` level of CLIPTextModel; kohya, LyCORIS,
+    ComfyUI and A1111 files keep naming its modules ``text_model.encoder...``."""
+    return (type(model).__name__.startswith("CLIPText") and not hasattr(model, "text_model")
+            and hasattr(model, "encoder"))
+
+
+def file_module_names(model: nn.Module) -> dict[str, str]:
+    """{dotted module name: the name kohya / LyCORIS files give it} where they differ."""
+    if not _lacks_text_model_level(model):
+        return {}
+    return {name: f"text_model.{name}" for name in canonical_modules(model) if name}
+
+
 class _Lookup(dict):
     """{flattened name: dotted name}; a flattened name two modules share is refused only
     when a file entry asks for it."""
@@ -19,11 +33,12 @@ class _Lookup(dict):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.clashes: dict[str, list[str]] = {}
+        renamed = file_module_names(model)
         for name in canonical_modules(model):
-            flat = flat_name(name)
-            if flat in self and self[flat] != name:
-                self.clashes.setdefault(flat, [self[flat]]).append(name)
-            self[flat] = name
+            for flat in {flat_name(name), flat_name(renamed.get(name, name))}:  # files may use either
+                if flat in self and self[flat] != name:
+                    self.clashes.setdefault(flat, [self[flat]]).append(name)
+                self[flat] = name
 
     def get(self, flat, default=None):
         if flat in self.clashes:

@@ -126,6 +126,18 @@ def _entries(model, path: Path, prefix):
     return entries
 
 
+def _host_modules(model):
+    """(name, module) of every module a fresh host has, as PEFT will walk it: canonical
+    names, and inside a module another adapter trains in full (a TrainedCopy, a leaf
+    there) the submodules of its frozen original, which PEFT also suffix-matches."""
+    for m, module in canonical_modules(model).items():
+        yield m, module
+        if isinstance(module, TrainedCopy):
+            for sub, inner in module.base_layer.named_modules():
+                if sub:
+                    yield f"{m}.{sub}", inner
+
+
 def _also_caught(model, saved: dict[str, dict], factors) -> dict[str, dict]:
     """The other modules PEFT wraps for these modules_to_save names: it matches by plain
     suffix (``head`` also catches ``subhead`` and ``neck.head``) and then expects their
@@ -134,7 +146,7 @@ def _also_caught(model, saved: dict[str, dict], factors) -> dict[str, dict]:
     if not saved:
         return {}
     extra, refused = {}, []
-    for m, module in canonical_modules(model).items():
+    for m, module in _host_modules(model):
         if not m or m in saved or not any(m.endswith(e) for e in saved) or any(
                 m.startswith(s + ".") for s in saved):
             continue

@@ -26,11 +26,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # LoRA-file formats: a LoRA adapter as it is, any other weight-space method as the
 # rank-export_rank SVD of its dW
 _LORA_FORMATS = ("peft", "diffusers", "kohya")
-# where each format goes under output_dir/export/<format>/: a file name, or None for a
-# folder format (PEFT, our own); "{name}" is the adapter's name
+# where each format goes under output_dir/export/<format>/: a file name ("{name}": the
+# adapter's), a file per model (merged), or None for a folder per model (PEFT, our own)
 _EXPORT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "{name}.safetensors",
-                 "lycoris": "{name}.safetensors", "merged": "unet.safetensors", "peft": None, "visionpeft": None}
-_EXPORT_PREFIXES = {"diffusers": "unet", "kohya": "lora_unet", "lycoris": "lora_unet"}
+                 "lycoris": "{name}.safetensors", "merged": "{model}.safetensors", "peft": None, "visionpeft": None}
 
 
 def check_exports(formats, rank, adapters: dict) -> None:
@@ -50,13 +49,11 @@ def check_exports(formats, rank, adapters: dict) -> None:
             continue
         if not spec.weight_space:
             continue  # refused with its own message (no dW at all)
-        # only the diffusers file carries the text encoders; the other formats write the UNet
-        written = formats if field == "adapter" else [f for f in formats if f == "diffusers"]
-        needs_rank = [f for f in written if f in _LORA_FORMATS and spec.factor_layout != "lora"]
+        needs_rank = [f for f in formats if f in _LORA_FORMATS and spec.factor_layout != "lora"]
         if needs_rank and rank is None:
             raise ValueError(f"export_formats {needs_rank} write LoRA factors; {field} is {values['method']}, "
                              f"whose dW is written as its rank-export_rank SVD: set export_rank (e.g. 16)")
-        if "lycoris" in written and spec.factor_layout not in ("lokr", "loha"):
+        if "lycoris" in formats and spec.factor_layout not in ("lokr", "loha"):
             raise ValueError(f"export_formats 'lycoris' writes LoKr (krona) or LoHa factors; {field} is "
                              f"{values['method']}: use kohya (LoRA keys ComfyUI and LyCORIS read; with export_rank "
                              "for a method other than LoRA), or merged")
@@ -387,56 +384,70 @@ class DreamBoothTask(Task):
 
     def finish(self, models, output_dir):
         """One folder per format under ``output_dir/export``, so a loader pointed at a
-        folder finds one file: ``export/diffusers`` (for ``pipe.load_lora_weights``; the
-        text encoders' LoRA too, when trained), ``export/kohya/<name>.safetensors``,
-        ``export/lycoris/<name>.safetensors``, ``export/peft`` (a PEFT folder of the
-        UNet), ``export/merged/unet.safetensors``, ``export/visionpeft`` (our own folder)."""
+        folder finds one file, and every format holds every trained model (the UNet, and
+        the text encoders when ``text_encoder_adapter`` is set):
+        ``export/diffusers/pytorch_lora_weights.safetensors`` (``unet.`` / ``text_encoder.`` /
+        ``text_encoder_2.`` keys, what ``pipe.load_lora_weights`` reads),
+        ``export/kohya/<name>.safetensors`` and ``export/lycoris/<name>.safetensors``
+        (``lora_unet_`` / ``lora_te_`` keys, ``lora_te1_`` / ``lora_te2_`` for SDXL's two),
+        ``export/peft/<model>/`` (a PEFT folder per model, as diffusers names them),
+        ``export/merged/<model>.safetensors``, ``export/visionpeft/<model>/``. Each folder is
+        swapped in whole, so a killed export leaves the previous one."""
+        parts = {"unet": models["unet"], **{k: m for k, m in models.items() if k.startswith("text_encoder")}}
         out = {}
         for fmt in self.cfg.export_formats:
-            folder = output_dir / "export" / fmt
-            if fmt == "diffusers":
-                report = self._export_diffusers(models, folder)
-            else:
-                file = _EXPORT_FILES[fmt]
-                target = folder / file.format(name=self.adapter_name) if file else folder
-                report = vp.export(models["unet"], target, name=self.adapter_name, format=fmt,
-                                   rank=self.cfg.export_rank if fmt in _LORA_FORMATS else None,
-                                   prefix=_EXPORT_PREFIXES.get(fmt))
+            report = self._export(fmt, parts, output_dir / "export" / fmt)
             out[f"export_{fmt}"] = str(report.path)
             if report.svd_error:
                 out[f"export_{fmt}_max_svd_error"] = report.max_error
         return out
 
-    def _export_diffusers(self, models, folder: Path):
-        """``folder/pytorch_lora_weights.safetensors`` with the UNet's LoRA under ``unet.``
-        and, when trained, each text encoder's under its pipeline name (``text_encoder.``,
-        ``text_encoder_2.``): one file ``pipe.load_lora_weights(folder)`` loads whole. The
-        folder is swapped in at once, so a killed export leaves the previous one."""
+    def _export(self, fmt: str, parts: dict, folder: Path):
+        """Write ``parts`` ({pipeline name: model}) in ``fmt`` under ``folder``: one file
+        for the single-file formats (each model under its prefix), a subfolder per model
+        for the others. Returns one report for all of them (path, layers, SVD errors)."""
         from safetensors.torch import load_file, save_file
 
-        parts = {"unet": models["unet"], **{k: m for k, m in models.items() if k.startswith("text_encoder")}}
-        name = _EXPORT_FILES["diffusers"]
+        file = _EXPORT_FILES[fmt]
+        rank = self.cfg.export_rank if fmt in _LORA_FORMATS else None
         reports = {}
 
         def write(tmp: Path):
+            if file is None or fmt == "merged":  # a folder or a merged file per model
+                for part, model in parts.items():
+                    target = tmp / part if file is None else tmp / f"{part}.safetensors"
+                    reports[part] = vp.export(model, target, name=self.adapter_name, format=fmt, rank=rank)
+                return
             tensors = {}
-            for prefix, model in parts.items():
-                part = tmp / f".{prefix}.safetensors"
-                reports[prefix] = vp.export(model, part, name=self.adapter_name, format="diffusers",
-                                            rank=self.cfg.export_rank, prefix=prefix)
-                tensors.update(load_file(str(part)))
-                part.unlink()
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            for part, model in parts.items():
+                piece = tmp / f".{part}.safetensors"
+                reports[part] = vp.export(model, piece, name=self.adapter_name, format=fmt, rank=rank,
+                                          prefix=_file_prefix(fmt, part, len(parts)))
+                tensors.update(load_file(str(piece)))
+                piece.unlink()
+            save_file(tensors, str(tmp / file.format(name=self.adapter_name)), metadata={"format": "pt"})
 
         vp.atomic_write_dir(folder, write)
         report = reports["unet"]
-        report.path = folder / name
+        report.path = folder if file is None or fmt == "merged" else folder / file.format(name=self.adapter_name)
         report.layers = sum(r.layers for r in reports.values())
         report.rank = max(r.rank or 0 for r in reports.values()) or None
-        for prefix, r in reports.items():
-            if prefix != "unet":
-                report.svd_error.update({f"{prefix}.{m}": e for m, e in r.svd_error.items()})
+        for part, r in reports.items():
+            if part != "unet":
+                report.svd_error.update({f"{part}.{m}": e for m, e in r.svd_error.items()})
         return report
+
+
+def _file_prefix(fmt: str, part: str, n_parts: int) -> str:
+    """Where a model's keys go in a single-file format: diffusers uses the pipeline names;
+    kohya and LyCORIS use lora_unet / lora_te, and lora_te1 / lora_te2 when a pipeline has
+    two text encoders (SDXL), as diffusers' converters and ComfyUI expect."""
+    if fmt == "diffusers":
+        return part
+    if part == "unet":
+        return "lora_unet"
+    two_encoders = n_parts == 3  # unet + text_encoder + text_encoder_2
+    return {"text_encoder": "lora_te1" if two_encoders else "lora_te", "text_encoder_2": "lora_te2"}[part]
 
 
 def _duration(seconds: float) -> str:
