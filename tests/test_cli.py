@@ -87,6 +87,17 @@ def test_python_dash_m_visionpeft_runs_the_cli():
     assert done.returncode == 0 and "snell" in done.stdout
 
 
+def test_info_on_a_folder_of_model_folders_describes_each(tmp_path, capsys):
+    for name in ("unet", "text_encoder"):
+        model = ToyNet()
+        vp.inject(model, vp.LoRAConfig(r=2, target_modules=TOY_TARGETS), name="dog")
+        vp.save_adapter(model, tmp_path / "adapter" / name, name="dog")
+    assert main(["info", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path / 'adapter'} holds 2 adapter folders, one per model: text_encoder, unet")
+    assert out.count("method:      lora") == 2
+
+
 def test_methods_catalog_is_the_registry():
     """`visionpeft methods` prints from methods/catalog.json (no torch import): the file must
     say what the registry says. If this fails after a method or field changed: make methods-catalog"""

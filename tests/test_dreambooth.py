@@ -504,3 +504,17 @@ def test_every_export_holds_unet_and_text_encoders_and_loads_in_their_tools(tiny
                 assert not torch.allclose(base[name], b[0], atol=1e-4)  # the text encoder's LoRA changed it
             torch.testing.assert_close(theirs.unet(lat, 10, hidden, **kw).sample,
                                        ours.unet(lat, 10, hidden, **kw).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_an_export_folder_holding_other_files_is_refused_before_training(tiny, tmp_path):
+    """The folder is replaced whole at the end and someone's files are never deleted, so a
+    stale file there stops the run at setup, not after training."""
+    from visionpeft.train import TrainingError
+
+    out = tmp_path / "out"
+    (out / "export" / "kohya").mkdir(parents=True)
+    (out / "export" / "kohya" / "old_name.safetensors").write_bytes(b"x")
+    with pytest.raises(TrainingError, match=r"export/kohya holds \['old_name.safetensors'\], which this run's "
+                                            r"kohya export would not write \(it writes \['default.safetensors'\]\)"):
+        run_config(_values(tiny, out, export_formats=["diffusers", "kohya"]))
+    assert not (out / "adapter").exists() and not (out / "export" / "diffusers").exists()

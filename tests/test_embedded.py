@@ -79,14 +79,12 @@ def test_missing_weights_say_how_to_make_them(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="embedded weights not generated yet")
-def test_quality_benchmark_smoke():
+def test_quality_benchmark_smoke(monkeypatch):
     """Every task x variant for 2 steps: the pipeline runs and every number is finite
     (no quality threshold: that is what docs/QUALITY.md reports)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_quality
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # for bench_quality's own lazy imports too
+    import bench_quality
+
     result = bench_quality.main(["--smoke", "--threads", "1"])
     assert set(result["variants"]) == set(bench_quality.VARIANTS)
     for row in result["variants"].values():

@@ -335,25 +335,29 @@ def test_refusals_and_other_layouts():
     torch.testing.assert_close(f.delta_weight(), up @ down)
 
 
-def test_lycoris_and_kohya_exports_of_a_text_encoder_use_kohya_names_and_read_back(tiny, tmp_path):
-    """Files for kohya's tools (ComfyUI, A1111) name CLIP modules from the text_model level
-    transformers 5 dropped: our writers add it back, our readers take either form."""
+def test_text_encoder_exports_use_text_model_names_and_read_back(tiny, tmp_path):
+    """Files for kohya's tools (ComfyUI, A1111) and diffusers files written under
+    transformers 4 name CLIP modules from the text_model level transformers 5 dropped: our
+    writers add it back, our readers take either form."""
     import visionpeft as vp
     from conftest import randomize_adapters
 
     te = _pipe(tiny).text_encoder
     ids = torch.randint(0, te.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
-    for method, fmt in ((vp.LoHaConfig(r=2, target_modules=["q_proj", "fc1"]), "lycoris"),
-                        (vp.LoRAConfig(r=2, target_modules=["q_proj", "fc1"]), "kohya")):
+    for method, fmt, prefix, named in (
+            (vp.LoHaConfig(r=2, target_modules=["q_proj", "fc1"]), "lycoris", "lora_te", "lora_te_text_model_encoder_"),
+            (vp.LoRAConfig(r=2, target_modules=["q_proj", "fc1"]), "kohya", "lora_te", "lora_te_text_model_encoder_"),
+            (vp.LoRAConfig(r=2, target_modules=["q_proj", "fc1"]), "diffusers", "text_encoder",
+             "text_encoder.text_model.encoder.")):
         model = _pipe(tiny).text_encoder
         vp.inject(model, method, name="te")
         randomize_adapters(model)
         path = tmp_path / f"{fmt}.safetensors"
-        vp.export(model, path, name="te", format=fmt, prefix="lora_te")
-        stems = {k.split(".")[0] for k in load_file(path)}
-        assert stems and all(s.startswith("lora_te_text_model_encoder_layers_") for s in stems), stems
+        vp.export(model, path, name="te", format=fmt, prefix=prefix)
+        keys = list(load_file(path))
+        assert keys and all(k.startswith(named) for k in keys), keys[:4]
         back = _pipe(tiny).text_encoder
-        vp.load_adapter(back, path, prefix="lora_te")
+        vp.load_adapter(back, path, prefix=prefix)
         with torch.no_grad():
             torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
             assert not torch.allclose(te(ids)[0], model(ids)[0], atol=1e-4)

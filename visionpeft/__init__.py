@@ -9,6 +9,7 @@ command answers ``--help`` and ``methods`` at once. Loading the API also registe
 packaged timm models (``embedded_vit_s``); ``import visionpeft.backbones`` does that alone
 (and ``import visionpeft`` after timm does it at once).
 """
+import importlib.util
 import sys as _sys
 
 from .core.version import __version__  # noqa: F401  (torch-free: setup tools and the CLI read it)
@@ -57,21 +58,21 @@ def _load_api() -> dict:
 
 
 def __getattr__(name: str):
-    if name.startswith("__") and name != "__all__":
-        raise AttributeError(name)  # dunder probes (copy, pickle, doctest) must not load torch
-    api = _load_api()
-    globals().update(api)
-    if name in api:
-        return api[name]
+    """Called only for names the module does not hold yet (PEP 562)."""
+    if name.startswith("_") and name != "__all__" or not name.isidentifier():
+        raise AttributeError(name)  # dunder and private probes (copy, pickle, IPython) load nothing
     import importlib
 
-    try:  # a subpackage read as an attribute: vp.backbones, vp.train, vp.pipelines
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"{__name__}.{name}":
-            raise
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # vp.train, from visionpeft import cli
+    if "__all__" not in globals():  # load once; later misses must not undo patched names
+        for key, value in _load_api().items():
+            globals().setdefault(key, value)
+    if name in globals():
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__getattr__("__all__")))
+    public = globals()["__all__"] if "__all__" in globals() else __getattr__("__all__")
+    return sorted({k for k in globals() if not k.startswith("_")} | set(public) | {"__version__"})

@@ -141,6 +141,14 @@ def _cmd_info(args) -> int:
     if cd and not (path / "adapter_config.json").is_file():
         return _info_change_detection(path, cd[:1] if cd[0] == path else cd)
     cfg_file = path / "adapter_config.json"
+    subs = sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file()) \
+        if path.is_dir() and not cfg_file.is_file() else []
+    if subs:  # a folder per model (a training's adapter/, DreamBooth's export/peft/): each in turn
+        print(f"{path} holds {len(subs)} adapter folders, one per model: {', '.join(p.name for p in subs)}")
+        for sub in subs:
+            print()
+            _cmd_info(argparse.Namespace(adapter_dir=str(sub), all=args.all))
+        return 0
     if cfg_file.is_file():
         try:
             raw = json.loads(cfg_file.read_text())
@@ -398,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type, ...]:
     """Errors that mean bad input, not a bug: they end in one line. A TrainingError can only
     come from a loaded training package, so it is not imported (and torch with it) to catch it."""
-    train = sys.modules.get(f"{__package__}.train")
-    return (FileNotFoundError, ValueError, KeyError) + ((train.TrainingError,) if train else ())
+    task = sys.modules.get(f"{__package__}.train.task")  # where TrainingError is defined
+    return (FileNotFoundError, ValueError, KeyError) + ((task.TrainingError,) if task else ())
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-from .diffusers_layouts import looks_converted, pick_component, read_converted
+from .diffusers_layouts import fit_names, looks_converted, pick_component, read_converted
 from .factors import Factors, export_lora_factors, lora_entries, peft_scale
+from .names import file_module_names
 from .formats import (ExportReport, FileFormat, InteropError, read_keys, read_tensors, register_format,
                       save_tensors_file, single_file, the_file)
 
@@ -84,11 +85,16 @@ def _read(model, path, prefix):
     keys, metadata = read_keys(file)
     if looks_converted(keys):
         return lora_entries(read_converted(read_tensors(file), model, prefix, str(path), metadata))
-    return lora_entries(from_tensors(read_tensors(file), prefix, str(path), metadata, model))
+    # files written against transformers 4 (and ComfyUI's) name CLIP modules from text_model
+    return lora_entries(fit_names(from_tensors(read_tensors(file), prefix, str(path), metadata, model), model))
 
 
 def _export(model, name, path, rank, prefix) -> ExportReport:
     factors, errors = export_lora_factors(model, name, rank, "diffusers", grouped_convs_ok=False)
+    # CLIP modules named from text_model, as transformers 4 and ComfyUI name them; diffusers
+    # drops the level itself where the installed CLIPTextModel has none
+    renamed = file_module_names(model)
+    factors = {renamed.get(m, m): f for m, f in factors.items()}
     target = single_file(path, WEIGHTS_NAME)
     save_tensors_file(to_tensors(factors, prefix), target)
     return ExportReport(target, "diffusers", len(factors), max((f.rank for f in factors.values()), default=0), errors)

@@ -163,8 +163,10 @@ def convert_with_diffusers(tensors: dict[str, torch.Tensor], unet_config=None, m
 def fit_names(factors: dict[str, Factors], model) -> dict[str, Factors]:
     """Text-encoder factors named for ``model``: drop ``text_model.`` where the model
     has no such level, as diffusers does (a no-op for a UNet)."""
-    if hasattr(model, "text_model"):
+    if model is None or hasattr(model, "text_model"):
         return factors
+    if not isinstance(factors, Mapping):  # a collection of module names
+        return {k.removeprefix("text_model.") for k in factors}
     return {k.removeprefix("text_model."): f for k, f in factors.items()}
 
 
@@ -199,7 +201,7 @@ def pick_component(components: dict[str, dict], model, prefix: str | None, where
     if len(components) == 1:
         return next(iter(components))
     modules = canonical_modules(model) if model is not None else {}
-    fits = [c for c, factors in components.items() if _fits(factors, modules)]
+    fits = [c for c, factors in components.items() if _fits(fit_names(factors, model), modules)]
     if len(fits) != 1:
         raise InteropError(f"{where} holds LoRAs for {sorted(components)}; say which with prefix=...")
     return fits[0]

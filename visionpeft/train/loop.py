@@ -170,6 +170,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)  # the same on every process: adapters start identical
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     task.setup(acc.device, dtype)
+    task.check_output(out)
     models = task.models()
     params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
     if not params:

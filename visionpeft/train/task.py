@@ -120,6 +120,11 @@ class Task(abc.ABC):
             raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}; "
                              f"override load_state_dict")
 
+    def check_output(self, output_dir: Path) -> None:
+        """Called after ``setup``, before any training: refuse now (a TrainingError) what
+        ``finish`` would have to refuse at the end, e.g. an export folder holding files the
+        run would not write."""
+
     def validate(self, models: dict[str, nn.Module], step: int, output_dir: Path) -> dict:
         return {}
 

@@ -382,6 +382,22 @@ class DreamBoothTask(Task):
         _grid(images).save(folder / f"step-{step:06d}.png")
         return {}
 
+    def check_output(self, output_dir):
+        """An export folder is replaced whole at the end, and only when it holds nothing the
+        new export would not write (someone's files are never deleted): say so before
+        training, not after it (an earlier run's other adapter_name, an older layout)."""
+        parts = list(self.models())
+        for fmt in self.cfg.export_formats:
+            folder = Path(output_dir) / "export" / fmt
+            if not folder.is_dir():
+                continue
+            file = _EXPORT_FILES[fmt]
+            expected = ({file.format(name=self.adapter_name, model=p) for p in parts} if file else set(parts))
+            other = sorted(p.name for p in folder.iterdir() if p.name not in expected and not p.name.startswith("."))
+            if other:
+                raise TrainingError(f"{folder} holds {other[:6]}, which this run's {fmt} export would not write "
+                                    f"(it writes {sorted(expected)}); move them away or choose another output_dir")
+
     def finish(self, models, output_dir):
         """One folder per format under ``output_dir/export``, so a loader pointed at a
         folder finds one file, and every format holds every trained model (the UNet, and
@@ -415,21 +431,22 @@ class DreamBoothTask(Task):
         def write(tmp: Path):
             if file is None or fmt == "merged":  # a folder or a merged file per model
                 for part, model in parts.items():
-                    target = tmp / part if file is None else tmp / f"{part}.safetensors"
+                    target = tmp / part if file is None else tmp / file.format(model=part)
                     reports[part] = vp.export(model, target, name=self.adapter_name, format=fmt, rank=rank)
                 return
             tensors = {}
             for part, model in parts.items():
                 piece = tmp / f".{part}.safetensors"
                 reports[part] = vp.export(model, piece, name=self.adapter_name, format=fmt, rank=rank,
-                                          prefix=_file_prefix(fmt, part, len(parts)))
+                                          prefix=_file_prefix(fmt, part, parts))
                 tensors.update(load_file(str(piece)))
                 piece.unlink()
-            save_file(tensors, str(tmp / file.format(name=self.adapter_name)), metadata={"format": "pt"})
+            save_file(tensors, str(tmp / file.format(name=self.adapter_name, model=None)), metadata={"format": "pt"})
 
         vp.atomic_write_dir(folder, write)
         report = reports["unet"]
-        report.path = folder if file is None or fmt == "merged" else folder / file.format(name=self.adapter_name)
+        report.path = folder if file is None or fmt == "merged" else folder / file.format(name=self.adapter_name,
+                                                                                           model=None)
         report.layers = sum(r.layers for r in reports.values())
         report.rank = max(r.rank or 0 for r in reports.values()) or None
         for part, r in reports.items():
@@ -438,7 +455,7 @@ class DreamBoothTask(Task):
         return report
 
 
-def _file_prefix(fmt: str, part: str, n_parts: int) -> str:
+def _file_prefix(fmt: str, part: str, parts) -> str:
     """Where a model's keys go in a single-file format: diffusers uses the pipeline names;
     kohya and LyCORIS use lora_unet / lora_te, and lora_te1 / lora_te2 when a pipeline has
     two text encoders (SDXL), as diffusers' converters and ComfyUI expect."""
@@ -446,7 +463,7 @@ def _file_prefix(fmt: str, part: str, n_parts: int) -> str:
         return part
     if part == "unet":
         return "lora_unet"
-    two_encoders = n_parts == 3  # unet + text_encoder + text_encoder_2
+    two_encoders = "text_encoder_2" in parts
     return {"text_encoder": "lora_te1" if two_encoders else "lora_te", "text_encoder_2": "lora_te2"}[part]
 
 
