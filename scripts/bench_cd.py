@@ -3,6 +3,10 @@ Adapter on the encoder against a frozen encoder (decoder only), on SAM2 Hiera-B+
 random weights (built here; nothing downloaded).
 
     python scripts/bench_cd.py --image-size 128 --rounds 5
+    python scripts/bench_cd.py --image-size 256 --batch 8      # on a GPU (picked when present)
+
+``--toy`` shrinks both encoders (same timm classes, a few blocks, widths 32 / 64) for
+smoke runs; ``--device`` overrides the choice of CUDA when present.
 """
 from __future__ import annotations
 
@@ -28,11 +32,19 @@ VARIANTS = {
                                         target_modules=vp.presets.TIMM_BLOCKS),
     "frozen": None,
 }
+# --toy: the same timm classes cut down (Hiera: one block per stage but a global one in
+# stage 3, which must not be a pooling block; DINOv3: 2 blocks of width 64); widths of at
+# least 32, the Adapter variant's bottleneck
+TOY = {"hiera_b+": dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
+                        window_spec=(4, 4, 4, 4), global_pos_size=(4, 4)),
+       "dinov3_vit_b": dict(depth=2, embed_dim=64, num_heads=2)}
 
 
-def build(encoder: str, variant: str, size: int) -> Detector:
+def build(encoder: str, variant: str, size: int, toy: bool = False) -> Detector:
     torch.manual_seed(0)
     kw = {"img_size": size} if "dinov3" in encoder else {}
+    if toy:
+        kw.update(TOY[encoder])
     host = timm.create_model(ENCODERS[encoder], pretrained=False, num_classes=0, **kw).requires_grad_(False)
     if VARIANTS[variant] is not None:
         vp.inject(host, VARIANTS[variant]())
@@ -53,10 +65,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--toy", action="store_true", help="tiny encoders of the same classes, for smoke runs")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     g = torch.Generator().manual_seed(0)
     s = args.image_size
@@ -65,8 +79,12 @@ def main(argv=None):
     result = {"date": str(date.today()), "machine": platform.machine(), "device": str(device),
               "torch": torch.__version__, "threads": args.threads, "image_size": s, "batch": args.batch,
               "encoders": {}}
+    if device.type == "cuda":  # keys CPU runs at full size never had
+        result["gpu"] = torch.cuda.get_device_name(device)
+    if args.toy:
+        result["toy"] = True
     for enc in args.encoders:
-        models = {v: build(enc, v, s).to(device).train() for v in VARIANTS}
+        models = {v: build(enc, v, s, args.toy).to(device).train() for v in VARIANTS}
         steps = {}
         for v, m in models.items():
             opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
@@ -84,6 +102,8 @@ def main(argv=None):
         big = torch.rand(1, 3, 2 * s, 2 * s, generator=g).to(device)
         t0 = clock()
         predict_probs(m, big, big, s, s // 2)
+        if device.type == "cuda":  # the windows' kernels done before the clock is read
+            torch.cuda.synchronize()
         tiles = 9  # (2s / (s/2) - 1)^2 windows of a 2s x 2s image at half-tile stride
         result["encoders"][enc] = {
             "step": timing,

@@ -141,10 +141,21 @@ def cpu_peak_bytes(fn) -> int:
     return peak
 
 
-def step_peak_memory(model, x, y, unpack: bool = False, opt=None) -> int:
-    """CPU peak above the start of one forward + backward (gradients start at None and
-    are counted, as on CUDA), and of the optimizer step and zero_grad too when ``opt`` is
-    given; what the optimizer held before the step is left out like CUDA's base."""
+def cuda_peak_bytes(fn) -> int:
+    """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated at the start."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def step_peak_memory(model, x, y, unpack: bool = False, opt=None, device=None) -> int:
+    """Peak above the start of one forward + backward (gradients start at None and are
+    counted), and of the optimizer step and zero_grad too when ``opt`` is given; what the
+    optimizer held before the step is left out like CUDA's base. On CPU (``device`` None
+    or CPU) the allocator's peak from the profiler, on CUDA ``max_memory_allocated``."""
     model.zero_grad(set_to_none=True)
 
     def step():
@@ -153,7 +164,8 @@ def step_peak_memory(model, x, y, unpack: bool = False, opt=None) -> int:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    peak = cpu_peak_bytes(step)
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    peak = cuda_peak_bytes(step) if on_cuda else cpu_peak_bytes(step)
     model.zero_grad(set_to_none=True)
     return peak
 

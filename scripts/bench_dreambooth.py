@@ -8,6 +8,10 @@ variant). UNet: the SD1.5 configuration, random init, built here. On CPU the ima
 is reduced (``--resolution``); on CUDA use 512 and ``--dtype bf16``.
 
     python scripts/bench_dreambooth.py --resolution 256 --rounds 5
+    python scripts/bench_dreambooth.py --resolution 512 --dtype bf16    # on a GPU
+
+``--unet toy`` builds a two-level UNet of the same block kinds (bench_switch.toy_unet)
+for smoke runs; ``--device`` overrides the choice of CUDA when present.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 
 import visionpeft as vp
 from bench_core import emit, loss_memory, paired
-from bench_switch import sd15_unet
+from bench_switch import UNETS
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 OURS = {
@@ -31,8 +35,8 @@ OURS = {
 }
 
 
-def build(kind: str, device, dtype):
-    unet = sd15_unet().requires_grad_(False)
+def build(kind: str, device, dtype, unet_kind: str = "sd15"):
+    unet = UNETS[unet_kind]().requires_grad_(False)
     if kind == "peft_lora":
         from peft import LoraConfig
 
@@ -86,16 +90,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--variants", nargs="+", default=["lora", "peft_lora", "krona", "wara"])
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--unet", choices=list(UNETS), default="sd15", help="toy: a small UNet for smoke runs")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    # the models first: their init draws from the global seed, the inputs from g alone, so
+    # the order changes no number; the text width is the UNet's own
+    models = {k: build(k, device, dtype, args.unet) for k in args.variants}
+    text_dim = next(iter(models.values())).config.cross_attention_dim
     g = torch.Generator().manual_seed(0)
     side = args.resolution // 8
     latents = torch.randn(args.batch, 4, side, side, generator=g).to(device)
-    text = torch.randn(args.batch, 77, 768, generator=g).to(device)
-    models = {k: build(k, device, dtype) for k in args.variants}
+    text = torch.randn(args.batch, 77, text_dim, generator=g).to(device)
     steps = {k: step_fn(m, latents, text, device, dtype) for k, m in models.items()}
     for fn in steps.values():
         fn()  # warm-up
@@ -104,12 +113,15 @@ def main(argv=None):
     mem = {k: saved_bytes(m, latents, text, dtype) for k, m in models.items()}
     result = {"date": str(date.today()), "machine": platform.machine(), "device": str(device),
               "torch": torch.__version__, "threads": args.threads, "clock": "cpu" if device.type == "cpu" else "wall",
-              "unet": "SD1.5 config, random init", "resolution": args.resolution, "batch": args.batch,
+              "unet": "SD1.5 config, random init" if args.unet == "sd15" else "toy UNet config, random init",
+              "resolution": args.resolution, "batch": args.batch,
               "dtype": args.dtype,
               "step": {k: {**v, "steps_per_s": round(1e3 / v["ms"], 4)} for k, v in timing.items()},
               "memory_mb": {k: round(v / 2**20, 1) for k, v in mem.items()},
               "memory_vs_lora": {k: round(v / mem["lora"], 3) for k, v in mem.items()},
               "trainable": {k: sum(q.numel() for q in m.parameters() if q.requires_grad) for k, m in models.items()}}
+    if device.type == "cuda":  # which GPU: a key CPU runs never had
+        result["gpu"] = torch.cuda.get_device_name(device)
     return emit(result, args.json)
 
 

@@ -18,9 +18,14 @@ allocator events via the profiler; SNELL's scratch buffers are released first so
 count); and the peak of a whole training step, AdamW's update included, plus the moments
 AdamW holds between steps (step_peak_mb; adamw_state_mb alone). Frozen weights are left
 out of all three. --grad-checkpointing runs the ViT with timm's block checkpointing;
---memory-only skips the timing.
+--memory-only skips the timing. --device cuda runs it on a GPU: wall time around
+synchronized steps, and all three memory figures become CUDA's max_memory_allocated
+above the start (memory_mb of one forward + backward, the same as peak_mb there).
+--img and --width set the ViT's input size and width (toy runs; 224 and ViT-B's 768 by
+default, heads = width / 64).
 
     python scripts/bench_methods.py --host vit unet
+    python scripts/bench_methods.py --device cuda --host vit --depth 12 --batch 32 --only krona snell_compiled
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from torch import nn
 
 import visionpeft as vp
 from bench_core import emit, measure_memory, paired, step_fn, step_peak_memory
+
+VIT_IMG = 224  # vit_base_patch16_224's own input size
 
 VIT_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 UNET_TARGETS = r".*(to_q|to_k|to_v|to_out\.0)"
@@ -85,19 +92,27 @@ class SDAttention(nn.Module):
         return self.head(x.mean(1))
 
 
-def build_host(host: str, depth: int):
+def build_host(host: str, depth: int, img: int = VIT_IMG, width: int | None = None):
     torch.manual_seed(0)
     if host == "vit":
-        return timm.create_model("vit_base_patch16_224", pretrained=False, depth=depth, num_classes=10), VIT_TARGETS
+        # sizes passed only when they differ, so the default build is the one it always was
+        kw = {} if img == VIT_IMG else {"img_size": img}
+        if width is not None:
+            kw.update(embed_dim=width, num_heads=max(1, width // 64))
+        return (timm.create_model("vit_base_patch16_224", pretrained=False, depth=depth, num_classes=10, **kw),
+                VIT_TARGETS)
     return SDAttention(), UNET_TARGETS
 
 
-def host_inputs(host: str, batch: int):
+def host_inputs(host: str, batch: int, img: int = VIT_IMG, device=torch.device("cpu")):
+    # drawn on the CPU generator, then moved: the same numbers on every device
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (batch,), generator=g)
     if host == "vit":
-        return (torch.randn(batch, 3, 224, 224, generator=g),), y
-    return (torch.randn(batch, 4096, 320, generator=g), torch.randn(batch, 77, 768, generator=g)), y
+        xs = (torch.randn(batch, 3, img, img, generator=g),)
+    else:
+        xs = (torch.randn(batch, 4096, 320, generator=g), torch.randn(batch, 77, 768, generator=g))
+    return tuple(t.to(device) for t in xs), y.to(device)
 
 
 def dense_masked(model: nn.Module, targets: str, sparsity: float) -> nn.Module:
@@ -113,8 +128,12 @@ def dense_masked(model: nn.Module, targets: str, sparsity: float) -> nn.Module:
     return model
 
 
-def make(kind: str, host: str, depth: int, grad_checkpointing: bool = False):
-    model, targets = build_host(host, depth)
+def make(kind: str, host: str, depth: int, grad_checkpointing: bool = False, img: int = VIT_IMG,
+         device=torch.device("cpu"), width: int | None = None):
+    model, targets = build_host(host, depth, img, width)
+    # moved before the adapters go in: they are built on their base layer's device, and
+    # dense_masked's masks on the weight's
+    model = model.to(device)
     if grad_checkpointing:
         if host != "vit":
             raise SystemExit("--grad-checkpointing applies to the vit host (timm's set_grad_checkpointing)")
@@ -143,8 +162,9 @@ def run_host(args, host: str) -> dict:
         kinds = [k for k in kinds if k in ("lora", "peft_lora", *args.only)]
     if "snell" in kinds:
         kinds.append("dense_sparse")
-    models = {k: make(k, host, args.depth, args.grad_checkpointing) for k in kinds}
-    xs, y = host_inputs(host, args.batch)
+    device = args.device
+    models = {k: make(k, host, args.depth, args.grad_checkpointing, args.img, device, args.width) for k in kinds}
+    xs, y = host_inputs(host, args.batch, args.img, device)
     steps = {}
     opt_state, opts = {}, {}
     for k, m in models.items():
@@ -157,16 +177,15 @@ def run_host(args, host: str) -> dict:
             steps[k]()
         opt_state[k] = sum(t.numel() * t.element_size() for st in opt.state.values()
                            for t in st.values() if torch.is_tensor(t))
-    timing = {} if args.memory_only else paired(steps, "lora", args.rounds, args.steps, torch.device("cpu"),
-                                                   args.clock_fn)
-    mem = {k: compiled_kernels(lambda: measure_memory(m, xs, y, torch.device("cpu"), unpack=True),
+    timing = {} if args.memory_only else paired(steps, "lora", args.rounds, args.steps, device, args.clock_fn)
+    mem = {k: compiled_kernels(lambda: measure_memory(m, xs, y, device, unpack=True),
                                k in COMPILED, k not in NATIVE_OFF)() for k, m in models.items()}
     peak, step_peak = {}, {}
     for k, m in models.items():
         for out, opt in ((peak, None), (step_peak, opts[k])):
             vp.release_scratch()
-            out[k] = compiled_kernels(lambda: step_peak_memory(m, xs, y, unpack=True, opt=opt), k in COMPILED,
-                                      k not in NATIVE_OFF)()
+            out[k] = compiled_kernels(lambda: step_peak_memory(m, xs, y, unpack=True, opt=opt, device=device),
+                                      k in COMPILED, k not in NATIVE_OFF)()
     peft_ms = timing["peft_lora"]["ms"] if timing else None
     return {"host": host, "batch": args.batch, "grad_checkpointing": args.grad_checkpointing,
             "step": {k: {**v, "vs_peft_lora": round(v["ms"] / peft_ms, 3)} for k, v in timing.items()},
@@ -196,18 +215,34 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                   help="process CPU time (steadier on a shared VM) or wall-clock time")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="process CPU time (steadier on a shared VM; the default on CPU) or wall-clock "
+                        "time (the default on CUDA, around synchronized steps)")
+    p.add_argument("--device", default="cpu", help="cpu (the default) or cuda")
+    p.add_argument("--img", type=int, default=VIT_IMG, help="ViT input size (vit host)")
+    p.add_argument("--width", type=int, default=None, help="ViT width (vit host; default ViT-B's 768)")
     p.add_argument("--only", nargs="+", help="variants to run besides lora and peft_lora")
     p.add_argument("--memory-only", action="store_true", help="measure memory, skip the timing rounds")
     p.add_argument("--grad-checkpointing", action="store_true", help="timm block checkpointing (vit host)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device)
+    on_cuda = args.device.type == "cuda"
+    args.clock = args.clock or ("wall" if on_cuda else "cpu")
     args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
     result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__,
-              "threads": args.threads, "clock": args.clock, "depth": args.depth,
-              "hosts": [run_host(args, h) for h in args.host]}
+              "threads": args.threads, "clock": args.clock, "depth": args.depth}
+    # keys a CPU run at the default size never had are added only when they say something
+    if args.device.type != "cpu":
+        result["device"] = str(args.device)
+        result["gpu"] = torch.cuda.get_device_name(args.device) if on_cuda else None
+        result["memory"] = "max_memory_allocated above the start (memory_mb = peak_mb: one forward + backward)"
+    if args.img != VIT_IMG:
+        result["img"] = args.img
+    if args.width is not None:
+        result["width"] = args.width
+    result["hosts"] = [run_host(args, h) for h in args.host]
     return emit(result, args.json)
 
 
