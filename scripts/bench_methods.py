@@ -25,6 +25,7 @@ above the start (memory_mb of one forward + backward, the same as peak_mb there)
 default, heads = width / 64).
 
     python scripts/bench_methods.py --host vit unet
+    python scripts/bench_methods.py --sweep --depth 1 --rounds 3 --json docs/bench_sweep.json
     python scripts/bench_methods.py --device cuda --host vit --depth 12 --batch 32 --only krona snell_compiled
 """
 from __future__ import annotations
@@ -204,6 +205,64 @@ def run_host(args, host: str) -> dict:
                           for k, m in models.items()}}
 
 
+# --sweep: ViT widths (heads = width / 64, as ViT-S/B/L have) x batches, so that no ratio
+# hides a fixed per-layer cost behind wide layers; each method against our LoRA and PEFT's
+# nearest relative (SNELL: dense masked sparse tuning, what it replaces)
+SWEEP_WIDTHS = {"ViT-S": 384, "ViT-B": 768, "ViT-L": 1024}
+SWEEP_BATCHES = (1, 4, 32)
+NEAREST = {"lora": "peft_lora", "block_lora": "peft_lora", "krona": "peft_lokr", "wara": "peft_waveft",
+           "loha": "peft_loha", "snell": "dense_sparse"}
+
+
+def sweep(args) -> dict:
+    """Every (width, batch) of the sweep as one run_host each; tables per method."""
+    import copy
+
+    runs = []
+    wanted = args.only or list(NEAREST)
+    for label, width in SWEEP_WIDTHS.items():
+        for batch in SWEEP_BATCHES:
+            a = copy.copy(args)
+            a.width, a.batch = width, batch
+            a.only = sorted({*wanted, *(NEAREST[m] for m in wanted if m in NEAREST)} - {"dense_sparse"})
+            print(f"sweep: {label} (width {width}) batch {batch}", flush=True)
+            runs.append({"vit": label, "width": width, **run_host(a, "vit")})
+    tables = {}
+    for m in wanted:
+        ref = NEAREST.get(m)
+        rows = []
+        for r in runs:
+            if m not in r["step"] and not r["peak_mb"].get(m):
+                continue
+            ms = r["step"].get(m, {}).get("ms")
+            ref_ms = r["step"].get(ref, {}).get("ms") if ref else None
+            rows.append({"vit": r["vit"], "batch": r["batch"],
+                         "step_vs_lora": r["step"].get(m, {}).get("ratio"),
+                         "step_vs_nearest": round(ms / ref_ms, 3) if ms and ref_ms else None,
+                         "peak_vs_lora": r["peak_vs_lora"].get(m),
+                         "peak_vs_nearest": (round(r["peak_mb"][m] / r["peak_mb"][ref], 3)
+                                             if ref in r["peak_mb"] and r["peak_mb"][ref] else None),
+                         "step_peak_mb": r["step_peak_mb"].get(m)})
+        tables[m] = {"nearest": ref, "rows": rows}
+    return {"runs": runs, "tables": tables}
+
+
+def sweep_markdown(tables: dict) -> str:
+    """One table per method: step time and fwd+bwd peak memory against our LoRA and the
+    nearest other method, for each ViT width and batch."""
+    out = []
+    for m, t in tables.items():
+        out += [f"**{m}** (nearest: {t['nearest']})", "",
+                "| ViT | batch | step / our LoRA | step / nearest | peak / our LoRA | peak / nearest |",
+                "|---|---|---|---|---|---|"]
+        for r in t["rows"]:
+            cells = [r["step_vs_lora"], r["step_vs_nearest"], r["peak_vs_lora"], r["peak_vs_nearest"]]
+            out.append(f"| {r['vit']} | {r['batch']} | " + " | ".join("-" if c is None else f"{c:.2f}"
+                                                                      for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None):
     import time
 
@@ -224,6 +283,8 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", help="variants to run besides lora and peft_lora")
     p.add_argument("--memory-only", action="store_true", help="measure memory, skip the timing rounds")
     p.add_argument("--grad-checkpointing", action="store_true", help="timm block checkpointing (vit host)")
+    p.add_argument("--sweep", action="store_true",
+                   help="ViT-S/B/L widths x batch 1, 4, 32 (at --depth), a table per method; --only picks methods")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -242,6 +303,11 @@ def main(argv=None):
         result["img"] = args.img
     if args.width is not None:
         result["width"] = args.width
+    if args.sweep:
+        result["sweep"] = sweep(args)
+        emit(result, args.json)
+        print(sweep_markdown(result["sweep"]["tables"]))
+        return result
     result["hosts"] = [run_host(args, h) for h in args.host]
     return emit(result, args.json)
 
