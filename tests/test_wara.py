@@ -156,3 +156,110 @@ def test_factors_cached_under_inference_mode_can_be_saved_by_a_later_training_st
         model(x)
     model(x).square().sum().backward()  # the cached factors are saved for backward here
     assert model[0].weight.grad is not None
+
+
+# --- the polyphase fast path against the band-by-band synthesis it replaced ---------------
+HOSTS = {"linear": lambda: nn.Linear(40, 24), "linear_odd": lambda: nn.Linear(13, 19),
+         "conv": lambda: nn.Conv2d(6, 8, 3, padding=1)}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "sym4"])
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("host", list(HOSTS))
+def test_fast_factors_equal_the_band_by_band_synthesis(host, levels, wavelet, dtype, tol):
+    from visionpeft.methods.wara import wara_factors, wara_factors_reference
+
+    torch.manual_seed(0)
+    model, mod = _inject(HOSTS[host](), r=3, wavelet=wavelet, levels=levels)
+    model.to(dtype)
+    pairs = mod.band_factors()
+    got, ref = wara_factors(pairs, mod.shape, mod.levels, wavelet), wara_factors_reference(
+        pairs, mod.shape, mod.levels, wavelet)
+    params = [t for pair in pairs.values() for t in pair]
+    seeds = [torch.randn_like(t) for t in ref]
+    grads = [torch.autograd.grad(f, params, seeds) for f in (got, ref)]
+    scale = max(t.abs().max().item() for t in ref)
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=tol * scale, rtol=tol)
+    gscale = max(g.abs().max().item() for g in grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=tol * gscale, rtol=tol)
+
+
+@pytest.mark.parametrize("host", list(HOSTS))
+@pytest.mark.parametrize("share", [False, True])
+def test_layer_forward_and_gradients_equal_the_reference_formulation(host, share, monkeypatch):
+    """The whole layer (fused Linear path, conv path, the shared reading) in float64 with
+    the fast factors, then with the band-by-band ones swapped in."""
+    import visionpeft.methods.wara as wara
+
+    torch.manual_seed(0)
+    cfg = dict(r=2, wavelet="db2", levels=1) if share else dict(r=2, wavelet="sym4", levels=2)
+    model, mod = _inject(HOSTS[host](), share_factors=share, **cfg)
+    model.double()
+    x = {"linear": (3, 40), "linear_odd": (3, 13), "conv": (2, 6, 5, 5)}[host]
+    x = torch.randn(*x, dtype=torch.float64)
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        out = model(xr)
+        out.square().sum().backward()
+        grads = {k: p.grad.clone() for k, p in mod.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return out.detach(), xr.grad, grads
+
+    fast = run()
+    monkeypatch.setattr(wara, "wara_factors", wara.wara_factors_reference)
+    ref = run()
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fast[1], ref[1], atol=1e-12, rtol=1e-12)
+    for k in ref[2]:
+        torch.testing.assert_close(fast[2][k], ref[2][k], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("wavelet,levels,n", [("db8", 3, 8), ("sym4", 2, 4), ("coif2", 1, 2), ("db2", 3, 24)])
+def test_synthesis_wraps_filters_longer_than_the_signal(wavelet, levels, n):
+    """Deep levels of long filters wrap around the periodized signal several times."""
+    from visionpeft.methods.wara import synthesize_factor
+    from visionpeft.ops.wara_math import synthesize_columns
+
+    torch.manual_seed(0)
+    blocks, leaves = [], []
+    for level in range(levels, 0, -1):
+        for channel in (["lo", "hi"] if level == levels else ["hi"]):
+            m = torch.randn(2, n >> level, dtype=torch.float64, requires_grad=True)
+            leaves.append(m)
+            blocks.append((m, channel, level))
+    got = synthesize_columns([(m.t(), ch, lv) for m, ch, lv in blocks], n - 1, wavelet)
+    ref = torch.cat([synthesize_factor(m, ch, lv, wavelet) for m, ch, lv in blocks], 0)[:, :n - 1].t()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    seed = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, leaves, seed), torch.autograd.grad(ref, leaves, seed)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_synthesis_plan_first_built_under_inference_mode_serves_training():
+    from visionpeft.methods.wara import wara_factors
+
+    torch.manual_seed(0)
+    model, mod = _inject(nn.Linear(22, 18), r=2, wavelet="coif3", levels=1)  # a shape no other test uses
+    x = torch.randn(4, 22)
+    with torch.inference_mode():  # the plans (tables cached per shape) are first built here
+        wara_factors(mod.band_factors(), mod.shape, mod.levels, mod.wavelet)
+        first = model(x)
+    out = model(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out.detach(), first)
+    assert all(p.grad is not None for p in mod.parameters())
+
+
+@pytest.mark.parametrize("host", ["linear", "conv"])
+def test_effective_factors_are_the_lora_that_wara_is(host):
+    torch.manual_seed(0)
+    model, mod = _inject(HOSTS[host](), r=2, wavelet="db2", levels=2, alpha=3.0)
+    up, down = mod.effective_factors()
+    assert up.shape == (mod.shape[0], down.shape[0]) and down.shape[1] == mod.shape[1]
+    assert down.shape[0] == sum(b.shape[1] for b in mod.B.values())
+    torch.testing.assert_close((up @ down).reshape(mod.host.weight_shape), mod.delta_weight())

@@ -175,6 +175,22 @@ class AdapterModule(nn.Module, abc.ABC):
         the wrapper runs the host op and `add_delta` instead."""
         return None
 
+    @classmethod
+    def routed_add(cls, modules: list["AdapterModule"], scales: list[float], x: torch.Tensor,
+                   y: torch.Tensor, row_adapter: torch.Tensor):
+        """Optional, for `vp.routing`: ``y`` plus, on every batch row b (dim 0) with
+        k = row_adapter[b] >= 0, ``scales[k] * modules[k].delta(x[b])``; rows with -1 get
+        nothing. ``modules`` are this class's modules of one host part, one per adapter;
+        x, y and the modules share one dtype; row_adapter is a long tensor on x's device;
+        y may be a column slice of the host output (a fused qkv part). Like `add_delta`
+        it may write into y.
+
+        A method that can run every row's update as one batched product (one adapter's
+        cost, whatever the number of adapters) overrides this. NotImplemented (the
+        default) or None means "not offered here": the wrapper then runs each adapter on
+        its own rows, a sub-batch per adapter."""
+        return NotImplemented
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return next(iter(self.parameters())).dtype

@@ -33,6 +33,21 @@ class AdapterState:
     routing: tuple[str | None, ...] | None = None  # one adapter name (or None) per batch row
     merged: tuple[str, ...] = ()
     frozen_flags: dict[str, bool] = field(default_factory=dict)  # param -> requires_grad before inject
+    # `routed_names` of the last routing seen, keyed on that tuple object (it is immutable)
+    _uniform: tuple = field(default=(None, None), repr=False, compare=False)
+
+    def routed_names(self) -> tuple[str, ...] | None:
+        """Under routing, the adapters that every row uses when the rows agree: (name,)
+        when all rows name the same adapter, () when none names one; None when rows
+        differ. Agreeing rows then take the unrouted path, with nothing gathered."""
+        rows = self.routing
+        key, names = self._uniform
+        if key is not rows:
+            first = rows[0] if rows else None
+            same = all(r == first for r in rows)
+            names = (() if first is None else (first,)) if same else None
+            self._uniform = (rows, names)
+        return names
 
 
 def _rows(part: str, out_features: int) -> tuple[int, int] | None:
@@ -186,12 +201,6 @@ class AdaptedLayer(AdaptedLayerBase):
         self.kind = "linear" if isinstance(base_layer, nn.Linear) else "conv2d"
         self._slices: dict[str, tuple[int, int] | None] = {}
 
-    def add_adapter(self, name, parts):
-        super().add_adapter(name, parts)
-        out = self.base_layer.weight.shape[0]
-        for part in parts:
-            self._slices[part] = _rows(part, out)
-
     def _weights(self):
         return {"weight": self.base_layer.weight}
 
@@ -204,22 +213,23 @@ class AdaptedLayer(AdaptedLayerBase):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
-        if (len(st.active) == 1 and not st.disabled and not self.merged_names
-                and st.routing is None and self.kind == "linear"):
-            parts = self.adapters[st.active[0]] if st.active[0] in self.adapters else None
+        live = not st.disabled and not self.merged_names
+        active = st.active if st.routing is None or not live else self._agreeing_rows(st, x)
+        if live and active is not None and len(active) == 1 and self.kind == "linear":
+            parts = self.adapters[active[0]] if active[0] in self.adapters else None
             if parts is not None and len(parts) == 1 and "full" in parts and self._plain_linear():
                 y = parts["full"].fused_linear(x, self.base_layer.weight, self.base_layer.bias,
-                                               st.scales[st.active[0]])
+                                               st.scales[active[0]])
                 if y is not None:
                     return y
         y = self.base_layer(x, *args, **kwargs)
-        if st.disabled or self.merged_names:
+        if not live:
             return y
         if self.base_layer._forward_hooks:
             y = y.clone()  # a hook may hold y; adapters add into theirs in place
-        if st.routing is not None:
+        if active is None:
             return self._routed(x, y, st)
-        for name in st.active:
+        for name in active:
             if name not in self.adapters:
                 continue
             scale = st.scales[name]
@@ -235,19 +245,76 @@ class AdaptedLayer(AdaptedLayerBase):
         y[..., s:e] = _apply_delta(mod, x, y[..., s:e], scale)
         return y
 
-    def _routed(self, x, y, st):
-        if x.shape[0] != len(st.routing):
-            raise ValueError(f"routing gives {len(st.routing)} rows but this layer's input "
-                             f"has batch size {x.shape[0]} on dim 0")
-        for name in dict.fromkeys(st.routing):
-            if name is None or name not in self.adapters:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(st.routing) if n == name], device=x.device)
-            xi, yi = x.index_select(0, idx), y.index_select(0, idx)
+    @staticmethod
+    def _agreeing_rows(st, x):
+        _check_batch(st, x.shape[0], "this layer's input has batch size {} on dim 0")
+        return st.routed_names()
+
+    def _route_plan(self, routing, device):
+        """[(part, method class, adapter names, their modules, row -> index into names
+        or -1, the modules' dtype or None if they differ)] for rows that differ: one entry per host part and
+        method, so that each method batches all its adapters of a part at once. Kept until
+        the routing, the adapters, or their device or dtype (`.to()`) change."""
+        cached = self.__dict__.get("_plan")
+        if cached is not None and cached[1] == device and cached[0] == routing:
+            return cached[2]
+        names = [n for n in dict.fromkeys(routing) if n is not None and n in self.adapters]
+        groups: dict = {}
+        for name in names:
             for part, mod in self.adapters[name].items():
-                yi = self._add(mod, part, xi, yi, st.scales[name])
-            y = y.index_copy(0, idx, yi)
+                groups.setdefault((part, type(mod)), []).append(name)
+        plan = []
+        for (part, cls), members in groups.items():
+            where = {n: i for i, n in enumerate(members)}
+            rows = torch.tensor([where.get(r, -1) for r in routing], dtype=torch.long, device=device)
+            mods = [self.adapters[n][part] for n in members]
+            dtypes = {m.compute_dtype for m in mods}
+            plan.append((part, cls, members, mods, rows, dtypes.pop() if len(dtypes) == 1 else None))
+        self.__dict__["_plan"] = (routing, device, plan)
+        return plan
+
+    def _routed(self, x, y, st):
+        # methods batch their rows in the host's dtype; mixed dtypes and autocast take
+        # the per-adapter path, which casts as the unrouted forward does
+        same_dtype = x.dtype == y.dtype and not _is_autocast()
+        for part, cls, names, mods, rows, dtype in self._route_plan(st.routing, x.device):
+            scales = [st.scales[n] for n in names]
+            span = self._slices[part]
+            target = y if span is None else y[..., span[0]:span[1]]
+            out = NotImplemented
+            if same_dtype and dtype == x.dtype:
+                out = cls.routed_add(mods, scales, x, target, rows)
+            if out is NotImplemented or out is None:
+                for name, mod, scale in zip(names, mods, scales):
+                    idx = torch.tensor([i for i, r in enumerate(st.routing) if r == name], device=x.device)
+                    yi = self._add(mod, part, x.index_select(0, idx), y.index_select(0, idx), scale)
+                    # y is ours (the host's fresh output): written in place unless autograd tracks it
+                    y = y.index_copy(0, idx, yi) if y.requires_grad else y.index_copy_(0, idx, yi)
+            elif span is None:
+                y = out
+            elif out is not target:
+                y[..., span[0]:span[1]] = out
         return y
+
+    def add_adapter(self, name, parts):
+        self.__dict__.pop("_plan", None)
+        super().add_adapter(name, parts)
+        out = self.base_layer.weight.shape[0]
+        for part in parts:
+            self._slices[part] = _rows(part, out)
+
+    def remove_adapter(self, name):
+        self.__dict__.pop("_plan", None)
+        super().remove_adapter(name)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_plan", None)  # the plan holds row indices on a device and the adapters' dtype
+        return super()._apply(fn, recurse)
+
+
+def _check_batch(st, n: int, what: str) -> None:
+    if n != len(st.routing):
+        raise ValueError(f"routing gives {len(st.routing)} rows but " + what.format(n))
 
 
 class AdaptedMultiheadAttention(AdaptedLayerBase):
@@ -269,9 +336,22 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
         st = self.state
         if st.disabled or self.merged_names:
             return self.base_layer(*args, **kwargs)
+        active = st.active
         if st.routing is not None:
-            return self._routed(st, args, kwargs)
-        return self._run([n for n in st.active if n in self.adapters], st, args, kwargs)
+            active = self._agreeing_rows(st, args, kwargs)
+            if active is None:
+                if not any(n in self.adapters for n in dict.fromkeys(st.routing) if n is not None):
+                    return self.base_layer(*args, **kwargs)  # no routed adapter here: one pass
+                return self._routed(st, args, kwargs)
+        return self._run([n for n in active if n in self.adapters], st, args, kwargs)
+
+    def _agreeing_rows(self, st, args, kwargs):
+        base = self.base_layer
+        query = args[0] if args else kwargs.get("query")
+        if not isinstance(query, torch.Tensor) or query.dim() != 3:
+            raise ValueError("routing needs batched attention inputs (3-D query)")
+        _check_batch(st, query.shape[0 if base.batch_first else 1], "this attention's input has batch size {}")
+        return st.routed_names()
 
     def _run(self, names, st, args, kwargs):
         if not names:
@@ -457,8 +537,9 @@ class AdaptedBlock(AdaptedLayerBase):
         st = self.state
         if st.disabled:
             return []
-        if st.routing is None:
-            return [(st.scales[n], m, None) for n in st.active if n in self.adapters
+        active = st.active if st.routing is None else st.routed_names()
+        if active is not None:
+            return [(st.scales[n], m, None) for n in active if n in self.adapters
                     for m in self.adapters[n].values() if m.placement == placement]
         out = []
         for name in dict.fromkeys(st.routing):

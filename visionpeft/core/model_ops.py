@@ -304,7 +304,12 @@ def disabled(model: nn.Module):
 
 @contextlib.contextmanager
 def routing(model: nn.Module, adapter_per_row):
-    """One adapter name (or None for the base) per batch row inside the block."""
+    """One adapter name (or None for the base) per batch row inside the block.
+
+    Rows that all name one adapter (or none) run the unrouted forward. Differing rows
+    cost about one adapter on the Linear layers of methods with a batched form (LoRA,
+    KronA, WaRA, Block-LoRA: `AdapterModule.routed_add`); convs, attention layers,
+    block adapters and other methods run a sub-batch per adapter."""
     state = get_state(model)
     rows = tuple(adapter_per_row)
     _check_names(state, [n for n in rows if n is not None])

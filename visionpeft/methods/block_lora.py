@@ -29,6 +29,7 @@ from ..core.config import MethodConfig, check_dropout, check_positive_int
 from ..core.registry import register_method
 from ..ops.factorize import divisors
 from ..ops.low_rank import lora_add_linear, lora_linear, lora_scale
+from ..ops.routed import cached_stacks, dropped_once, routed_low_rank_add, scaled, stack_with_empty
 
 
 # --- pure math ------------------------------------------------------------------------
@@ -96,6 +97,27 @@ class BlockLoRAModule(AdapterModule):
         if self.host.kind == "linear":  # LoRA's fused add on the summed chunks
             return lora_add_linear(block_sum(self._drop(x), self.n, -1), y, self.A0, self.B, self.scale * scale)
         return super().add_delta(x, y, scale)
+
+    @classmethod
+    def routed_add(cls, modules, scales, x, y, row_adapter):
+        """Every row's Block-LoRA as one batched LoRA product. The chunk sum is shared by
+        all rows: x is summed over g = gcd of the adapters' block counts, and an adapter
+        with n blocks sees that sum through A0 repeated n / g times (each g-chunk holds
+        n / g of its n-chunks, so this is its own sum of n chunks, exactly)."""
+        if any(m.host.kind != "linear" for m in modules):
+            return NotImplemented
+        x = dropped_once(x, [m.dropout if m.training else 0.0 for m in modules])
+        if x is None:
+            return NotImplemented
+        g = math.gcd(*(m.n for m in modules))
+
+        def build():
+            return (stack_with_empty([m.A0.repeat(1, m.n // g) if m.n > g else m.A0 for m in modules], pad_dims=(0,)),
+                    scaled(stack_with_empty([m.B for m in modules], pad_dims=(1,)),
+                           [m.scale * s for m, s in zip(modules, scales)]))
+
+        A, B = cached_stacks(modules[0].__dict__, [p for m in modules for p in (m.A0, m.B)], tuple(scales), build)
+        return routed_low_rank_add(x if g == 1 else block_sum(x, g, -1), y, A, B, row_adapter)
 
 
 @register_method("block_lora", BlockLoRAModule, layer_kinds=("linear", "conv2d"))

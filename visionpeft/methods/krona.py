@@ -26,6 +26,7 @@ from ..core.adapter import AdapterModule, HostSpec
 from ..core.config import MethodConfig, ConfigError
 from ..core.registry import register_method
 from ..ops.factorize import divisors, sqrt_factor
+from ..ops.routed import cached_stacks, routed_kron_add, scaled, stack_with_empty
 from ..ops.weight_delta import host_linear
 
 
@@ -193,6 +194,36 @@ class KronAModule(AdapterModule):
         if self.host.groups == 1:
             return krona_conv(x, self.A, self.B, self.scale, self.host)
         return self.host.op(x, self.delta_weight())  # grouped conv: exact via dW
+
+    @classmethod
+    def routed_add(cls, modules, scales, x, y, row_adapter):
+        """Every row's KronA as one batched product (`routed_kron_add`), once per split
+        (a1, a2) among the adapters: one pass in the usual case of a shared config."""
+        if any(m.host.kind != "linear" for m in modules):
+            return NotImplemented
+        splits: dict[tuple, list[int]] = {}
+        for k, m in enumerate(modules):
+            splits.setdefault(tuple(m.A.shape), []).append(k)
+        for members in splits.values():
+            rows = row_adapter
+            if len(members) < len(modules):
+                # this split's index of each adapter, -1 for the others; the extra last
+                # entry is what a row without adapter (-1) reads
+                local = [-1] * (len(modules) + 1)
+                for i, k in enumerate(members):
+                    local[k] = i
+                rows = torch.tensor(local, device=row_adapter.device)[row_adapter]
+            group = [modules[k] for k in members]
+
+            def build(group=group, members=members):
+                return (scaled(stack_with_empty([m.A for m in group]),
+                               [m.scale * scales[k] for m, k in zip(group, members)]),
+                        stack_with_empty([m.B for m in group]))
+
+            A, B = cached_stacks(group[0].__dict__, [p for m in group for p in (m.A, m.B)],
+                                 tuple(scales[k] for k in members), build)
+            y = routed_kron_add(x, y, A, B, rows)
+        return y
 
     # --- the "lokr" file layout (LyCORIS LoKr, full factors): dW = kron(w1, w2) ----------
     def export_factors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:

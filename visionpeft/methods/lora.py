@@ -19,6 +19,7 @@ from ..core.config import (MethodConfig, check_choice, check_dropout, check_posi
                            split_ranks)
 from ..core.registry import register_method
 from ..ops.low_rank import lora_add_linear, lora_delta_conv, lora_delta_weight, lora_linear, lora_scale
+from ..ops.routed import cached_stacks, dropped_once, routed_low_rank_add, scaled, stack_with_empty
 
 
 # --- module -----------------------------------------------------------------------------
@@ -59,6 +60,25 @@ class LoRAModule(AdapterModule):
         if self.host.kind == "linear":
             return lora_add_linear(self._drop(x), y, self.lora_A, self.lora_B, self.scale * scale)
         return super().add_delta(x, y, scale)
+
+    @classmethod
+    def routed_add(cls, modules, scales, x, y, row_adapter):
+        """Every row's LoRA as one batched product: the A and B of all adapters stacked
+        (ranks zero-padded to the largest), each row's pair gathered. Conv hosts run an
+        adapter per sub-batch instead."""
+        if any(m.host.kind != "linear" for m in modules):
+            return NotImplemented
+        x = dropped_once(x, [m.dropout if m.training else 0.0 for m in modules])
+        if x is None:
+            return NotImplemented
+        def build():
+            return (stack_with_empty([m.lora_A for m in modules], pad_dims=(0,)),
+                    scaled(stack_with_empty([m.lora_B for m in modules], pad_dims=(1,)),
+                           [m.scale * s for m, s in zip(modules, scales)]))
+
+        sources = [p for m in modules for p in (m.lora_A, m.lora_B)]
+        A, B = cached_stacks(modules[0].__dict__, sources, tuple(scales), build)
+        return routed_low_rank_add(x, y, A, B, row_adapter)
 
     # --- the "lora" file layout: dW = up @ down, every scale folded into up --------------
     def export_factors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:

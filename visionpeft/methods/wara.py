@@ -18,7 +18,10 @@ U_S V_S to dW, with U_S the 1-D synthesis of B_S along the rows (from the band's
 then up through the coarser levels) and V_S that of A_S along the columns. dW is thus a
 LoRA of rank sum_S r_S with factors U = [U_S], V = [V_S] made by 1-D transforms of thin
 matrices: the forward never builds dW (O((out + in) r) work per step for the transform,
-then LoRA's fused path). `wara_delta_weight` keeps the direct 2-D form as the reference.
+then LoRA's fused path). `wara_delta_weight` keeps the direct 2-D form as the reference,
+`wara_factors_reference` the band-by-band 1-D form; `wara_factors` runs every band of a
+side and level through one polyphase table (`ops.wara_math`), a few ops per layer, so a
+step costs about what LoRA of rank sum_S r_S costs.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from ..core.config import MethodConfig, ConfigError, check_positive_int
 from ..core.registry import register_method
 from ..ops.dwt import crop, idwt1, subband_shapes, waverec2, wavelet_filters
 from ..ops.low_rank import lora_add_linear, lora_delta_conv, lora_linear, lora_scale
+from ..ops.routed import cached_stacks, routed_low_rank_add, scaled, stack_with_empty
+from ..ops.wara_math import synthesize_columns
 
 DETAIL_NAMES = ("H", "V", "D")
 
@@ -79,16 +84,35 @@ def synthesize_factor(M: torch.Tensor, channel: str, level: int, wavelet: str) -
     return y
 
 
-def wara_factors(bands: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int],
-                 levels: int, wavelet: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """U (out, R), V (R, in) with U V = crop(IDWT_J(B_S A_S)) for bands {name: (B_S, A_S)}."""
+def _band_level(band: str, levels: int) -> int:
+    return levels if band == "A" else int(band[1:])
+
+
+def wara_factors_reference(bands: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int],
+                           levels: int, wavelet: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wara_factors` band by band through `idwt1`: the plain form, kept to check it against."""
     us, vs = [], []
     for band, (B, A) in bands.items():
-        kind, level = band[0], (levels if band == "A" else int(band[1:]))
-        row, col = _CHANNELS[kind]
+        level = _band_level(band, levels)
+        row, col = _CHANNELS[band[0]]
         us.append(synthesize_factor(B.t(), row, level, wavelet)[:, :shape[0]].t())
         vs.append(synthesize_factor(A, col, level, wavelet)[:, :shape[1]])
     return torch.cat(us, 1), torch.cat(vs, 0)
+
+
+def wara_factors(bands: dict[str, tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, int],
+                 levels: int, wavelet: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (out, R), V (R, in) with U V = crop(IDWT_J(B_S A_S)) for bands {name: (B_S, A_S)},
+    columns of U / rows of V in the bands' order. U is contiguous; V is the transpose of a
+    contiguous (in, R), which is how LoRA's kernels read their down factor."""
+    rows, cols = [], []
+    for band, (B, A) in bands.items():
+        level = _band_level(band, levels)
+        row, col = _CHANNELS[band[0]]
+        rows.append((B, row, level))
+        cols.append((A, col, level))
+    return (synthesize_columns(rows, shape[0], wavelet),
+            synthesize_columns(cols, shape[1], wavelet, transposed=[True] * len(cols)).t())
 
 
 # --- module -----------------------------------------------------------------------------
@@ -154,6 +178,14 @@ class WaRAModule(AdapterModule):
                 cached = self.__dict__["_factor_cache"] = (key, build())
         return cached[1]
 
+    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up (out, R), down (R, fan_in)) with dW = up @ down (as a matrix), this layer's
+        scale folded into up: WaRA as the LoRA of rank R = sum of the band ranks it is.
+        One synthesis per call (cached while frozen, as `factors`); down is the transpose
+        of a contiguous (fan_in, R): reshape it, do not view it."""
+        U, V = self.factors()
+        return U * self.scale, V
+
     def delta_weight(self) -> torch.Tensor:
         U, V = self.factors()
         return (U @ V).mul_(self.scale).reshape(self.host.weight_shape)
@@ -163,7 +195,7 @@ class WaRAModule(AdapterModule):
         if self.host.kind == "linear":
             return F.linear(F.linear(x, V), U * self.scale)
         if self.host.groups == 1:
-            return lora_delta_conv(x, V, U, self.scale, self.host)
+            return lora_delta_conv(x, V.contiguous(), U, self.scale, self.host)  # it views V as a kernel
         return self.host.op(x, self.delta_weight())
 
     def add_delta(self, x, y, scale):
@@ -175,6 +207,24 @@ class WaRAModule(AdapterModule):
     def fused_linear(self, x, weight, bias, scale):
         U, V = self.factors()
         return lora_linear(x, weight, bias, V, U, self.scale * scale)
+
+    @classmethod
+    def routed_add(cls, modules, scales, x, y, row_adapter):
+        """Every row's WaRA as one batched LoRA product over the synthesized factors
+        (U, V) of each adapter, ranks zero-padded to the largest."""
+        if any(m.host.kind != "linear" for m in modules):
+            return NotImplemented
+
+        def build():
+            pairs = [m.factors() for m in modules]
+            return (stack_with_empty([V for _, V in pairs], pad_dims=(0,)),
+                    scaled(stack_with_empty([U for U, _ in pairs], pad_dims=(1,)),
+                           [m.scale * s for m, s in zip(modules, scales)]))
+
+        # the ParameterDicts' own tables: .values() goes through getattr per key, 8x slower
+        sources = [p for m in modules for d in (m.A, m.B) for p in d._parameters.values()]
+        A, B = cached_stacks(modules[0].__dict__, sources, tuple(scales), build)
+        return routed_low_rank_add(x, y, A, B, row_adapter)
 
 
 @register_method("wara", WaRAModule, layer_kinds=("linear", "conv2d"))
