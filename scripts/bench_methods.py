@@ -31,6 +31,7 @@ default, heads = width / 64).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 from datetime import date
 
@@ -221,12 +222,17 @@ def sweep(args) -> dict:
     runs = []
     wanted = args.only or list(NEAREST)
     for label, width in SWEEP_WIDTHS.items():
+        if args.sweep_widths and label not in args.sweep_widths:
+            continue
         for batch in SWEEP_BATCHES:
             a = copy.copy(args)
             a.width, a.batch = width, batch
             a.only = sorted({*wanted, *(NEAREST[m] for m in wanted if m in NEAREST)} - {"dense_sparse"})
             print(f"sweep: {label} (width {width}) batch {batch}", flush=True)
             runs.append({"vit": label, "width": width, **run_host(a, "vit")})
+            if args.json:  # written after every size, so a long sweep cut short keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump({"partial": True, "runs": runs}, fh, indent=1)
     tables = {}
     for m in wanted:
         ref = NEAREST.get(m)
@@ -285,6 +291,7 @@ def main(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="timm block checkpointing (vit host)")
     p.add_argument("--sweep", action="store_true",
                    help="ViT-S/B/L widths x batch 1, 4, 32 (at --depth), a table per method; --only picks methods")
+    p.add_argument("--sweep-widths", nargs="+", choices=list(SWEEP_WIDTHS), help="only these widths of the sweep")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

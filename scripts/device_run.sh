@@ -42,9 +42,9 @@ DRY=0
 if [[ $# -eq 2 ]]; then [[ $2 == --dry-run ]] || usage; DRY=1; fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT" || exit 2
 mkdir -p "$1" || usage
-OUTDIR=$(cd "$1" && pwd)
+OUTDIR=$(cd "$1" && pwd)  # resolved where the caller stands, before moving to the root
+cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || { echo "no python: $PY (set PYTHON)" >&2; exit 2; }
 TOOLS="$ROOT/scripts/device_tools.py"
@@ -72,13 +72,17 @@ mkdir -p "$SITE" && ln -s "$ROOT/visionpeft" "$SITE/visionpeft"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg TQDM_DISABLE=1
+# nothing written into the tree or the home folder: bytecode and Triton's cache go to the
+# run's temporary folder, and a caller's pytest options (--cov, -n) do not reach ours
+export PYTHONPYCACHEPREFIX="$WORK/pyc" TRITON_CACHE_DIR="$WORK/triton"
+unset PYTEST_ADDOPTS
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # only what this script writes is cleared: a rerun into the same folder starts clean
 for f in run.json summary.md $ALL_STEPS; do rm -f "$OUTDIR/$f" "$OUTDIR/$f.json"; done
 # which code ran: the commit, and whether the tree differed from it (where .git came along)
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-[[ $COMMIT != unknown && -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] \
+[[ $COMMIT != unknown && -n $(git --no-optional-locks -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] \
   && COMMIT="$COMMIT+changes"
 printf '{"dry_run": %s, "started": "%s", "start_epoch": %s, "budget_s": %s, "threads": %s, "device": "%s", "commit": "%s"}\n' \
   "$([[ $DRY == 1 ]] && echo true || echo false)" "$(date '+%Y-%m-%d %H:%M:%S')" "$START" "$BUDGET" \
@@ -87,7 +91,8 @@ printf '{"dry_run": %s, "started": "%s", "start_epoch": %s, "budget_s": %s, "thr
 
 echo "=== device run ($([[ $DRY == 1 ]] && echo "dry run, CPU, toy sizes" || echo GPU)), budget ${BUDGET}s, into $OUTDIR"
 echo "=== nvidia-smi"
-if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+if command -v nvidia-smi >/dev/null; then timeout -k 5 20 nvidia-smi || echo "nvidia-smi: failed or timed out"
+else echo "nvidia-smi: not found"; fi
 echo "=== install"
 # both bounded: a hang here must not eat the steps' time (a failure leaves the steps to
 # say what is missing)

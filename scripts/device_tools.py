@@ -40,6 +40,8 @@ LOG_TAIL_LINES = 60
 
 # --- the pytest plugin -----------------------------------------------------------------
 def _needs_cuda(item) -> bool:
+    if item.path.name == "test_device_run.py":  # the dry run's own test: never run it from inside a run
+        return False
     if "cuda" in item.name.lower():
         return True
     for mark in item.iter_markers("skipif"):
@@ -153,9 +155,16 @@ def choose_wheels(wheels: list[Path], installed: dict[str, str]) -> tuple[list[d
 
 
 def _unzip_install(paths: list[Path], site: Path) -> None:
-    """What ``pip install --target`` does for these wheels, where pip is missing."""
+    """What ``pip install --target`` does for plain wheels, where pip is missing: members
+    that would land outside ``site``, in our package's link, or in a ``.data`` folder are
+    refused (such a wheel needs pip)."""
     for p in paths:
         with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+            bad = [n for n in names if n.startswith(("/", "visionpeft/")) or ".." in Path(n).parts
+                   or ".data/" in n]
+            if bad:
+                raise OSError(f"{p.name}: cannot unpack {bad[0]} without pip")
             zf.extractall(site)
 
 
@@ -179,7 +188,10 @@ def cmd_install(args) -> int:
                                   "--no-compile", "--target", str(site), *map(str, paths)],
                                  capture_output=True, text=True)
             record["method"] = "pip"
-            if pip.returncode != 0:
+            if pip.returncode != 0 and "No module named pip" not in pip.stderr:
+                record["error"] = f"pip refused the wheels: {pip.stderr.strip().splitlines()[-1:]}"
+                print(f"install: {record['error']}")
+            elif pip.returncode != 0:
                 print(f"install: pip failed ({pip.stderr.strip().splitlines()[-1:]}); unpacking the wheels instead")
                 try:
                     _unzip_install(paths, site)

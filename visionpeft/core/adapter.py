@@ -177,13 +177,15 @@ class AdapterModule(nn.Module, abc.ABC):
 
     @classmethod
     def routed_add(cls, modules: list["AdapterModule"], scales: list[float], x: torch.Tensor,
-                   y: torch.Tensor, row_adapter: torch.Tensor):
+                   y: torch.Tensor, row_adapter: torch.Tensor, store: dict | None = None):
         """Optional, for `vp.routing`: ``y`` plus, on every batch row b (dim 0) with
         k = row_adapter[b] >= 0, ``scales[k] * modules[k].delta(x[b])``; rows with -1 get
         nothing. ``modules`` are this class's modules of one host part, one per adapter;
         x, y and the modules share one dtype; row_adapter is a long tensor on x's device;
         y may be a column slice of the host output (a fused qkv part). Like `add_delta`
-        it may write into y.
+        it may write into y. ``store``: a dict the caller keeps as long as this routing
+        and these adapters (its plan), where the method may keep what it built for them
+        (stacked factors in eval); None: keep nothing.
 
         A method that can run every row's update as one batched product (one adapter's
         cost, whatever the number of adapters) overrides this. NotImplemented (the

@@ -252,7 +252,8 @@ class AdaptedLayer(AdaptedLayerBase):
 
     def _route_plan(self, routing, device):
         """[(part, method class, adapter names, their modules, row -> index into names
-        or -1, the modules' dtype or None if they differ)] for rows that differ: one entry per host part and
+        or -1, the modules' dtype or None if they differ, a store the method may keep its
+        stacked factors in)] for rows that differ: one entry per host part and
         method, so that each method batches all its adapters of a part at once. Kept until
         the routing, the adapters, or their device or dtype (`.to()`) change."""
         cached = self.__dict__.get("_plan")
@@ -269,7 +270,7 @@ class AdaptedLayer(AdaptedLayerBase):
             rows = torch.tensor([where.get(r, -1) for r in routing], dtype=torch.long, device=device)
             mods = [self.adapters[n][part] for n in members]
             dtypes = {m.compute_dtype for m in mods}
-            plan.append((part, cls, members, mods, rows, dtypes.pop() if len(dtypes) == 1 else None))
+            plan.append((part, cls, members, mods, rows, dtypes.pop() if len(dtypes) == 1 else None, {}))
         self.__dict__["_plan"] = (routing, device, plan)
         return plan
 
@@ -277,13 +278,15 @@ class AdaptedLayer(AdaptedLayerBase):
         # methods batch their rows in the host's dtype; mixed dtypes and autocast take
         # the per-adapter path, which casts as the unrouted forward does
         same_dtype = x.dtype == y.dtype and not _is_autocast()
-        for part, cls, names, mods, rows, dtype in self._route_plan(st.routing, x.device):
+        for part, cls, names, mods, rows, dtype, store in self._route_plan(st.routing, x.device):
             scales = [st.scales[n] for n in names]
             span = self._slices[part]
             target = y if span is None else y[..., span[0]:span[1]]
             out = NotImplemented
-            if same_dtype and dtype == x.dtype:
-                out = cls.routed_add(mods, scales, x, target, rows)
+            # only a hook the class defines itself: a subclass may change delta() (a
+            # DoRA-like LoRA) and would silently get its parent's batched form
+            if same_dtype and dtype == x.dtype and "routed_add" in vars(cls):
+                out = cls.routed_add(mods, scales, x, target, rows, store)
             if out is NotImplemented or out is None:
                 for name, mod, scale in zip(names, mods, scales):
                     idx = torch.tensor([i for i, r in enumerate(st.routing) if r == name], device=x.device)

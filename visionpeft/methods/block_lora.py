@@ -99,7 +99,7 @@ class BlockLoRAModule(AdapterModule):
         return super().add_delta(x, y, scale)
 
     @classmethod
-    def routed_add(cls, modules, scales, x, y, row_adapter):
+    def routed_add(cls, modules, scales, x, y, row_adapter, store=None):
         """Every row's Block-LoRA as one batched LoRA product. The chunk sum is shared by
         all rows: x is summed over g = gcd of the adapters' block counts, and an adapter
         with n blocks sees that sum through A0 repeated n / g times (each g-chunk holds
@@ -116,7 +116,7 @@ class BlockLoRAModule(AdapterModule):
                     scaled(stack_with_empty([m.B for m in modules], pad_dims=(1,)),
                            [m.scale * s for m, s in zip(modules, scales)]))
 
-        A, B = cached_stacks(modules[0].__dict__, [p for m in modules for p in (m.A0, m.B)], tuple(scales), build)
+        A, B = cached_stacks(store, [p for m in modules for p in (m.A0, m.B)], tuple(scales), build)
         return routed_low_rank_add(x if g == 1 else block_sum(x, g, -1), y, A, B, row_adapter)
 
 

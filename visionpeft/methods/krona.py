@@ -196,7 +196,7 @@ class KronAModule(AdapterModule):
         return self.host.op(x, self.delta_weight())  # grouped conv: exact via dW
 
     @classmethod
-    def routed_add(cls, modules, scales, x, y, row_adapter):
+    def routed_add(cls, modules, scales, x, y, row_adapter, store=None):
         """Every row's KronA as one batched product (`routed_kron_add`), once per split
         (a1, a2) among the adapters: one pass in the usual case of a shared config."""
         if any(m.host.kind != "linear" for m in modules):
@@ -204,7 +204,7 @@ class KronAModule(AdapterModule):
         splits: dict[tuple, list[int]] = {}
         for k, m in enumerate(modules):
             splits.setdefault(tuple(m.A.shape), []).append(k)
-        for members in splits.values():
+        for split, members in splits.items():
             rows = row_adapter
             if len(members) < len(modules):
                 # this split's index of each adapter, -1 for the others; the extra last
@@ -220,7 +220,8 @@ class KronAModule(AdapterModule):
                                [m.scale * scales[k] for m, k in zip(group, members)]),
                         stack_with_empty([m.B for m in group]))
 
-            A, B = cached_stacks(group[0].__dict__, [p for m in group for p in (m.A, m.B)],
+            A, B = cached_stacks(None if store is None else store.setdefault(split, {}),
+                                 [p for m in group for p in (m.A, m.B)],
                                  tuple(scales[k] for k in members), build)
             y = routed_kron_add(x, y, A, B, rows)
         return y

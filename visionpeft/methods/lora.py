@@ -62,7 +62,7 @@ class LoRAModule(AdapterModule):
         return super().add_delta(x, y, scale)
 
     @classmethod
-    def routed_add(cls, modules, scales, x, y, row_adapter):
+    def routed_add(cls, modules, scales, x, y, row_adapter, store=None):
         """Every row's LoRA as one batched product: the A and B of all adapters stacked
         (ranks zero-padded to the largest), each row's pair gathered. Conv hosts run an
         adapter per sub-batch instead."""
@@ -77,7 +77,7 @@ class LoRAModule(AdapterModule):
                            [m.scale * s for m, s in zip(modules, scales)]))
 
         sources = [p for m in modules for p in (m.lora_A, m.lora_B)]
-        A, B = cached_stacks(modules[0].__dict__, sources, tuple(scales), build)
+        A, B = cached_stacks(store, sources, tuple(scales), build)
         return routed_low_rank_add(x, y, A, B, row_adapter)
 
     # --- the "lora" file layout: dW = up @ down, every scale folded into up --------------

@@ -209,7 +209,7 @@ class WaRAModule(AdapterModule):
         return lora_linear(x, weight, bias, V, U, self.scale * scale)
 
     @classmethod
-    def routed_add(cls, modules, scales, x, y, row_adapter):
+    def routed_add(cls, modules, scales, x, y, row_adapter, store=None):
         """Every row's WaRA as one batched LoRA product over the synthesized factors
         (U, V) of each adapter, ranks zero-padded to the largest."""
         if any(m.host.kind != "linear" for m in modules):
@@ -223,7 +223,7 @@ class WaRAModule(AdapterModule):
 
         # the ParameterDicts' own tables: .values() goes through getattr per key, 8x slower
         sources = [p for m in modules for d in (m.A, m.B) for p in d._parameters.values()]
-        A, B = cached_stacks(modules[0].__dict__, sources, tuple(scales), build)
+        A, B = cached_stacks(store, sources, tuple(scales), build)
         return routed_low_rank_add(x, y, A, B, row_adapter)
 
 

@@ -11,6 +11,8 @@ Pure tensor code; the scales are folded into the factors by the caller.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -41,23 +43,27 @@ def scaled(stack: torch.Tensor, scales: list[float]) -> torch.Tensor:
     return stack * s.view(-1, *([1] * (stack.dim() - 1)))
 
 
-def cached_stacks(store: dict, sources: list[torch.Tensor], extra: tuple, build):
-    """``build()`` (the stacks of a group of adapters), kept in ``store`` while no gradient
-    is wanted and every tensor in ``sources`` keeps its storage and version counter: an
-    optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it (an edit through
-    ``p.data`` is not seen, as for WaRA's factors). ``extra``: whatever else the stacks
-    depend on (the adapters' scales). The kept copy costs memory equal to the group's factors."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+def cached_stacks(store: dict | None, sources: list[torch.Tensor], extra: tuple, build):
+    """``build()`` (the stacks of a group of adapters), kept in ``store`` (the caller's
+    routing plan, dropped when the routing, the adapters or their device change; None: not
+    kept) while no gradient is wanted and every tensor in ``sources`` is the same object
+    with the same storage, dtype and version counter: an optimizer step,
+    ``load_state_dict`` or ``.to()`` rebuilds it (an edit through ``p.data`` is not seen,
+    as for WaRA's factors). ``extra``: whatever else the stacks depend on (the adapters'
+    scales). The kept copy costs memory equal to the group's factors, once per plan."""
+    if store is None or torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return build()
     try:
-        key = (tuple((t.data_ptr(), t._version) for t in sources), extra)
+        key = (tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources), extra)
     except RuntimeError:  # inference tensors have no version counter: no cache
         return build()
     hit = store.get("_routed_stacks")
-    if hit is None or hit[0] != key:
+    # the sources are held weakly, so a freed tensor whose id and address come back
+    # (another adapter loaded in its place) cannot match
+    if hit is None or hit[0] != key or any(r() is not t for r, t in zip(hit[2], sources)):
         # normal tensors even under inference_mode, as a later training step may run them
         with torch.inference_mode(False), torch.no_grad():
-            hit = store["_routed_stacks"] = (key, build())
+            hit = store["_routed_stacks"] = (key, build(), [weakref.ref(t) for t in sources])
     return hit[1]
 
 
