@@ -1,8 +1,9 @@
 """Mixed-adapter batches: the cost of `vp.routing` against the bare model.
 
 timm vit_small_patch16_224 (random init, depth set by --depth), eval, no grad; adapters
-of one method (LoRA r 8, KronA with its balanced split, WaRA r 8, Block-LoRA r 8 with 4
-blocks) on every block's qkv / proj / fc1 / fc2. Per method and batch size, variants:
+of one method (LoRA r 8, KronA with its balanced split, WaRA r 8 (a LoRA of rank 32),
+WaRA r 2 (`wara_rank_r`: rank 8, LoRA's), Block-LoRA r 8 with 4 blocks) on every block's
+qkv / proj / fc1 / fc2. Per method and batch size, variants:
   bare      the model without adapters (the reference)
   merged    one adapter merged into the weights
   single    one adapter active, no routing
@@ -36,6 +37,8 @@ CONFIGS = {
     "lora": lambda r: vp.LoRAConfig(r=r, alpha=2 * r, target_modules=TARGETS),
     "krona": lambda r: vp.KronAConfig(target_modules=TARGETS),
     "wara": lambda r: vp.WaRAConfig(r=r, target_modules=TARGETS),
+    # WaRA at the effective rank of the LoRA row: one level, 4 bands of rank r / 4
+    "wara_rank_r": lambda r: vp.WaRAConfig(r=max(1, r // 4), target_modules=TARGETS),
     "block_lora": lambda r: vp.BlockLoRAConfig(r=r, n_blocks=4, target_modules=TARGETS),
 }
 

@@ -10,7 +10,9 @@ over rounds of its time over its LoRA's time in the same round (paired, so drift
 shared machine cancels), with the interquartile range.
 
 Variants: LoRA at r 8 and at every WaRA's effective rank, and WaRA as wavelet:levels:r
-specs (default haar:1:8, haar:1:2, haar:2:4, sym4:1:8). Memory as in bench_core.py
+specs (default haar:1:8, haar:1:2, haar:2:4, sym4:1:8); plus a second copy of the first
+WaRA's LoRA timed against the first ("_again"), whose ratio (1 in exact arithmetic) is the
+noise of the measurement. AdamW fused by default, as the training loop runs it. Memory as in bench_core.py
 (bytes saved for backward plus gradients on CPU).
 
     python scripts/bench_wara.py                          # ViT-S depth 4 and ViT-B depth 2, batch 4
@@ -47,7 +49,9 @@ def variant_config(kind):
 
 
 def name_of(kind) -> str:
-    return f"lora_r{kind[1]}" if kind[0] == "lora" else f"wara_{kind[1]}_J{kind[2]}_r{kind[3]}"
+    if kind[0] == "lora":
+        return f"lora_r{kind[1]}" + ("_again" if len(kind) > 2 else "")
+    return f"wara_{kind[1]}_J{kind[2]}_r{kind[3]}"
 
 
 def effective_rank(levels: int, r: int) -> int:
@@ -62,6 +66,8 @@ def run_host(args, model_name: str, depth: int) -> dict:
     waras = [("wara", *parse_wara(s)) for s in args.wara]
     loras = sorted({args.r, *(effective_rank(w[2], w[3]) for w in waras)})
     kinds = [("lora", r) for r in loras] + waras
+    if waras:  # the A/A control: a second, identical LoRA against the first, in the same rounds
+        kinds.append(("lora", effective_rank(waras[0][2], waras[0][3]), "again"))
     device = args.device
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
@@ -72,7 +78,8 @@ def run_host(args, model_name: str, depth: int) -> dict:
         model = timm.create_model(model_name, pretrained=False, depth=depth, num_classes=10, img_size=args.img)
         model = vp.inject(model.to(device), variant_config(kind))
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                **({"fused": True} if args.optimizer == "fused" else {}))
         name = name_of(kind)
         models[name], steps[name] = model, step_fn(model, x, y, opt)
         for _ in range(args.warmup):
@@ -90,8 +97,8 @@ def run_host(args, model_name: str, depth: int) -> dict:
         k = name_of(kind)
         step[k] = {"ms": round(1e3 * statistics.median(times[k]), 2),
                    f"vs_{ref}": round(statistics.median(t / b for t, b in zip(times[k], times[ref])), 3)}
-        if kind[0] == "wara":
-            base = name_of(("lora", effective_rank(kind[2], kind[3])))
+        if kind[0] == "wara" or len(kind) > 2:
+            base = name_of(("lora", kind[1] if kind[0] == "lora" else effective_rank(kind[2], kind[3])))
             q = quartiles(sorted(t / b for t, b in zip(times[k], times[base])))
             step[k].update({"vs": base, "ratio": round(q[1], 3), "iqr": [round(q[0], 3), round(q[2], 3)]})
     mem = {k: measure_memory(m, x, y, device) for k, m in models.items()}
@@ -114,6 +121,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--optimizer", choices=["fused", "default"], default="fused",
+                   help="AdamW fused (what the training loop runs on CPU and CUDA) or torch's default")
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="process CPU time (default on CPU) or wall time (default on CUDA)")
     p.add_argument("--out", help="also write the results to this JSON file")
@@ -124,7 +133,7 @@ def main(argv=None):
     args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
     result = {"date": str(date.today()), "machine": platform.machine(), "torch": torch.__version__,
               "device": str(args.device), "threads": args.threads, "clock": args.clock,
-              "rounds": args.rounds, "steps": args.steps,
+              "rounds": args.rounds, "steps": args.steps, "optimizer": args.optimizer,
               "hosts": [run_host(args, name, int(depth))
                         for name, depth in (h.rsplit(":", 1) for h in args.hosts)]}
     for host in result["hosts"]:

@@ -283,3 +283,38 @@ def test_convs_and_attention_route_per_adapter_exactly():
                     vp.set_active(model, [name])
                     alone.append(model(*one))
         torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", BATCHED)
+def test_a_wide_no_grad_batch_folds_the_update_into_the_weight_with_equal_values(method, monkeypatch):
+    """Without autograd, from MERGE_AT_TOKENS rows on, one adapter runs as one GEMM through
+    W + dW: the values equal the factored path (taken below the threshold) chunk by chunk,
+    in float64, and the fold happens only in full precision."""
+    import visionpeft.methods.krona as krona_module
+    import visionpeft.ops.low_rank as low_rank
+    from visionpeft.ops.weight_delta import MERGE_AT_TOKENS, merge_pays
+
+    folded = []
+
+    def spy(n, W):
+        folded.append(merge_pays(n, W))
+        return folded[-1]
+
+    monkeypatch.setattr(low_rank, "merge_pays", spy)
+    monkeypatch.setattr(krona_module, "merge_pays", spy)
+    model = torch.nn.Sequential(torch.nn.Linear(42, 56))  # 42: n_blocks 3 divides it
+    vp.inject(model, make_config(method, ["0"]))
+    randomize_adapters(model)
+    model.double().eval()
+    x = torch.randn(MERGE_AT_TOKENS + 3, 42, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        wide = model(x)
+        assert folded == [True]
+        narrow = torch.cat([model(chunk) for chunk in x.split(MERGE_AT_TOKENS // 2)])
+        assert not any(folded[1:])
+        base = model[0].base_layer(x)
+    effect = (narrow - base).abs().max()
+    assert effect > 0.1
+    torch.testing.assert_close(wide, narrow, rtol=0, atol=1e-12 * float(effect) * 1e3)
+    assert not merge_pays(MERGE_AT_TOKENS, torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not merge_pays(MERGE_AT_TOKENS - 1, torch.zeros(2, 2))

@@ -206,3 +206,30 @@ def test_after_backward_sees_the_gradients_and_task_state_resumes_exactly(tmp_pa
     assert resumed.step == full.step == 12
     a, b = _adapter(tmp_path / "full" / "adapter"), _adapter(tmp_path / "cut" / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loop_runs_adamw_fused_on_cpu_with_torch_s_own_update():
+    """On CPU the loop's AdamW is the fused one (one kernel for every tensor, where the
+    default loops over tensors in Python); its update equals torch's unfused AdamW."""
+    from visionpeft.train.loop import _optimizer
+
+    cfg = TrainConfig(output_dir="unused", learning_rate=1e-2, adam_weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(s, generator=g)) for s in ((7, 3), (3,), (2, 5, 4))]
+    ref = [nn.Parameter(p.detach().clone()) for p in ps]
+    start = [p.detach().clone() for p in ps]
+    opt = _optimizer(ps, cfg, torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    plain = torch.optim.AdamW(ref, lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                              weight_decay=0.05, eps=cfg.adam_epsilon, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ps, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for p, q, p0 in zip(ps, ref, start):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert (p - p0).abs().min() > 1e-5  # every entry moved, by more than the tolerance
+    # a device without the fused kernel gets torch's default
+    assert not _optimizer([nn.Parameter(torch.zeros(2))], cfg, torch.device("meta")).defaults["fused"]

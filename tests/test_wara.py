@@ -188,6 +188,32 @@ def test_fast_factors_equal_the_band_by_band_synthesis(host, levels, wavelet, dt
         torch.testing.assert_close(a, b, atol=tol * gscale, rtol=tol)
 
 
+def test_frozen_bands_get_no_gradient_and_the_others_the_reference_one():
+    """Some bands frozen (requires_grad False): the synthesis hands them None and the
+    trainable bands the gradients of the band-by-band form."""
+    from visionpeft.methods.wara import wara_factors, wara_factors_reference
+
+    model, mod = _inject(nn.Linear(40, 24), r=3, wavelet="sym4", levels=2)
+    model.double()
+    frozen = {"A", "H2", "D1"}
+    for band in frozen:
+        mod.A[band].requires_grad_(False)
+        mod.B[band].requires_grad_(False)
+    pairs = mod.band_factors()
+    U, V = wara_factors(pairs, mod.shape, mod.levels, mod.wavelet)
+    Ur, Vr = wara_factors_reference(pairs, mod.shape, mod.levels, mod.wavelet)
+    seeds = [torch.randn_like(U), torch.randn_like(V)]
+    trainable = [t for pair in pairs.values() for t in pair if t.requires_grad]
+    got = torch.autograd.grad((U, V), trainable, seeds)
+    ref = torch.autograd.grad((Ur, Vr), trainable, seeds)
+    assert len(trainable) == 2 * (len(pairs) - len(frozen))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (U * seeds[0]).sum().backward()
+    assert all(mod.B[band].grad is None for band in frozen)
+    assert all(mod.B[band].grad is not None for band in pairs if band not in frozen)
+
+
 @pytest.mark.parametrize("host", list(HOSTS))
 @pytest.mark.parametrize("share", [False, True])
 def test_layer_forward_and_gradients_equal_the_reference_formulation(host, share, monkeypatch):

@@ -27,7 +27,7 @@ from ..core.config import MethodConfig, ConfigError
 from ..core.registry import register_method
 from ..ops.factorize import divisors, sqrt_factor
 from ..ops.routed import cached_stacks, routed_kron_add, scaled, stack_with_empty
-from ..ops.weight_delta import host_linear
+from ..ops.weight_delta import host_linear, merge_pays
 
 
 # --- pure math ------------------------------------------------------------------------
@@ -125,6 +125,8 @@ def krona_add_linear(x: torch.Tensor, y: torch.Tensor | None, A: torch.Tensor, B
     y2 = None if y is None else y.reshape(-1, out)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         res = _KronALinear.apply(x2, W, b, y2, A, B, scale)
+    elif W is not None and merge_pays(x2.shape[0], W):
+        res = host_linear(x2, torch.kron(A, B).mul_(scale).add_(W), b)  # one GEMM (see merge_pays)
     elif W is not None:
         res = host_linear(x2, W, b)
         _accumulate_kron(res, x2, A, B, scale)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .weight_delta import host_linear
+from .weight_delta import host_linear, merge_pays
 
 
 def lora_scale(alpha: float | None, r: int, rank_stabilized: bool = False) -> float:
@@ -112,6 +112,9 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: tor
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled():
         y = _LoRALinear.apply(x2, W, b, A, B, scale, blocks)
+    elif merge_pays(x2.shape[0], W):
+        # one GEMM through W + scale * B [A ... A] (A repeated over the column blocks)
+        y = host_linear(x2, torch.addmm(W, B, A.repeat(1, blocks) if blocks > 1 else A, alpha=scale), b)
     else:
         y = host_linear(x2, W, b)
         y.addmm_(_block_sum(x2, blocks) @ A.t(), B.t(), alpha=scale)

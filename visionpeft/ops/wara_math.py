@@ -203,6 +203,9 @@ class _Synthesis(torch.autograd.Function):
         gt = g.t()
         grads = []
         for grp in layout.groups:
+            if not any(ctx.needs_input_grad[1 + i] for i in grp.blocks):  # a frozen group
+                grads += [None] * len(grp.blocks)
+                continue
             plan = grp.plan
             taps, cols, pieces = plan.taps, plan.entries_t, plan.pieces
             P = len(cols[0])
@@ -230,7 +233,8 @@ class _Synthesis(torch.autograd.Function):
                     offset += m
             for i, (c0, c1) in zip(grp.blocks, grp.cols):
                 block = gy[c0 - grp.first:c1 - grp.first]
-                grads.append(block if layout.transposed[i] else block.t())
+                grads.append(None if not ctx.needs_input_grad[1 + i]
+                             else block if layout.transposed[i] else block.t())
         return (None, *grads)
 
 

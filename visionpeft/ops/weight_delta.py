@@ -69,6 +69,20 @@ def host_linear(x2: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> to
     return torch.addmm(b, x2, W.t()) if b is not None else x2 @ W.t()
 
 
+# Without autograd, x (W + dW)^T beats x W^T + (factored update) once a layer sees this
+# many tokens: building W + dW costs about one pass over (out x in), 0.15-0.25 ms at ViT-S
+# width on 2 CPU threads, about a 200-token GEMM's extra for a rank-32 factored update,
+# while the factored form's cost grows with the tokens (scripts/bench_routing.py).
+MERGE_AT_TOKENS = 1024
+
+
+def merge_pays(n_tokens: int, W: torch.Tensor) -> bool:
+    """Whether a no-grad forward of ``n_tokens`` rows should fold its update into a
+    temporary copy of W. Only in float32 / float64: in half precision W + dW would round
+    the update to W's precision, which the factored form does not."""
+    return n_tokens >= MERGE_AT_TOKENS and W.dtype in (torch.float32, torch.float64)
+
+
 def _effective_weight(dW: torch.Tensor, W: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale * dW, written over dW when the dtypes allow."""
     if dW.dtype != W.dtype:

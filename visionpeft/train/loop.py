@@ -112,7 +112,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
-def _optimizer(params, cfg: TrainConfig):
+def _optimizer(params, cfg: TrainConfig, device: torch.device):
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
@@ -121,7 +121,19 @@ def _optimizer(params, cfg: TrainConfig):
         except ImportError:
             raise ValueError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # one fused kernel for every tensor: adapters hold many small ones (WaRA a pair per
+    # band), and AdamW's default on CPU loops over them one by one in Python
+    fused = device.type in fused_adamw_devices() and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def fused_adamw_devices() -> tuple[str, ...]:
+    """Device types on which the loop runs AdamW fused (where this torch has the kernel)."""
+    try:  # a private helper: a torch without it gets the default (unfused) AdamW
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ()
+    return tuple(d for d in ("cpu", "cuda") if d in _get_fused_kernels_supported_devices())
 
 
 def _plot(metrics: list[dict], path: Path) -> None:
@@ -185,7 +197,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
                                          collate_fn=task.collate, num_workers=cfg.dataloader_num_workers,
                                          drop_last=len(dataset) >= cfg.train_batch_size,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    optimizer = _optimizer(params, cfg)
+    optimizer = _optimizer(params, cfg, acc.device)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
                               power=cfg.lr_power)
