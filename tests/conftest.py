@@ -35,6 +35,10 @@ METHOD_CONFIGS = {
 BLOCK_METHOD_CONFIGS = {
     "adapter": lambda targets, **kw: vp.AdapterConfig(**{"bottleneck": 4, "alpha": 1.5,
                                                          "target_modules": targets, **kw}),
+    # zero_init, so that a new adapter is the identity as the shared body checks
+    "earth_adapter": lambda targets, **kw: vp.EarthAdapterConfig(**{
+        "bottleneck": 4, "zero_init": True, "frequency_blocks": [0], "cutoff_ratio": 0.5,
+        "target_modules": targets, **kw}),
 }
 
 

@@ -133,8 +133,15 @@ HOST_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", sorted(BLOCK_METHOD_CONFIGS))
-@pytest.mark.parametrize("host,preset,kw", HOST_CASES)
+# the hosts each block method applies to: Earth-Adapter reads tokens as an image, so ViT
+# and Hiera blocks (not CLIP's sequence-first blocks, UNets or DiT feed-forwards)
+IMAGE_TOKEN_HOSTS = {"timm_vit", "timm_dinov3", "timm_sam2_hiera", "hf_dinov2", "hf_dinov3", "hf_sam2_vision"}
+CASES = [("adapter", *case) for case in HOST_CASES] + [
+    ("earth_adapter", h, p, {}) for h, p, _ in HOST_CASES if h in IMAGE_TOKEN_HOSTS and p != "timm_vit_mlp"]
+assert {m for m, *_ in CASES} == set(BLOCK_METHOD_CONFIGS), "give a new block method its host cases"
+
+
+@pytest.mark.parametrize("method,host,preset,kw", CASES)
 def test_block_adapter_on_every_host(tmp_path, method, host, preset, kw):
     model = build_tiny(host)
     sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -102,10 +102,15 @@ class MethodConfig:
         method's file layout}) exactly; methods with a registry ``factor_layout`` define it."""
         raise TypeError(f"{cls.__name__} has no file layout to build a config from")
 
-    def for_layer(self, name: str) -> "MethodConfig":
+    def for_layer(self, name: str, index: int | None = None) -> "MethodConfig":
         """The config one layer's module is built from (per-layer overrides, e.g. LoRA's
-        rank_pattern); the adapter as a whole keeps ``self``."""
+        rank_pattern); the adapter as a whole keeps ``self``. ``index``: the layer's
+        position among this adapter's targets in model order (None where not known)."""
         return self
+
+    def check_layers(self, names: list[str]) -> None:
+        """Checks that need the resolved targets (their names, in model order); raise
+        ConfigError saying what would fit."""
 
     # --- serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

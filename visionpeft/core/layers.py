@@ -33,6 +33,8 @@ class AdapterState:
     routing: tuple[str | None, ...] | None = None  # one adapter name (or None) per batch row
     merged: tuple[str, ...] = ()
     frozen_flags: dict[str, bool] = field(default_factory=dict)  # param -> requires_grad before inject
+    # the patch grid recorder block adapters with ``needs_token_grid`` read (core.tokens)
+    token_grid: object = field(default=None, repr=False, compare=False)
     # `routed_names` of the last routing seen, keyed on that tuple object (it is immutable)
     _uniform: tuple = field(default=(None, None), repr=False, compare=False)
 

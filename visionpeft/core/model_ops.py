@@ -21,6 +21,7 @@ from .layers import (AdaptedBlock, AdaptedLayer, AdaptedLayerBase, AdaptedMultih
                      AdapterState, TrainedCopy, host_spec)
 from .registry import MethodSpec, get_method
 from .targeting import TargetError, adaptable_layers, canonical_modules, resolve_targets
+from .tokens import bind_token_grid, release_token_grid
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -141,16 +142,20 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
         targets = resolve_targets(model, config.target_modules, config.exclude_modules,
                                   blocks=block) if config.target_modules else {}
     layers_by_name = adaptable_layers(model, blocks=block)
+    unknown = [n for n in targets if n not in layers_by_name]
+    if unknown:
+        raise TargetError(f"no adaptable layer named {unknown[0]!r} in this model")
+    order = [n for n in layers_by_name if n in targets]  # model order, also for a saved file's list
+    position = {n: i for i, n in enumerate(order)}
+    config.check_layers(order)
     built: dict[str, tuple[str, dict[str, AdapterModule]]] = {}
     for lname, (kind, parts) in targets.items():
-        if lname not in layers_by_name:
-            raise TargetError(f"no adaptable layer named {lname!r} in this model")
         module = layers_by_name[lname][1]
         kind = layers_by_name[lname][0]
         _refuse_overlap(lname, module, block)
         if block:
             try:
-                mod = spec.module_cls(config.for_layer(lname), HostSpec.for_block(
+                mod = spec.module_cls(config.for_layer(lname, position[lname]), HostSpec.for_block(
                     module.base_layer if isinstance(module, AdaptedBlock) else module))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{lname}: {err}") from None
@@ -168,7 +173,7 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
         for part in parts:
             base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
             try:
-                mod = spec.module_cls(config.for_layer(lname), host_spec(base, part))
+                mod = spec.module_cls(config.for_layer(lname, position[lname]), host_spec(base, part))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{lname}{'' if part == 'full' else f'[{part}]'}: {err}") from None
             mods[part] = mod.to(device=weight.device, dtype=weight.dtype)
@@ -239,6 +244,8 @@ def attach(model: nn.Module, plan: InjectionPlan) -> nn.Module:
     for mods in (m for _, m in plan.layers.values()):
         for mod in mods.values():
             mod.requires_grad_(True)
+            if getattr(mod, "needs_token_grid", False):
+                mod.token_grid = bind_token_grid(model, state)
     state.configs[plan.name] = plan.config
     state.scales[plan.name] = 1.0
     state.active = state.active + (plan.name,)
@@ -380,6 +387,9 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
         del state.configs[n]
         del state.scales[n]
     state.active = tuple(a for a in state.active if a not in names)
+    if not any(getattr(m, "needs_token_grid", False) for layer in adapted_layers(model).values()
+               for mods in layer.adapters.values() for m in mods.values()):
+        release_token_grid(model, state)
     if not state.configs:
         for pname, p in model.named_parameters():
             p.requires_grad_(state.frozen_flags.get(pname, p.requires_grad))

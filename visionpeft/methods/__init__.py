@@ -1,6 +1,7 @@
 """One file per method; importing this package registers them all."""
 from .adapter import AdapterConfig
 from .block_lora import BlockLoRAConfig
+from .earth_adapter import EarthAdapterConfig
 from .krona import KronAConfig
 from .loha import LoHaConfig
 from .lora import LoRAConfig
@@ -8,5 +9,5 @@ from .snell import SNELLConfig
 from .snella import SNELLAAllocator
 from .wara import WaRAConfig
 
-__all__ = ["AdapterConfig", "BlockLoRAConfig", "KronAConfig", "LoHaConfig", "LoRAConfig", "SNELLConfig",
-           "SNELLAAllocator", "WaRAConfig"]
+__all__ = ["AdapterConfig", "BlockLoRAConfig", "EarthAdapterConfig", "KronAConfig", "LoHaConfig", "LoRAConfig",
+           "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]

@@ -198,7 +198,7 @@ class LoHaConfig(MethodConfig):
                 return cls(r=r, alpha=alpha, target_modules=target_modules)
         return cls(r=r, target_modules=target_modules, rank_pattern=pattern)
 
-    def for_layer(self, name: str) -> "LoHaConfig":
+    def for_layer(self, name: str, index: int | None = None) -> "LoHaConfig":
         ranks = dict(self.rank_pattern)
         return self.replace(r=ranks[name], rank_pattern=()) if name in ranks else self
 

@@ -135,7 +135,7 @@ class LoRAConfig(MethodConfig):
         r, pattern = split_ranks(ranks)
         return cls(r=r, target_modules=target_modules, rank_pattern=pattern)
 
-    def for_layer(self, name: str) -> "LoRAConfig":
+    def for_layer(self, name: str, index: int | None = None) -> "LoRAConfig":
         ranks = dict(self.rank_pattern)
         return self.replace(r=ranks[name], rank_pattern=()) if name in ranks else self
 
