@@ -1,0 +1,379 @@
+"""Segmentation data: official layouts written in miniature, mask decoding checked against
+hand-written expectations, tiling, augmentation, errors and the synthetic benchmark."""
+import colorsys
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionpeft.data.segmentation import (ISPRS_CLASSES, LOVEDA_CLASSES, SegmentationDataset, SegSplit,
+                                          _class_crop, _hsv_to_rgb, _rgb_to_hsv, find_split,
+                                          torchgeo_dataset, write_synthetic_segmentation)
+
+WHITE, BLUE, CYAN, GREEN = (255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0)
+YELLOW, RED, BLACK = (255, 255, 0), (255, 0, 0), (0, 0, 0)
+
+
+def _save(path: Path, arr) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, np.uint8)).save(path)  # .tif suffix -> TIFF via PIL
+    return str(path)
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3))
+
+
+def _mask(split, i=0):
+    return SegmentationDataset(split)[i]["mask"].tolist()
+
+
+# ----------------------------------------------------------------------------- LoveDA
+
+def _loveda(root: Path):
+    raw = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    for split, domain in (("Train", "Urban"), ("Train", "Rural"), ("Val", "Urban")):
+        d = root / split / domain
+        _save(d / "images_png" / f"{domain}1.png", _rgb(2, 4))
+        _save(d / "masks_png" / f"{domain}1.png", raw)
+    _save(root / "Test" / "Urban" / "images_png" / "9.png", _rgb(2, 4))  # labels withheld
+    return root
+
+
+def test_loveda_layout_and_names(tmp_path):
+    root = _loveda(tmp_path)
+    both = find_split("loveda", root, "train")
+    assert [Path(i).parts[-3:] for i, _ in both.pairs] == [
+        ("Rural", "images_png", "Rural1.png"), ("Urban", "images_png", "Urban1.png")]
+    assert both.classes == LOVEDA_CLASSES and both.ignore_index == 255 and both.label_kind == "index"
+    # raw 0 = no-data -> 255; 1..7 -> 0..6
+    assert _mask(both) == [[255, 0, 1, 2], [3, 4, 5, 6]]
+    assert len(find_split("loveda", root, "TRAIN", domain="rURAL").pairs) == 1
+    val = find_split("loveda", root, "val", domain="urban")
+    assert Path(val.pairs[0][1]).parts[-4:] == ("Val", "Urban", "masks_png", "Urban1.png")
+    with pytest.raises(ValueError, match=r"masks_png.*Train or Val"):
+        find_split("loveda", root, "test")
+    with pytest.raises(ValueError, match=r"'trian'.*\['Test', 'Train', 'Val'\]"):
+        find_split("loveda", root, "trian")
+    with pytest.raises(ValueError, match=r"domain.*'Suburb'.*\['Urban'\]"):
+        find_split("loveda", root, "val", domain="Suburb")
+
+
+# ----------------------------------------------------------------------------- ISPRS
+
+# one row of every ISPRS colour: expected impervious..clutter = 0..5, boundary -> 255
+ISPRS_ROW = [WHITE, BLUE, CYAN, GREEN, YELLOW, RED, BLACK]
+
+
+def _potsdam(root: Path):
+    for tile in ("2_10", "2_13", "9_9"):  # train, val, in neither split
+        _save(root / "2_Ortho_RGB" / f"top_potsdam_{tile}_RGB.tif", _rgb(2, 7))
+        _save(root / "5_Labels_all" / f"top_potsdam_{tile}_label.tif", [ISPRS_ROW, ISPRS_ROW[::-1]])
+        _save(root / "5_Labels_all_noBoundary" / f"top_potsdam_{tile}_label_noBoundary.tif",
+              [[RED] * 7, [GREEN] * 7])
+    return root
+
+
+def test_potsdam_official_layout(tmp_path):
+    root = _potsdam(tmp_path)
+    train = find_split("potsdam", root, "Train")
+    assert [Path(p).name for p in train.pairs[0]] == ["top_potsdam_2_10_RGB.tif", "top_potsdam_2_10_label.tif"]
+    assert len(train.pairs) == 1 and train.classes == ISPRS_CLASSES and train.label_kind == "rgb"
+    assert _mask(train) == [[0, 1, 2, 3, 4, 5, 255], [255, 5, 4, 3, 2, 1, 0]]
+    val = find_split("potsdam", root, "VAL")
+    assert [Path(p).name for p, _ in val.pairs] == ["top_potsdam_2_13_RGB.tif"]
+    five = find_split("potsdam", root, "train", drop_clutter=True)
+    assert five.classes == ISPRS_CLASSES[:5]
+    assert _mask(five) == [[0, 1, 2, 3, 4, 255, 255], [255, 255, 4, 3, 2, 1, 0]]
+    eroded = find_split("potsdam", root, "train", eroded=True)
+    assert Path(eroded.pairs[0][1]).name == "top_potsdam_2_10_label_noBoundary.tif"
+    assert _mask(eroded) == [[5] * 7, [3] * 7]
+    with pytest.raises(ValueError, match=r"splits \['train', 'val'\].*'test'"):
+        find_split("potsdam", root, "test")
+
+
+def test_potsdam_missing_label_and_empty_split(tmp_path):
+    root = _potsdam(tmp_path)
+    (root / "5_Labels_all" / "top_potsdam_2_10_label.tif").unlink()
+    with pytest.raises(ValueError, match=r"2_10_RGB\.tif: looked for .*5_Labels_all.top_potsdam_2_10_label"):
+        find_split("potsdam", root, "train")
+    for tile in ("2_10", "2_13"):
+        (root / "2_Ortho_RGB" / f"top_potsdam_{tile}_RGB.tif").unlink()
+    with pytest.raises(ValueError, match=r"no Potsdam images.*2_Ortho_RGB.*top_potsdam_9_9_RGB\.tif"):
+        find_split("potsdam", root, "train")
+
+
+def test_vaihingen_official_layout(tmp_path):
+    for area in (1, 2, 9):  # train, val, in neither split
+        name = f"top_mosaic_09cm_area{area}"
+        _save(tmp_path / "top" / f"{name}.tif", _rgb(1, 7))
+        _save(tmp_path / "gts_for_participants" / f"{name}.tif", [ISPRS_ROW])
+        _save(tmp_path / "gts_eroded_for_participants" / f"{name}_noBoundary.tif", [[YELLOW] * 3 + [BLUE] * 4])
+    train = find_split("vaihingen", tmp_path, "train")
+    assert [Path(p).name for p in train.pairs[0]] == ["top_mosaic_09cm_area1.tif"] * 2
+    assert Path(train.pairs[0][1]).parent.name == "gts_for_participants"
+    assert _mask(train) == [[0, 1, 2, 3, 4, 5, 255]]
+    assert [Path(p).name for p, _ in find_split("vaihingen", tmp_path, "Val").pairs] == ["top_mosaic_09cm_area2.tif"]
+    eroded = find_split("vaihingen", tmp_path, "val", eroded=True, drop_clutter=True)
+    assert Path(eroded.pairs[0][1]).name == "top_mosaic_09cm_area2_noBoundary.tif"
+    assert _mask(eroded) == [[4, 4, 4, 1, 1, 1, 1]]
+
+
+def test_unknown_isprs_colour(tmp_path):
+    label = [[WHITE, WHITE, WHITE], [WHITE, BLUE, (10, 20, 30)], [(40, 50, 60), WHITE, WHITE]]
+    _save(tmp_path / "top" / "top_mosaic_09cm_area1.tif", _rgb(3, 3))
+    _save(tmp_path / "gts_for_participants" / "top_mosaic_09cm_area1.tif", label)
+    split = find_split("vaihingen", tmp_path, "train")
+    with pytest.raises(ValueError, match=r"area1\.tif has colour \(10, 20, 30\) at row 1, column 2.*white"):
+        SegmentationDataset(split)[0]
+
+
+# ----------------------------------------------------------------------------- mmseg / folder
+
+def test_mmseg_layout(tmp_path):
+    for split in ("train", "val"):
+        _save(tmp_path / "img_dir" / split / "2_10_0_0_4_2.png", _rgb(2, 4))
+        _save(tmp_path / "ann_dir" / split / "2_10_0_0_4_2.png", [[0, 1, 2, 255], [2, 2, 1, 0]])
+    _save(tmp_path / "img_dir" / "train" / "b.jpg", _rgb(2, 4))  # matched by stem
+    _save(tmp_path / "ann_dir" / "train" / "b.png", np.ones((2, 4)))
+    split = find_split("mmseg", tmp_path, "Train", classes=["a", "b", "c"])
+    assert [Path(p).name for p in split.pairs[1]] == ["b.jpg", "b.png"]
+    assert _mask(split) == [[0, 1, 2, 255], [2, 2, 1, 0]]
+    assert find_split("mmseg", tmp_path, "val", num_classes=3).classes == ["class0", "class1", "class2"]
+    reduced = find_split("mmseg", tmp_path, "val", num_classes=2, reduce_zero_label=True)
+    assert _mask(reduced) == [[255, 0, 1, 255], [1, 1, 0, 255]]
+    with pytest.raises(ValueError, match=r"no `classes` or `num_classes`"):
+        find_split("mmseg", tmp_path, "val")
+    with pytest.raises(ValueError, match=r"ann_dir.*2_10_0_0_4_2\.png has values \[2\].*0\.\.1.*255"):
+        _mask(find_split("mmseg", tmp_path, "val", num_classes=2))
+
+
+def test_folder_layout(tmp_path):
+    (tmp_path / "classes.txt").write_text("road\n\nroof\n")
+    _save(tmp_path / "train" / "images" / "x.png", _rgb(2, 2))
+    _save(tmp_path / "train" / "masks" / "x.png", [[0, 1], [255, 1]])
+    split = find_split("folder", tmp_path, "TRAIN")
+    assert split.classes == ["road", "roof"] and _mask(split) == [[0, 1], [255, 1]]
+    assert find_split("folder", tmp_path, "train", classes=["a", "b", "c"]).classes == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"no split 'val' in .*folders there: \['train'\]"):
+        find_split("folder", tmp_path, "val")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['clases'\].*'classes'"):
+        find_split("folder", tmp_path, "train", clases=["a"])
+
+
+def test_folder_flat_layout_warns(tmp_path):
+    _save(tmp_path / "images" / "x.png", _rgb(2, 2))
+    _save(tmp_path / "masks" / "x.png", [[0, 1], [1, 0]])
+    with pytest.warns(UserWarning, match="no split folders"):
+        split = find_split("folder", tmp_path, "val", num_classes=2)
+    assert _mask(split) == [[0, 1], [1, 0]]
+
+
+def test_missing_mask_and_empty_folder(tmp_path):
+    _save(tmp_path / "train" / "images" / "a.png", _rgb(2, 2))
+    _save(tmp_path / "train" / "images" / "b.png", _rgb(2, 2))
+    _save(tmp_path / "train" / "masks" / "a.png", np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"1 image\(s\) in .*train.images have no mask .*: b\.png"):
+        find_split("folder", tmp_path, "train", num_classes=2)
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "images" / "notes.txt").write_text("x")
+    (tmp_path / "val" / "masks").mkdir()
+    with pytest.raises(ValueError, match=r"no image files .* in .*val.images; it holds: \['notes\.txt'\]"):
+        find_split("folder", tmp_path, "val", num_classes=2)
+
+
+def test_size_mismatch_and_unknown_dataset(tmp_path):
+    _save(tmp_path / "train" / "images" / "s.png", _rgb(4, 6))
+    _save(tmp_path / "train" / "masks" / "s.png", np.zeros((4, 5)))
+    split = find_split("folder", tmp_path, "train", num_classes=2)
+    with pytest.raises(ValueError, match=r"size mismatch: mask .*s\.png is \(4, 5\).*s\.png is \(4, 6\)"):
+        SegmentationDataset(split)[0]
+    with pytest.raises(ValueError, match=r"size mismatch: mask .*s\.png is \(4, 5\)"):
+        SegmentationDataset(split, tile=2)  # found while indexing tiles, before any read
+    with pytest.raises(ValueError, match=r"unknown segmentation dataset 'isaid'.*loveda.*potsdam.*torchgeo"):
+        find_split("isaid", tmp_path, "train")
+    with pytest.raises(ValueError, match=r"train=True needs image_size"):
+        SegmentationDataset(split, train=True)
+
+
+# ----------------------------------------------------------------------------- tiling
+
+def test_tiles_align_last_row_and_column_to_border(tmp_path):
+    h, w = 7, 10
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([yy * 20, xx * 20, np.zeros_like(yy)], -1)  # pixel colour = its position
+    _save(tmp_path / "train" / "images" / "big.png", image)
+    _save(tmp_path / "train" / "masks" / "big.png", yy * w + xx)  # mask value = its position
+    ds = SegmentationDataset(find_split("folder", tmp_path, "train", num_classes=70), image_size=4, tile=4)
+    # columns start 0, 4 and 6 (= 10 - 4); rows 0 and 3 (= 7 - 4)
+    assert [t[1:3] for t in ds.tiles] == [(0, 0), (0, 4), (0, 6), (3, 0), (3, 4), (3, 6)]
+    assert len(ds) == 6
+    last = ds[5]
+    assert last["image"].shape == (3, 4, 4) and last["path"].endswith("big.png")
+    assert last["mask"][0].tolist() == [36, 37, 38, 39] and last["mask"][3].tolist() == [66, 67, 68, 69]
+    assert torch.allclose(last["image"][1, 0] * 255, torch.tensor([120.0, 140, 160, 180]))
+    assert ds[3]["mask"][:, 0].tolist() == [30, 40, 50, 60]
+    assert SegmentationDataset(ds.split, tile=8).tiles == [(0, 0, 0, 7, 8), (0, 0, 2, 7, 8)]
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+COLOURS = {0: (200, 60, 40), 1: (40, 160, 60), 2: (60, 80, 200)}
+
+
+def _block_scene(tmp_path, n=3):
+    """Images made of rectangles whose colour gives the class of the mask there."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        mask = np.zeros((40, 48), np.uint8)
+        for _ in range(6):
+            top, left = rng.integers(0, 30), rng.integers(0, 38)
+            mask[top:top + rng.integers(8, 20), left:left + rng.integers(8, 20)] = rng.integers(0, 3)
+        image = np.array([COLOURS[c] for c in range(3)])[mask]
+        _save(tmp_path / "train" / "images" / f"{i}.png", image)
+        _save(tmp_path / "train" / "masks" / f"{i}.png", mask)
+    return find_split("folder", tmp_path, "train", num_classes=3)
+
+
+def _interior(mask):
+    """Pixels whose 3x3 neighbourhood is one class (bilinear blends only at edges)."""
+    m = mask.numpy()
+    same = np.ones_like(m, bool)
+    same[[0, -1], :] = same[:, [0, -1]] = False
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            same[1:-1, 1:-1] &= m[1 + dy:m.shape[0] - 1 + dy, 1 + dx:m.shape[1] - 1 + dx] == m[1:-1, 1:-1]
+    return same & (m != 255)
+
+
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
+    ds = SegmentationDataset(_block_scene(tmp_path), image_size=32, train=True, seed=3)
+    checked = 0
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32)
+            assert item["image"].dtype == torch.float32 and item["mask"].dtype == torch.int64
+            assert 0 <= item["image"].min() and item["image"].max() <= 1
+            inside, pixels = _interior(item["mask"]), item["image"].permute(1, 2, 0)
+            seen = {}
+            for c in item["mask"][torch.from_numpy(inside)].unique().tolist():
+                colours = pixels[torch.from_numpy(inside) & (item["mask"] == c)]
+                # photometric steps act per pixel: one class, one colour after them
+                assert (colours - colours[0]).abs().max() < 1e-4, (epoch, i, c)
+                seen[c] = colours[0]
+                checked += 1
+            values = list(seen.values())
+            assert all((a - b).abs().max() > 1e-3 for k, a in enumerate(values) for b in values[k + 1:])
+    assert checked > 20
+
+
+def test_augmentation_is_deterministic_and_varies(tmp_path):
+    split = _block_scene(tmp_path, n=2)
+    a, b = (SegmentationDataset(split, image_size=24, train=True, seed=5) for _ in range(2))
+    for i in range(2):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["mask"], b[i]["mask"])
+    a.set_epoch(1)
+    assert not torch.equal(a[0]["image"], b[0]["image"])
+    other = SegmentationDataset(split, image_size=24, train=True, seed=6)
+    assert not torch.equal(other[0]["image"], b[0]["image"])
+    # evaluation: whole image, untouched, whatever image_size says
+    plain = SegmentationDataset(split, image_size=24)[0]
+    assert plain["image"].shape == (3, 40, 48)
+    assert torch.equal(plain["mask"], torch.from_numpy(np.array(Image.open(split.pairs[0][1]))).long())
+
+
+def test_crop_prefers_windows_without_a_dominant_class():
+    image, mask = np.zeros((8, 16, 3), np.float32), np.repeat([[0] * 8 + [1] * 8], 8, axis=0)
+    good = 0
+    for seed in range(60):
+        _, crop = _class_crop(np.random.default_rng(seed), image, mask, 8, 255)
+        good += max(crop.mean(), 1 - crop.mean()) < 0.75
+    # a single uniform draw is balanced 3 times in 9; ten redraws almost always are
+    assert good >= 54
+
+
+def test_hsv_matches_colorsys():
+    rgb = np.random.default_rng(0).random((50, 3))
+    h, s, v = _rgb_to_hsv(rgb)
+    expected = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
+    assert np.allclose(np.stack([h, s, v], 1), expected, atol=1e-9)
+    assert np.allclose(_hsv_to_rgb(h, s, v), rgb, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_benchmark_layout_and_determinism(tmp_path):
+    info = write_synthetic_segmentation(tmp_path / "a", n_train=4, n_val=2, n_test=3, size=32, seed=1)
+    again = write_synthetic_segmentation(tmp_path / "b", n_train=4, n_val=2, n_test=3, size=32, seed=1)
+    other = write_synthetic_segmentation(tmp_path / "c", n_train=4, n_val=2, n_test=3, size=32, seed=2)
+    first = _files(tmp_path / "a")
+    assert first == _files(tmp_path / "b") and first != _files(tmp_path / "c")
+    assert info["counts"] == {"source/train": 4, "source/val": 2, "source/test": 3, "target/val": 2,
+                              "target/test": 3} and info["counts"] == again["counts"] == other["counts"]
+    assert sorted(p.name for p in (tmp_path / "a" / "target").iterdir()) == ["test", "val"]
+    assert len(first) == 1 + 2 * (4 + 2 + 3 + 2 + 3)
+    assert first["classes.txt"].decode().split() == info["classes"]
+    assert info["source_scenes"] == ["farmland", "forest", "urban", "suburban", "coast", "river"]
+    assert info["target_scenes"] == ["desert", "industrial", "lake", "orchard"]
+    root = tmp_path / "a"
+    train = find_split("synthetic", root, "train")
+    assert len(train.pairs) == 4 and train.classes == info["classes"]
+    assert all(Path(p).stem.split("_")[-1] in info["source_scenes"] for p, _ in train.pairs)
+    target = find_split("synthetic", root, "Test", domain="TARGET")
+    assert all(Path(p).stem.split("_")[-1] in info["target_scenes"] for p, _ in target.pairs)
+    item = SegmentationDataset(target)[0]
+    assert item["image"].shape == (3, 32, 32) and 0 <= item["mask"].min() <= item["mask"].max() < 6
+    with pytest.raises(ValueError, match=r"no split 'train' in .*target.*\['test', 'val'\]"):
+        find_split("synthetic", root, "train", domain="target")
+
+
+# ----------------------------------------------------------------------------- torchgeo
+
+def test_torchgeo_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchgeo", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install torchgeo"):
+        torchgeo_dataset("LoveDA", "data", "train")
+    with pytest.raises(ImportError, match=r"pip install torchgeo"):
+        find_split("torchgeo.LoveDA", "data", "train")
+
+
+def test_torchgeo_adapter_with_a_stand_in(monkeypatch):
+    class LoveDA:  # torchgeo's sample format: float image 0..255 (C, H, W), raw long mask
+        def __init__(self, root, split, scene=("urban", "rural")):
+            self.args = (root, split, list(scene))
+            self.files = [{"image": f"{root}/{split}/{i}.png", "mask": "m.png"} for i in range(2)]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 4, 4), 51.0), "mask": torch.tensor([[0, 1, 7, 3]] * 4)}
+    datasets = types.SimpleNamespace(LoveDA=LoveDA)
+    monkeypatch.setitem(sys.modules, "torchgeo", types.SimpleNamespace(datasets=datasets))
+    monkeypatch.setitem(sys.modules, "torchgeo.datasets", datasets)
+    split = find_split("torchgeo.LoveDA", "data", "Train", domain="Urban")
+    assert split.dataset.args == ("data", "train", ["urban"]) and split.classes == LOVEDA_CLASSES
+    item = split[1]
+    assert item["path"] == "data/train/1.png" and item["mask"][0].tolist() == [255, 0, 6, 2]
+    assert torch.allclose(item["image"], torch.full((3, 4, 4), 0.2))
+    aug = SegmentationDataset(split, image_size=3, train=True)[0]
+    assert aug["image"].shape == (3, 3, 3) and aug["mask"].shape == (3, 3)
+    with pytest.raises(ValueError, match=r"no class 'Nope'"):
+        torchgeo_dataset("Nope", "data", "train")
+
+
+def test_segsplit_rejects_unknown_label_kind():
+    with pytest.raises(ValueError, match=r"label_kind must be one of"):
+        SegSplit([("a.png", "b.png")], ["x"], 255, "palette")
+    with pytest.raises(ValueError, match=r"ignore_index 1 is also class 'b'.*outside 0\.\.2"):
+        SegSplit([("a.png", "b.png")], ["a", "b", "c"], 1)
