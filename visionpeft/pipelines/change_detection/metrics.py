@@ -133,6 +133,17 @@ class ConfusionMatrix:
         counts = torch.bincount(target * k + pred, minlength=k * k)
         self._cm += counts.reshape(k, k).to("cpu", torch.int64)
 
+    def merge(self, other: "ConfusionMatrix | torch.Tensor") -> "ConfusionMatrix":
+        """Add the counts of another accumulator (or a matrix of counts), e.g. from another
+        process or split; returns ``self``."""
+        counts = other._cm if isinstance(other, ConfusionMatrix) else other
+        k = self.num_classes
+        if not isinstance(counts, torch.Tensor) or counts.shape != (k, k) or counts.is_floating_point():
+            shape = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+            raise ValueError(f"can only merge {k}x{k} integer counts of the same classes, got {shape}")
+        self._cm += counts.to("cpu", torch.int64)
+        return self
+
     def compute(self) -> dict:
         """Scores of the pooled matrix; see :func:`metrics_from_confusion`."""
         return metrics_from_confusion(self._cm)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import visionpeft as vp
 from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
+from ..dense import sliding_window
 from .metrics import ConfusionMatrix
 from .model import FeatureEncoder, SiameseChangeDetector, probe_channels
 
@@ -159,28 +159,19 @@ def load_detector(path) -> tuple[Detector, dict]:
 @torch.no_grad()
 def predict_probs(model: Detector, a: torch.Tensor, b: torch.Tensor, tile: int, stride: int | None = None
                   ) -> torch.Tensor:
-    """Change probability (N, H, W) for images of any size: windows of ``tile`` with
+    """Change probability (N, H, W) for images of any size, through the shared sliding
+    window (`visionpeft.pipelines.dense.sliding_window`): windows of ``tile`` with
     ``stride`` (default tile / 2), overlapping windows averaged; smaller images are padded
     (reflect) to one window and cropped back."""
     if a.shape != b.shape:
         raise ValueError(f"the two dates differ in size: {tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
-    n, _, h, w = a.shape
-    stride = min(stride or max(1, tile // 2), tile)  # wider strides would leave pixels uncovered
-    ph, pw = max(0, tile - h), max(0, tile - w)
-    if ph or pw:
-        a = F.pad(a, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-        b = F.pad(b, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-    H, W = a.shape[-2:]
-    ys = sorted({*range(0, H - tile + 1, stride), H - tile})
-    xs = sorted({*range(0, W - tile + 1, stride), W - tile})
-    total = a.new_zeros(n, H, W)
-    count = a.new_zeros(1, H, W)
-    for y in ys:
-        for x in xs:
-            probs = SiameseChangeDetector.predict(model(a[..., y:y + tile, x:x + tile], b[..., y:y + tile, x:x + tile]))
-            total[:, y:y + tile, x:x + tile] += probs[:, 1]
-            count[:, y:y + tile, x:x + tile] += 1
-    return (total / count)[:, :h, :w]
+
+    def change_prob(wa, wb):
+        # only the change channel is averaged: it is all that is thresholded
+        return SiameseChangeDetector.predict(model(wa, wb))[:, 1:2]
+
+    # stride 0 has always meant the default
+    return sliding_window(change_prob, [a, b], tile, stride or None, num_channels=1)[:, 0]
 
 
 def evaluate(model: Detector, dataset, tile: int, batch_size: int = 4) -> dict:
