@@ -328,6 +328,55 @@ def _cmd_predict_cd(args) -> int:
     return 0
 
 
+def _cmd_evaluate_seg(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.segmentation import SegmentationDataset, find_split
+    from .pipelines.segmentation import evaluate, load_segmenter
+
+    model, cfg = load_segmenter(args.checkpoint)
+    options = dict(cfg.get("dataset_options") or {})
+    split = find_split(args.dataset or cfg.get("dataset") or "folder", args.data_root, args.split,
+                       domain=args.domain, **options)
+    if len(split.classes) != cfg["num_classes"]:
+        raise ValueError(f"{args.data_root} has {len(split.classes)} classes {split.classes} but the checkpoint "
+                         f"predicts {cfg['num_classes']}")
+    metrics = evaluate(model, SegmentationDataset(split), args.tile or cfg["image_size"], cfg["num_classes"],
+                       cfg.get("ignore_index", 255), args.stride)
+    metrics["classes"] = list(split.classes)
+    print("  ".join(f"{k} {metrics[k]:.4f}" for k in ("oa", "miou", "mf1")))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_predict_seg(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from .pipelines.segmentation import load_segmenter, predict_logits
+    from .pipelines.segmentation.render import colour_overlay
+
+    image = _read_rgb(args.image)
+    model, cfg = load_segmenter(args.checkpoint)  # a bad checkpoint leaves no files behind
+    for out in (args.output, args.overlay):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+    classes = cfg.get("classes") or [f"class {i}" for i in range(cfg["num_classes"])]
+    mask = predict_logits(model, image, args.tile or cfg["image_size"], args.stride)[0].argmax(0).numpy()
+    Image.fromarray(mask.astype(np.uint8)).save(args.output)
+    if args.overlay:
+        colour_overlay(image[0].permute(1, 2, 0).numpy(), mask, classes).save(args.overlay)
+    areas = np.bincount(mask.ravel(), minlength=len(classes)) / mask.size * 100
+    print("; ".join(f"{c} {a:.1f}%" for c, a in zip(classes, areas)) + f"; class indices written to {args.output}"
+          + (f", overlay to {args.overlay}" if args.overlay else ""))
+    return 0
+
+
 def _demo_hub():
     """demos/app.py of the source tree this package runs from (the demos are not packaged)."""
     import importlib.util
@@ -352,7 +401,7 @@ def _cmd_demo(args) -> int:
 
 # the task names YAML configs take (the pipelines register them; tests check this list is complete,
 # so that `train --help` need not import every pipeline)
-TASKS = ("change_detection", "dreambooth", "pretrain_embedded")
+TASKS = ("change_detection", "dreambooth", "pretrain_embedded", "segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile", type=int, help="window size (default: the training image size)")
     d.add_argument("--stride", type=int, help="window stride (default: half the tile)")
     d.set_defaults(func=_cmd_predict_cd)
+    e = sub.add_parser("evaluate-seg", help="segmentation metrics (OA, macro mIoU / mF1, per class) of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="a training output_dir, its best/ or adapter/")
+    e.add_argument("--data-root", required=True, help="the data set's folder")
+    e.add_argument("--dataset", help="loveda, potsdam, vaihingen, mmseg, folder, synthetic (default: the checkpoint's)")
+    e.add_argument("--domain", help="LoveDA Urban / Rural; synthetic source / target")
+    e.add_argument("--split", default="val", help="the split to evaluate (case-insensitive)")
+    e.add_argument("--tile", type=int, help="window size (default: the training image size)")
+    e.add_argument("--stride", type=int, help="window stride (default: two thirds of the tile)")
+    e.add_argument("--output", help="write the metrics as JSON here")
+    e.set_defaults(func=_cmd_evaluate_seg)
+    d = sub.add_parser("predict-seg", help="class map of one image (sliding window)")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("image")
+    d.add_argument("-o", "--output", required=True, help="PNG of class indices")
+    d.add_argument("--overlay", help="the image with the classes in colour and a legend")
+    d.add_argument("--tile", type=int, help="window size (default: the training image size)")
+    d.add_argument("--stride", type=int, help="window stride (default: two thirds of the tile)")
+    d.set_defaults(func=_cmd_predict_seg)
     g = sub.add_parser("demo", add_help=False,
                        help="serve the Gradio demos, one tab per pipeline (demos/app.py; "
                             "visionpeft demo --help lists its options)")

@@ -1,7 +1,10 @@
 """Task recipes built on the public API and the training loop (`visionpeft.train`):
 
 - `visionpeft.pipelines.change_detection`: PeftCD change detection (``task: change_detection``);
-- `visionpeft.pipelines.dreambooth`: DreamBooth on Stable Diffusion / SDXL (``task: dreambooth``).
+- `visionpeft.pipelines.dreambooth`: DreamBooth on Stable Diffusion / SDXL (``task: dreambooth``);
+- `visionpeft.pipelines.segmentation`: semantic segmentation (``task: segmentation``).
+
+`dense.py` is the one windowed-inference path of the dense tasks.
 
 Each recipe registers its task name with `visionpeft.train.register_task` when imported;
 importing this package imports them all, which is how ``visionpeft train`` and
@@ -9,9 +12,10 @@ importing this package imports them all, which is how ``visionpeft train`` and
 root (``import visionpeft as vp``), `visionpeft.train`, `visionpeft.backbones`,
 `visionpeft.data` and other pipelines.
 """
-from . import change_detection, dreambooth  # importing them registers their tasks
+from . import change_detection, dreambooth, segmentation  # importing them registers their tasks
 from .change_detection import ChangeDetectionConfig, ChangeDetectionTask
 from .dreambooth import DreamBoothConfig, DreamBoothTask
+from .segmentation import SegmentationConfig, SegmentationTask
 
-__all__ = ["change_detection", "dreambooth", "ChangeDetectionConfig", "ChangeDetectionTask",
-           "DreamBoothConfig", "DreamBoothTask"]
+__all__ = ["change_detection", "dreambooth", "segmentation", "ChangeDetectionConfig", "ChangeDetectionTask",
+           "DreamBoothConfig", "DreamBoothTask", "SegmentationConfig", "SegmentationTask"]

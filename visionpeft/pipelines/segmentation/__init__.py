@@ -1,2 +1,20 @@
-"""Remote-sensing semantic segmentation: encoders with adapters, smp decoders, macro
-metrics from one confusion matrix, sliding-window inference (work in progress)."""
+"""Remote-sensing semantic segmentation: an encoder with adapters (any registered method;
+Earth-Adapter is the one made for it), smp decoders, macro metrics from one confusion
+matrix, sliding-window inference shared with change detection. Train with
+``visionpeft train`` and ``task: segmentation``."""
+from visionpeft.train import register_task
+
+from .metrics import SegConfusion, seg_metrics_from_confusion
+from .model import DECODERS, SegmentationModel
+from .task import (SegmentationConfig, SegmentationTask, Segmenter, evaluate, find_checkpoint, load_segmenter,
+                   predict_logits)
+
+
+def _task(values: dict) -> SegmentationTask:
+    return SegmentationTask(SegmentationConfig.from_dict(values))
+
+
+register_task("segmentation", _task)
+
+__all__ = ["SegConfusion", "seg_metrics_from_confusion", "DECODERS", "SegmentationModel", "SegmentationConfig",
+           "SegmentationTask", "Segmenter", "evaluate", "find_checkpoint", "load_segmenter", "predict_logits"]

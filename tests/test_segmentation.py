@@ -1,0 +1,112 @@
+"""``task: segmentation`` end to end on the synthetic domain-generalisation set: training
+with validation on source and target, the best checkpoint, evaluate-seg against metrics
+computed here from its own predictions, predict-seg, and refused configs."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionpeft.cli import main
+from visionpeft.data.segmentation import SegmentationDataset, find_split, write_synthetic_segmentation
+from visionpeft.pipelines.segmentation import SegmentationConfig, load_segmenter, predict_logits
+from visionpeft.train import TrainingError, run_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    write_synthetic_segmentation(root, n_train=8, n_val=2, n_test=2, size=32, seed=0)
+    return root
+
+
+def _config(data, out, **kw):
+    cfg = {"task": "segmentation", "dataset": "synthetic", "data_root": str(data), "source_domain": "source",
+           "target_domain": "target", "num_classes": 6, "image_size": 32,
+           "backbone": {"name": "timm_vit", "source": "tiny"},
+           "adapter": {"method": "earth_adapter", "bottleneck": 4, "frequency_blocks": [1],
+                       "target_modules": ["re:blocks\\.\\d+"]},
+           "decoder": {"name": "upernet", "channels": 16}, "train_batch_size": 4, "max_train_steps": 4,
+           "learning_rate": 1e-3, "validation_steps": 2, "checkpointing_steps": 2, "seed": 0, "cpu": True,
+           "output_dir": str(out)}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    run_config(_config(data, out))
+    return out
+
+
+def test_training_validates_on_source_and_target_and_keeps_the_best_on_the_source(trained):
+    rows = [json.loads(line) for line in (trained / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["selected_on"] == "source" and {"source_miou", "target_miou", "target_oa"} <= set(r) for r in rows)
+    best_step = max(rows, key=lambda r: r["source_miou"])["step"]
+    saved = json.loads((trained / "best" / "seg_config.json").read_text())
+    assert saved["classes"] == ["soil", "vegetation", "forest", "water", "road", "building"]
+    assert (trained / "best" / "encoder" / "adapter_model.safetensors").is_file()
+    assert best_step in (2, 4)
+
+
+def test_evaluate_seg_equals_a_confusion_counted_here(trained, data, tmp_path):
+    out = tmp_path / "m" / "metrics.json"
+    assert main(["evaluate-seg", "--checkpoint", str(trained), "--data-root", str(data), "--domain", "target",
+                 "--split", "test", "--output", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert {"oa", "miou", "mf1", "per_class_iou", "per_class_f1"} <= set(got)
+    model, cfg = load_segmenter(trained)
+    split = find_split("synthetic", data, "test", domain="target")
+    cm = np.zeros((6, 6), dtype=np.int64)
+    for item in SegmentationDataset(split):
+        pred = predict_logits(model, item["image"][None], 32)[0].argmax(0).numpy()
+        keep = item["mask"].numpy() != 255
+        np.add.at(cm, (item["mask"].numpy()[keep], pred[keep]), 1)
+    tp = np.diag(cm).astype(float)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    iou = tp / (cm.sum(0) + cm.sum(1) - tp).clip(min=1)
+    assert got["oa"] == pytest.approx(tp.sum() / cm.sum())
+    assert got["miou"] == pytest.approx(iou[present].mean())
+
+
+def test_predict_seg_writes_class_indices_and_an_overlay(trained, data, tmp_path, capsys):
+    image = sorted((data / "target" / "test" / "images").iterdir())[0]
+    mask, overlay = tmp_path / "o" / "mask.png", tmp_path / "o" / "overlay.png"
+    assert main(["predict-seg", "--checkpoint", str(trained), str(image), "-o", str(mask),
+                 "--overlay", str(overlay)]) == 0
+    m = np.asarray(Image.open(mask))
+    assert m.shape == (32, 32) and m.max() < 6
+    assert Image.open(overlay).size[1] > 32  # the legend below the image
+    assert "soil" in capsys.readouterr().out
+
+
+def test_select_on_target_picks_the_best_target_validation(data, tmp_path):
+    out = tmp_path / "t"
+    run_config(_config(data, out, select_on="target", max_train_steps=4, adapter=None,
+                       decoder={"name": "linear"}))
+    rows = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert all(r["selected_on"] == "target" for r in rows)
+    assert not (out / "best" / "encoder").exists()  # a frozen encoder: the probe alone is saved
+    model, _ = load_segmenter(out)
+    assert not any(p.requires_grad for p in model.host.parameters())
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"decoder": {"name": "segformer"}}, "decoder.name must be one of"),
+    ({"select_on": "target", "target_domain": None}, "needs a target"),
+    ({"num_clases": 6}, "did you mean num_classes"),
+    ({"num_classes": 1}, "num_classes must be an integer >= 2"),
+])
+def test_bad_configs_are_refused_in_one_line(data, tmp_path, change, message):
+    values = {k: v for k, v in _config(data, tmp_path / "x").items()
+              if k in {f for f in SegmentationConfig.__dataclass_fields__} or k in change}
+    values.update(change)
+    with pytest.raises(ValueError, match=message):
+        SegmentationConfig.from_dict(values)
+
+
+def test_a_class_count_that_does_not_match_the_data_stops_before_training(data, tmp_path):
+    with pytest.raises(TrainingError, match="num_classes is 5 but synthetic has 6 classes"):
+        run_config(_config(data, tmp_path / "y", num_classes=5))

@@ -1,0 +1,247 @@
+"""Semantic segmentation on the shared training loop (``task: segmentation``), plus the one
+inference path that evaluate-seg and predict-seg use (sliding windows, overlap averaged).
+
+Domain generalisation / adaptation runs train on a source domain (``source_domain``, or a
+whole data set) and validate and test on a target (``target_domain``, or a second data
+set in ``target_data_root`` / ``target_dataset``). The best checkpoint is chosen on the
+SOURCE's validation split by default (``select_on: source``); the official Earth-Adapter
+code selects on the target's validation split, which reports a figure tuned on the test
+domain: ``select_on: target`` reproduces that, and the metrics files say which was used.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.data.segmentation import SegmentationDataset, find_split
+from visionpeft.train import Task, TrainingError, adapter_config, task_config
+
+from ..change_detection.model import FeatureEncoder
+from ..change_detection.task import build_backbone, check_backbone
+from ..dense import sliding_window
+from .metrics import SegConfusion
+from .model import DECODERS, SegmentationModel, probe_channels
+
+CONFIG_NAME = "seg_config.json"
+DECODER_NAME = "decoder.safetensors"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SegmentationConfig:
+    dataset: str
+    data_root: str
+    num_classes: int
+    backbone: dict
+    adapter: dict | None = None
+    decoder: dict = field(default_factory=lambda: {"name": "upernet"})
+    ignore_index: int = 255
+    image_size: int = 512
+    source_domain: str | None = None
+    target_domain: str | None = None
+    target_data_root: str | None = None
+    target_dataset: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    select_on: str = "source"
+    eval_stride: int | None = None
+    eval_batch_size: int = 1  # whole images: more than one needs equal sizes
+    adapter_name: str = "default"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SegmentationConfig":
+        cfg = task_config(cls, values, "segmentation")
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"segmentation: num_classes must be an integer >= 2, got {self.num_classes!r}")
+        name = (self.decoder or {}).get("name")
+        if name not in DECODERS:
+            raise ValueError(f"segmentation: decoder.name must be one of {list(DECODERS)}, got {name!r}")
+        if self.select_on not in ("source", "target"):
+            raise ValueError(f"segmentation: select_on must be source or target, got {self.select_on!r}")
+        if self.select_on == "target" and not self.has_target:
+            raise ValueError("segmentation: select_on: target needs a target (target_domain or target_data_root)")
+
+    @property
+    def has_target(self) -> bool:
+        return bool(self.target_domain or self.target_data_root)
+
+    def split(self, which: str, split: str):
+        """The SegSplit of the source or the target domain."""
+        if which == "source":
+            return find_split(self.dataset, self.data_root, split, domain=self.source_domain, **self.dataset_options)
+        return find_split(self.target_dataset or self.dataset, self.target_data_root or self.data_root, split,
+                          domain=self.target_domain, **self.dataset_options)
+
+
+class Segmenter(nn.Module):
+    """Normalisation + encoder with adapters + decoder; what a checkpoint rebuilds."""
+
+    def __init__(self, host: nn.Module, num_classes: int, decoder: dict, image_size: int):
+        super().__init__()
+        encoder = FeatureEncoder(host)
+        options = {k: v for k, v in decoder.items() if k != "name"}
+        # the crop size is what the host sees in training and in every window
+        channels = probe_channels(encoder, image_size)
+        self.net = SegmentationModel(encoder, channels, num_classes, decoder["name"], options)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def host(self) -> nn.Module:
+        return self.net.encoder.host
+
+    def trained_head(self) -> dict[str, torch.Tensor]:
+        """Decoder and classifier weights (the encoder's part is its adapter)."""
+        return {k: v for k, v in self.net.state_dict().items() if not k.startswith("encoder.")}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def save_segmenter(model: Segmenter, folder: Path, config: dict, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if vp.adapter_names(model.host):  # else: a frozen encoder (decoder-only probe)
+        vp.save_adapter(model.host, folder / "encoder", name=name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.trained_head().items()}, str(folder / DECODER_NAME))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def find_checkpoint(path) -> Path:
+    """The folder with seg_config.json: ``path`` itself, its ``best/`` or its ``adapter/``."""
+    path = Path(path)
+    for cand in (path, path / "best", path / "adapter"):
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    raise FileNotFoundError(f"{path} holds no segmentation checkpoint ({CONFIG_NAME} in it, in best/ or in adapter/)")
+
+
+def load_segmenter(path) -> tuple[Segmenter, dict]:
+    folder = find_checkpoint(path)
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    host = build_backbone(cfg["backbone"])
+    if (folder / "encoder").is_dir():
+        vp.load_adapter(host, folder / "encoder")
+    else:
+        host.requires_grad_(False)
+    model = Segmenter(host, cfg["num_classes"], cfg["decoder"], cfg["image_size"])
+    model.net.load_state_dict(load_file(str(folder / DECODER_NAME)), strict=False)
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def predict_logits(model: Segmenter, image: torch.Tensor, tile: int, stride: int | None = None) -> torch.Tensor:
+    """Class scores (N, K, H, W) for images of any size: softmax probabilities averaged
+    over overlapping windows of ``tile`` (stride: tile * 2/3, as the official 512/341)."""
+    stride = stride or max(1, tile * 2 // 3)
+    return sliding_window(lambda crop: F.softmax(model(crop), 1), image, tile, stride)
+
+
+def evaluate(model: Segmenter, dataset, tile: int, num_classes: int, ignore_index: int,
+             stride: int | None = None, batch_size: int = 1) -> dict:
+    """Metrics from one confusion matrix over ``dataset`` (macro mIoU / mF1, OA)."""
+    cm = SegConfusion(num_classes, ignore_index)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    device = next(model.parameters()).device
+    for batch in loader:
+        probs = predict_logits(model, batch["image"].to(device), tile, stride)
+        cm.update(probs.argmax(1).cpu(), batch["mask"])
+    return cm.compute()
+
+
+class SegmentationTask(Task):
+    def __init__(self, cfg: SegmentationConfig):
+        self.cfg = cfg
+        self.adapter_name = cfg.adapter_name
+        check_backbone(cfg.backbone)
+        self.adapter_config = adapter_config(cfg.adapter, "segmentation") if cfg.adapter else None
+        self.best = -1.0
+
+    def setup(self, device, dtype):
+        cfg = self.cfg
+        try:
+            train = cfg.split("source", "train")
+            self.val_sets = {"source": SegmentationDataset(cfg.split("source", "val"))}
+            if cfg.has_target:
+                self.val_sets["target"] = SegmentationDataset(cfg.split("target", "val"))
+        except (ValueError, FileNotFoundError) as err:
+            raise TrainingError(f"data_root {cfg.data_root}: {err}") from None
+        if len(train.classes) != cfg.num_classes:
+            raise TrainingError(f"segmentation: num_classes is {cfg.num_classes} but {cfg.dataset} has "
+                                f"{len(train.classes)} classes {train.classes}")
+        self.train_set = SegmentationDataset(train, image_size=cfg.image_size, train=True, seed=0)
+        host = build_backbone(cfg.backbone)
+        if self.adapter_config is not None:
+            vp.inject(host, self.adapter_config, name=self.adapter_name)
+        else:
+            host.requires_grad_(False)
+        self.model = Segmenter(host, cfg.num_classes, cfg.decoder, cfg.image_size)
+        for name, p in self.model.net.named_parameters():
+            if not name.startswith("encoder."):
+                p.requires_grad_(True)
+
+    def models(self):
+        return {"model": self.model}
+
+    def train_dataset(self):
+        return self.train_set
+
+    def loss(self, models, batch):
+        logits = models["model"](batch["image"])
+        return F.cross_entropy(logits, batch["mask"], ignore_index=self.cfg.ignore_index), {}
+
+    def _config(self) -> dict:
+        c = self.cfg
+        return {"backbone": c.backbone, "num_classes": c.num_classes, "decoder": c.decoder, "image_size": c.image_size,
+                "ignore_index": c.ignore_index, "adapter": c.adapter, "dataset": c.dataset,
+                "dataset_options": c.dataset_options,
+                "classes": list(self.train_set.classes) if hasattr(self, "train_set") else None}
+
+    def save_adapters(self, models, folder):
+        save_segmenter(models["model"], folder, self._config(), self.adapter_name)
+
+    def load_adapters(self, models, folder):
+        model = models["model"]
+        if self.adapter_config is not None:
+            vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
+        model.net.load_state_dict(load_file(str(folder / DECODER_NAME)), strict=False)
+        step = int(folder.name.split("-")[-1]) if folder.name.startswith("checkpoint-") else None
+        log = folder.parent / "val_metrics.jsonl"
+        if step is not None and log.exists():  # validations after the checkpoint are redone
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            rows = [r for r in rows if r["step"] <= step]
+            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.best = max((r[f"{self.cfg.select_on}_miou"] for r in rows), default=-1.0)
+
+    def validate(self, models, step, output_dir):
+        model = models["model"]
+        was = model.training
+        model.eval()
+        row = {"step": step, "selected_on": self.cfg.select_on}
+        for which, data in self.val_sets.items():
+            m = evaluate(model, data, self.cfg.image_size, self.cfg.num_classes, self.cfg.ignore_index,
+                         self.cfg.eval_stride, self.cfg.eval_batch_size)
+            row.update({f"{which}_{k}": v for k, v in m.items() if k in ("oa", "miou", "mf1")})
+        model.train(was)
+        with open(output_dir / "val_metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        score = row[f"{self.cfg.select_on}_miou"]
+        if score > self.best:
+            self.best = score
+            vp.atomic_write_dir(output_dir / "best", lambda tmp: self.save_adapters(models, tmp))
+        return row
+
+    def finish(self, models, output_dir):
+        if not (output_dir / "best").exists():
+            shutil.copytree(output_dir / "adapter", output_dir / "best")
+        return {f"best_{self.cfg.select_on}_val_miou": self.best if self.best >= 0 else None}
