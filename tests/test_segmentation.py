@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from visionpeft.cli import main
+from visionpeft.core.model_ops import get_state
 from visionpeft.data.segmentation import SegmentationDataset, find_split, write_synthetic_segmentation
 from visionpeft.pipelines.segmentation import SegmentationConfig, load_segmenter, predict_logits
 from visionpeft.train import TrainingError, run_config
@@ -105,6 +106,16 @@ def test_bad_configs_are_refused_in_one_line(data, tmp_path, change, message):
     values.update(change)
     with pytest.raises(ValueError, match=message):
         SegmentationConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("method,expect", [("earth_adapter", "blocks"), ("lora", "attn.qkv")])
+def test_an_adapter_without_targets_takes_the_host_preset(data, tmp_path, method, expect):
+    out = tmp_path / method
+    run_config(_config(data, out, max_train_steps=2, adapter={"method": method}))
+    saved = json.loads((out / "best" / "seg_config.json").read_text())["adapter"]["target_modules"]
+    assert any(expect in t for t in saved)
+    model, _ = load_segmenter(out)
+    assert [c.method for c in get_state(model.host).configs.values()] == [method]
 
 
 def test_a_class_count_that_does_not_match_the_data_stops_before_training(data, tmp_path):

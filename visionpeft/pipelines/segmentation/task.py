@@ -33,6 +33,29 @@ from .model import DECODERS, SegmentationModel, probe_channels
 CONFIG_NAME = "seg_config.json"
 DECODER_NAME = "decoder.safetensors"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# an adapter without target_modules takes the first of these presets that the host has
+BLOCK_PRESETS = ("TIMM_BLOCKS", "HF_VIT_LAYERS", "HF_SAM2_BLOCKS")
+WEIGHT_PRESETS = ("TIMM_VIT_QKV", "HF_DINOV2_QKV", "HF_SAM2_QKV")
+
+
+def inject_adapter(host: nn.Module, spec: dict, name: str) -> dict:
+    """Inject the adapter ``spec``; without ``target_modules`` the host's preset (its blocks
+    for a block method, its q/k/v for a weight method) is used. Returns the spec as
+    injected (with the targets), which is what a checkpoint records."""
+    if spec.get("target_modules"):
+        vp.inject(host, adapter_config(spec, "segmentation"), name=name)
+        return spec
+    block = not vp.get_method(spec["method"]).weight_space  # the method was checked with the config
+    tried = []
+    for preset in BLOCK_PRESETS if block else WEIGHT_PRESETS:
+        full = {**spec, "target_modules": list(getattr(vp.presets, preset))}
+        try:
+            vp.inject(host, adapter_config(full, "segmentation"), name=name)
+            return full
+        except vp.TargetError:  # not this host family: nothing was changed, try the next
+            tried.append(preset)
+    raise ValueError(f"segmentation: the adapter has no target_modules and none of the presets {tried} "
+                     f"matches {type(host).__name__}; give target_modules")
 
 
 @dataclass
@@ -164,7 +187,10 @@ class SegmentationTask(Task):
         self.cfg = cfg
         self.adapter_name = cfg.adapter_name
         check_backbone(cfg.backbone)
-        self.adapter_config = adapter_config(cfg.adapter, "segmentation") if cfg.adapter else None
+        if cfg.adapter:  # a bad method or field fails here, before any data is read
+            adapter_config({**cfg.adapter, "target_modules": cfg.adapter.get("target_modules") or ["set-in-setup"]},
+                           "segmentation")
+        self.adapter_config = cfg.adapter or None
         self.best = -1.0
 
     def setup(self, device, dtype):
@@ -182,7 +208,7 @@ class SegmentationTask(Task):
         self.train_set = SegmentationDataset(train, image_size=cfg.image_size, train=True, seed=0)
         host = build_backbone(cfg.backbone)
         if self.adapter_config is not None:
-            vp.inject(host, self.adapter_config, name=self.adapter_name)
+            self.adapter_spec = inject_adapter(host, self.adapter_config, self.adapter_name)
         else:
             host.requires_grad_(False)
         self.model = Segmenter(host, cfg.num_classes, cfg.decoder, cfg.image_size)
@@ -203,7 +229,8 @@ class SegmentationTask(Task):
     def _config(self) -> dict:
         c = self.cfg
         return {"backbone": c.backbone, "num_classes": c.num_classes, "decoder": c.decoder, "image_size": c.image_size,
-                "ignore_index": c.ignore_index, "adapter": c.adapter, "dataset": c.dataset,
+                "ignore_index": c.ignore_index, "adapter": getattr(self, "adapter_spec", c.adapter),
+                "dataset": c.dataset,
                 "dataset_options": c.dataset_options,
                 "classes": list(self.train_set.classes) if hasattr(self, "train_set") else None}
 
