@@ -121,3 +121,44 @@ def test_an_adapter_without_targets_takes_the_host_preset(data, tmp_path, method
 def test_a_class_count_that_does_not_match_the_data_stops_before_training(data, tmp_path):
     with pytest.raises(TrainingError, match="num_classes is 5 but synthetic has 6 classes"):
         run_config(_config(data, tmp_path / "y", num_classes=5))
+
+
+def test_two_processes_train_earth_adapter_without_unused_parameters(data, tmp_path):
+    """Two DDP processes on CPU (gloo) through accelerate launch. DDP runs without
+    find_unused_parameters, so a trainable parameter outside the graph (the official code's
+    E2, E3 and router in blocks without the frequency split) would stop the second step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_config(data, tmp_path / "ddp", max_train_steps=3, train_batch_size=2,
+                                          validation_steps=3, checkpointing_steps=3)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "visionpeft.cli", "train", str(cfg)],
+                         env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sums = json.loads((tmp_path / "ddp" / "train_report.json").read_text())["param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+
+
+@pytest.mark.parametrize("name", ["seg_synthetic_earth.yaml", "seg_loveda_r2u_dinov2_earth.yaml",
+                                  "seg_potsdam2vaihingen_dinov2_earth.yaml"])
+def test_every_shipped_config_is_a_valid_segmentation_config(name):
+    from pathlib import Path
+
+    import yaml
+
+    from visionpeft.train.loop import TrainConfig
+
+    values = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
+    assert values.pop("task") == "segmentation"
+    loop = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = SegmentationConfig.from_dict({k: v for k, v in values.items() if k not in loop})
+    TrainConfig(**{k: v for k, v in values.items() if k in loop})
+    assert cfg.adapter["method"] == "earth_adapter"

@@ -75,6 +75,7 @@ class SegmentationConfig:
     dataset_options: dict = field(default_factory=dict)
     select_on: str = "source"
     eval_stride: int | None = None
+    tile: int | None = None  # cut large images (ISPRS) into tiles of this size, as mmseg's converters do
     eval_batch_size: int = 1  # whole images: more than one needs equal sizes
     adapter_name: str = "default"
 
@@ -197,15 +198,16 @@ class SegmentationTask(Task):
         cfg = self.cfg
         try:
             train = cfg.split("source", "train")
-            self.val_sets = {"source": SegmentationDataset(cfg.split("source", "val"))}
+            self.val_sets = {"source": SegmentationDataset(cfg.split("source", "val"), tile=cfg.tile)}
             if cfg.has_target:
-                self.val_sets["target"] = SegmentationDataset(cfg.split("target", "val"))
+                self.val_sets["target"] = SegmentationDataset(cfg.split("target", "val"), tile=cfg.tile)
         except (ValueError, FileNotFoundError) as err:
             raise TrainingError(f"data_root {cfg.data_root}: {err}") from None
         if len(train.classes) != cfg.num_classes:
             raise TrainingError(f"segmentation: num_classes is {cfg.num_classes} but {cfg.dataset} has "
                                 f"{len(train.classes)} classes {train.classes}")
-        self.train_set = SegmentationDataset(train, image_size=cfg.image_size, train=True, seed=0)
+        self.train_set = SegmentationDataset(train, image_size=cfg.image_size, train=True, seed=0,
+                                             tile=cfg.tile)
         host = build_backbone(cfg.backbone)
         if self.adapter_config is not None:
             self.adapter_spec = inject_adapter(host, self.adapter_config, self.adapter_name)
