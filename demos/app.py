@@ -1,7 +1,7 @@
 """One Gradio app with every pipeline's demo as a tab.
 
-    python demos/app.py [--cd-checkpoint DIR] [--port 7860] [--host 127.0.0.1] [--share]
-    visionpeft demo     [--cd-checkpoint DIR] [--port 7860] [--host 127.0.0.1] [--share]
+    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--port 7860] [--host 127.0.0.1] [--share]
+    visionpeft demo     [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--port 7860] [--host 127.0.0.1] [--share]
 
 Each tab is a demo module in this folder whose ``build(**kwargs)`` returns a ``gr.Blocks``;
 the hub renders that Blocks inside a tab (``gr.TabbedInterface``), so every demo still runs
@@ -45,11 +45,21 @@ def _cd_checkpoint(path: str):
     return find_checkpoint(path)  # FileNotFoundError: not a checkpoint, nor its best/ or adapter/
 
 
+def _seg_checkpoint(path: str):
+    from visionpeft.pipelines.segmentation import find_checkpoint
+
+    return find_checkpoint(path)  # FileNotFoundError: not a checkpoint, nor its best/ or adapter/
+
+
 # One entry per pipeline; the first is the tab open on load.
 TABS: list[Tab] = [
     Tab("Change detection", "change_detection",
         (Option("--cd-checkpoint", keyword="default_checkpoint", check=_cd_checkpoint, metavar="DIR",
                 help="a trained PeftCD checkpoint: an output_dir, its best/ or adapter/ (the tab's "
+                     "default; the page can change it)"),)),
+    Tab("Segmentation", "segmentation",
+        (Option("--seg-checkpoint", keyword="default_checkpoint", check=_seg_checkpoint, metavar="DIR",
+                help="a trained segmentation checkpoint: an output_dir, its best/ or adapter/ (the tab's "
                      "default; the page can change it)"),)),
 ]
 
