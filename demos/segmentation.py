@@ -3,7 +3,7 @@ an overlay with a legend and each class's share of the area.
 
     python demos/segmentation.py --checkpoint output/seg-synthetic-earth [--port 7860]
 
-Inference is `visionpeft.pipelines.segmentation.predict_logits`, the same sliding-window
+Inference is `visionpeft.pipelines.segmentation.predict_probs`, the same sliding-window
 path as `visionpeft predict-seg`; the overlay is the one `predict-seg --overlay` writes.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def segment(image, checkpoint: str):
     `predict-seg --overlay` writes it) and a table of [class, colour, pixels, area %] rows."""
     import gradio as gr
 
-    from visionpeft.pipelines.segmentation import predict_logits
+    from visionpeft.pipelines.segmentation import predict_probs
     from visionpeft.pipelines.segmentation.render import class_colours, colour_overlay
 
     rgb = _rgb(image)
@@ -85,7 +85,7 @@ def segment(image, checkpoint: str):
         raise gr.Error(f"cannot load the segmentation checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
     classes = _classes(cfg)
     x = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    mask = predict_logits(model, x, int(cfg["image_size"]))[0].argmax(0).numpy()
+    mask = predict_probs(model, x, int(cfg["image_size"]))[0].argmax(0).numpy()
     colours = class_colours(len(classes))
     class_map = colours[mask].astype(np.uint8)
     overlay = colour_overlay(rgb.astype(np.float32) / 255.0, mask, classes)

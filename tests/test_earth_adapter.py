@@ -140,8 +140,9 @@ def test_hosts_run_with_their_grid_and_registers(host, preset):
 
 
 def test_dinov2_large_with_the_split_in_blocks_21_to_23_trains_1_02m_parameters():
-    """The paper's setting (DINOv2-L, d 16, split in the last three blocks), built on the
-    meta device: 24 x (2 d C + d + C) + 3 x (2 (2 d C + d + C) + 3 C + 3) + 24."""
+    """The paper's Rural -> Urban adaptation setting (DINOv2-L, d 16, split in the last three
+    blocks), built on the meta device: 24 x (2 d C + d + C) + 3 x (2 (2 d C + d + C) + 3 C + 3)
+    + 24 = 1.02M."""
     from transformers import Dinov2Config, Dinov2Model
 
     with torch.device("meta"):

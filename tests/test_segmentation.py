@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from visionpeft.cli import main
 from visionpeft.core.model_ops import get_state
 from visionpeft.data.segmentation import SegmentationDataset, find_split, write_synthetic_segmentation
-from visionpeft.pipelines.segmentation import SegmentationConfig, load_segmenter, predict_logits
+from visionpeft.pipelines.segmentation import SegmentationConfig, load_segmenter, predict_probs
 from visionpeft.train import TrainingError, run_config
 
 
@@ -45,11 +46,33 @@ def test_training_validates_on_source_and_target_and_keeps_the_best_on_the_sourc
     rows = [json.loads(line) for line in (trained / "val_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(r["selected_on"] == "source" and {"source_miou", "target_miou", "target_oa"} <= set(r) for r in rows)
-    best_step = max(rows, key=lambda r: r["source_miou"])["step"]
+    best_step = max(rows, key=lambda r: r["source_miou"])["step"]  # the first of equals
     saved = json.loads((trained / "best" / "seg_config.json").read_text())
     assert saved["classes"] == ["soil", "vegetation", "forest", "water", "road", "building"]
-    assert (trained / "best" / "encoder" / "adapter_model.safetensors").is_file()
-    assert best_step in (2, 4)
+    # best/ holds the weights of that step's checkpoint (decoder and adapter), and not the other's
+    from safetensors.torch import load_file
+
+    other = 4 if best_step == 2 else 2
+    for name in ("decoder.safetensors", "encoder/adapter_model.safetensors"):
+        best = load_file(str(trained / "best" / name))
+        same = load_file(str(trained / f"checkpoint-{best_step}" / name))
+        assert best.keys() == same.keys() and all(torch.equal(best[k], same[k]) for k in best)
+    later = load_file(str(trained / f"checkpoint-{other}" / "decoder.safetensors"))
+    assert any(not torch.equal(best_k, later[k]) for k, best_k in load_file(
+        str(trained / "best" / "decoder.safetensors")).items())
+
+
+def test_a_decoder_file_that_does_not_fit_is_refused(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "best", bad)
+    weights = load_file(str(bad / "decoder.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("head.")}, str(bad / "decoder.safetensors"))
+    with pytest.raises(ValueError, match="does not fit this decoder.*missing \\['head"):
+        load_segmenter(bad)
 
 
 def test_evaluate_seg_equals_a_confusion_counted_here(trained, data, tmp_path):
@@ -62,7 +85,7 @@ def test_evaluate_seg_equals_a_confusion_counted_here(trained, data, tmp_path):
     split = find_split("synthetic", data, "test", domain="target")
     cm = np.zeros((6, 6), dtype=np.int64)
     for item in SegmentationDataset(split):
-        pred = predict_logits(model, item["image"][None], 32)[0].argmax(0).numpy()
+        pred = predict_probs(model, item["image"][None], 32)[0].argmax(0).numpy()
         keep = item["mask"].numpy() != 255
         np.add.at(cm, (item["mask"].numpy()[keep], pred[keep]), 1)
     tp = np.diag(cm).astype(float)
@@ -116,6 +139,11 @@ def test_an_adapter_without_targets_takes_the_host_preset(data, tmp_path, method
     assert any(expect in t for t in saved)
     model, _ = load_segmenter(out)
     assert [c.method for c in get_state(model.host).configs.values()] == [method]
+
+
+def test_an_ignore_index_the_data_does_not_use_stops_before_training(data, tmp_path):
+    with pytest.raises(TrainingError, match="ignore_index is 254 but synthetic's masks mark ignored pixels with 255"):
+        run_config(_config(data, tmp_path / "z", ignore_index=254))
 
 
 def test_a_class_count_that_does_not_match_the_data_stops_before_training(data, tmp_path):

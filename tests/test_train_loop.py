@@ -233,3 +233,26 @@ def test_the_loop_runs_adamw_fused_on_cpu_with_torch_s_own_update():
         assert (p - p0).abs().min() > 1e-5  # every entry moved, by more than the tolerance
     # a device without the fused kernel gets torch's default
     assert not _optimizer([nn.Parameter(torch.zeros(2))], cfg, torch.device("meta")).defaults["fused"]
+
+
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused(tmp_path):
+    """Checkpoints written before the loop ran AdamW fused hold fused: None in their param
+    groups; loading one keeps this run's fused step (under fp16 a GradScaler needs it)."""
+    from visionpeft.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
+    from visionpeft.train.loop import _optimizer
+
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    p = nn.Parameter(torch.randn(3))
+    old = torch.optim.AdamW([p], lr=1e-3)  # the unfused optimizer of an older run
+    p.grad = torch.randn(3)
+    old.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(old, lambda s: 1.0)
+    folder = save_checkpoint(tmp_path, 1, old, sched, lambda tmp: None, [rng_state()])
+    new = _optimizer([p], cfg, torch.device("cpu"))
+    load_checkpoint(folder, new, torch.optim.lr_scheduler.LambdaLR(new, lambda s: 1.0))
+    assert new.param_groups[0]["fused"] is True
+    scaler = torch.amp.GradScaler("cpu")
+    new.zero_grad()
+    scaler.scale((p * torch.randn(3)).sum()).backward()
+    scaler.step(new)  # failed with "Expected grad_scale and found_inf to be None" before
+    scaler.update()

@@ -342,8 +342,10 @@ def _cmd_evaluate_seg(args) -> int:
     if len(split.classes) != cfg["num_classes"]:
         raise ValueError(f"{args.data_root} has {len(split.classes)} classes {split.classes} but the checkpoint "
                          f"predicts {cfg['num_classes']}")
-    metrics = evaluate(model, SegmentationDataset(split), args.tile or cfg["image_size"], cfg["num_classes"],
-                       cfg.get("ignore_index", 255), args.stride)
+    # the validation's settings unless overridden: the same tiles, windows and stride
+    data = SegmentationDataset(split, tile=cfg.get("cut_tiles"))
+    metrics = evaluate(model, data, args.tile or cfg["image_size"], cfg["num_classes"], split.ignore_index,
+                       args.stride or cfg.get("eval_stride"))
     metrics["classes"] = list(split.classes)
     print("  ".join(f"{k} {metrics[k]:.4f}" for k in ("oa", "miou", "mf1")))
     if args.output:
@@ -358,7 +360,7 @@ def _cmd_predict_seg(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .pipelines.segmentation import load_segmenter, predict_logits
+    from .pipelines.segmentation import load_segmenter, predict_probs
     from .pipelines.segmentation.render import colour_overlay
 
     image = _read_rgb(args.image)
@@ -367,7 +369,7 @@ def _cmd_predict_seg(args) -> int:
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
     classes = cfg.get("classes") or [f"class {i}" for i in range(cfg["num_classes"])]
-    mask = predict_logits(model, image, args.tile or cfg["image_size"], args.stride)[0].argmax(0).numpy()
+    mask = predict_probs(model, image, args.tile or cfg["image_size"], args.stride)[0].argmax(0).numpy()
     Image.fromarray(mask.astype(np.uint8)).save(args.output)
     if args.overlay:
         colour_overlay(image[0].permute(1, 2, 0).numpy(), mask, classes).save(args.overlay)

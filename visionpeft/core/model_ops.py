@@ -7,6 +7,7 @@ module without touching the model (so every error comes before any change), then
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import re
@@ -122,6 +123,14 @@ def _refuse_overlap(lname: str, module: nn.Module, block: bool) -> None:
                           "injected before the block adapter on a layer of its own")
 
 
+def _layer_config(config: MethodConfig, name: str, index: int) -> MethodConfig:
+    """``config.for_layer(name, index)``; a config written before ``for_layer`` took the
+    layer's index (``for_layer(self, name)``) is called as it was."""
+    if "index" in inspect.signature(config.for_layer).parameters:
+        return config.for_layer(name, index)
+    return config.for_layer(name)
+
+
 def plan_injection(model: nn.Module, config: MethodConfig, name: str,
                    targets: dict[str, tuple[str, tuple[str, ...]]] | None = None,
                    match_saved: bool = True) -> InjectionPlan:
@@ -155,7 +164,7 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
         _refuse_overlap(lname, module, block)
         if block:
             try:
-                mod = spec.module_cls(config.for_layer(lname, position[lname]), HostSpec.for_block(
+                mod = spec.module_cls(_layer_config(config, lname, position[lname]), HostSpec.for_block(
                     module.base_layer if isinstance(module, AdaptedBlock) else module))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{lname}: {err}") from None
@@ -173,7 +182,7 @@ def plan_injection(model: nn.Module, config: MethodConfig, name: str,
         for part in parts:
             base = module.base_layer if isinstance(module, AdaptedLayerBase) else module
             try:
-                mod = spec.module_cls(config.for_layer(lname, position[lname]), host_spec(base, part))
+                mod = spec.module_cls(_layer_config(config, lname, position[lname]), host_spec(base, part))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{lname}{'' if part == 'full' else f'[{part}]'}: {err}") from None
             mods[part] = mod.to(device=weight.device, dtype=weight.dtype)

@@ -15,6 +15,7 @@ whose blocks already see (batch, rows, cols, width) (timm Hiera) need no grid.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -45,6 +46,10 @@ def square_split(n_tokens: int, recorded=None) -> tuple[int, tuple[int, int]]:
     for prefix in range(0, 9):
         side = math.isqrt(n_tokens - prefix) if n_tokens > prefix else 0
         if side and side * side == n_tokens - prefix:
+            if recorded is None:  # a guess: a 16 x 64 grid holds as many tokens as 32 x 32
+                warnings.warn(f"no patch grid was recorded (no Conv2d with kernel size = stride in the model); "
+                              f"{n_tokens} tokens read as {prefix} prefix tokens and a {side} x {side} grid",
+                              stacklevel=3)
             return prefix, (side, side)
     seen = f"the patch embedding last gave a {recorded[0]} x {recorded[1]} grid" if recorded else \
         "no patch embedding (a Conv2d with kernel size = stride) was found in the model"

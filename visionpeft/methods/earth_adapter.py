@@ -129,7 +129,7 @@ class EarthAdapterConfig(MethodConfig):
     bottleneck: expert width d; cutoff_ratio: low-pass half-width as a share of the grid
     (c = int(min(H, W) * ratio // 2)); frequency_blocks: indices among the adapted blocks
     (model order) that get the frequency mixture, the others one expert (None: the first
-    three, (0, 1, 2), the official default); scale_init: the
+    three, (0, 1, 2), as the official supervised LoveDA config); scale_init: the
     per-block scale's start; zero_init: zero the experts' up-projections (the official
     code does not). Official settings (DINOv2-L, 24 blocks adapted): LoveDA d 16, blocks
     (0, 1, 2), ratio 0.2; Potsdam -> Vaihingen DG d 24, blocks 18-23, ratio 0.3;

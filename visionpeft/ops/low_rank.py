@@ -110,7 +110,7 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: tor
     if blocks > 1 and W.requires_grad:
         return None  # a trainable host weight needs all of x saved: the general path has it
     x2 = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, W, b, A, B)):
         y = _LoRALinear.apply(x2, W, b, A, B, scale, blocks)
     elif merge_pays(x2.shape[0], W):
         # one GEMM through W + scale * B [A ... A] (A repeated over the column blocks)

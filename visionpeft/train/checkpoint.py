@@ -128,7 +128,13 @@ def load_checkpoint(path: Path, optimizer, scheduler, process_index: int = 0) ->
     (step, extra, task: the task's own state)."""
     state = json.loads((path / STATE_NAME).read_text())
     tensors = load_file(str(path / TENSORS_NAME))
+    # how the step runs (fused / foreach) is this run's choice, not the saved one: a checkpoint
+    # from an unfused optimizer would otherwise switch the fused one back, and under fp16 its
+    # GradScaler (which hands a fused step its inf flags) would then fail
+    modes = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     optimizer.load_state_dict(_join(state["optimizer"], tensors))
+    for group, mode in zip(optimizer.param_groups, modes):
+        group.update({k: v for k, v in mode.items() if k in group})
     scheduler.load_state_dict(_join(state["scheduler"], tensors))
     rngs = _join(state["rng"], tensors)
     if process_index >= len(rngs):

@@ -7,7 +7,7 @@ from visionpeft.train import register_task
 from .metrics import SegConfusion, seg_metrics_from_confusion
 from .model import DECODERS, SegmentationModel
 from .task import (SegmentationConfig, SegmentationTask, Segmenter, evaluate, find_checkpoint, load_segmenter,
-                   predict_logits)
+                   predict_probs)
 
 
 def _task(values: dict) -> SegmentationTask:
@@ -17,4 +17,4 @@ def _task(values: dict) -> SegmentationTask:
 register_task("segmentation", _task)
 
 __all__ = ["SegConfusion", "seg_metrics_from_confusion", "DECODERS", "SegmentationModel", "SegmentationConfig",
-           "SegmentationTask", "Segmenter", "evaluate", "find_checkpoint", "load_segmenter", "predict_logits"]
+           "SegmentationTask", "Segmenter", "evaluate", "find_checkpoint", "load_segmenter", "predict_probs"]

@@ -75,7 +75,7 @@ class SegmentationConfig:
     dataset_options: dict = field(default_factory=dict)
     select_on: str = "source"
     eval_stride: int | None = None
-    tile: int | None = None  # cut large images (ISPRS) into tiles of this size, as mmseg's converters do
+    cut_tiles: int | None = None  # cut large images (ISPRS) into tiles of this size, as mmseg's converters do
     eval_batch_size: int = 1  # whole images: more than one needs equal sizes
     adapter_name: str = "default"
 
@@ -150,6 +150,16 @@ def find_checkpoint(path) -> Path:
     raise FileNotFoundError(f"{path} holds no segmentation checkpoint ({CONFIG_NAME} in it, in best/ or in adapter/)")
 
 
+def load_head(model: Segmenter, file: Path) -> None:
+    """The decoder and classifier weights of a checkpoint, every one of them: a key missing
+    or left over (another decoder, other options) is refused, not left at random init."""
+    result = model.net.load_state_dict(load_file(str(file)), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("encoder.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{file} does not fit this decoder ({model.net.decoder_name}): missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}; was it saved with other decoder options?")
+
+
 def load_segmenter(path) -> tuple[Segmenter, dict]:
     folder = find_checkpoint(path)
     cfg = json.loads((folder / CONFIG_NAME).read_text())
@@ -159,13 +169,13 @@ def load_segmenter(path) -> tuple[Segmenter, dict]:
     else:
         host.requires_grad_(False)
     model = Segmenter(host, cfg["num_classes"], cfg["decoder"], cfg["image_size"])
-    model.net.load_state_dict(load_file(str(folder / DECODER_NAME)), strict=False)
+    load_head(model, folder / DECODER_NAME)
     return model.eval(), cfg
 
 
 @torch.no_grad()
-def predict_logits(model: Segmenter, image: torch.Tensor, tile: int, stride: int | None = None) -> torch.Tensor:
-    """Class scores (N, K, H, W) for images of any size: softmax probabilities averaged
+def predict_probs(model: Segmenter, image: torch.Tensor, tile: int, stride: int | None = None) -> torch.Tensor:
+    """Class probabilities (N, K, H, W) for images of any size: softmax averaged
     over overlapping windows of ``tile`` (stride: tile * 2/3, as the official 512/341)."""
     stride = stride or max(1, tile * 2 // 3)
     return sliding_window(lambda crop: F.softmax(model(crop), 1), image, tile, stride)
@@ -178,7 +188,7 @@ def evaluate(model: Segmenter, dataset, tile: int, num_classes: int, ignore_inde
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     device = next(model.parameters()).device
     for batch in loader:
-        probs = predict_logits(model, batch["image"].to(device), tile, stride)
+        probs = predict_probs(model, batch["image"].to(device), tile, stride)
         cm.update(probs.argmax(1).cpu(), batch["mask"])
     return cm.compute()
 
@@ -198,16 +208,19 @@ class SegmentationTask(Task):
         cfg = self.cfg
         try:
             train = cfg.split("source", "train")
-            self.val_sets = {"source": SegmentationDataset(cfg.split("source", "val"), tile=cfg.tile)}
+            self.val_sets = {"source": SegmentationDataset(cfg.split("source", "val"), tile=cfg.cut_tiles)}
             if cfg.has_target:
-                self.val_sets["target"] = SegmentationDataset(cfg.split("target", "val"), tile=cfg.tile)
+                self.val_sets["target"] = SegmentationDataset(cfg.split("target", "val"), tile=cfg.cut_tiles)
         except (ValueError, FileNotFoundError) as err:
             raise TrainingError(f"data_root {cfg.data_root}: {err}") from None
+        if train.ignore_index != cfg.ignore_index:
+            raise TrainingError(f"segmentation: ignore_index is {cfg.ignore_index} but {cfg.dataset}'s masks mark "
+                                f"ignored pixels with {train.ignore_index}; set ignore_index: {train.ignore_index}")
         if len(train.classes) != cfg.num_classes:
             raise TrainingError(f"segmentation: num_classes is {cfg.num_classes} but {cfg.dataset} has "
                                 f"{len(train.classes)} classes {train.classes}")
         self.train_set = SegmentationDataset(train, image_size=cfg.image_size, train=True, seed=0,
-                                             tile=cfg.tile)
+                                             tile=cfg.cut_tiles)
         host = build_backbone(cfg.backbone)
         if self.adapter_config is not None:
             self.adapter_spec = inject_adapter(host, self.adapter_config, self.adapter_name)
@@ -233,7 +246,7 @@ class SegmentationTask(Task):
         return {"backbone": c.backbone, "num_classes": c.num_classes, "decoder": c.decoder, "image_size": c.image_size,
                 "ignore_index": c.ignore_index, "adapter": getattr(self, "adapter_spec", c.adapter),
                 "dataset": c.dataset,
-                "dataset_options": c.dataset_options,
+                "dataset_options": c.dataset_options, "cut_tiles": c.cut_tiles, "eval_stride": c.eval_stride,
                 "classes": list(self.train_set.classes) if hasattr(self, "train_set") else None}
 
     def save_adapters(self, models, folder):
@@ -243,7 +256,7 @@ class SegmentationTask(Task):
         model = models["model"]
         if self.adapter_config is not None:
             vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
-        model.net.load_state_dict(load_file(str(folder / DECODER_NAME)), strict=False)
+        load_head(model, folder / DECODER_NAME)
         step = int(folder.name.split("-")[-1]) if folder.name.startswith("checkpoint-") else None
         log = folder.parent / "val_metrics.jsonl"
         if step is not None and log.exists():  # validations after the checkpoint are redone
