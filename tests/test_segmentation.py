@@ -190,3 +190,13 @@ def test_every_shipped_config_is_a_valid_segmentation_config(name):
     cfg = SegmentationConfig.from_dict({k: v for k, v in values.items() if k not in loop})
     TrainConfig(**{k: v for k, v in values.items() if k in loop})
     assert cfg.adapter["method"] == "earth_adapter"
+
+
+def test_a_resumed_run_redoes_the_validations_after_its_checkpoint(data, tmp_path):
+    out = tmp_path / "r"
+    run_config(_config(data, out, max_train_steps=2, adapter=None, decoder={"name": "linear"}))
+    (out / "val_metrics.jsonl").write_text((out / "val_metrics.jsonl").read_text() + '{"step": 3}\n')  # a later row
+    run_config(_config(data, out, max_train_steps=4, adapter=None, decoder={"name": "linear"},
+                       resume_from_checkpoint="latest"))
+    rows = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]

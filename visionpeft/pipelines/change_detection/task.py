@@ -8,18 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import visionpeft as vp
 from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
+from ..checkpoints import HEAD_NAME as DECODER_NAME
+from ..checkpoints import find_checkpoint_folder, validations_kept, write_checkpoint
 from ..dense import sliding_window
 from .metrics import ConfusionMatrix
 from .model import FeatureEncoder, SiameseChangeDetector, probe_channels
 
 CONFIG_NAME = "cd_config.json"
-DECODER_NAME = "decoder.safetensors"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -125,22 +126,12 @@ class Detector(nn.Module):
 
 
 def save_detector(model: Detector, folder: Path, config: dict, name: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    if vp.adapter_names(model.host):  # else: frozen encoder
-        vp.save_adapter(model.host, folder / "encoder", name=name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.net.decoder.state_dict().items()},
-              str(folder / DECODER_NAME))
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    write_checkpoint(folder, model.host, name, model.net.decoder.state_dict(), config, CONFIG_NAME)
 
 
 def find_checkpoint(path) -> Path:
     """The folder with cd_config.json: ``path`` itself, its ``best/`` or its ``adapter/``."""
-    path = Path(path)
-    for cand in (path, path / "best", path / "adapter"):
-        if (cand / CONFIG_NAME).is_file():
-            return cand
-    raise FileNotFoundError(f"{path} holds no change-detection checkpoint ({CONFIG_NAME} in it, "
-                            "in best/ or in adapter/)")
+    return find_checkpoint_folder(path, CONFIG_NAME, "change-detection")
 
 
 def load_detector(path) -> tuple[Detector, dict]:
@@ -239,12 +230,8 @@ class ChangeDetectionTask(Task):
         model.net.decoder.load_state_dict(load_file(str(folder / DECODER_NAME)))
         # resuming: validations up to the checkpoint stand, later ones are redone, and the
         # best IoU so far keeps best/ from being replaced by a worse model
-        step = int(folder.name.split("-")[-1]) if folder.name.startswith("checkpoint-") else None
-        log = folder.parent / "val_metrics.jsonl"
-        if step is not None and log.exists():
-            rows = [json.loads(line) for line in log.read_text().splitlines()]
-            rows = [r for r in rows if r["step"] <= step]
-            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = validations_kept(folder)
+        if rows is not None:
             self.best_iou = max((r["iou"] for r in rows), default=-1.0)
 
     def validate(self, models, step, output_dir):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import visionpeft as vp
@@ -26,12 +26,13 @@ from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
 from ..change_detection.model import FeatureEncoder
 from ..change_detection.task import build_backbone, check_backbone
+from ..checkpoints import HEAD_NAME as DECODER_NAME
+from ..checkpoints import find_checkpoint_folder, validations_kept, write_checkpoint
 from ..dense import sliding_window
 from .metrics import SegConfusion
 from .model import DECODERS, SegmentationModel, probe_channels
 
 CONFIG_NAME = "seg_config.json"
-DECODER_NAME = "decoder.safetensors"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # an adapter without target_modules takes the first of these presets that the host has
 BLOCK_PRESETS = ("TIMM_BLOCKS", "HF_VIT_LAYERS", "HF_SAM2_BLOCKS")
@@ -134,20 +135,12 @@ class Segmenter(nn.Module):
 
 
 def save_segmenter(model: Segmenter, folder: Path, config: dict, name: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    if vp.adapter_names(model.host):  # else: a frozen encoder (decoder-only probe)
-        vp.save_adapter(model.host, folder / "encoder", name=name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.trained_head().items()}, str(folder / DECODER_NAME))
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    write_checkpoint(folder, model.host, name, model.trained_head(), config, CONFIG_NAME)
 
 
 def find_checkpoint(path) -> Path:
     """The folder with seg_config.json: ``path`` itself, its ``best/`` or its ``adapter/``."""
-    path = Path(path)
-    for cand in (path, path / "best", path / "adapter"):
-        if (cand / CONFIG_NAME).is_file():
-            return cand
-    raise FileNotFoundError(f"{path} holds no segmentation checkpoint ({CONFIG_NAME} in it, in best/ or in adapter/)")
+    return find_checkpoint_folder(path, CONFIG_NAME, "segmentation")
 
 
 def load_head(model: Segmenter, file: Path) -> None:
@@ -257,12 +250,8 @@ class SegmentationTask(Task):
         if self.adapter_config is not None:
             vp.load_adapter(model.host, folder / "encoder", name=self.adapter_name, hotswap=True)
         load_head(model, folder / DECODER_NAME)
-        step = int(folder.name.split("-")[-1]) if folder.name.startswith("checkpoint-") else None
-        log = folder.parent / "val_metrics.jsonl"
-        if step is not None and log.exists():  # validations after the checkpoint are redone
-            rows = [json.loads(line) for line in log.read_text().splitlines()]
-            rows = [r for r in rows if r["step"] <= step]
-            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = validations_kept(folder)  # validations after the checkpoint are redone
+        if rows is not None:
             self.best = max((r[f"{self.cfg.select_on}_miou"] for r in rows), default=-1.0)
 
     def validate(self, models, step, output_dir):
