@@ -85,7 +85,8 @@ def segment(image, checkpoint: str):
         raise gr.Error(f"cannot load the segmentation checkpoint {checkpoint}: {type(err).__name__}: {err}") from None
     classes = _classes(cfg)
     x = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    mask = predict_probs(model, x, int(cfg["image_size"]))[0].argmax(0).numpy()
+    mask = predict_probs(model, x, int(cfg["image_size"]), cfg.get("eval_stride"),
+                         cfg.get("base_scale", 1.0))[0].argmax(0).numpy()
     colours = class_colours(len(classes))
     class_map = colours[mask].astype(np.uint8)
     overlay = colour_overlay(rgb.astype(np.float32) / 255.0, mask, classes)

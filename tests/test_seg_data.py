@@ -377,3 +377,25 @@ def test_segsplit_rejects_unknown_label_kind():
         SegSplit([("a.png", "b.png")], ["x"], 255, "palette")
     with pytest.raises(ValueError, match=r"ignore_index 1 is also class 'b'.*outside 0\.\.2"):
         SegSplit([("a.png", "b.png")], ["a", "b", "c"], 1)
+
+
+def test_scale_multiplies_the_training_resize_range(tmp_path, monkeypatch):
+    """scale 0.5 (mmseg's LoveDA recipe at 512 of 1024): the random resize draws from
+    x0.25-1 instead of x0.5-2."""
+    import visionpeft.data.segmentation as seg
+
+    seg.write_synthetic_segmentation(tmp_path, n_train=2, n_val=1, n_test=1, size=32)
+    seen = []
+    real = seg._random_resize
+
+    def spy(rng, image, mask, lo=0.5, hi=2.0):
+        seen.append((lo, hi))
+        return real(rng, image, mask, lo, hi)
+
+    monkeypatch.setattr(seg, "_random_resize", spy)
+    split = seg.find_split("synthetic", tmp_path, "train")
+    seg.SegmentationDataset(split, image_size=16, train=True, scale=0.5)[0]
+    seg.SegmentationDataset(split, image_size=16, train=True)[0]
+    assert seen == [(0.25, 1.0), (0.5, 2.0)]
+    with pytest.raises(ValueError, match="scale must be positive"):
+        seg.SegmentationDataset(split, image_size=16, train=True, scale=0)

@@ -200,3 +200,22 @@ def test_a_resumed_run_redoes_the_validations_after_its_checkpoint(data, tmp_pat
                        resume_from_checkpoint="latest"))
     rows = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
+
+
+def test_base_scale_halves_what_the_model_sees_and_answers_at_full_size(data, tmp_path):
+    """base_scale 0.5 (mmseg's LoveDA recipe): evaluation runs the model on the half-size
+    image and brings the probabilities back to the labels' size."""
+    out = tmp_path / "s"
+    run_config(_config(data, out, max_train_steps=2, adapter=None, decoder={"name": "linear"}, base_scale=0.5,
+                       image_size=32))
+    model, cfg = load_segmenter(out)
+    assert cfg["base_scale"] == 0.5
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    image = torch.rand(1, 3, 64, 64)
+    probs = predict_probs(model, image, 32, scale=0.5)
+    assert probs.shape == (1, 6, 64, 64) and seen == [(32, 32)]
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 64, 64))
+    half = predict_probs(model, torch.nn.functional.interpolate(image, scale_factor=0.5, mode="bilinear"), 32)
+    up = torch.nn.functional.interpolate(half, size=(64, 64), mode="bilinear")
+    torch.testing.assert_close(probs, up)

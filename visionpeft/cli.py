@@ -345,7 +345,7 @@ def _cmd_evaluate_seg(args) -> int:
     # the validation's settings unless overridden: the same tiles, windows and stride
     data = SegmentationDataset(split, tile=cfg.get("cut_tiles"))
     metrics = evaluate(model, data, args.tile or cfg["image_size"], cfg["num_classes"], split.ignore_index,
-                       args.stride or cfg.get("eval_stride"))
+                       args.stride or cfg.get("eval_stride"), scale=cfg.get("base_scale", 1.0))
     metrics["classes"] = list(split.classes)
     print("  ".join(f"{k} {metrics[k]:.4f}" for k in ("oa", "miou", "mf1")))
     if args.output:
@@ -369,7 +369,8 @@ def _cmd_predict_seg(args) -> int:
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
     classes = cfg.get("classes") or [f"class {i}" for i in range(cfg["num_classes"])]
-    mask = predict_probs(model, image, args.tile or cfg["image_size"], args.stride)[0].argmax(0).numpy()
+    mask = predict_probs(model, image, args.tile or cfg["image_size"], args.stride or cfg.get("eval_stride"),
+                         cfg.get("base_scale", 1.0))[0].argmax(0).numpy()
     Image.fromarray(mask.astype(np.uint8)).save(args.output)
     if args.overlay:
         colour_overlay(image[0].permute(1, 2, 0).numpy(), mask, classes).save(args.overlay)

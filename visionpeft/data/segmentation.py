@@ -567,23 +567,25 @@ class SegmentationDataset(Dataset):
     windows are listed in `self.tiles` as (pair, top, left, h, w) and read on demand).
     `train=True` needs `image_size` (the crop): random resize x0.5-2, a crop that avoids
     one-class windows (cat_max_ratio 0.75), horizontal flip, photometric distortion and
-    padding to image_size (mask with ignore_index). Randomness comes from (seed, epoch,
+    padding to image_size (mask with ignore_index); `scale` multiplies the resize range
+    (mmseg's LoveDA recipe works at half the 1024 px tiles: scale 0.5). Randomness comes from (seed, epoch,
     index); call `set_epoch` for fresh draws. `train=False` returns whole images or
     tiles unchanged (evaluation slides windows over them), whatever `image_size` is.
     """
 
     def __init__(self, split, image_size: int | None = None, train: bool = False, seed: int = 0,
-                 tile: int | None = None):
+                 tile: int | None = None, scale: float = 1.0):
         if len(split) == 0:
             raise ValueError("SegmentationDataset needs a split with at least one image")
         if train and image_size is None:
             raise ValueError("train=True needs image_size (the training crop size)")
-        for name, value in (("image_size", image_size), ("tile", tile)):
+        for name, value in (("image_size", image_size), ("tile", tile), ("scale", scale)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if tile is not None and isinstance(split, TorchgeoSplit):
             raise ValueError("tile needs file sizes, which a torchgeo split does not give; use tile=None")
         self.split, self.image_size, self.train, self.seed, self.epoch = split, image_size, train, seed, 0
+        self.scale = float(scale)
         self.classes, self.ignore_index = list(split.classes), split.ignore_index
         self.tiles = self._index_tiles(tile) if tile is not None else None
         self._cache = None  # (pair index, loaded pair): consecutive tiles share one read
@@ -616,7 +618,7 @@ class SegmentationDataset(Dataset):
 
     def _augment(self, image, mask, index: int):
         rng, size = self._rng(index), self.image_size
-        image, mask = _random_resize(rng, image, mask)
+        image, mask = _random_resize(rng, image, mask, 0.5 * self.scale, 2.0 * self.scale)
         image, mask = _class_crop(rng, image, mask, size, self.ignore_index)
         if rng.random() < 0.5:
             image, mask = image[:, ::-1], mask[:, ::-1]

@@ -77,6 +77,7 @@ class SegmentationConfig:
     select_on: str = "source"
     eval_stride: int | None = None
     cut_tiles: int | None = None  # cut large images (ISPRS) into tiles of this size, as mmseg's converters do
+    base_scale: float = 1.0  # the scale the model sees images at (mmseg's LoveDA recipe: 0.5)
     eval_batch_size: int = 1  # whole images: more than one needs equal sizes
     adapter_name: str = "default"
 
@@ -167,21 +168,27 @@ def load_segmenter(path) -> tuple[Segmenter, dict]:
 
 
 @torch.no_grad()
-def predict_probs(model: Segmenter, image: torch.Tensor, tile: int, stride: int | None = None) -> torch.Tensor:
-    """Class probabilities (N, K, H, W) for images of any size: softmax averaged
-    over overlapping windows of ``tile`` (stride: tile * 2/3, as the official 512/341)."""
+def predict_probs(model: Segmenter, image: torch.Tensor, tile: int, stride: int | None = None,
+                  scale: float = 1.0) -> torch.Tensor:
+    """Class probabilities (N, K, H, W) for images of any size: softmax averaged over
+    overlapping windows of ``tile`` (stride: tile * 2/3, as the official 512/341). With
+    ``scale`` the image is resized by it first and the probabilities brought back to its
+    size, as mmseg evaluates a resized test pipeline against full-size labels."""
     stride = stride or max(1, tile * 2 // 3)
-    return sliding_window(lambda crop: F.softmax(model(crop), 1), image, tile, stride)
+    x = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+    probs = sliding_window(lambda crop: F.softmax(model(crop), 1), x, tile, stride)
+    return probs if scale == 1.0 else F.interpolate(probs, size=image.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
 
 
 def evaluate(model: Segmenter, dataset, tile: int, num_classes: int, ignore_index: int,
-             stride: int | None = None, batch_size: int = 1) -> dict:
+             stride: int | None = None, batch_size: int = 1, scale: float = 1.0) -> dict:
     """Metrics from one confusion matrix over ``dataset`` (macro mIoU / mF1, OA)."""
     cm = SegConfusion(num_classes, ignore_index)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     device = next(model.parameters()).device
     for batch in loader:
-        probs = predict_probs(model, batch["image"].to(device), tile, stride)
+        probs = predict_probs(model, batch["image"].to(device), tile, stride, scale)
         cm.update(probs.argmax(1).cpu(), batch["mask"])
     return cm.compute()
 
@@ -213,7 +220,7 @@ class SegmentationTask(Task):
             raise TrainingError(f"segmentation: num_classes is {cfg.num_classes} but {cfg.dataset} has "
                                 f"{len(train.classes)} classes {train.classes}")
         self.train_set = SegmentationDataset(train, image_size=cfg.image_size, train=True, seed=0,
-                                             tile=cfg.cut_tiles)
+                                             tile=cfg.cut_tiles, scale=cfg.base_scale)
         host = build_backbone(cfg.backbone)
         if self.adapter_config is not None:
             self.adapter_spec = inject_adapter(host, self.adapter_config, self.adapter_name)
@@ -240,6 +247,7 @@ class SegmentationTask(Task):
                 "ignore_index": c.ignore_index, "adapter": getattr(self, "adapter_spec", c.adapter),
                 "dataset": c.dataset,
                 "dataset_options": c.dataset_options, "cut_tiles": c.cut_tiles, "eval_stride": c.eval_stride,
+                "base_scale": c.base_scale,
                 "classes": list(self.train_set.classes) if hasattr(self, "train_set") else None}
 
     def save_adapters(self, models, folder):
@@ -261,7 +269,7 @@ class SegmentationTask(Task):
         row = {"step": step, "selected_on": self.cfg.select_on}
         for which, data in self.val_sets.items():
             m = evaluate(model, data, self.cfg.image_size, self.cfg.num_classes, self.cfg.ignore_index,
-                         self.cfg.eval_stride, self.cfg.eval_batch_size)
+                         self.cfg.eval_stride, self.cfg.eval_batch_size, self.cfg.base_scale)
             row.update({f"{which}_{k}": v for k, v in m.items() if k in ("oa", "miou", "mf1")})
         model.train(was)
         with open(output_dir / "val_metrics.jsonl", "a") as f:
