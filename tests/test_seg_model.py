@@ -78,3 +78,22 @@ def test_odd_non_square_grids_run_through_every_decoder(decoder):
     seg = SegmentationModel(enc, probe_channels(enc, 32), 3, decoder, OPTIONS[decoder]).eval()
     with torch.no_grad():
         assert seg(torch.randn(2, 3, 40, 56)).shape == (2, 3, 40, 56)
+
+
+def test_feature_blocks_pick_the_vit_blocks_read_and_are_checked():
+    """The four blocks a plain ViT feeds the pyramid with (the official DINOv2-L reads 7,
+    11, 15, 23): each map equals that block's output, normed, as timm gives it."""
+    host = build_tiny("timm_vit")
+    x = torch.randn(1, 3, 32, 32)
+    maps = FeatureEncoder(host, [1, 0, 1, 0])(x)
+    ref = host.forward_intermediates(x, indices=[0, 1], output_fmt="NCHW", intermediates_only=True, norm=True)
+    for got, want in zip(maps, [ref[1], ref[0], ref[1], ref[0]]):
+        torch.testing.assert_close(got, want)
+    dinov2 = build_tiny("hf_dinov2")
+    hidden = dinov2(pixel_values=x, output_hidden_states=True).hidden_states
+    got = FeatureEncoder(dinov2, [0, 0, 1, 1])(x)
+    torch.testing.assert_close(got[0], hidden[1][:, 1:].transpose(1, 2).reshape(1, -1, 4, 4))
+    with pytest.raises(ValueError, match=r"four block indices in \[0, 2\)"):
+        FeatureEncoder(host, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="not a plain ViT"):
+        FeatureEncoder(build_tiny("timm_sam2_hiera"), [0, 1, 2, 3])

@@ -27,14 +27,25 @@ def _even_layers(depth: int) -> list[int]:
 
 
 class FeatureEncoder(nn.Module):
-    def __init__(self, host: nn.Module):
+    """``blocks``: the four blocks of a plain ViT to read (default: evenly spaced); a
+    hierarchical host (Hiera) always gives its four stages."""
+
+    def __init__(self, host: nn.Module, blocks: list[int] | None = None):
         super().__init__()
         self.host = host
         self.kind = "timm" if hasattr(host, "forward_intermediates") else "transformers"
-        if self.kind == "timm" and hasattr(host, "blocks") and not hasattr(host, "stage_ends"):
-            self.indices = _even_layers(len(host.blocks))  # a plain ViT
+        depth = _vit_depth(host, self.kind)
+        if blocks is not None:
+            if depth is None:
+                raise ValueError(f"feature blocks {list(blocks)} were given, but {type(host).__name__} is not a "
+                                 "plain ViT: its four stages are used")
+            if len(blocks) != 4 or not all(isinstance(b, int) and 0 <= b < depth for b in blocks):
+                raise ValueError(f"feature blocks must be four block indices in [0, {depth}), got {list(blocks)}")
+        if self.kind == "timm" and depth is not None:
+            self.indices = list(blocks) if blocks is not None else _even_layers(depth)  # a plain ViT
         else:
             self.indices = 4
+        self.blocks = list(blocks) if blocks is not None else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.kind == "timm":
@@ -55,8 +66,19 @@ class FeatureEncoder(nn.Module):
         cfg = self.host.config  # ViT tokens: drop CLS and register tokens, fold the grid
         prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         gh, gw = x.shape[2] // cfg.patch_size, x.shape[3] // cfg.patch_size
-        picks = [i + 1 for i in _even_layers(len(hidden) - 1)]
+        picks = [i + 1 for i in (self.blocks or _even_layers(len(hidden) - 1))]
         return [hidden[i][:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw) for i in picks]
+
+
+def _vit_depth(host: nn.Module, kind: str) -> int | None:
+    """Number of blocks of a plain ViT (timm ViT / Eva, transformers DINOv2 / DINOv3), None
+    for a hierarchical host."""
+    if kind == "timm":
+        return len(host.blocks) if hasattr(host, "blocks") and not hasattr(host, "stage_ends") else None
+    cfg = getattr(host, "config", None)
+    if cfg is not None and getattr(cfg, "patch_size", None) and getattr(cfg, "num_hidden_layers", None):
+        return int(cfg.num_hidden_layers)
+    return None
 
 
 def exchange(fa: list[torch.Tensor], fb: list[torch.Tensor], mode: str):

@@ -78,6 +78,7 @@ class SegmentationConfig:
     eval_stride: int | None = None
     cut_tiles: int | None = None  # cut large images (ISPRS) into tiles of this size, as mmseg's converters do
     base_scale: float = 1.0  # the scale the model sees images at (mmseg's LoveDA recipe: 0.5)
+    feature_blocks: list[int] | None = None  # the four ViT blocks read (default: evenly spaced)
     eval_batch_size: int = 1  # whole images: more than one needs equal sizes
     adapter_name: str = "default"
 
@@ -113,9 +114,10 @@ class SegmentationConfig:
 class Segmenter(nn.Module):
     """Normalisation + encoder with adapters + decoder; what a checkpoint rebuilds."""
 
-    def __init__(self, host: nn.Module, num_classes: int, decoder: dict, image_size: int):
+    def __init__(self, host: nn.Module, num_classes: int, decoder: dict, image_size: int,
+                 feature_blocks: list[int] | None = None):
         super().__init__()
-        encoder = FeatureEncoder(host)
+        encoder = FeatureEncoder(host, feature_blocks)
         options = {k: v for k, v in decoder.items() if k != "name"}
         # the crop size is what the host sees in training and in every window
         channels = probe_channels(encoder, image_size)
@@ -162,7 +164,7 @@ def load_segmenter(path) -> tuple[Segmenter, dict]:
         vp.load_adapter(host, folder / "encoder")
     else:
         host.requires_grad_(False)
-    model = Segmenter(host, cfg["num_classes"], cfg["decoder"], cfg["image_size"])
+    model = Segmenter(host, cfg["num_classes"], cfg["decoder"], cfg["image_size"], cfg.get("feature_blocks"))
     load_head(model, folder / DECODER_NAME)
     return model.eval(), cfg
 
@@ -226,7 +228,10 @@ class SegmentationTask(Task):
             self.adapter_spec = inject_adapter(host, self.adapter_config, self.adapter_name)
         else:
             host.requires_grad_(False)
-        self.model = Segmenter(host, cfg.num_classes, cfg.decoder, cfg.image_size)
+        try:
+            self.model = Segmenter(host, cfg.num_classes, cfg.decoder, cfg.image_size, cfg.feature_blocks)
+        except ValueError as err:
+            raise TrainingError(f"segmentation: {err}") from None
         for name, p in self.model.net.named_parameters():
             if not name.startswith("encoder."):
                 p.requires_grad_(True)
@@ -247,7 +252,7 @@ class SegmentationTask(Task):
                 "ignore_index": c.ignore_index, "adapter": getattr(self, "adapter_spec", c.adapter),
                 "dataset": c.dataset,
                 "dataset_options": c.dataset_options, "cut_tiles": c.cut_tiles, "eval_stride": c.eval_stride,
-                "base_scale": c.base_scale,
+                "base_scale": c.base_scale, "feature_blocks": c.feature_blocks,
                 "classes": list(self.train_set.classes) if hasattr(self, "train_set") else None}
 
     def save_adapters(self, models, folder):
