@@ -9,10 +9,11 @@ import visionpeft as vp
 from visionpeft.backbones.presets import TIMM_VIT_QKV
 from visionpeft.backbones.tiny import build_tiny
 from visionpeft.pipelines.change_detection.model import FeatureEncoder
-from visionpeft.pipelines.segmentation.model import DECODERS, SegmentationModel, probe_channels, to_pyramid
+from visionpeft.pipelines.segmentation.model import DECODERS, SegmentationModel, probe, probe_channels, to_pyramid
 
 OPTIONS = {"upernet": {"channels": 16}, "fpn": {"channels": 32, "pyramid_channels": 32},
-           "deeplabv3plus": {"channels": 16}, "unet": {"channels": (32, 16, 16, 8, 8)}, "linear": {}}
+           "deeplabv3plus": {"channels": 16}, "unet": {"channels": (32, 16, 16, 8, 8)}, "dpt": {"channels": 16},
+           "linear": {}}
 
 
 def test_vit_maps_become_strides_4_to_32_and_a_pyramid_stays_as_it_is():
@@ -35,8 +36,9 @@ def test_every_decoder_gives_logits_at_the_input_size_and_trains_the_adapter(hos
     vp.inject(model, vp.LoRAConfig(r=2, target_modules=TIMM_VIT_QKV if host == "timm_vit" else
                                    [r"re:blocks\.\d+\.attn\.qkv"]))
     enc = FeatureEncoder(model)
-    seg = SegmentationModel(enc, probe_channels(enc, size), num_classes=6, decoder=decoder,
-                            options=OPTIONS[decoder]).train()
+    channels, strides = probe(enc, size)
+    seg = SegmentationModel(enc, channels, num_classes=6, decoder=decoder, options=OPTIONS[decoder],
+                            strides=strides).train()
     if decoder != "linear":  # smp's module itself
         assert type(seg.decoder).__module__.startswith("segmentation_models_pytorch.decoders.")
     x = torch.randn(2, 3, size, size)
@@ -67,6 +69,8 @@ def test_bad_decoders_are_refused_clearly():
         SegmentationModel(enc, channels, 3, "segformer")
     with pytest.raises(ValueError, match="multiples of 32"):
         SegmentationModel(enc, channels, 3, "fpn", {"channels": 48})
+    with pytest.raises(ValueError, match="feature strides of 4 x a power of two"):
+        SegmentationModel(enc, channels, 3, "dpt", strides=[14, 14, 14, 14])
     with pytest.raises(ValueError, match="four feature maps"):
         SegmentationModel(enc, channels[:3], 3)
 
@@ -75,7 +79,8 @@ def test_bad_decoders_are_refused_clearly():
 def test_odd_non_square_grids_run_through_every_decoder(decoder):
     """transformers DINOv2 at 40 x 56 px (patch 8): a 5 x 7 grid."""
     enc = FeatureEncoder(build_tiny("hf_dinov2"))
-    seg = SegmentationModel(enc, probe_channels(enc, 32), 3, decoder, OPTIONS[decoder]).eval()
+    channels, strides = probe(enc, 32)
+    seg = SegmentationModel(enc, channels, 3, decoder, OPTIONS[decoder], strides).eval()
     with torch.no_grad():
         assert seg(torch.randn(2, 3, 40, 56)).shape == (2, 3, 40, 56)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODERS = ("upernet", "fpn", "deeplabv3plus", "unet", "linear")
+DECODERS = ("upernet", "fpn", "deeplabv3plus", "unet", "dpt", "linear")
 VIT_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
@@ -81,25 +81,57 @@ def _smp_decoder(name: str, channels: list[int], options: dict) -> tuple[nn.Modu
     return UnetDecoder(enc, decoder_channels=widths, n_blocks=5), widths[-1]
 
 
+def _dpt_decoder(channels: list[int], strides: list[int] | None, options: dict) -> tuple[nn.Module, int]:
+    """smp's DPT decoder: it reassembles the encoder's own maps (learned resizing to strides
+    4-32), so it takes them before `to_pyramid`; the prefix tokens are already dropped."""
+    from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+    if strides is None or any(s % 4 or (s // 4) & (s // 4 - 1) for s in strides):
+        raise ValueError(f"decoder dpt needs feature strides of 4 x a power of two (patch 8 or 16, or a "
+                         f"pyramid), got {strides}; use upernet for patch 14")
+    width = int(options.get("channels", 256))
+    mid = tuple(options.get("intermediate_channels", (width, width, width, width)))
+    return DPTDecoder(channels, strides, encoder_has_prefix_tokens=False, readout="ignore",
+                      intermediate_channels=mid, fusion_channels=width), width
+
+
 class SegmentationModel(nn.Module):
     """encoder (a module returning four NCHW maps, with the adapter) -> pyramid -> decoder
-    -> 1x1 classifier -> logits (N, classes, H, W) at the input size."""
+    -> 1x1 classifier -> logits (N, classes, H, W) at the input size. ``strides``: the
+    input size over each map's (for dpt)."""
 
     def __init__(self, encoder: nn.Module, channels: list[int], num_classes: int,
-                 decoder: str = "upernet", options: dict | None = None):
+                 decoder: str = "upernet", options: dict | None = None, strides: list[int] | None = None):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder {decoder!r} is not one of {list(DECODERS)}")
         if len(channels) != 4:
             raise ValueError(f"the encoder must give four feature maps, it gave {len(channels)}")
         self.encoder, self.decoder_name = encoder, decoder
-        if decoder == "linear":
+        self.strides = list(strides) if strides is not None else None
+        if decoder == "dpt":
+            self.decoder, width = _dpt_decoder(channels, strides, options or {})
+            self.head = nn.Conv2d(width, num_classes, 1)
+        elif decoder == "linear":
             self.decoder, self.head = LinearHead(channels, num_classes), nn.Identity()
         else:
             self.decoder, width = _smp_decoder(decoder, channels, options or {})
             self.head = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decoder_name == "dpt":
+            feats = self.encoder(x)
+            gh, gw = feats[-1].shape[-2:]
+            # its deepest step brings the last map to stride 32 by a strided conv, and the fusion
+            # doubles back up: the grid must divide by 32 / stride; pad the missing cells
+            m = max(1, 32 // self.strides[-1])
+            ph, pw = -gh % m, -gw % m
+            if ph or pw:
+                feats = [F.pad(f, (0, pw, 0, ph), mode="replicate") for f in feats]
+            out = self.decoder(feats, [None] * len(feats))
+            if ph or pw:  # and crop the padded cells' share back off
+                out = out[..., :round(out.shape[-2] * gh / (gh + ph)), :round(out.shape[-1] * gw / (gw + pw))]
+            return F.interpolate(self.head(out), size=x.shape[-2:], mode="bilinear", align_corners=False)
         feats = to_pyramid(self.encoder(x))
         if self.decoder_name == "linear":
             out = self.decoder(feats)
@@ -113,5 +145,11 @@ class SegmentationModel(nn.Module):
 
 def probe_channels(encoder: nn.Module, image_size: int) -> list[int]:
     """Channels of the encoder's four maps, from one dry run."""
+    return probe(encoder, image_size)[0]
+
+
+def probe(encoder: nn.Module, image_size: int) -> tuple[list[int], list[int]]:
+    """(channels, strides) of the encoder's four maps, from one dry run."""
     with torch.no_grad():
-        return [f.shape[1] for f in encoder(torch.zeros(1, 3, image_size, image_size))]
+        feats = encoder(torch.zeros(1, 3, image_size, image_size))
+    return [f.shape[1] for f in feats], [round(image_size / f.shape[-1]) for f in feats]

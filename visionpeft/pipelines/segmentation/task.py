@@ -30,7 +30,7 @@ from ..checkpoints import HEAD_NAME as DECODER_NAME
 from ..checkpoints import find_checkpoint_folder, validations_kept, write_checkpoint
 from ..dense import sliding_window
 from .metrics import SegConfusion
-from .model import DECODERS, SegmentationModel, probe_channels
+from .model import DECODERS, SegmentationModel, probe
 
 CONFIG_NAME = "seg_config.json"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -120,8 +120,8 @@ class Segmenter(nn.Module):
         encoder = FeatureEncoder(host, feature_blocks)
         options = {k: v for k, v in decoder.items() if k != "name"}
         # the crop size is what the host sees in training and in every window
-        channels = probe_channels(encoder, image_size)
-        self.net = SegmentationModel(encoder, channels, num_classes, decoder["name"], options)
+        channels, strides = probe(encoder, image_size)
+        self.net = SegmentationModel(encoder, channels, num_classes, decoder["name"], options, strides)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
