@@ -197,6 +197,20 @@ def loss_memory(loss_fn, params, device) -> int:
     return total + sum(p.numel() * p.element_size() for p in params)
 
 
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation of every key over runs (seeds)."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return out
+
+
+# full fine-tuning of the embedded encoder (depth 6): every block, the patch embedding, the
+# final norm (as modules_to_save), what bench_quality and bench_seg both call "full"
+EMBEDDED_FULL = [f"blocks.{i}" for i in range(6)] + ["patch_embed", "norm"]
+
+
 def time_steps(fn, device, steps: int, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -4,6 +4,7 @@ pretraining, at about the same trainable-parameter budget, over several seeds.
 Tasks (data from the project's generators, nothing downloaded):
   scenes_cls  classify the 4 scene types held out of pretraining (accuracy)
   scenes_seg  segment the generator's 6 land-cover classes on all 10 types (mIoU)
+  scenes_seg_held  the same on the 4 held-out types only (not in the default list)
   change      PeftCD change detection on the synthetic LEVIR set (F1 and IoU)
 Variants: linear_probe (frozen encoder, head only) and full fine-tuning as lower and
 upper references; LoRA, WaRA, KronA, Block-LoRA, SNELL and the bottleneck Adapter at
@@ -11,6 +12,8 @@ upper references; LoRA, WaRA, KronA, Block-LoRA, SNELL and the bottleneck Adapte
 
     python scripts/bench_quality.py --json docs/bench_quality_cpu_<date>.json --plot docs/quality.png
     python scripts/bench_quality.py --smoke     # every task x variant, 2 steps (the test suite)
+    python scripts/bench_quality.py --tasks scenes_seg scenes_seg_held --variants linear_probe \
+        --weights candidate.safetensors           # probe an encoder file before shipping it
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,11 +38,11 @@ import visionpeft as vp  # noqa: E402
 from visionpeft.backbones import load_backbone  # noqa: E402
 from visionpeft.data.scenes import CLASSES, HELD_OUT_SCENES, SCENE_TYPES, scene_set  # noqa: E402
 from visionpeft.pipelines.change_detection.metrics import ConfusionMatrix  # noqa: E402
+from visionpeft.pipelines.segmentation import seg_metrics_from_confusion  # noqa: E402
 from visionpeft.train import PRETRAIN_MEAN as MEAN, PRETRAIN_STD as STD  # noqa: E402
 from visionpeft.train import Task, TrainConfig, run_config, train  # noqa: E402
+from bench_core import EMBEDDED_FULL, summarise  # noqa: E402
 
-DEPTH = 6
-FULL = [f"blocks.{i}" for i in range(DEPTH)] + ["patch_embed", "norm"]
 # encoder budgets (ViT 192 wide, depth 6): LoRA r 4 on qkv = 18,432; WaRA haar J 1 has a
 # pair per band, 4 x 2 x (288 + 96) x 6 = 18,432; Block-LoRA 5 x (48 + 576) x 6 = 18,720;
 # SNELL 4 x (576 + 192) x 6 = 18,432; KronA (balanced factors) on all four Linears of a
@@ -54,9 +56,10 @@ VARIANTS = {
     "snell": {"method": "snell", "r": 4, "sparsity": 0.9, "target_modules": ["qkv"]},
     "adapter": {"method": "adapter", "bottleneck": 8, "position": "input",
                 "target_modules": list(vp.presets.TIMM_BLOCKS)},
-    "full": {"method": "lora", "target_modules": [], "modules_to_save": FULL},
+    "full": {"method": "lora", "target_modules": [], "modules_to_save": EMBEDDED_FULL},
 }
 LR = {"full": 2e-4}  # everything else 2e-3
+TASKS = ("scenes_cls", "scenes_seg", "scenes_seg_held", "change")
 
 
 @dataclass
@@ -72,14 +75,26 @@ FULL_SIZES = Sizes(train=384, test=256, steps=40, batch=8, cd_pairs=64)
 SMOKE_SIZES = Sizes(train=8, test=4, steps=2, batch=4, cd_pairs=4)
 
 
-def encoder(variant: str, pretrained: bool) -> nn.Module:
+def encoder(variant: str, pretrained: bool | str) -> nn.Module:
+    """The embedded encoder: the packaged weights (True), random init (False) or a file."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the random reference encoder is the same in every run
-        host = load_backbone("timm", "embedded-vit-s", pretrained=pretrained)
+        if isinstance(pretrained, str):
+            host = load_backbone("timm", "embedded-vit-s", checkpoint_path=pretrained)
+        else:
+            host = load_backbone("timm", "embedded-vit-s", pretrained=pretrained)
     if VARIANTS[variant] is None:
         return host.requires_grad_(False)
     vp.inject(host, vp.config_from_dict(VARIANTS[variant]))
     return host
+
+
+def backbone_spec(pretrained: bool | str) -> dict:
+    """The embedded encoder as a pipeline config names it (a file goes in checkpoint_path)."""
+    spec = {"name": "embedded-vit-s", "source": "timm", "pretrained": bool(pretrained)}
+    if isinstance(pretrained, str):
+        spec["checkpoint_path"] = pretrained
+    return spec
 
 
 def encoder_params(model: nn.Module) -> int:
@@ -134,7 +149,10 @@ def scene_data(task: str, sizes: Sizes):
         make = lambda n, seed: scene_set(n, 64, HELD_OUT_SCENES, seed=seed)  # noqa: E731
         train, test = make(sizes.train, 101), make(sizes.test, 202)
         return (train[0], train[2]), (test[0], test[2]), len(HELD_OUT_SCENES)
-    train, test = scene_set(sizes.train, 64, SCENE_TYPES, 303), scene_set(sizes.test, 64, SCENE_TYPES, 404)
+    if task == "scenes_seg_held":
+        train, test = scene_set(sizes.train, 64, HELD_OUT_SCENES, 505), scene_set(sizes.test, 64, HELD_OUT_SCENES, 606)
+    else:
+        train, test = scene_set(sizes.train, 64, SCENE_TYPES, 303), scene_set(sizes.test, 64, SCENE_TYPES, 404)
     return (train[0], train[1]), (test[0], test[1]), len(CLASSES)
 
 
@@ -148,14 +166,13 @@ def scene_metric(model: SceneModel, test, classes: int, dense: bool) -> dict:
     m = cm.matrix.double()
     if not dense:
         return {"accuracy": float(m.diag().sum() / m.sum())}
-    iou = m.diag() / (m.sum(0) + m.sum(1) - m.diag()).clamp(min=1)
-    return {"miou": float(iou.mean())}
+    return {"miou": seg_metrics_from_confusion(cm.matrix)["miou"]}  # macro, over the classes present
 
 
 def run_scene(task, variant, seed, sizes, pretrained, data, workdir):
     train_data, test, classes = data
     torch.manual_seed(seed)
-    dense = task == "scenes_seg"
+    dense = task.startswith("scenes_seg")
     model = SceneModel(encoder(variant, pretrained), classes, dense)
     loop = TrainConfig(output_dir=str(workdir), seed=seed, max_train_steps=sizes.steps,
                        train_batch_size=sizes.batch, learning_rate=LR.get(variant, 2e-3),
@@ -174,7 +191,7 @@ def run_change(variant, seed, sizes, pretrained, data_root, workdir):
 
     adapter = VARIANTS[variant]  # None: decoder only on the frozen encoder
     values = {"task": "change_detection", "data_root": str(data_root), "output_dir": str(workdir),
-              "backbone": {"name": "embedded-vit-s", "source": "timm", "pretrained": pretrained},
+              "backbone": backbone_spec(pretrained),
               "adapter": adapter, "image_size": 64, "decoder_channels": 64, "exchange": "layer",
               "train_batch_size": max(2, sizes.batch // 2), "max_train_steps": sizes.steps,
               "learning_rate": LR.get(variant, 2e-3), "lr_scheduler": "cosine",
@@ -200,26 +217,18 @@ def peak_memory_mb(variant: str, pretrained: bool, batch: int) -> float:
     return round(loss_memory(lambda: F.cross_entropy(model(img), label), params, img.device) / 2 ** 20, 1)
 
 
-def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        out[key] = {"mean": statistics.fmean(values),
-                    "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return out
-
-
 def table(result: dict) -> str:
-    head = ("| variant | encoder params | classify held-out (acc) | segment (mIoU) | change F1 | change IoU "
-            "| s / step (seg) | memory MB |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| variant | encoder params | classify held-out (acc) | segment (mIoU) | segment held-out types "
+            "(mIoU) | change F1 | change IoU | s / step (seg) | memory MB |")
+    lines = [head, "|" + "---|" * 9]
     for v, row in result["variants"].items():
         cell = lambda t, k: (f"{row[t][k]['mean']:.3f} ± {row[t][k]['sd']:.3f}"  # noqa: E731
                              if t in row else "n/a")
         params = row.get("scenes_seg", row.get("scenes_cls", {})).get("encoder_params", {}).get("mean", 0)
         speed = row.get("scenes_seg", {}).get("s_per_step", {}).get("mean", float("nan"))
         lines.append(f"| {v} | {int(params):,} | {cell('scenes_cls', 'accuracy')} | "
-                     f"{cell('scenes_seg', 'miou')} | {cell('change', 'f1')} | {cell('change', 'iou')} | "
+                     f"{cell('scenes_seg', 'miou')} | {cell('scenes_seg_held', 'miou')} | "
+                     f"{cell('change', 'f1')} | {cell('change', 'iou')} | "
                      f"{speed:.2f} | {row.get('memory_mb', 'n/a')} |")
     return "\n".join(lines)
 
@@ -231,9 +240,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [("scenes_cls", "accuracy", "classify held-out types"), ("scenes_seg", "miou", "segment (mIoU)"),
+               ("scenes_seg_held", "miou", "segment held-out types (mIoU)"),
                ("change", "iou", "change detection (IoU)")]
     names = list(result["variants"])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    metrics = [m for m in metrics if any(m[0] in result["variants"][v] for v in names)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.7 * len(metrics), 3.8), squeeze=False)
+    axes = axes[0]
     for ax, (task, key, title) in zip(axes, metrics):
         means = [result["variants"][v].get(task, {}).get(key, {}).get("mean", 0) for v in names]
         sds = [result["variants"][v].get(task, {}).get(key, {}).get("sd", 0) for v in names]
@@ -249,9 +261,10 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--tasks", nargs="+", default=["scenes_cls", "scenes_seg", "change"])
+    p.add_argument("--tasks", nargs="+", default=["scenes_cls", "scenes_seg", "change"], choices=TASKS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--random-encoder", action="store_true", help="random init instead of the embedded weights")
+    p.add_argument("--weights", help="an encoder safetensors file instead of the packaged weights")
     p.add_argument("--smoke", action="store_true", help="tiny data, 2 steps, 1 seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
@@ -260,9 +273,12 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     sizes = SMOKE_SIZES if args.smoke else FULL_SIZES
     seeds = range(1 if args.smoke else args.seeds)
-    pretrained = not args.random_encoder
+    if args.weights and args.random_encoder:
+        p.error("--weights and --random-encoder exclude each other")
+    pretrained = args.weights or not args.random_encoder
+    label = f" ({args.weights})" if args.weights else "" if pretrained else " (random)"
     result = {"date": str(date.today()), "machine": platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "encoder": "embedded-vit-s" + ("" if pretrained else " (random)"),
+              "torch": torch.__version__, "encoder": "embedded-vit-s" + label,
               "sizes": vars(sizes), "seeds": len(seeds), "variants": {}}
     work = Path(tempfile.mkdtemp(prefix="vp-quality-"))
     try:

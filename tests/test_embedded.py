@@ -37,19 +37,71 @@ def test_scenes_are_deterministic_valid_and_every_type_draws_its_classes():
 
 
 def test_the_pretraining_task_runs_and_its_encoder_loads_through_timm(tmp_path):
-    """Two steps of the real script; the written encoder file loads strictly into the
-    registered architecture through timm's checkpoint path."""
+    """Two steps of each stage of the real script; the dense stage starts from the MAE
+    stage's encoder, and the written file is the dense stage's encoder, which loads
+    strictly into the registered architecture through timm's checkpoint path."""
     out = tmp_path / "weights.safetensors"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_embedded.py"), "--steps", "2",
-                          "--pool", "16", "--batch", "4", "--output-dir", str(tmp_path / "run"),
+                          "--dense-steps", "2", "--pool", "16", "--batch", "4", "--output-dir", str(tmp_path / "run"),
                           "--weights", str(out), "--docs", str(tmp_path / "docs"), "--threads", "1"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert (tmp_path / "docs" / "embedded_loss.png").is_file()
+    assert (tmp_path / "docs" / "embedded_loss_mae.png").is_file()
+    assert (tmp_path / "docs" / "embedded_loss_dense.png").is_file()
     model = load_backbone("timm", "embedded-vit-s", checkpoint_path=str(out))
     sd = load_file(str(out))
     assert set(sd) == set(model.state_dict())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    mae, dense = (load_file(str(tmp_path / "run" / s / "encoder.safetensors")) for s in ("mae", "dense"))
+    assert all(torch.equal(dense[k], sd[k]) for k in sd)
+    assert not all(torch.equal(mae[k], sd[k]) for k in sd)  # the dense stage trained on from it
+
+
+def test_dense_stage_needs_an_mae_encoder_and_a_valid_block_list():
+    from visionpeft.train import PretrainConfig, PretrainTask
+
+    with pytest.raises(ValueError, match="init_weights"):
+        PretrainTask(PretrainConfig(objective="dense", pool_size=2)).setup("cpu", torch.float32)
+    with pytest.raises(ValueError, match="objective"):
+        PretrainConfig(objective="supervised")
+    for bad in (5, ["2"]):
+        with pytest.raises(ValueError, match="dense_blocks must be a list"):
+            PretrainConfig(objective="dense", dense_blocks=bad)
+    with pytest.raises(ValueError, match="is not a file"):
+        PretrainConfig(objective="dense", init_weights="/nowhere/mae.safetensors")
+    from visionpeft.train.pretrain import DenseLandCover
+
+    with pytest.raises(ValueError, match="dense_blocks"):
+        DenseLandCover(timm.create_model("embedded_vit_s"), 6, 6, (6,))
+
+
+def test_dense_head_logits_are_each_pixels_own_slice_of_its_patch_token():
+    """The per-pixel logits against a loop over pixels: pixel (y, x) reads the head output
+    of token (y // p, x // p) at offset ((y % p) * p + x % p) * K + k; every block is read
+    through the encoder's final norm, as timm's forward_intermediates(norm=True) gives it."""
+    from visionpeft.train.pretrain import DenseLandCover
+
+    torch.manual_seed(0)
+    enc = timm.create_model("embedded_vit_s", img_size=32, depth=3).eval()
+    model = DenseLandCover(enc, 6, 5, (0, -1)).eval()
+    img = torch.randn(2, 3, 32, 24)  # a non-square grid: 8 x 6 tokens
+    with torch.no_grad():
+        dense, scene = model(img)
+        x = enc.norm_pre(enc._pos_embed(enc.patch_embed(img)))
+        t0 = enc.norm(enc.blocks[0](x))
+        t_last = enc.norm(enc.blocks[2](enc.blocks[1](enc.blocks[0](x))))
+        inter = enc.forward_intermediates(img, indices=[0, 2], intermediates_only=True, norm=True,
+                                          output_fmt="NLC")
+    torch.testing.assert_close(inter[0], t0[:, 1:])  # the features the dense pipelines read
+    p, k = 4, 5
+    for out, tokens, head in ((dense[0], t0, model.heads[0]), (dense[1], t_last, model.heads[1])):
+        assert out.shape == (2, k, 32, 24)
+        flat = head(tokens[:, 1:])  # (B, 8 * 6, p * p * K)
+        for y in range(32):
+            for xx in range(24):
+                ref = flat[:, (y // p) * 6 + xx // p, ((y % p) * p + xx % p) * k:((y % p) * p + xx % p + 1) * k]
+                torch.testing.assert_close(out[:, :, y, xx], ref)
+    torch.testing.assert_close(scene, model.scene_head(t_last[:, 0]))
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="embedded weights not generated yet")

@@ -3,6 +3,7 @@ hand-written expectations, tiling, augmentation, errors and the synthetic benchm
 import colorsys
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -347,29 +348,180 @@ def test_torchgeo_missing_says_how_to_install(monkeypatch):
         find_split("torchgeo.LoveDA", "data", "train")
 
 
-def test_torchgeo_adapter_with_a_stand_in(monkeypatch):
-    class LoveDA:  # torchgeo's sample format: float image 0..255 (C, H, W), raw long mask
-        def __init__(self, root, split, scene=("urban", "rural")):
+def _stand_in(monkeypatch, **classes):
+    datasets = types.SimpleNamespace(**classes)
+    monkeypatch.setitem(sys.modules, "torchgeo", types.SimpleNamespace(datasets=datasets))
+    monkeypatch.setitem(sys.modules, "torchgeo.datasets", datasets)
+
+
+def test_torchgeo_adapter_with_a_stand_in(monkeypatch, tmp_path):
+    """For machines without torchgeo; the real library is checked in the tests below."""
+    class LoveDA(torch.utils.data.Dataset):  # as torchgeo's: float image 0..255 (C, H, W), raw long mask
+        splits, scenes = ("train", "val", "test"), ("urban", "rural")
+
+        def __init__(self, root, split="train", scene=("urban", "rural"), transforms=None):
             self.args = (root, split, list(scene))
-            self.files = [{"image": f"{root}/{split}/{i}.png", "mask": "m.png"} for i in range(2)]
+            self.files = [{"image": _save(tmp_path / f"{i}.png", _rgb(4, 4)),
+                           "mask": _save(tmp_path / f"m{i}.png", np.ones((4, 4)))} for i in range(2)]
 
         def __len__(self):
             return 2
 
         def __getitem__(self, i):
             return {"image": torch.full((3, 4, 4), 51.0), "mask": torch.tensor([[0, 1, 7, 3]] * 4)}
-    datasets = types.SimpleNamespace(LoveDA=LoveDA)
-    monkeypatch.setitem(sys.modules, "torchgeo", types.SimpleNamespace(datasets=datasets))
-    monkeypatch.setitem(sys.modules, "torchgeo.datasets", datasets)
+
+    class Unit(LoveDA):  # a class we do not know: floats in [0, 1], the first image sets the scale
+        classes = ["a", "b"]
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 2, 2), (0.5, 0.002)[i]), "mask": torch.zeros(1, 2, 2, dtype=torch.long)}
+    _stand_in(monkeypatch, LoveDA=LoveDA, Unit=Unit)
     split = find_split("torchgeo.LoveDA", "data", "Train", domain="Urban")
     assert split.dataset.args == ("data", "train", ["urban"]) and split.classes == LOVEDA_CLASSES
     item = split[1]
-    assert item["path"] == "data/train/1.png" and item["mask"][0].tolist() == [255, 0, 6, 2]
+    assert item["path"] == str(tmp_path / "1.png") and item["mask"][0].tolist() == [255, 0, 6, 2]
     assert torch.allclose(item["image"], torch.full((3, 4, 4), 0.2))
     aug = SegmentationDataset(split, image_size=3, train=True)[0]
     assert aug["image"].shape == (3, 3, 3) and aug["mask"].shape == (3, 3)
-    with pytest.raises(ValueError, match=r"no class 'Nope'"):
+    unit = find_split("torchgeo.unit", "data", "val")
+    assert unit.classes == ["a", "b"] and unit.scale == 255.0
+    # the dark second image stays dark: one scale for the data set
+    assert torch.allclose(unit[1]["image"], torch.full((3, 2, 2), 0.002)) and unit[1]["mask"].shape == (2, 2)
+    with pytest.raises(ValueError, match=r"no dataset class 'Nope'"):
         torchgeo_dataset("Nope", "data", "train")
+
+
+def _tg():
+    tg = pytest.importorskip("torchgeo")
+    warnings.filterwarnings("ignore", module="rasterio")  # plain TIFFs have no georeference
+    return tg
+
+
+def _tg_loveda(root: Path):
+    """torchgeo's LoveDA layout: root/{Train,Val,Test}/{Urban,Rural}/images_png + masks_png."""
+    raw = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    images = {}
+    for split, domain, seed in (("Train", "Urban", 1), ("Train", "Rural", 2), ("Val", "Urban", 3),
+                                ("Val", "Rural", 4)):
+        d = root / split / domain
+        images[d / "images_png" / "1.png"] = _rgb(2, 4, seed)
+        _save(d / "masks_png" / "1.png", raw)
+    images[root / "Train" / "Rural" / "images_png" / "2.png"] = np.ones((2, 4, 3))  # dark: stays dark
+    _save(root / "Train" / "Rural" / "masks_png" / "2.png", raw[::-1])
+    for domain in ("Urban", "Rural"):  # labels withheld
+        images[root / "Test" / domain / "images_png" / "9.png"] = _rgb(2, 4)
+    for path, rgb in images.items():
+        _save(path, rgb)
+    return {str(p): v for p, v in images.items()}
+
+
+def _same_items(a, b):
+    assert [Path(p).name for p, _ in a.pairs] == [Path(p).name for p, _ in b.pairs] and len(a) == len(b)
+    for x, y in zip(SegmentationDataset(a), SegmentationDataset(b)):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"]), x["path"]
+
+
+def test_torchgeo_loveda_reads_as_our_loveda_reader(tmp_path):
+    _tg()
+    written = _tg_loveda(tmp_path)
+    train = find_split("torchgeo.LoveDA", tmp_path, "Train")
+    assert type(train.dataset).__module__.startswith("torchgeo.") and train.classes == LOVEDA_CLASSES
+    assert [Path(p).parts[-3:] for p, _ in train.pairs] == [
+        ("Rural", "images_png", "1.png"), ("Rural", "images_png", "2.png"), ("Urban", "images_png", "1.png")]
+    _same_items(train, find_split("loveda", tmp_path, "train"))
+    for item in SegmentationDataset(train):  # the pixels written, the raw mask mapped
+        assert np.array_equal(np.rint(item["image"].permute(1, 2, 0).numpy() * 255), written[item["path"]])
+    assert _mask(train, 0) == [[255, 0, 1, 2], [3, 4, 5, 6]] and _mask(train, 1) == [[3, 4, 5, 6], [255, 0, 1, 2]]
+    assert SegmentationDataset(train)[1]["image"].max() == pytest.approx(1 / 255)
+    val = find_split("torchgeo.loveda", tmp_path, "VAL", domain="RURAL")  # names in any case
+    assert val.dataset.scene == ["rural"] and len(val) == 1
+    _same_items(val, find_split("loveda", tmp_path, "val", domain="rural"))
+    aug = SegmentationDataset(train, image_size=3, train=True)[2]
+    assert aug["image"].shape == (3, 3, 3) and aug["mask"].dtype == torch.int64
+
+
+def test_torchgeo_loveda_errors(tmp_path):
+    _tg()
+    _tg_loveda(tmp_path)
+    with pytest.raises(ValueError, match=r"split 'test' has no masks \(LoveDA's Test labels are withheld"):
+        find_split("torchgeo.LoveDA", tmp_path, "test")
+    with pytest.raises(ValueError, match=r"has splits \['test', 'train', 'val'\], got 'trian'"):
+        find_split("torchgeo.LoveDA", tmp_path, "trian")
+    with pytest.raises(ValueError, match=r"domain 'Suburb': choose one of urban, rural"):
+        find_split("torchgeo.LoveDA", tmp_path, "val", domain="Suburb")
+    with pytest.raises(ValueError, match=r"give domain or the scene option, not both"):
+        find_split("torchgeo.LoveDA", tmp_path, "val", domain="urban", scene=["rural"])
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['eroded'\] for torchgeo.LoveDA.*'checksum'"):
+        find_split("torchgeo.LoveDA", tmp_path, "val", eroded=True)
+    with pytest.raises(ValueError, match=r"domain is only understood for torchgeo.LoveDA.*Potsdam2D"):
+        find_split("torchgeo.Potsdam2D", tmp_path, "val", domain="urban")
+    with pytest.raises(ValueError, match=r"no dataset class 'DatasetNotFoundError'"):
+        torchgeo_dataset("DatasetNotFoundError", tmp_path, "train")
+    with pytest.raises(ValueError, match=r"no val data under .*empty: it looks for .*empty.Val.<Scene>.images_png"):
+        find_split("torchgeo.LoveDA", tmp_path / "empty", "val")
+    (tmp_path / "Val" / "Rural" / "masks_png" / "1.png").unlink()
+    with pytest.raises(ValueError, match=r"1 torchgeo.LoveDA image\(s\) have no mask file, e.g. .*Val.Rural.masks_png"):
+        find_split("torchgeo.LoveDA", tmp_path, "val")
+    palette = Image.fromarray(np.ones((2, 4), np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] * 128)
+    palette.save(tmp_path / "Val" / "Rural" / "masks_png" / "1.png")
+    with pytest.raises(ValueError, match=r"palette PNG, which torchgeo.LoveDA reads as grey levels.*dataset: loveda"):
+        find_split("torchgeo.LoveDA", tmp_path, "val")
+
+
+def _tg_isprs(root: Path, name: str, ids, rgb_dir: str, rgb_name, label_dir: str, label_name, ours: bool, bands=3):
+    """A tile per id in torchgeo's layout (images in rgb_dir, labels flat in root) and,
+    with `ours`, in the distributed one our reader reads; the same pixels in both."""
+    row = [WHITE, BLUE, CYAN, GREEN, YELLOW, RED]  # no black: the full (not eroded) labels
+    for k, tile in enumerate(ids):
+        rgb, label = _rgb(2, 6, k), [row, row[::-1]]
+        if bands == 4:  # Potsdam's RGBIR tiles: R, G, B, then near infrared
+            rgbir = np.concatenate([rgb, _rgb(2, 6, 9)[..., :1]], -1).astype(np.uint8)
+            path = root / "4_Ortho_RGBIR" / f"top_potsdam_{tile}_RGBIR.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgbir, "RGBA").save(path)
+        else:
+            _save(root / "top" / rgb_name(tile), rgb)
+        _save(root / label_name(tile), label)
+        if ours:
+            _save(root / rgb_dir / rgb_name(tile), rgb)
+            _save(root / label_dir / label_name(tile), label)
+
+
+@pytest.mark.parametrize("name", ["potsdam", "vaihingen"])
+def test_torchgeo_isprs_reads_as_our_isprs_readers(tmp_path, name):
+    _tg()
+    if name == "potsdam":
+        cls, ids = "Potsdam2D", ["2_10", "2_13", "6_7"]  # train, val, train
+        _tg_isprs(tmp_path, name, ids, "2_Ortho_RGB", lambda t: f"top_potsdam_{t}_RGB.tif", "5_Labels_all",
+                  lambda t: f"top_potsdam_{t}_label.tif", True, bands=4)
+    else:
+        cls, ids = "Vaihingen2D", ["1", "2", "3"]  # train, val, train
+        _tg_isprs(tmp_path, name, ids, "top", lambda t: f"top_mosaic_09cm_area{t}.tif", "gts_for_participants",
+                  lambda t: f"top_mosaic_09cm_area{t}.tif", True)
+    for split, n in (("train", 2), ("val", 1)):
+        tg, ours = find_split(f"torchgeo.{cls}", tmp_path, split), find_split(name, tmp_path, split)
+        assert tg.classes == ours.classes == ISPRS_CLASSES and len(tg) == n
+        items = SegmentationDataset(tg)
+        by_id = {Path(p).name.replace("_RGBIR", "_RGB"): items[k] for k, (p, _) in enumerate(tg.pairs)}
+        for k, (image, _) in enumerate(ours.pairs):
+            mine, theirs = SegmentationDataset(ours)[k], by_id[Path(image).name]
+            assert torch.equal(mine["image"], theirs["image"]) and torch.equal(mine["mask"], theirs["mask"])
+            assert mine["mask"].tolist() == [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]
+    with pytest.raises(ValueError, match=r"has splits \['train', 'val'\] \(its val is torchgeo's test split"):
+        find_split(f"torchgeo.{cls}", tmp_path, "Test")  # refused like our readers: no set to select and report on
+    # torchgeo makes any colour outside its palette clutter, the boundary black too (ours ignores it)
+    label = tmp_path / Path(find_split(f"torchgeo.{cls}", tmp_path, "val").pairs[0][1]).name
+    _save(label, [[BLACK, BLUE, (10, 20, 30), WHITE, WHITE, WHITE]] * 2)
+    assert _mask(find_split(f"torchgeo.{cls}", tmp_path, "val"))[0] == [5, 1, 5, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"has splits \['train', 'val'\].*, got 'eval'"):
+        find_split(f"torchgeo.{cls}", tmp_path, "eval")
+    with pytest.raises(ValueError, match=rf"unknown option\(s\) \['drop_clutter'\] for torchgeo.{cls}"):
+        find_split(f"torchgeo.{cls}", tmp_path, "val", drop_clutter=True)
+    with pytest.raises(ValueError, match=rf"torchgeo.{cls}: no val \(torchgeo's test\) data under"):
+        find_split(f"torchgeo.{cls}", tmp_path / "nothing", "val")
+    with pytest.raises(ValueError, match=r"tile needs file sizes"):
+        SegmentationDataset(find_split(f"torchgeo.{cls}", tmp_path, "val"), tile=2)
 
 
 def test_segsplit_rejects_unknown_label_kind():

@@ -219,3 +219,45 @@ def test_base_scale_halves_what_the_model_sees_and_answers_at_full_size(data, tm
     half = predict_probs(model, torch.nn.functional.interpolate(image, scale_factor=0.5, mode="bilinear"), 32)
     up = torch.nn.functional.interpolate(half, size=(64, 64), mode="bilinear")
     torch.testing.assert_close(probs, up)
+
+
+def test_empty_targets_with_modules_to_save_fine_tune_those_modules_whole(data, tmp_path):
+    """target_modules: [] + modules_to_save is full fine-tuning of the named modules; it
+    must not fall back to the host preset (which would add a LoRA on qkv)."""
+    out = tmp_path / "full"
+    adapter = {"method": "lora", "target_modules": [], "modules_to_save": ["blocks.0", "norm"]}
+    run_config(_config(data, out, max_train_steps=2, adapter=adapter))
+    saved = json.loads((out / "best" / "seg_config.json").read_text())["adapter"]
+    assert saved["target_modules"] == [] and saved["modules_to_save"] == ["blocks.0", "norm"]
+    model, _ = load_segmenter(out)
+    assert not any("qkv.adapters" in n or "lora" in n.lower() for n, _ in model.host.named_parameters())
+    from visionpeft.pipelines.change_detection.task import build_backbone
+
+    fresh = dict(build_backbone({"name": "timm_vit", "source": "tiny"}).named_parameters())
+    trained = dict(model.host.named_parameters())
+    copies = {n.replace("copies.default.", ""): p for n, p in trained.items() if ".copies.default." in n}
+    assert {n.split(".copies")[0] for n in trained if ".copies.default." in n} == {"blocks.0", "norm"}
+    assert all(not torch.equal(copies[n], fresh[n]) for n in copies if n.startswith("blocks.0.") and "weight" in n)
+    assert all(torch.equal(p, fresh[n]) for n, p in trained.items() if n.startswith("blocks.1."))
+
+    with pytest.raises(ValueError, match="train nothing"):
+        run_config(_config(data, tmp_path / "none", adapter={"method": "lora", "target_modules": []}))
+
+
+def test_segmentation_benchmark_smoke(monkeypatch):
+    """Every variant of scripts/bench_seg.py for 2 steps on tiny data, and the cost part on
+    a toy-width encoder: it runs and every number is finite (no quality threshold: that is
+    docs/QUALITY.md's job)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_seg
+
+    result = bench_seg.main(["--smoke", "--threads", "1"])
+    q = result["quality"]["variants"]
+    assert set(q) == set(bench_seg.VARIANTS)
+    assert all(np.isfinite(q[v][k]["mean"]) for v in q for k in ("source_miou", "target_miou"))
+    assert q["frozen"]["encoder_params"] == 0 and q["full"]["encoder_params"] > 50 * q["lora"]["encoder_params"]
+    budgets = [q[v]["encoder_params"] for v in ("earth_adapter", "earth_no_split", "lora", "adapter")]
+    assert max(budgets) / min(budgets) < 1.1  # matched budgets
+    assert set(result["cost"]["step"]) == set(bench_seg.COST_VARIANTS)

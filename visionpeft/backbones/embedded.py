@@ -59,7 +59,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def embedded_vit_s(pretrained: bool = False, **kwargs):
     """ViT (192 wide, depth 6, 3 heads, 4 px patches at 64 px) pretrained by visionpeft
-    on its synthetic remote-sensing scenes (MAE + scene-type head); weights in the package."""
+    on its synthetic remote-sensing scenes (MAE, then per-pixel land cover from two blocks,
+    with a scene-type head throughout); weights in the package."""
     if pretrained and not (kwargs.get("pretrained_cfg_overlay") or {}).get("file"):
         check_weights("embedded_vit_s")  # the packaged file, unless a checkpoint is given
     args = dict(EMBEDDED["embedded-vit-s"][1], num_classes=0)

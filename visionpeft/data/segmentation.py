@@ -10,6 +10,7 @@ randomness from (seed, epoch, index) so a run can be replayed exactly.
 """
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -396,12 +397,7 @@ def find_split(dataset: str, root, split: str, domain: str | None = None, **opti
     """
     key = dataset.lower()
     if key.startswith("torchgeo."):
-        name = dataset.split(".", 1)[1]
-        if domain is not None:
-            if name.lower() != "loveda":
-                raise ValueError(f"domain is only understood for torchgeo.LoveDA, not {dataset!r}")
-            options.setdefault("scene", [domain.lower()])
-        return torchgeo_dataset(name, root, split, **options)
+        return torchgeo_dataset(dataset.split(".", 1)[1], root, split, domain, **options)
     if key not in _READERS:
         raise ValueError(f"unknown segmentation dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return _READERS[key](Path(root), str(split), domain, options)
@@ -409,17 +405,48 @@ def find_split(dataset: str, root, split: str, domain: str | None = None, **opti
 
 # ----------------------------------------------------------------------------- torchgeo
 
-# torchgeo keeps LoveDA's raw masks (0 = no-data); map them like the file reader does
-_TORCHGEO_LABELS = {"LoveDA": (LOVEDA_CLASSES, LOVEDA_REMAP)}
+@dataclass(frozen=True)
+class _TorchgeoKnown:
+    """A torchgeo class read like our own reader of the same data: our class order (and
+    the remap of torchgeo's mask values into it), our split names -> torchgeo's, and
+    what it looks for under root (for the error when nothing is there)."""
+    classes: list[str]
+    remap: dict[int, int]
+    splits: dict[str, str]
+    layout: str
+    scenes: bool = False  # LoveDA: `domain` becomes its `scene` argument, masks are grey PNGs
+
+
+# torchgeo's ISPRS classes start with clutter; any colour outside its palette (the black
+# boundaries of the eroded labels too) becomes clutter, which no reader of it can undo
+_TG_ISPRS_REMAP = {0: 5, 1: 0, 2: 1, 3: 2, 4: 3, 5: 4}
+# torchgeo's ISPRS "test" tiles are mmseg's "val" tiles (the same lists), so "val" reads them;
+# "test" is refused, as our own ISPRS readers do (else a run could select and report on one set)
+_TG_ISPRS_SPLITS = {"train": "train", "val": "test"}
+_TORCHGEO_KNOWN = {
+    "LoveDA": _TorchgeoKnown(
+        LOVEDA_CLASSES, LOVEDA_REMAP, {"train": "train", "val": "val", "test": "test"},
+        "{root}/{Split}/<Scene>/images_png/*.png and masks_png/ for every scene asked for ({scenes}; "
+        "names as released: Train, Val, Test, Urban, Rural)", scenes=True),
+    "Potsdam2D": _TorchgeoKnown(
+        list(ISPRS_CLASSES), _TG_ISPRS_REMAP, _TG_ISPRS_SPLITS,
+        "{root}/4_Ortho_RGBIR/top_potsdam_<id>_RGBIR.tif with labels {root}/top_potsdam_<id>_label.tif "
+        "(or 4_Ortho_RGBIR.zip and 5_Labels_all.zip in {root})"),
+    "Vaihingen2D": _TorchgeoKnown(
+        list(ISPRS_CLASSES), _TG_ISPRS_REMAP, _TG_ISPRS_SPLITS,
+        "{root}/top/top_mosaic_09cm_area<id>.tif with labels {root}/top_mosaic_09cm_area<id>.tif "
+        "(or the two ISPRS Vaihingen zips in {root})"),
+}
 
 
 class TorchgeoSplit:
     """A torchgeo dataset seen as a `SegSplit` (same fields; `pairs` from its file list
-    where it has one) whose items have `SegmentationDataset`'s format."""
+    where it has one) whose items have `SegmentationDataset`'s format. `scale` brings
+    the dataset's image values to 0..255."""
     label_kind = "index"
 
-    def __init__(self, dataset, name: str, classes, ignore_index: int = IGNORE, remap=None):
-        self.dataset, self.name = dataset, name
+    def __init__(self, dataset, name: str, classes, ignore_index: int = IGNORE, remap=None, scale: float = 1.0):
+        self.dataset, self.name, self.scale = dataset, name, float(scale)
         self.classes, self.ignore_index, self.remap = list(classes), ignore_index, remap
         files = getattr(dataset, "files", None) or []
         self.pairs = [(str(f["image"]), str(f["mask"])) for f in files
@@ -438,31 +465,125 @@ class TorchgeoSplit:
         image = torch.as_tensor(sample["image"])
         if image.ndim != 3 or image.shape[0] < 3:
             raise ValueError(f"{path}: image has shape {tuple(image.shape)}; expected (C>=3, H, W)")
-        # torchgeo hands 8-bit data over as uint8 or as 0..255 floats; scale [0, 1] floats up
-        scale = 255.0 if image.is_floating_point() and float(image.max()) <= 1.0 else 1.0
-        image = np.clip(image[:3].permute(1, 2, 0).numpy().astype(np.float32) * scale, 0, 255)
-        mask = _apply_remap(torch.as_tensor(sample["mask"]).long().numpy(), self, path)
-        return image, mask, path
+        image = image[:3].permute(1, 2, 0).numpy().astype(np.float32) * np.float32(self.scale)
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0 or hi > 255.001:  # clipping would hide 16-bit data or a normalising transform
+            raise ValueError(f"{path}: image values span {lo:g}..{hi:g}; expected 8-bit RGB values 0..255 "
+                             "(a normalising transform, or no RGB data set?)")
+        mask = torch.as_tensor(sample["mask"])
+        mask = mask[0] if mask.ndim == 3 and mask.shape[0] == 1 else mask
+        if tuple(mask.shape) != image.shape[:2]:
+            raise ValueError(f"size mismatch: {path}: mask is {tuple(mask.shape)} but the image is "
+                             f"{image.shape[:2]} (H, W); they must be the same size")
+        return image, _apply_remap(mask.long().numpy(), self, path), path
 
     def __getitem__(self, index: int) -> dict:
         return _to_item(*self.load(index))
 
 
-def torchgeo_dataset(name: str, root, split: str, **kwargs) -> TorchgeoSplit:
-    """torchgeo.datasets.<name>(root=root, split=split, **kwargs) as a `TorchgeoSplit`."""
+def _torchgeo_class(tgd, name: str):
+    """(exported name, class), the name case-insensitively; only dataset classes."""
+    names = getattr(tgd, "__all__", None) or [n for n in dir(tgd) if not n.startswith("_")]
+    found = {n.lower(): n for n in names}.get(name.lower())
+    cls = getattr(tgd, found, None) if found else None
+    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+        raise ValueError(f"torchgeo.datasets has no dataset class {name!r}; e.g. LoveDA, Potsdam2D, Vaihingen2D")
+    return found, cls
+
+
+def _torchgeo_options(cls, label: str, opts: dict) -> None:
+    """Refuse what the class would not take, before constructing it (a TypeError deep
+    inside torchgeo says less)."""
+    params = inspect.signature(cls.__init__).parameters
+    if "root" not in params or "split" not in params:
+        raise ValueError(f"{label} takes no root and split arguments; only torchgeo's data sets with "
+                         "splits (LoveDA, Potsdam2D, Vaihingen2D, ...) can be read")
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = sorted(set(params) - {"self", "root", "split"})
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {label}; valid options: {valid or 'none'} "
+                         "(root and split come from data_root and the split)")
+
+
+def _torchgeo_first(dataset, label: str) -> float:
+    """For a class we do not know: check sample 0's keys and take the image scale from it
+    once for the whole data set ([0, 1] floats -> x255), so a dark image is not
+    brightened on its own."""
+    sample = dataset[0]
+    if not isinstance(sample, dict) or "image" not in sample or "mask" not in sample:
+        keys = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+        raise ValueError(f"{label} gives samples with keys {keys}; a segmentation data set gives 'image' and 'mask'")
+    image = torch.as_tensor(sample["image"])
+    return 255.0 if image.is_floating_point() and float(image.max()) <= 1.0 else 1.0
+
+
+def torchgeo_dataset(name: str, root, split: str, domain: str | None = None, **kwargs) -> TorchgeoSplit:
+    """torchgeo.datasets.<name>(root=root, split=split, **kwargs) as a `TorchgeoSplit`.
+
+    LoveDA, Potsdam2D and Vaihingen2D read as our loveda / potsdam / vaihingen readers
+    do: their class lists and order (LoveDA's no-data ignored), "val" for the ISPRS val
+    tiles (torchgeo's "test"), `domain` (LoveDA's Urban / Rural) as torchgeo's `scene`.
+    Other classes keep torchgeo's classes and mask values.
+    """
     try:
         import torchgeo.datasets as tgd
     except ImportError as e:
         raise ImportError(f"dataset 'torchgeo.{name}' needs torchgeo, which is not installed: "
                           "pip install torchgeo") from e
-    cls = getattr(tgd, name, None)
-    if cls is None:
-        raise ValueError(f"torchgeo.datasets has no class {name!r}; e.g. LoveDA, Potsdam2D, Vaihingen2D")
-    dataset = cls(root=str(root), split=split.lower(), **kwargs)
-    classes, remap = _TORCHGEO_LABELS.get(name, (list(getattr(dataset, "classes", []) or []), None))
-    if not classes:
-        raise ValueError(f"torchgeo.{name} lists no classes; it is not a segmentation dataset")
-    return TorchgeoSplit(dataset, name, classes, IGNORE, remap)
+    name, cls = _torchgeo_class(tgd, name)
+    label, known, opts = f"torchgeo.{name}", _TORCHGEO_KNOWN.get(name), dict(kwargs)
+    if domain is not None:
+        if known is None or not known.scenes:
+            raise ValueError(f"domain is only understood for torchgeo.LoveDA (its scene), not {label}")
+        if "scene" in opts:
+            raise ValueError(f"{label}: give domain or the scene option, not both")
+        scenes = tuple(getattr(cls, "scenes", ("urban", "rural")))
+        if str(domain).lower() not in scenes:
+            raise ValueError(f"{label} domain {domain!r}: choose one of {', '.join(scenes)} "
+                             "(any case), or none for all")
+        opts["scene"] = [str(domain).lower()]
+    _torchgeo_options(cls, label, opts)
+    if known is not None and str(split).lower() not in known.splits:
+        extra = " (its val is torchgeo's test split, mmseg's val tiles)" if "val" in known.splits and \
+            known.splits["val"] != "val" else ""
+        raise ValueError(f"{label} has splits {sorted(known.splits)}{extra}, got {split!r}")
+    tg_split = (known.splits if known else {}).get(str(split).lower(), str(split).lower())
+    valid = getattr(cls, "splits", None)
+    if valid is not None and tg_split not in valid:
+        raise ValueError(f"{label} has splits {sorted(known.splits if known else valid)}, got {split!r}")
+    scenes = list(opts.get("scene", getattr(cls, "scenes", ())))
+    asked = tg_split if tg_split == str(split).lower() else f"{split} (torchgeo's {tg_split})"
+    where = known.layout.format(root=root, Split=tg_split.capitalize(), scenes=", ".join(scenes)) if known else ""
+    try:
+        dataset = cls(root=str(root), split=tg_split, **opts)
+    except FileNotFoundError as e:  # torchgeo's DatasetNotFoundError
+        raise ValueError(f"{label}: no {asked} data under {root}: it looks for {where}" if known
+                         else f"{label}: {e}") from e
+    except AssertionError as e:  # torchgeo checks its arguments with assert, often without a message
+        raise ValueError(f"{label} refused split={tg_split!r} with options {opts}: {e or 'invalid argument'}") from e
+    if len(dataset) == 0:
+        raise ValueError(f"{label} found no {asked} images under {root}" + (f"; it looks for {where}" * bool(known)))
+    files = getattr(dataset, "files", None)
+    if isinstance(files, list) and files and all(isinstance(f, dict) and "mask" not in f for f in files):
+        why = " (LoveDA's Test labels are withheld for the evaluation server)" if known and known.scenes else ""
+        raise ValueError(f"{label} split {tg_split!r} has no masks{why}; use a labelled split such as train or val")
+    if known is None:
+        classes = list(getattr(dataset, "classes", []) or [])
+        if not classes:
+            raise ValueError(f"{label} lists no classes; it is not a segmentation dataset")
+        return TorchgeoSplit(dataset, name, classes, IGNORE, None, _torchgeo_first(dataset, label))
+    split_ = TorchgeoSplit(dataset, name, known.classes, IGNORE, dict(known.remap))
+    missing = [m for _, m in split_.pairs if not Path(m).is_file()]
+    if missing:  # LoveDA lists masks by name only; say so now, not at the first epoch
+        raise ValueError(f"{len(missing)} {label} image(s) have no mask file, e.g. {missing[0]}")
+    if known.scenes and split_.pairs:
+        with Image.open(split_.pairs[0][1]) as first:  # header only
+            if first.mode == "P":  # torchgeo converts to grey, so palette colours' luminance, not indices
+                raise ValueError(f"{split_.pairs[0][1]} is a palette PNG, which {label} reads as grey levels, "
+                                 "not class indices; use dataset: loveda")
+    return split_
 
 
 # ----------------------------------------------------------------------------- augmentation

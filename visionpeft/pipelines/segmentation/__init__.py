@@ -5,9 +5,9 @@ matrix, sliding-window inference shared with change detection. Train with
 from visionpeft.train import register_task
 
 from .metrics import SegConfusion, seg_metrics_from_confusion
-from .model import DECODERS, SegmentationModel
-from .task import (SegmentationConfig, SegmentationTask, Segmenter, evaluate, find_checkpoint, load_segmenter,
-                   predict_probs)
+from .model import ALL_DECODERS, DECODERS, SegmentationModel
+from .task import (SegmentationConfig, SegmentationTask, Segmenter, evaluate, find_checkpoint, inject_adapter,
+                   load_segmenter, predict_probs)
 
 
 def _task(values: dict) -> SegmentationTask:
@@ -16,5 +16,6 @@ def _task(values: dict) -> SegmentationTask:
 
 register_task("segmentation", _task)
 
-__all__ = ["SegConfusion", "seg_metrics_from_confusion", "DECODERS", "SegmentationModel", "SegmentationConfig",
-           "SegmentationTask", "Segmenter", "evaluate", "find_checkpoint", "load_segmenter", "predict_probs"]
+__all__ = ["SegConfusion", "seg_metrics_from_confusion", "ALL_DECODERS", "DECODERS", "SegmentationModel",
+           "SegmentationConfig", "SegmentationTask", "Segmenter", "evaluate", "find_checkpoint", "inject_adapter",
+           "load_segmenter", "predict_probs"]

@@ -7,7 +7,9 @@ strides 4, 8, 16 and 32 for patch 16. Hierarchical hosts (SAM2 Hiera) give their
 stages as they are. smp's decoders take a list of features at strides [1, 2, 4, 8, 16,
 32]; we hand them the image at stride 1 and an empty (0-channel) map at stride 2, which
 their UPerNet and FPN skip and their U-Net concatenates as nothing, so smp's own decoder
-modules run on our pyramid unchanged (none is copied here).
+modules run on our pyramid unchanged (none is copied here). ``mask2former`` puts transformers'
+Mask2Former pixel decoder and masked-attention transformer on the same pyramid
+(mask2former.py); it predicts masks per query and is trained with its own set loss.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODERS = ("upernet", "fpn", "deeplabv3plus", "unet", "dpt", "linear")
+DECODERS = ("upernet", "fpn", "deeplabv3plus", "unet", "dpt", "linear")  # per-pixel logits
+QUERY_DECODERS = ("mask2former",)  # per-query masks and classes, a set loss (task.py)
+ALL_DECODERS = DECODERS + QUERY_DECODERS
 VIT_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
@@ -98,13 +102,15 @@ def _dpt_decoder(channels: list[int], strides: list[int] | None, options: dict) 
 class SegmentationModel(nn.Module):
     """encoder (a module returning four NCHW maps, with the adapter) -> pyramid -> decoder
     -> 1x1 classifier -> logits (N, classes, H, W) at the input size. ``strides``: the
-    input size over each map's (for dpt)."""
+    input size over each map's (for dpt). mask2former gives its semantic scores (N, classes,
+    H, W; >= 0, not logits) instead, or with ``queries=True`` its per-layer query logits
+    for the loss."""
 
     def __init__(self, encoder: nn.Module, channels: list[int], num_classes: int,
                  decoder: str = "upernet", options: dict | None = None, strides: list[int] | None = None):
         super().__init__()
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder {decoder!r} is not one of {list(DECODERS)}")
+        if decoder not in ALL_DECODERS:
+            raise ValueError(f"decoder {decoder!r} is not one of {list(ALL_DECODERS)}")
         if len(channels) != 4:
             raise ValueError(f"the encoder must give four feature maps, it gave {len(channels)}")
         self.encoder, self.decoder_name = encoder, decoder
@@ -114,11 +120,22 @@ class SegmentationModel(nn.Module):
             self.head = nn.Conv2d(width, num_classes, 1)
         elif decoder == "linear":
             self.decoder, self.head = LinearHead(channels, num_classes), nn.Identity()
+        elif decoder == "mask2former":
+            from .mask2former import Mask2FormerHead
+
+            self.decoder, self.head = Mask2FormerHead(channels, num_classes, options), nn.Identity()
         else:
             self.decoder, width = _smp_decoder(decoder, channels, options or {})
             self.head = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: bool = False):
+        if queries and self.decoder_name not in QUERY_DECODERS:
+            raise ValueError(f"queries=True needs a query decoder {list(QUERY_DECODERS)}, not {self.decoder_name}")
+        if self.decoder_name == "mask2former":
+            from .mask2former import semantic_scores
+
+            out = self.decoder(to_pyramid(self.encoder(x)))
+            return out if queries else semantic_scores(out.classes[-1], out.masks[-1], x.shape[-2:])
         if self.decoder_name == "dpt":
             feats = self.encoder(x)
             gh, gw = feats[-1].shape[-2:]

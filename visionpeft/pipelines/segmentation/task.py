@@ -30,7 +30,8 @@ from ..checkpoints import HEAD_NAME as DECODER_NAME
 from ..checkpoints import find_checkpoint_folder, validations_kept, write_checkpoint
 from ..dense import sliding_window
 from .metrics import SegConfusion
-from .model import DECODERS, SegmentationModel, probe
+from .mask2former import build_criterion, scores_to_probs
+from .model import ALL_DECODERS, SegmentationModel, probe
 
 CONFIG_NAME = "seg_config.json"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -39,11 +40,20 @@ BLOCK_PRESETS = ("TIMM_BLOCKS", "HF_VIT_LAYERS", "HF_SAM2_BLOCKS")
 WEIGHT_PRESETS = ("TIMM_VIT_QKV", "HF_DINOV2_QKV", "HF_SAM2_QKV")
 
 
+def _check_trains_something(spec: dict) -> None:
+    if spec.get("target_modules") == [] and not spec.get("modules_to_save"):
+        raise ValueError("segmentation: the adapter has target_modules: [] and no modules_to_save, so it would "
+                         "train nothing; list modules to adapt, or drop target_modules for the host's preset")
+
+
 def inject_adapter(host: nn.Module, spec: dict, name: str) -> dict:
     """Inject the adapter ``spec``; without ``target_modules`` the host's preset (its blocks
     for a block method, its q/k/v for a weight method) is used. Returns the spec as
-    injected (with the targets), which is what a checkpoint records."""
-    if spec.get("target_modules"):
+    injected (with the targets), which is what a checkpoint records. ``target_modules: []``
+    with ``modules_to_save`` trains those modules whole (full fine-tuning: blocks, patch
+    embedding, norm)."""
+    _check_trains_something(spec)
+    if spec.get("target_modules") or spec.get("target_modules") == []:
         vp.inject(host, adapter_config(spec, "segmentation"), name=name)
         return spec
     block = not vp.get_method(spec["method"]).weight_space  # the method was checked with the config
@@ -92,8 +102,8 @@ class SegmentationConfig:
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"segmentation: num_classes must be an integer >= 2, got {self.num_classes!r}")
         name = (self.decoder or {}).get("name")
-        if name not in DECODERS:
-            raise ValueError(f"segmentation: decoder.name must be one of {list(DECODERS)}, got {name!r}")
+        if name not in ALL_DECODERS:
+            raise ValueError(f"segmentation: decoder.name must be one of {list(ALL_DECODERS)}, got {name!r}")
         if self.select_on not in ("source", "target"):
             raise ValueError(f"segmentation: select_on must be source or target, got {self.select_on!r}")
         if self.select_on == "target" and not self.has_target:
@@ -133,8 +143,8 @@ class Segmenter(nn.Module):
         """Decoder and classifier weights (the encoder's part is its adapter)."""
         return {k: v for k, v in self.net.state_dict().items() if not k.startswith("encoder.")}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std, **kwargs)
 
 
 def save_segmenter(model: Segmenter, folder: Path, config: dict, name: str) -> None:
@@ -172,13 +182,16 @@ def load_segmenter(path) -> tuple[Segmenter, dict]:
 @torch.no_grad()
 def predict_probs(model: Segmenter, image: torch.Tensor, tile: int, stride: int | None = None,
                   scale: float = 1.0) -> torch.Tensor:
-    """Class probabilities (N, K, H, W) for images of any size: softmax averaged over
-    overlapping windows of ``tile`` (stride: tile * 2/3, as the official 512/341). With
+    """Class probabilities (N, K, H, W) for images of any size: per-window probabilities
+    (softmax; mask2former's scores normalised per pixel) averaged over overlapping windows
+    of ``tile`` (stride: tile * 2/3, as the official 512/341). With
     ``scale`` the image is resized by it first and the probabilities brought back to its
     size, as mmseg evaluates a resized test pipeline against full-size labels."""
     stride = stride or max(1, tile * 2 // 3)
     x = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
-    probs = sliding_window(lambda crop: F.softmax(model(crop), 1), x, tile, stride)
+    # mask2former's scores are sums of class x mask probabilities, not logits: normalised, not softmaxed
+    to_probs = scores_to_probs if model.net.decoder_name == "mask2former" else (lambda s: F.softmax(s, 1))
+    probs = sliding_window(lambda crop: to_probs(model(crop)), x, tile, stride)
     return probs if scale == 1.0 else F.interpolate(probs, size=image.shape[-2:], mode="bilinear",
                                                      align_corners=False)
 
@@ -201,6 +214,7 @@ class SegmentationTask(Task):
         self.adapter_name = cfg.adapter_name
         check_backbone(cfg.backbone)
         if cfg.adapter:  # a bad method or field fails here, before any data is read
+            _check_trains_something(cfg.adapter)
             adapter_config({**cfg.adapter, "target_modules": cfg.adapter.get("target_modules") or ["set-in-setup"]},
                            "segmentation")
         self.adapter_config = cfg.adapter or None
@@ -235,6 +249,9 @@ class SegmentationTask(Task):
         for name, p in self.model.net.named_parameters():
             if not name.startswith("encoder."):
                 p.requires_grad_(True)
+        # mask2former trains with its set loss (matching, mask BCE + dice, classes), not per-pixel CE
+        self.criterion = (build_criterion(self.model.net.decoder.config).to(device)
+                          if cfg.decoder["name"] == "mask2former" else None)
 
     def models(self):
         return {"model": self.model}
@@ -243,6 +260,9 @@ class SegmentationTask(Task):
         return self.train_set
 
     def loss(self, models, batch):
+        if self.criterion is not None:
+            out = models["model"](batch["image"], queries=True)
+            return self.criterion.semantic(out, batch["mask"], self.cfg.ignore_index)
         logits = models["model"](batch["image"])
         return F.cross_entropy(logits, batch["mask"], ignore_index=self.cfg.ignore_index), {}
 
