@@ -58,7 +58,9 @@ def test_band_order_and_sign_conventions():
     x = torch.zeros(4, 4, dtype=torch.float64)
     x[:, ::2] = 1.0
     cA, (cH, cV, cD) = D.dwt2(x, "haar")
-    assert cH.abs().max() == 0 and cD.abs().max() == 0 and cV.abs().max() > 0
+    # zero up to rounding: a kernel that fuses multiply-adds (FMA) leaves 1/sqrt2 * 1/sqrt2's
+    # rounding error, ~4e-17, where separate products cancel exactly
+    assert cH.abs().max() < 1e-15 and cD.abs().max() < 1e-15 and cV.abs().max() > 0.5
     # pywt haar dec_hi = [-1/sqrt2, 1/sqrt2] applied as y[k] = sum_j h[j] x[2k+1-j]:
     # detail = (x[2k] - x[2k+1]) / sqrt2 per axis, so even-indexed ones give +1 here
     _close(cV, np.full((2, 2), 1.0))
