@@ -67,6 +67,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.stages not in (["mae"], ["dense"], ["mae", "dense"]):
         p.error(f"--stages {' '.join(args.stages)}: give mae, dense, or mae dense (in that order, each once)")
+    if args.init and not Path(args.init).is_file():
+        p.error(f"--init {args.init} is not a file; give the encoder safetensors the first stage starts from")
     if args.stages[0] == "dense" and not args.init:
         p.error("--stages dense starts from an MAE encoder: give --init FILE (or run --stages mae dense)")
     torch.set_num_threads(args.threads)
