@@ -380,6 +380,122 @@ def _cmd_predict_seg(args) -> int:
     return 0
 
 
+def _parse_concept(text: str) -> dict:
+    """ADAPTER:PROMPT:WORDS (the prompt may hold colons; words comma-separated)."""
+    if text.count(":") < 2:
+        raise ValueError(f"--concept {text!r}: give ADAPTER:PROMPT:WORDS, e.g. 'dog:a sks dog and a cat:sks dog'")
+    adapter, rest = text.split(":", 1)
+    prompt, words = rest.rsplit(":", 1)
+    words = [w.strip() for w in words.split(",") if w.strip()]
+    if not adapter.strip() or not prompt.strip() or not words:
+        raise ValueError(f"--concept {text!r}: ADAPTER, PROMPT and WORDS must each be non-empty")
+    return {"adapter": adapter.strip(), "prompt": prompt.strip(), "words": words}
+
+
+def _cmd_compose(args) -> int:
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+
+    import visionpeft as vp
+
+    from .pipelines.clora import compose, load_pipeline_adapter
+    from .pipelines.clora.pictures import mask_picture
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapter {item!r}: give NAME=PATH")
+        if name.strip() in adapters:
+            raise ValueError(f"--adapter {name.strip()!r} is given twice")
+        adapters[name.strip()] = path.strip()
+    concepts = [_parse_concept(c) for c in args.concept]
+    used = {c["adapter"] for c in concepts} | ({args.style} if args.style else set())
+    unknown = sorted(used - set(adapters))
+    if unknown:
+        raise ValueError(f"the concepts name adapters {unknown} that no --adapter NAME=PATH loads "
+                         f"(loaded: {sorted(adapters)})")
+    scales = {}
+    for item in args.scale:
+        name, _, value = item.partition("=")
+        if name not in adapters:
+            raise ValueError(f"--scale {item!r}: no adapter named {name!r} (loaded: {sorted(adapters)})")
+        try:
+            scales[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--scale {item!r}: give NAME=NUMBER") from None
+    for name, path in adapters.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--adapter {name}={path}: no such file or folder")
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"-o {out}: give an image file name (.png, .jpg, .webp)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device != "cpu" else torch.float32)
+    pipe = _load_diffusion_pipeline(args.pipeline, dtype)
+    pipe.to(device)
+    for name, path in adapters.items():
+        load_pipeline_adapter(pipe, path, name)
+    for name, value in scales.items():
+        for comp in ("unet", "text_encoder", "text_encoder_2"):
+            model = getattr(pipe, comp, None)
+            if model is not None and name in vp.adapter_names(model):
+                vp.set_scale(model, name, value)
+    refine_at = tuple(int(v) for v in args.refine_at.split(",") if v.strip()) if args.refine_at else ()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.perf_counter()
+    result = compose(pipe, args.prompt, concepts, style=args.style, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, step_size=args.step_size, update_until=args.update_until,
+                     refine_at=refine_at, refine_rounds=args.refine_rounds, mask_alpha=args.mask_alpha,
+                     attn_res=args.attn_res, batched=not args.sequential, generator=generator,
+                     negative_prompt=args.negative_prompt, height=args.height, width=args.width)
+    seconds = time.perf_counter() - start
+    image = result.images[0]
+    labels = [f"0 base: {args.prompt}"] + [f"{k + 1} {c['adapter']}: {c['prompt']}" for k, c in enumerate(concepts)]
+    masks_path = out.with_name(out.stem + ".masks.png")
+    json_path = out.with_name(out.stem + ".json")
+    report = {"settings": result.settings, "adapters": adapters, "seed": args.seed, "device": device,
+              "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 2),
+              "unet_calls": result.unet_calls, "losses": result.losses,
+              "refine_losses": {str(k): v for k, v in result.refine_losses.items()},
+              "branches": result.branches, "image": out.name, "masks": masks_path.name}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = [(out, lambda f: image.save(f, format=_image_format(out))),
+             (masks_path, lambda f: mask_picture(result.masks, image.size, labels).save(f, format="PNG")),
+             (json_path, lambda f: f.write(json.dumps(report, indent=2).encode()))]
+    for path, write in files:  # each file whole or not at all
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    print(f"wrote {out}, {masks_path.name} and {json_path.name} ({seconds:.1f} s, {result.unet_calls} UNet passes)")
+    return 0
+
+
+def _image_format(path) -> str:
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+
+
+def _load_diffusion_pipeline(folder: str, dtype):
+    """diffusers' own loader on a pipeline folder; a folder that is not one is a one-line error."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--pipeline {folder}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(f"--pipeline {folder}: {err}") from None
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
 def _demo_hub():
     """demos/app.py of the source tree this package runs from (the demos are not packaged)."""
     import importlib.util
@@ -466,6 +582,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile", type=int, help="window size (default: the training image size)")
     d.add_argument("--stride", type=int, help="window stride (default: two thirds of the tile)")
     d.set_defaults(func=_cmd_predict_seg)
+    c = sub.add_parser("compose", help="CLoRA: several concept adapters in one image (one UNet pass per step)")
+    c.add_argument("--pipeline", required=True, help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder")
+    c.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter to load (repeatable): our folder, a DreamBooth output folder, or a diffusers / "
+                        "PEFT / kohya / LyCORIS file")
+    c.add_argument("--prompt", required=True, help="the base prompt, mentioning every concept")
+    c.add_argument("--concept", action="append", default=[], required=True, metavar="ADAPTER:PROMPT:WORDS",
+                   help="a concept (repeatable): its adapter, its prompt, and the words of that prompt that are "
+                        "the concept (comma-separated), e.g. 'dog:a sks dog and a cat:sks dog'")
+    c.add_argument("--style", metavar="NAME", help="an adapter on in every branch (loaded with --adapter)")
+    c.add_argument("--scale", action="append", default=[], metavar="NAME=VALUE", help="an adapter's scale")
+    c.add_argument("--steps", type=int, default=50, help="denoising steps")
+    c.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    c.add_argument("--step-size", type=float, default=20, help="latent update step size")
+    c.add_argument("--update-until", type=int, default=25, help="update the latent while step < this")
+    c.add_argument("--refine-at", default="0,10,20", help="steps with extra refinement rounds (comma-separated)")
+    c.add_argument("--refine-rounds", type=int, default=20, help="extra rounds at each of those steps")
+    c.add_argument("--mask-alpha", type=float, default=0.3, help="mask = token map > alpha * its max")
+    c.add_argument("--attn-res", type=int, help="width of the captured attention grid (default: 16 at 512 px "
+                   "on SD 1.5, the middle cross-attention resolution elsewhere)")
+    c.add_argument("--negative-prompt", help="negative prompt of every branch")
+    c.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    c.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--sequential", action="store_true", help="one UNet pass per branch, as the authors' code")
+    c.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on a GPU, float32 on the CPU")
+    c.add_argument("-o", "--output", required=True, help="the image; NAME.masks.png and NAME.json go beside it")
+    c.set_defaults(func=_cmd_compose)
     g = sub.add_parser("demo", add_help=False,
                        help="serve the Gradio demos, one tab per pipeline (demos/app.py; "
                             "visionpeft demo --help lists its options)")

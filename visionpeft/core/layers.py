@@ -30,26 +30,48 @@ class AdapterState:
     active: tuple[str, ...] = ()
     scales: dict[str, float] = field(default_factory=dict)
     disabled: bool = False
-    routing: tuple[str | None, ...] | None = None  # one adapter name (or None) per batch row
+    # per batch row, the adapters it runs (a tuple, () for the base model); None: not routed
+    routing: tuple[tuple[str, ...], ...] | None = None
     merged: tuple[str, ...] = ()
     frozen_flags: dict[str, bool] = field(default_factory=dict)  # param -> requires_grad before inject
     # the patch grid recorder block adapters with ``needs_token_grid`` read (core.tokens)
     token_grid: object = field(default=None, repr=False, compare=False)
-    # `routed_names` of the last routing seen, keyed on that tuple object (it is immutable)
+    # `routed_names` and `routing_slots` of the last routing seen, keyed on that tuple
+    # object (it is immutable)
     _uniform: tuple = field(default=(None, None), repr=False, compare=False)
+    _slots: tuple = field(default=(None, None), repr=False, compare=False)
 
     def routed_names(self) -> tuple[str, ...] | None:
-        """Under routing, the adapters that every row uses when the rows agree: (name,)
-        when all rows name the same adapter, () when none names one; None when rows
-        differ. Agreeing rows then take the unrouted path, with nothing gathered."""
+        """Under routing, the adapters that every row uses when the rows agree (their
+        tuple, () when no row names one); None when rows differ. Agreeing rows then take
+        the unrouted path, with nothing gathered."""
         rows = self.routing
         key, names = self._uniform
         if key is not rows:
-            first = rows[0] if rows else None
-            same = all(r == first for r in rows)
-            names = (() if first is None else (first,)) if same else None
+            first = rows[0] if rows else ()
+            names = first if all(r == first for r in rows) else None
             self._uniform = (rows, names)
         return names
+
+    def routing_slots(self) -> list[tuple[str | None, ...]]:
+        """The routing as layers of one adapter (or None) per row, whose updates add up to
+        every row's set: adapters that more rows share come first, so that a style adapter
+        on every row fills one slot alone (a uniform slot: the unrouted path) and the
+        per-row concepts the next. Weight-space updates add, so the order changes nothing
+        but rounding."""
+        rows = self.routing
+        key, slots = self._slots
+        if key is not rows:
+            count: dict[str, int] = {}
+            for row in rows:
+                for n in row:
+                    count[n] = count.get(n, 0) + 1
+            rank = {n: i for i, n in enumerate(sorted(count, key=lambda n: -count[n]))}  # stable
+            ordered = [sorted(row, key=rank.__getitem__) for row in rows]
+            depth = max((len(r) for r in ordered), default=0)
+            slots = [tuple(r[j] if j < len(r) else None for r in ordered) for j in range(depth)]
+            self._slots = (rows, slots)
+        return slots
 
 
 def _rows(part: str, out_features: int) -> tuple[int, int] | None:
@@ -255,12 +277,15 @@ class AdaptedLayer(AdaptedLayerBase):
     def _route_plan(self, routing, device):
         """[(part, method class, adapter names, their modules, row -> index into names
         or -1, the modules' dtype or None if they differ, a store the method may keep its
-        stacked factors in)] for rows that differ: one entry per host part and
-        method, so that each method batches all its adapters of a part at once. Kept until
-        the routing, the adapters, or their device or dtype (`.to()`) change."""
+        stacked factors in)] for one slot of the routing (one adapter or None per row)
+        whose rows differ: one entry per host part and method, so that each method batches
+        all its adapters of a part at once. Kept until the routing, the adapters, or their
+        device or dtype (`.to()`) change."""
         cached = self.__dict__.get("_plan")
-        if cached is not None and cached[1] == device and cached[0] == routing:
-            return cached[2]
+        if cached is None or cached[0] != self.state.routing or cached[1] != device:
+            cached = self.__dict__["_plan"] = (self.state.routing, device, {})
+        if routing in cached[2]:
+            return cached[2][routing]
         names = [n for n in dict.fromkeys(routing) if n is not None and n in self.adapters]
         groups: dict = {}
         for name in names:
@@ -273,14 +298,25 @@ class AdaptedLayer(AdaptedLayerBase):
             mods = [self.adapters[n][part] for n in members]
             dtypes = {m.compute_dtype for m in mods}
             plan.append((part, cls, members, mods, rows, dtypes.pop() if len(dtypes) == 1 else None, {}))
-        self.__dict__["_plan"] = (routing, device, plan)
+        cached[2][routing] = plan
         return plan
 
     def _routed(self, x, y, st):
+        for slot in st.routing_slots():
+            first = slot[0]
+            if all(r == first for r in slot):  # one adapter on every row: the unrouted add
+                if first is not None and first in self.adapters:
+                    for part, mod in self.adapters[first].items():
+                        y = self._add(mod, part, x, y, st.scales[first])
+                continue
+            y = self._routed_slot(x, y, st, slot)
+        return y
+
+    def _routed_slot(self, x, y, st, slot):
         # methods batch their rows in the host's dtype; mixed dtypes and autocast take
         # the per-adapter path, which casts as the unrouted forward does
         same_dtype = x.dtype == y.dtype and not _is_autocast()
-        for part, cls, names, mods, rows, dtype, store in self._route_plan(st.routing, x.device):
+        for part, cls, names, mods, rows, dtype, store in self._route_plan(slot, x.device):
             scales = [st.scales[n] for n in names]
             span = self._slices[part]
             target = y if span is None else y[..., span[0]:span[1]]
@@ -291,7 +327,7 @@ class AdaptedLayer(AdaptedLayerBase):
                 out = cls.routed_add(mods, scales, x, target, rows, store)
             if out is NotImplemented or out is None:
                 for name, mod, scale in zip(names, mods, scales):
-                    idx = torch.tensor([i for i, r in enumerate(st.routing) if r == name], device=x.device)
+                    idx = torch.tensor([i for i, r in enumerate(slot) if r == name], device=x.device)
                     yi = self._add(mod, part, x.index_select(0, idx), y.index_select(0, idx), scale)
                     # y is ours (the host's fresh output): written in place unless autograd tracks it
                     y = y.index_copy(0, idx, yi) if y.requires_grad else y.index_copy_(0, idx, yi)
@@ -345,7 +381,7 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
         if st.routing is not None:
             active = self._agreeing_rows(st, args, kwargs)
             if active is None:
-                if not any(n in self.adapters for n in dict.fromkeys(st.routing) if n is not None):
+                if not any(n in self.adapters for row in st.routing for n in row):
                     return self.base_layer(*args, **kwargs)  # no routed adapter here: one pass
                 return self._routed(st, args, kwargs)
         return self._run([n for n in active if n in self.adapters], st, args, kwargs)
@@ -395,12 +431,11 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
             return value
 
         out, weights = None, None
-        for name in dict.fromkeys(st.routing):
-            idx = torch.tensor([i for i, r in enumerate(st.routing) if r == name],
+        for row_set in dict.fromkeys(st.routing):  # each distinct set of adapters, one sub-batch
+            idx = torch.tensor([i for i, r in enumerate(st.routing) if r == row_set],
                                device=call["query"].device)
             sub = {k: rows_of(k, v, idx) for k, v in call.items()}
-            names = [name] if name is not None and name in self.adapters else []
-            o, w = self._run(names, st, (), sub)
+            o, w = self._run([n for n in row_set if n in self.adapters], st, (), sub)
             if out is None:
                 out = o.new_zeros(*o.shape[:bdim], n, *o.shape[bdim + 1:])
                 weights = None if w is None else w.new_zeros(n, *w.shape[1:])
@@ -547,12 +582,12 @@ class AdaptedBlock(AdaptedLayerBase):
             return [(st.scales[n], m, None) for n in active if n in self.adapters
                     for m in self.adapters[n].values() if m.placement == placement]
         out = []
-        for name in dict.fromkeys(st.routing):
-            if name is None or name not in self.adapters:
-                continue
-            idx = [i for i, r in enumerate(st.routing) if r == name]
-            out += [(st.scales[name], m, idx) for m in self.adapters[name].values()
-                    if m.placement == placement]
+        # block adapters act in sequence, so the order of a row's adapters matters: each
+        # distinct set runs on its rows in its own order, as `set_active` would
+        for row_set in dict.fromkeys(st.routing):
+            idx = [i for i, r in enumerate(st.routing) if r == row_set]
+            out += [(st.scales[n], m, idx) for n in row_set if n in self.adapters
+                    for m in self.adapters[n].values() if m.placement == placement]
         return out
 
     def _check_rows(self, h):

@@ -320,21 +320,36 @@ def disabled(model: nn.Module):
 
 @contextlib.contextmanager
 def routing(model: nn.Module, adapter_per_row):
-    """One adapter name (or None for the base) per batch row inside the block.
+    """The adapters of each batch row inside the block: per row an adapter name, None
+    for the base model, or a list of names (a concept and a style adapter) whose updates
+    add, as `set_active` with those names would give that row.
 
-    Rows that all name one adapter (or none) run the unrouted forward. Differing rows
-    cost about one adapter on the Linear layers of methods with a batched form (LoRA,
-    KronA, WaRA, Block-LoRA: `AdapterModule.routed_add`); convs, attention layers,
-    block adapters and other methods run a sub-batch per adapter."""
+    Rows that all agree run the unrouted forward. Differing rows cost about one adapter
+    per adapter a row holds on the Linear layers of methods with a batched form (LoRA,
+    KronA, WaRA, Block-LoRA: `AdapterModule.routed_add`); an adapter on every row runs
+    unrouted; convs, attention layers, block adapters and other methods run a sub-batch
+    per adapter (per set of adapters for attention layers)."""
     state = get_state(model)
-    rows = tuple(adapter_per_row)
-    _check_names(state, [n for n in rows if n is not None])
+    rows = tuple(_row_set(r, i) for i, r in enumerate(adapter_per_row))
+    _check_names(state, list(dict.fromkeys(n for row in rows for n in row)))
     _refuse_if_merged(state, "route rows")
     previous, state.routing = state.routing, rows
     try:
         yield model
     finally:
         state.routing = previous
+
+
+def _row_set(row, i: int) -> tuple[str, ...]:
+    """One row of `routing` as a tuple of names: None -> (), "a" -> ("a",), ["a", "s"] kept
+    in order with repeats dropped."""
+    if row is None:
+        return ()
+    if isinstance(row, str):
+        return (row,)
+    if isinstance(row, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in row):
+        return tuple(dict.fromkeys(sorted(row) if isinstance(row, (set, frozenset)) else row))
+    raise TypeError(f"routing row {i} is {row!r}; give an adapter name, None, or a list of names")
 
 
 # --- merge / remove ---------------------------------------------------------------
