@@ -1,7 +1,7 @@
 """One Gradio app with every pipeline's demo as a tab.
 
-    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--port 7860] [--host 127.0.0.1] [--share]
-    visionpeft demo     [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--port 7860] [--host 127.0.0.1] [--share]
+    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--sd-pipeline DIR] [--port N] [--host H] [--share]
+    visionpeft demo     [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--sd-pipeline DIR] [--port N] [--host H] [--share]
 
 Each tab is a demo module in this folder whose ``build(**kwargs)`` returns a ``gr.Blocks``;
 the hub renders that Blocks inside a tab (``gr.TabbedInterface``), so every demo still runs
@@ -51,6 +51,10 @@ def _seg_checkpoint(path: str):
     return find_checkpoint(path)  # FileNotFoundError: not a checkpoint, nor its best/ or adapter/
 
 
+def _sd_pipeline(path: str):
+    return load_demo("generation").find_pipeline(path)  # FileNotFoundError: no folder, or no model_index.json
+
+
 # One entry per pipeline; the first is the tab open on load.
 TABS: list[Tab] = [
     Tab("Change detection", "change_detection",
@@ -61,6 +65,10 @@ TABS: list[Tab] = [
         (Option("--seg-checkpoint", keyword="default_checkpoint", check=_seg_checkpoint, metavar="DIR",
                 help="a trained segmentation checkpoint: an output_dir, its best/ or adapter/ (the tab's "
                      "default; the page can change it)"),)),
+    Tab("Generation", "generation",
+        (Option("--sd-pipeline", keyword="default_pipeline", check=_sd_pipeline, metavar="DIR",
+                help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder (the tab's default; the page "
+                     "can change it)"),)),
 ]
 
 

@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 
 import visionpeft as vp
 from visionpeft.backbones.tiny import save_tiny_sd_pipeline
-from visionpeft.ops.clora_math import concept_masks, contrastive_map_loss, fuse, minmax_normalise, nt_xent
+from visionpeft.pipelines.clora.clora_math import concept_masks, contrastive_map_loss, fuse, minmax_normalise, nt_xent
 from visionpeft.pipelines.clora import compose
 from visionpeft.pipelines.clora.attention import MapStore, capture, choose_grid
 from visionpeft.pipelines.clora.compose import _concepts, _encode, _plan, _Predictor

@@ -132,3 +132,30 @@ def test_bad_rows_are_refused():
     with pytest.raises(KeyError, match="nope"):
         with vp.routing(model, [("a", "nope")]):
             pass
+
+
+def test_trained_copies_follow_agreeing_rows_and_refuse_differing_ones():
+    """modules_to_save: a module trained whole per adapter has one forward for the batch, so
+    rows that agree run their adapter's copy and rows that differ are refused, not run
+    silently with whichever copy is active."""
+    torch.manual_seed(0)
+    model = ToyNet().double().eval()
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["proj"], modules_to_save=["head"]), name="a")
+    vp.inject(model, vp.LoRAConfig(r=2, target_modules=["proj"]), name="b")
+    randomize_adapters(model)
+    tokens, img = (t.double() for t in toy_inputs(batch=2))
+    vp.set_active(model, ["b"])
+    with torch.no_grad():
+        with vp.routing(model, [("a",), ("a",)]):
+            routed = model(tokens, img)
+        vp.set_active(model, ["a"])
+        torch.testing.assert_close(routed, model(tokens, img), atol=1e-12, rtol=1e-12)
+        vp.set_active(model, ["a"])
+        with vp.routing(model, ["b", None]):  # no row runs "a": the base module for both
+            base_rows = model(tokens, img)
+        ref = torch.cat([_row_alone(model, lambda i=i: model(tokens[i:i + 1], img[i:i + 1]), r)
+                         for i, r in enumerate(["b", None])])
+        torch.testing.assert_close(base_rows, ref, atol=1e-12, rtol=1e-12)
+        with pytest.raises(RuntimeError, match=r"adapters \['a'\] train their own copy of this module"):
+            with vp.routing(model, ["a", "b"]):
+                model(tokens, img)

@@ -469,7 +469,17 @@ class TrainedCopy(HostWrapper):
         st = self.state
         if st.disabled:
             return self.base_layer
-        names = [n for n in st.active if n in self.copies]
+        active = st.active
+        if st.routing is not None:
+            active = st.routed_names()
+            if active is None:  # rows differ: one module cannot run two copies in one forward
+                routed = sorted({n for row in st.routing for n in row if n in self.copies})
+                if routed:
+                    raise RuntimeError(f"adapters {routed} train their own copy of this module (modules_to_save); "
+                                       "rows routed to different adapters cannot share its forward: run them "
+                                       "one adapter at a time")
+                active = ()
+        names = [n for n in active if n in self.copies]
         if len(names) > 1:
             raise RuntimeError(f"adapters {names} each train their own copy of this module; "
                                "activate only one of them")

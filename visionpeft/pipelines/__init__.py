@@ -1,5 +1,7 @@
 """Task recipes built on the public API and the training loop (`visionpeft.train`):
 
+- `visionpeft.pipelines.clora`: CLoRA multi-concept composition at sampling time (`compose`,
+  ``visionpeft compose``; no training, so no task name and not imported here);
 - `visionpeft.pipelines.change_detection`: PeftCD change detection (``task: change_detection``);
 - `visionpeft.pipelines.dreambooth`: DreamBooth on Stable Diffusion / SDXL (``task: dreambooth``);
 - `visionpeft.pipelines.segmentation`: semantic segmentation (``task: segmentation``).

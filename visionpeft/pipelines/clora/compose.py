@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 import visionpeft as vp
-from visionpeft.ops.clora_math import concept_masks, contrastive_map_loss, fuse
+from .clora_math import concept_masks, contrastive_map_loss, fuse
 
 from .attention import MapStore, capture, choose_grid
 from .tokens import concept_tokens, describe, find_word
