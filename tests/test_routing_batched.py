@@ -39,7 +39,7 @@ def _row_alone(model, x, name):
     if name is None:
         with vp.disabled(model):
             return model(x)
-    vp.set_active(model, [name])
+    vp.set_active(model, [name] if isinstance(name, str) else list(name))  # a name, or a set of them
     return model(x)
 
 
@@ -88,13 +88,13 @@ def test_methods_without_a_batched_form_route_per_adapter(method):
     torch.testing.assert_close(mixed, ref, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("method", BATCHED + ["loha"])
-def test_routed_gradients_equal_each_row_alone(method):
+@pytest.mark.parametrize("method,rows", [(m, ["a", None, "b", "a", "c"]) for m in BATCHED + ["loha"]]
+                         + [("lora", [("c",), ("a", "c"), ("b", "c"), None, "b"])])  # sets of adapters per row
+def test_routed_gradients_equal_each_row_alone(method, rows):
     """Training under routing: the adapters' and the input's gradients equal those of
-    each row run alone with its adapter (summed over the rows)."""
+    each row run alone with its adapter(s) (summed over the rows)."""
     model = _vit(_three(method)).train()
     twin = copy.deepcopy(model)
-    rows = ["a", None, "b", "a", "c"]
     x = _images(len(rows)).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     w = torch.randn(len(rows), 5, dtype=torch.float64)

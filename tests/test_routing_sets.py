@@ -1,9 +1,7 @@
 """`vp.routing` with a set of adapters per row (a concept and a style adapter, as CLoRA's
 branches need): every row's output and gradients equal that row run alone with
 `set_active` on its names, in float64, for the batched methods, the per-adapter fallback,
-nn.MultiheadAttention, convs and block adapters."""
-import copy
-
+nn.MultiheadAttention, convs and block adapters (gradients: test_routing_batched.py)."""
 import pytest
 import torch
 from conftest import TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
@@ -51,24 +49,6 @@ def test_each_row_gets_the_sum_of_its_adapters(method):
     torch.testing.assert_close(mixed, ref, atol=1e-10, rtol=1e-10)
     # a row's second adapter matters: dropping it would be caught
     assert (mixed - only_first).abs().max() > 1e-3
-
-
-def test_sets_route_gradients_like_each_row_alone():
-    model = _vit("lora").train()
-    twin = copy.deepcopy(model)
-    x = _images(len(ROWS)).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    w = torch.randn(len(ROWS), 5, dtype=torch.float64)
-    with vp.routing(model, ROWS):
-        (model(x) * w).sum().backward()
-    for i, r in enumerate(ROWS):
-        (_row_alone(twin, lambda i=i: twin(x_ref[i:i + 1]), r) * w[i]).sum().backward()
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    want = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
-    assert got.keys() == want.keys() and got
-    for n in got:
-        torch.testing.assert_close(got[n], want[n], atol=1e-10, rtol=1e-10, msg=n)
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-10)
 
 
 def test_attention_and_convs_take_sets_too():
