@@ -267,7 +267,7 @@ def compose(folder: str, adapters: str, prompt: str, concepts: str, style: str =
     import gradio as gr
 
     from visionpeft.pipelines.clora import compose as clora_compose
-    from visionpeft.pipelines.clora.pictures import mask_picture
+    from visionpeft.pipelines.clora import mask_picture
 
     prompt, style = (prompt or "").strip(), (style or "").strip()
     if not prompt:

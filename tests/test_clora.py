@@ -14,7 +14,7 @@ from visionpeft.backbones.tiny import save_tiny_sd_pipeline
 from visionpeft.pipelines.clora.clora_math import concept_masks, contrastive_map_loss, fuse, minmax_normalise, nt_xent
 from visionpeft.pipelines.clora import compose
 from visionpeft.pipelines.clora.attention import MapStore, capture, choose_grid
-from visionpeft.pipelines.clora.compose import _concepts, _encode, _plan, _Predictor
+from visionpeft.pipelines.clora.compose import BranchPredictor, _concepts, _encode, _plan
 from visionpeft.pipelines.clora.tokens import concept_tokens, find_word
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -116,15 +116,20 @@ def _pipe(folders, kind="sd", method="lora", text=False, seed=0, zero=False):
         cfg = _config(method)
         vp.inject(pipe.unet, cfg, name=name)
         if text:
-            vp.inject(pipe.text_encoder, vp.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), name=name)
+            for enc in _encoders(pipe):
+                vp.inject(enc, vp.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), name=name)
     if not zero:
         g = torch.Generator().manual_seed(seed)
-        for model in (pipe.unet, pipe.text_encoder):
+        for model in (pipe.unet, *_encoders(pipe)):
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if ".adapters." in n:
                         p.copy_(torch.randn(p.shape, generator=g) * 0.15)
     return pipe
+
+
+def _encoders(pipe):
+    return [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
 
 
 def _config(method):
@@ -135,16 +140,16 @@ def _config(method):
             "loha": lambda: vp.LoHaConfig(r=2, target_modules=ATTN)}[method]()
 
 
-def _branch_pass(pipe, batched, grid=None):
+def _branch_pass(pipe, batched, grid=None, style=None):
     """Noise predictions, maps and the latent's gradient of one CLoRA pass."""
     concepts = _concepts(CONCEPTS, vp.adapter_names(pipe.unet))
-    branches, groups = _plan(pipe.tokenizer, PROMPT, concepts, None)
+    branches, groups = _plan(pipe.tokenizer, PROMPT, concepts, style)
     embeds = _encode(pipe, branches, None, torch.device("cpu"), (32, 32))
     pipe.scheduler.set_timesteps(10)
     t = pipe.scheduler.timesteps[2]
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     store = MapStore(grid or choose_grid(pipe.unet, (16, 16), None))
-    pred = _Predictor(pipe, branches, embeds, store, batched)
+    pred = BranchPredictor(pipe, branches, embeds, store, batched)
     with capture(pipe.unet, store):
         eps_u, eps_c, maps = pred(latents, t)
         loss = contrastive_map_loss(maps, groups)
@@ -152,17 +157,31 @@ def _branch_pass(pipe, batched, grid=None):
     return eps_u, eps_c, maps, grad, pred.calls
 
 
-@pytest.mark.parametrize("kind,method", [("sd", "lora"), ("sd", "krona"), ("sd", "wara"), ("sd", "block_lora"),
-                                         ("sd", "loha"), ("xl", "lora")])
-def test_batched_equals_sequential(folders, kind, method):
-    pipe = _pipe(folders, kind, method, text=kind == "sd")
-    a = _branch_pass(pipe, True)
-    b = _branch_pass(pipe, False)
-    for x, y, what in zip(a[:4], b[:4], ["uncond noise", "cond noise", "maps", "latent gradient"]):
+@pytest.mark.parametrize("kind,method,style", [("sd", "lora", False), ("sd", "krona", False), ("sd", "wara", False),
+                                               ("sd", "block_lora", False), ("sd", "loha", False),
+                                               ("sd", "lora", True), ("xl", "lora", False), ("xl", "krona", True)])
+def test_batched_equals_sequential(folders, kind, method, style):
+    pipe = _pipe(folders, kind, method, text=True)
+    if style:  # on in every branch: one unrouted slot under the batched pass
+        vp.inject(pipe.unet, vp.LoRAConfig(r=2, target_modules=["to_k", "to_v", "to_out.0"]), name="style")
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                if ".adapters.style." in n:
+                    p.normal_(0, 0.15)
+    grid = (16, 16)  # three cross-attention layers (down, and two up) at this grid
+    a = _branch_pass(pipe, True, grid, "style" if style else None)
+    b = _branch_pass(pipe, False, grid, "style" if style else None)
+    scale = b[3].abs().max()  # the latent's gradient is small: compared relative to its size
+    for x, y, what in zip((*a[:3], a[3] / scale), (*b[:3], b[3] / scale),
+                          ["uncond noise", "cond noise", "maps", "latent gradient"]):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=what)
     assert a[4] == 1 and b[4] == 3  # one UNet pass for all branches, against one per branch
     assert (a[1][1] - a[1][0]).abs().max() > 1e-3  # the branches differ: the check has teeth
-    assert a[3].abs().max() > 0
+    assert scale > 1e-9 and (a[3] - b[3]).abs().max() < 1e-5 * scale
+    if style:  # branch 0 runs the style adapter: its noise is not the base model's
+        with vp.disabled(pipe.unet):
+            plain = _branch_pass(pipe, True, grid, "style")
+        assert (a[0][0] - plain[0][0]).abs().max() > 1e-4
 
 
 def test_each_branch_gets_its_own_adapters_and_text_encoding(folders):
@@ -185,6 +204,14 @@ def test_each_branch_gets_its_own_adapters_and_text_encoding(folders):
             out = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
         torch.testing.assert_close(eps_u[b], out[0], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(eps_c[b], out[1], atol=2e-5, rtol=1e-4)
+
+
+def _probe(pipe):
+    """The UNet's noise for a fixed latent and the text encoder's embedding of a prompt,
+    with whatever adapters are active at their scales."""
+    ids = pipe.tokenizer(PROMPT, return_tensors="pt").input_ids
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+    return pipe.unet(x, 10, encoder_hidden_states=pipe.text_encoder(ids)[0].expand(2, -1, -1)).sample
 
 
 def _counting(unet):
@@ -245,6 +272,9 @@ def test_seeded_runs_repeat_exactly_and_leave_the_pipeline_as_it_was(folders):
     vp.set_active(pipe.unet, ["cat"])
     vp.set_scale(pipe.unet, "dog", 0.8)
     processors = dict(pipe.unet.attn_processors)
+    vp.set_active(pipe.text_encoder, ["dog"])
+    with torch.no_grad():
+        probe_before = _probe(pipe)
     state = copy.deepcopy(pipe.unet.state_dict())
     flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
     a = compose(pipe, PROMPT, CONCEPTS, **FAST, generator=torch.Generator().manual_seed(7), output_type="np")
@@ -252,7 +282,9 @@ def test_seeded_runs_repeat_exactly_and_leave_the_pipeline_as_it_was(folders):
     assert np.array_equal(a.images, b.images) and a.losses == b.losses
     assert torch.equal(a.masks, b.masks)
     assert dict(pipe.unet.attn_processors) == processors
-    assert vp.active_adapters(pipe.unet) == ("cat",)
+    assert vp.active_adapters(pipe.unet) == ("cat",) and vp.active_adapters(pipe.text_encoder) == ("dog",)
+    with torch.no_grad():  # the same active set and scales: the same outputs as before
+        torch.testing.assert_close(_probe(pipe), probe_before, atol=0, rtol=0)
     after = pipe.unet.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
     assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
@@ -276,6 +308,8 @@ def test_words_are_found_by_the_tokenizer(folders):
     assert tok.decode([ids[i] for i in hit]).replace(" ", "") == "sksdog"  # every token of a split word
     assert hit == list(range(hit[0], hit[0] + len(hit)))
     assert concept_tokens(tok, "a dog and a cat", ["sks dog"]) == find_word(tok, "a dog and a cat", "dog")
+    assert find_word(tok, "a hotdog", "dog") == []  # whole words only
+    assert len(find_word(tok, "a dog and a dog", "dog")) == 6  # every occurrence, each 3 byte tokens
 
 
 def test_bad_concepts_are_refused_in_one_line(folders):
@@ -310,13 +344,14 @@ def test_the_default_grid_is_a_quarter_of_the_latent_or_the_middle_one(folders):
     assert choose_grid(unet, (15, 12), 6) == (8, 6)  # odd sizes halve as the stride-2 convs do
 
 
-def test_maps_are_the_mean_over_layers_heads_and_both_guidance_rows(folders):
+@pytest.mark.parametrize("grid,layers", [((8, 8), 1), ((16, 16), 3)])
+def test_maps_are_the_mean_over_layers_heads_and_both_guidance_rows(folders, grid, layers):
     """Reference: diffusers' own classic AttnProcessor in every layer, its probabilities
     recorded where cross-attention runs on the 8x8 grid, averaged by hand per branch."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     pipe = _pipe(folders, "sd")
-    _, _, maps, _, _ = _branch_pass(pipe, True)
+    _, _, maps, _, _ = _branch_pass(pipe, True, grid)
     branches, _ = _plan(pipe.tokenizer, PROMPT, _concepts(CONCEPTS, ["dog", "cat"]), None)
     embeds = _encode(pipe, branches, None, torch.device("cpu"), (32, 32))
     pipe.scheduler.set_timesteps(10)
@@ -327,7 +362,7 @@ def test_maps_are_the_mean_over_layers_heads_and_both_guidance_rows(folders):
 
     def recording(self, query, key, mask=None):
         probs = original(self, query, key, mask)
-        if self.is_cross_attention and probs.shape[1] == 64:
+        if self.is_cross_attention and probs.shape[1] == grid[0] * grid[1]:
             seen.append(probs.unflatten(0, (2, self.heads)))  # (rows, heads, queries, tokens)
         return probs
 
@@ -341,8 +376,49 @@ def test_maps_are_the_mean_over_layers_heads_and_both_guidance_rows(folders):
             with torch.no_grad(), vp.routing(pipe.unet, [br.adapters] * 2):
                 pipe.unet(pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t), t,
                           encoder_hidden_states=hidden)
-            assert len(seen) == 1  # the tiny UNet has one cross-attention layer at 8x8 (its mid block)
-            want.append(torch.stack(seen).mean((0, 1, 2)).reshape(8, 8, -1))
+            # the tiny UNet: one cross-attention layer at 8x8 (its mid block), three at 16x16
+            assert len(seen) == layers
+            want.append(torch.stack(seen).mean((0, 1, 2)).reshape(*grid, -1))
     finally:
         Attention.get_attention_scores = original
     torch.testing.assert_close(maps.detach(), torch.stack(want), atol=1e-6, rtol=1e-5)
+
+
+def test_options_rerun_negative_prompt_and_a_non_square_image(folders):
+    pipe = _pipe(folders, "sd", text=True)
+    calls = _counting(pipe.unet)
+    res = compose(pipe, PROMPT, CONCEPTS, num_inference_steps=3, update_until=2, refine_at=(), height=32, width=24,
+                  rerun_after_update=True, negative_prompt="a bird", generator=torch.Generator().manual_seed(0),
+                  output_type="latent")
+    assert res.images.shape == (1, 4, 16, 12) and res.masks.shape == (3, 16, 12)
+    assert res.attention_maps.shape[1:3] == (8, 6)  # (height, width) of the grid, not width-first
+    assert len(calls) == res.unet_calls == 3 + 2  # a second pass on each updated latent
+    plain = compose(pipe, PROMPT, CONCEPTS, num_inference_steps=3, update_until=2, refine_at=(), height=32, width=24,
+                    negative_prompt="a bird", generator=torch.Generator().manual_seed(0), output_type="latent")
+    other = compose(pipe, PROMPT, CONCEPTS, num_inference_steps=3, update_until=2, refine_at=(), height=32, width=24,
+                    generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert (plain.images - res.images).abs().max() > 1e-5  # the rerun's noise steps the latent
+    assert (plain.images - other.images).abs().max() > 1e-5  # the negative prompt reaches the uncond rows
+    one = compose(pipe, PROMPT, CONCEPTS[:1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="latent")
+    assert one.losses == [0.0, 0.0] and one.unet_calls == 2  # one concept: nothing to contrast, no update
+
+
+def test_a_half_precision_sdxl_vae_decodes_in_float32_and_stays_half(folders):
+    """As diffusers' SDXL pipeline: a float16 VAE with force_upcast decodes in float32 and is
+    put back in float16 (SDXL's VAE overflows in float16)."""
+    from visionpeft.pipelines.clora.compose import _decode
+
+    pipe = _pipe(folders, "xl")
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _decode(pipe, latents, "np")  # float32 throughout
+        pipe.vae.to(torch.float16)
+        assert pipe.vae.config.force_upcast
+        seen = []
+        decode = pipe.vae.decode
+        pipe.vae.decode = lambda z, **kw: (seen.append((z.dtype, pipe.vae.dtype)), decode(z, **kw))[1]
+        got = _decode(pipe, latents.half(), "np")
+    assert seen == [(torch.float32, torch.float32)]  # decoded in float32
+    assert pipe.vae.dtype == torch.float16
+    np.testing.assert_allclose(got, want, atol=2e-3)  # only the latents' rounding to float16 differs

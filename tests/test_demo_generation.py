@@ -208,7 +208,7 @@ def test_compose_answers_as_compose_does(sd, client, direct):
     m = want.masks.numpy() > 0.5
     assert m.shape == (3, 16, 16)
     np.testing.assert_array_equal(top, np.repeat(np.repeat(top[::2, ::2], 2, 0), 2, 1))  # nearest neighbour
-    from visionpeft.pipelines.clora.pictures import branch_colours
+    from visionpeft.pipelines.clora.pictures import branch_colours  # the picture's own palette
 
     colours = branch_colours(3)
     cells = top[::2, ::2]

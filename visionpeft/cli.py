@@ -402,8 +402,7 @@ def _cmd_compose(args) -> int:
 
     import visionpeft as vp
 
-    from .pipelines.clora import compose, load_pipeline_adapter
-    from .pipelines.clora.pictures import mask_picture
+    from .pipelines.clora import compose, load_pipeline_adapter, mask_picture
 
     adapters = {}
     for item in args.adapter:
@@ -467,11 +466,16 @@ def _cmd_compose(args) -> int:
     files = [(out, lambda f: image.save(f, format=_image_format(out))),
              (masks_path, lambda f: mask_picture(result.masks, image.size, labels).save(f, format="PNG")),
              (json_path, lambda f: f.write(json.dumps(report, indent=2).encode()))]
-    for path, write in files:  # each file whole or not at all
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+    tmps = [path.with_name(f".{path.name}.tmp") for path, _ in files]
+    try:  # all three written aside first, then put in place: a failed write leaves none
+        for (_, write), tmp in zip(files, tmps):
+            with open(tmp, "wb") as f:
+                write(f)
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     print(f"wrote {out}, {masks_path.name} and {json_path.name} ({seconds:.1f} s, {result.unet_calls} UNet passes)")
     return 0
 

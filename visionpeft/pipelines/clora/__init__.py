@@ -8,9 +8,10 @@
 
 ``visionpeft compose`` is the command-line form; `load_pipeline_adapter` puts an adapter
 (our folders, or diffusers / PEFT / kohya / LyCORIS files) into a pipeline's UNet and
-text encoders under one name.
+text encoders under one name; `mask_picture` draws a result's masks.
 """
 from .compose import ComposeResult, compose
 from .loading import load_pipeline_adapter
+from .pictures import mask_picture
 
-__all__ = ["ComposeResult", "compose", "load_pipeline_adapter"]
+__all__ = ["ComposeResult", "compose", "load_pipeline_adapter", "mask_picture"]

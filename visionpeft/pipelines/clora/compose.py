@@ -21,6 +21,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 import visionpeft as vp
 from .clora_math import concept_masks, contrastive_map_loss, fuse
@@ -48,7 +49,7 @@ class ComposeResult:
 
 
 @dataclass
-class _Branch:
+class Branch:
     prompt: str
     adapters: tuple[str, ...]  # UNet adapters of its rows (concept, style)
     mask_tokens: list[int]  # its concept's tokens in its prompt (none for the base)
@@ -77,7 +78,7 @@ def _plan(tokenizer, prompt: str, concepts: list[dict], style: str | None):
     that branch's prompt. A concept's own prompt must hold each of its words; in the
     other prompts a word may also appear by its trailing words ("dog" for "sks dog")."""
     extra = (style,) if style else ()
-    branches = [_Branch(prompt, extra, [])]
+    branches = [Branch(prompt, extra, [])]
     for c in concepts:
         own = []
         for w in c["words"]:
@@ -86,7 +87,7 @@ def _plan(tokenizer, prompt: str, concepts: list[dict], style: str | None):
                 raise ValueError(f"concept {c['adapter']!r}: the word {w!r} is not in its prompt "
                                  f"{c['prompt']!r}, whose tokens are {describe(tokenizer, c['prompt'])}")
             own += hit
-        branches.append(_Branch(c["prompt"], (c["adapter"], *extra), sorted(set(own))))
+        branches.append(Branch(c["prompt"], (c["adapter"], *extra), sorted(set(own))))
     groups = []
     for k, c in enumerate(concepts):
         per_branch = []
@@ -106,9 +107,10 @@ def _encoders(pipe) -> list:
             if m is not None]
 
 
-def _encode(pipe, branches, negative_prompt, device, size):
+def _encode(pipe, branches, negative_prompt, device, size, text_adapters: bool = True):
     """Per branch (uncond, cond) prompt embeddings, with that branch's adapters on the text
-    encoders that hold them; SDXL's pooled embeddings and time ids as added conditions."""
+    encoders that hold them (none with ``text_adapters=False``); SDXL's pooled embeddings
+    and time ids as added conditions."""
     xl = getattr(pipe, "text_encoder_2", None) is not None
     conds, unconds, pooled, npooled = [], [], [], []
     for br in branches:
@@ -116,7 +118,8 @@ def _encode(pipe, branches, negative_prompt, device, size):
             for enc in _encoders(pipe):
                 names = vp.adapter_names(enc)
                 if names:  # exactly this branch's adapters on this encoder, whatever is active
-                    stack.enter_context(vp.routing(enc, [tuple(n for n in br.adapters if n in names)]))
+                    mine = tuple(n for n in br.adapters if n in names) if text_adapters else ()
+                    stack.enter_context(vp.routing(enc, [mine]))
             with torch.no_grad():
                 out = pipe.encode_prompt(prompt=br.prompt, device=device, num_images_per_prompt=1,
                                          do_classifier_free_guidance=True, negative_prompt=negative_prompt)
@@ -134,13 +137,16 @@ def _encode(pipe, branches, negative_prompt, device, size):
     return embeds
 
 
-class _Predictor:
+class BranchPredictor:
     """One denoising pass of every branch: noise predictions (uncond, cond) per branch and
     the captured maps per branch (mean over its two rows). Batched: one UNet call for all
-    2 (N + 1) rows, each routed to its branch's adapters. Sequential: one call per branch."""
+    2 (N + 1) rows, each routed to its branch's adapters. Sequential: one call per branch.
+    The step `compose` runs, public so that scripts/bench_clora.py times exactly it; run it
+    inside `capture(pipe.unet, store)`."""
 
-    def __init__(self, pipe, branches, embeds, store: MapStore, batched: bool):
+    def __init__(self, pipe, branches, embeds, store: MapStore, batched: bool, timestep_cond=None):
         self.pipe, self.unet, self.store, self.batched = pipe, pipe.unet, store, batched
+        self.timestep_cond = timestep_cond  # a guidance embedding, for UNets with time_cond_proj_dim
         self.sets = [br.adapters for br in branches]
         self.embeds = embeds
         self.calls = 0
@@ -162,7 +168,9 @@ class _Predictor:
         rows = [self.sets[b] for b in which] * 2
         self.store.reset()
         with vp.routing(self.unet, rows):
-            out = self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+            cond = None if self.timestep_cond is None else self.timestep_cond.expand(len(x), -1)
+            out = self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, timestep_cond=cond,
+                            return_dict=False)[0]
         self.calls += 1
         maps = self.store.row_maps()
         n = len(which)
@@ -191,7 +199,8 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
             refine_at=(0, 10, 20), refine_rounds: int = 20, mask_alpha: float = 0.3,
             attn_res: int | None = None, batched: bool = True, generator=None, *,
             negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
-            temperature: float = 0.5, rerun_after_update: bool = False, output_type: str = "pil") -> ComposeResult:
+            temperature: float = 0.5, rerun_after_update: bool = False, guidance_rescale: float = 0.0,
+            text_encoder_adapters: bool = True, output_type: str = "pil") -> ComposeResult:
     """Generate one image that holds every concept, each drawn by its own adapter.
 
     ``pipe``: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline whose UNet (and, if
@@ -204,12 +213,16 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
     strength is its scale (`vp.set_scale`).
     The latent takes ``step_size`` gradient steps of the contrastive loss while the step
     index < ``update_until``, with ``refine_rounds`` extra rounds at the steps in
-    ``refine_at``. ``mask_alpha``: a concept's mask is where its token maps exceed alpha
+    ``refine_at`` (with one concept there is nothing to contrast: the loss is 0, and no
+    update runs). ``mask_alpha``: a concept's mask is where its token maps exceed alpha
     times their max. ``attn_res``: width of the captured attention grid in tokens (None:
     16 at 512 px on SD 1.5; the middle cross-attention resolution on UNets without it).
     ``batched=False`` runs one UNet pass per branch, as the authors' code does.
     ``rerun_after_update``: run the UNet again on the updated latent for the step's noise
     (off, as in the authors' code: the step uses the pass that produced the maps).
+    ``guidance_rescale``: as diffusers' (arXiv 2305.08891, 3.4), on the fused noise.
+    ``text_encoder_adapters=False`` encodes every branch's prompt without adapters (the
+    authors' ``use_text_encoder_lora=False``). ``output_type``: "pil", "np", "pt" or "latent".
     The pipeline is left as it was: adapters, their active set and scales, and the
     attention processors."""
     names = _check_pipeline(pipe, style)
@@ -222,16 +235,21 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
     height = height or unet.config.sample_size * pipe.vae_scale_factor
     width = width or unet.config.sample_size * pipe.vae_scale_factor
     branches, groups = _plan(pipe.tokenizer, prompt, concepts, style)
-    embeds = _encode(pipe, branches, negative_prompt, device, (height, width))
+    embeds = _encode(pipe, branches, negative_prompt, device, (height, width), text_encoder_adapters)
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = pipe.scheduler.timesteps
     latents = pipe.prepare_latents(1, unet.config.in_channels, height, width, embeds["cond"].dtype, device, generator)
     step_kwargs = {}
     if "generator" in inspect.signature(pipe.scheduler.step).parameters:
         step_kwargs["generator"] = generator
+    timestep_cond = None
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:  # guidance-distilled UNets (LCM)
+        w = torch.tensor([guidance_scale - 1.0])
+        timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
+        timestep_cond = timestep_cond.to(device=device, dtype=latents.dtype)
     grid = choose_grid(unet, tuple(latents.shape[-2:]), attn_res)
     store = MapStore(grid)
-    predict = _Predictor(pipe, branches, embeds, store, batched)
+    predict = BranchPredictor(pipe, branches, embeds, store, batched, timestep_cond)
     mask_tokens = [br.mask_tokens for br in branches]
     refine_at = set(refine_at or ())
     losses, refine_losses = [], {}
@@ -248,7 +266,8 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
 
     with capture(unet, store), pipe.progress_bar(total=len(timesteps)) as bar:
         for i, t in enumerate(timesteps):
-            if step_size and i < update_until:
+            # one concept has no other to contrast with: its loss is 0 and so is the gradient
+            if step_size and i < update_until and len(groups) > 1:
                 with torch.enable_grad():
                     latents, eps_u, eps_c, maps, loss = update(latents, t)
                     losses.append(loss)
@@ -268,7 +287,10 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
             with torch.no_grad():
                 masks = concept_masks(maps, mask_tokens, mask_alpha, tuple(latents.shape[-2:]))
                 uncond, cond = fuse(eps_u, masks), fuse(eps_c, masks)
-                noise = (uncond + guidance_scale * (cond - uncond))[None].to(latents.dtype)
+                noise = (uncond + guidance_scale * (cond - uncond))[None]
+                if guidance_rescale > 0:
+                    noise = rescale_noise_cfg(noise, cond[None], guidance_rescale=guidance_rescale)
+                noise = noise.to(latents.dtype)
                 latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             bar.update()
     with torch.no_grad():
@@ -277,7 +299,8 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
                     guidance_scale=guidance_scale, step_size=step_size, update_until=update_until,
                     refine_at=sorted(refine_at), refine_rounds=refine_rounds, mask_alpha=mask_alpha,
                     attn_grid=list(grid), batched=batched, negative_prompt=negative_prompt, height=height,
-                    width=width, temperature=temperature, rerun_after_update=rerun_after_update)
+                    width=width, temperature=temperature, rerun_after_update=rerun_after_update,
+                    guidance_rescale=guidance_rescale, text_encoder_adapters=text_encoder_adapters)
     described = [{"prompt": br.prompt, "adapters": list(br.adapters), "mask_tokens": br.mask_tokens}
                  for br in branches]
     for k, g in enumerate(groups):
@@ -287,13 +310,31 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
 
 
 def _decode(pipe, latents, output_type):
+    """The pipelines' own decoding: the latent mean and std where the VAE config has them,
+    and on SDXL a float16 VAE that asks for it (``force_upcast``: SDXL's VAE overflows in
+    float16) decoded in float32 and put back in float16 afterwards, as diffusers does."""
     if output_type == "latent":
         return latents
     vae = pipe.vae
-    z = latents / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        z = latents * torch.tensor(std).view(shape).to(latents) / cfg.scaling_factor \
+            + torch.tensor(mean).view(shape).to(latents)
+    else:
+        z = latents / cfg.scaling_factor
+    shift = getattr(cfg, "shift_factor", None)
     if shift:
         z = z + shift
-    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    # only where the pipeline itself upcasts: StableDiffusionPipeline decodes in float16 as it is
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    upcast = xl and vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return pipe.image_processor.postprocess(image, output_type=output_type)
-

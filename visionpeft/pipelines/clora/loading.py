@@ -18,8 +18,12 @@ def _file_parts(path: Path) -> dict[str, str | None]:
     """{component: prefix} of the components a single file has keys for."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors' own error type differs across versions
+        raise ValueError(f"{path} is not a safetensors file ({err}); give an adapter folder or a "
+                         ".safetensors file") from None
     found = {}
     for comp, prefixes in FILE_PREFIXES.items():
         for pre in prefixes:
@@ -70,8 +74,9 @@ def load_pipeline_adapter(pipe, path, name: str) -> list[str]:
             kw = {"prefix": prefix} if prefix is not None else {}
             try:
                 vp.load_adapter(getattr(pipe, comp), where, name=name, **kw)
-            except (ValueError, KeyError, TypeError) as err:
-                raise type(err)(f"adapter {name!r} ({comp}): {err}") from err
+            except (ValueError, KeyError, TypeError) as err:  # said as one ValueError, whatever the kind
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+                raise ValueError(f"adapter {name!r} ({comp}): {msg}") from err
             done.append(comp)
     except BaseException:
         for comp in done:

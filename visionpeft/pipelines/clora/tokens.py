@@ -23,9 +23,14 @@ def find_word(tokenizer, prompt: str, word: str) -> list[int]:
     sub = _ids(tokenizer, word, False)
     if not sub:
         return []
+    toks = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_tokens)
     found = []
     for i in range(len(ids) - len(sub) + 1):
-        if ids[i:i + len(sub)] == sub:
+        # whole words only: the match starts where a word starts (after the start token or a
+        # token that ends a word), so "dog" is not found in "hotdog"
+        starts_word = i == 0 or toks[i - 1] in special or toks[i - 1].endswith("</w>")
+        if starts_word and ids[i:i + len(sub)] == sub:
             found += range(i, i + len(sub))
     return sorted(set(found))
 
