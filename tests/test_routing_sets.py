@@ -35,7 +35,7 @@ def _images(batch, seed=1):
     return torch.randn(batch, 3, 32, 32, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("method", ["lora", "krona", "wara", "block_lora", "loha"])
+@pytest.mark.parametrize("method", ["lora", "krona", "wara", "block_lora", "loha", "snell"])  # every weight-space one
 def test_each_row_gets_the_sum_of_its_adapters(method):
     model = _vit(method)
     x = _images(len(ROWS))
