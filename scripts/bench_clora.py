@@ -52,7 +52,6 @@ import gc
 import json
 import os
 import platform
-import random
 import statistics
 import time
 import types
@@ -65,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import visionpeft as vp  # noqa: E402
-from bench_core import cpu_peak_bytes, cuda_peak_bytes, time_steps  # noqa: E402
+from bench_core import cpu_peak_bytes, cuda_peak_bytes, shuffled_rounds  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # SD 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json, the keys that differ
@@ -162,19 +161,11 @@ def switch_us(unet, branches, calls: int = 2000) -> float:
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
-def rounds_of(fns: dict, rounds: int, steps: int, device, seed: int = 0) -> dict[str, list[float]]:
+def rounds_of(fns: dict, rounds: int, steps: int, device) -> dict[str, list[float]]:
     """Per variant, its seconds per step in every round (process CPU time on the CPU, wall
-    time with the device synchronised on CUDA); the order is shuffled every round
-    (bench_core.paired's scheme, the raw times kept so that any two variants can be paired)."""
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
-    rng = random.Random(seed)
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        order = list(fns)
-        rng.shuffle(order)
-        for k in order:
-            times[k].append(time_steps(fns[k], device, steps, clock))
-    return times
+    time with the device synchronised on CUDA), the raw times kept so that any two
+    variants can be paired."""
+    return shuffled_rounds(fns, rounds, steps, device, time.process_time if device.type == "cpu" else time.perf_counter)
 
 
 def ratio(num: list[float], den: list[float]) -> dict:

@@ -222,9 +222,9 @@ def time_steps(fn, device, steps: int, clock=time.perf_counter) -> float:
     return (clock() - t0) / steps
 
 
-def paired(fns: dict, ref: str, rounds: int, steps: int, device, clock, seed: int = 0) -> dict:
-    """Per variant: median step time, and the median / quartiles of its per-round ratio
-    to ``ref`` timed in the same round; the order is shuffled every round."""
+def shuffled_rounds(fns: dict, rounds: int, steps: int, device, clock, seed: int = 0) -> dict[str, list[float]]:
+    """Per variant, its seconds per step in every round; every variant runs once a round,
+    in an order shuffled every round, so that any two can be paired round by round."""
     rng = random.Random(seed)
     times = {k: [] for k in fns}
     for _ in range(rounds):
@@ -232,6 +232,13 @@ def paired(fns: dict, ref: str, rounds: int, steps: int, device, clock, seed: in
         rng.shuffle(order)
         for k in order:
             times[k].append(time_steps(fns[k], device, steps, clock))
+    return times
+
+
+def paired(fns: dict, ref: str, rounds: int, steps: int, device, clock, seed: int = 0) -> dict:
+    """Per variant: median step time, and the median / quartiles of its per-round ratio
+    to ``ref`` timed in the same round (`shuffled_rounds`)."""
+    times = shuffled_rounds(fns, rounds, steps, device, clock, seed)
     out = {}
     for k, ts in times.items():
         ratios = sorted(t / r for t, r in zip(ts, times[ref]))
