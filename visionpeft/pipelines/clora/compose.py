@@ -24,9 +24,9 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 import visionpeft as vp
-from .clora_math import concept_masks, contrastive_map_loss, fuse
 
 from .attention import MapStore, capture, choose_grid
+from .clora_math import concept_masks, contrastive_map_loss, fuse
 from .tokens import concept_tokens, describe, find_word
 
 
