@@ -100,3 +100,57 @@ def toy_inputs(batch=3, seq=5, dim=15, seed=1):
 def toy():
     torch.manual_seed(0)
     return ToyNet().eval()
+
+
+class Untouched:
+    """What a refused load, import, hot-swap, inject or export must leave as it was: every
+    parameter and buffer (the same objects, values, dtypes and devices), the requires_grad
+    flags, the module object at every name, every module's hooks, the adapters and their
+    active set; and, given a folder, its files (a refused export writes nothing). Take it
+    before the refused call, check it after:
+
+        kept = Untouched(model, tmp_path)
+        with pytest.raises(...): ...
+        kept.check()
+    """
+
+    def __init__(self, model: nn.Module, folder=None):
+        self.model, self.folder = model, folder
+        self.before = self._take()
+
+    def _take(self) -> dict:
+        from pathlib import Path
+
+        m = self.model
+        tensors = {k: (id(v), v.detach().clone(), v.dtype, v.device) for k, v in m.state_dict(keep_vars=True).items()}
+        hooks = {}
+        for name, mod in m.named_modules(remove_duplicate=False):
+            for table in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                          "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+                hooks[(name, table)] = [(k, id(h)) for k, h in getattr(mod, table, {}).items()]
+        from visionpeft.core.model_ops import get_state
+
+        state = get_state(m, required=False)
+        files = None
+        if self.folder is not None:
+            root = Path(self.folder)
+            files = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+        return {"tensors": tensors,
+                "grad": {n: p.requires_grad for n, p in m.named_parameters()},
+                "modules": {n: id(mod) for n, mod in m.named_modules(remove_duplicate=False)},
+                "hooks": hooks,
+                "adapters": None if state is None else (list(state.configs), state.active, dict(state.scales)),
+                "files": files}
+
+    def check(self) -> None:
+        now, was = self._take(), self.before
+        assert now["modules"] == was["modules"], "module objects were replaced, added or removed"
+        assert now["hooks"] == was["hooks"], "hooks were added or removed"
+        assert now["grad"] == was["grad"], "requires_grad flags changed"
+        assert now["adapters"] == was["adapters"], f"adapters changed: {was['adapters']} -> {now['adapters']}"
+        assert now["tensors"].keys() == was["tensors"].keys(), "state_dict keys changed"
+        for k, (ident, value, dtype, device) in was["tensors"].items():
+            n_ident, n_value, n_dtype, n_device = now["tensors"][k]
+            assert n_ident == ident and n_dtype == dtype and n_device == device, f"{k} was replaced or moved"
+            assert torch.equal(n_value, value), f"{k} changed"
+        assert now["files"] == was["files"], f"files were left: {sorted(set(now['files']) - set(was['files']))}"

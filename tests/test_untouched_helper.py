@@ -1,0 +1,24 @@
+import pytest, torch
+from conftest import ToyNet, Untouched, make_config, TOY_TARGETS
+import visionpeft as vp
+
+def test_untouched_sees_each_kind_of_change(tmp_path):
+    torch.manual_seed(0)
+    m = ToyNet()
+    for change in ("value", "grad", "module", "hook", "adapter", "file"):
+        kept = Untouched(m, tmp_path)
+        if change == "value":
+            with torch.no_grad(): m.proj.weight.add_(1e-3)
+        elif change == "grad":
+            m.proj.weight.requires_grad_(False)
+        elif change == "module":
+            m.head = torch.nn.Linear(11, 2)
+        elif change == "hook":
+            m.proj.register_forward_hook(lambda *a: None)
+        elif change == "adapter":
+            vp.inject(m, make_config("lora", ["proj"]), name="x")
+        else:
+            (tmp_path / "f").write_text("x")
+        with pytest.raises(AssertionError):
+            kept.check()
+    Untouched(m, tmp_path).check()
