@@ -422,3 +422,79 @@ def test_a_half_precision_sdxl_vae_decodes_in_float32_and_stays_half(folders):
     assert seen == [(torch.float32, torch.float32)]  # decoded in float32
     assert pipe.vae.dtype == torch.float16
     np.testing.assert_allclose(got, want, atol=2e-3)  # only the latents' rounding to float16 differs
+
+
+def _plain_reference(pipe, concept, **kw):
+    vp.set_active(pipe.unet, [concept["adapter"]])
+    return pipe(concept["prompt"], num_inference_steps=4, generator=torch.Generator().manual_seed(1),
+                output_type="np", **kw).images
+
+
+def _one_concept(pipe, **kw):
+    return compose(pipe, PROMPT, CONCEPTS[:1], num_inference_steps=4, step_size=0, mask_alpha=0.0,
+                   generator=torch.Generator().manual_seed(1), output_type="np", **kw).images
+
+
+def test_guidance_rescale_and_text_encoder_switch_match_the_pipeline(folders):
+    """One concept, its mask everywhere, no update: compose is the pipeline's own sampling,
+    so each option can be checked against diffusers'."""
+    pipe = _pipe(folders, "sd", text=True)
+    vp.set_active(pipe.text_encoder, ["dog"])  # what the branch uses by default
+    got = _one_concept(pipe, guidance_rescale=0.7)
+    want = _plain_reference(pipe, CONCEPTS[0], guidance_rescale=0.7)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(want - _plain_reference(pipe, CONCEPTS[0])).max() > 1e-3  # the rescale matters here
+    np.testing.assert_allclose(_one_concept(pipe), _plain_reference(pipe, CONCEPTS[0]), atol=1e-4)
+    vp.set_active(pipe.text_encoder, [])  # text_encoder_adapters=False: prompts encoded without
+    off = _plain_reference(pipe, CONCEPTS[0])
+    np.testing.assert_allclose(_one_concept(pipe, text_encoder_adapters=False), off, atol=1e-4)
+    vp.set_active(pipe.text_encoder, ["dog"])
+    assert np.abs(off - _plain_reference(pipe, CONCEPTS[0])).max() > 1e-3
+
+
+def test_a_guidance_embedding_unet_is_sampled_as_its_pipeline_does(folders, tmp_path):
+    """UNets with time_cond_proj_dim (LCM-style) take the guidance as an embedding and no
+    classifier-free guidance on top, as StableDiffusionPipeline runs them."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(folders["sd"])
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "time_cond_proj_dim": 16})
+    vp.inject(pipe.unet, _config("lora"), name="dog")
+    with torch.no_grad():
+        for n, p in pipe.unet.named_parameters():
+            if ".adapters." in n:
+                p.normal_(0, 0.15)
+    np.testing.assert_allclose(_one_concept(pipe), _plain_reference(pipe, CONCEPTS[0]), atol=1e-4)
+
+
+def test_only_the_captured_grid_computes_attention_explicitly(folders):
+    """During compose, self-attention keeps its own processor and cross-attention hands
+    every layer off the grid to it; only the grid's layers record probabilities."""
+    from visionpeft.pipelines.clora.attention import CaptureProcessor
+
+    pipe = _pipe(folders, "sd")
+    original = dict(pipe.unet.attn_processors)
+    seen, explicit = {}, []
+    record = CaptureProcessor.__call__
+
+    def spy(self, attn, hidden_states, encoder_hidden_states=None, *a, **kw):
+        before = self.store.count
+        out = record(self, attn, hidden_states, encoder_hidden_states, *a, **kw)
+        explicit.append((hidden_states.shape[1] if hidden_states.ndim == 3 else None, self.store.count > before))
+        return out
+
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen.update(m.attn_processors))
+    CaptureProcessor.__call__ = spy
+    try:
+        compose(pipe, PROMPT, CONCEPTS, num_inference_steps=1, update_until=0,
+                generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        CaptureProcessor.__call__ = record
+    for name, proc in seen.items():
+        if "attn1" in name:
+            assert proc is original[name]  # self-attention: the layer's own processor, untouched
+        else:
+            assert isinstance(proc, CaptureProcessor) and proc.inner is original[name]
+    assert {q for q, rec in explicit if rec} == {64} and {q for q, rec in explicit if not rec} == {256}

@@ -287,7 +287,9 @@ def compose(pipe, prompt: str, concepts, style: str | None = None, num_inference
             with torch.no_grad():
                 masks = concept_masks(maps, mask_tokens, mask_alpha, tuple(latents.shape[-2:]))
                 uncond, cond = fuse(eps_u, masks), fuse(eps_c, masks)
-                noise = (uncond + guidance_scale * (cond - uncond))[None]
+                # a guidance-distilled UNet has the guidance in its embedding: no CFG on top,
+                # as the diffusers pipelines do
+                noise = (cond if timestep_cond is not None else uncond + guidance_scale * (cond - uncond))[None]
                 if guidance_rescale > 0:
                     noise = rescale_noise_cfg(noise, cond[None], guidance_rescale=guidance_rescale)
                 noise = noise.to(latents.dtype)
