@@ -256,3 +256,46 @@ def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused(tmp_path):
     scaler.scale((p * torch.randn(3)).sum()).backward()
     scaler.step(new)  # failed with "Expected grad_scale and found_inf to be None" before
     scaler.update()
+
+
+def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
+    train(ToyTask(), _cfg(tmp_path, max_train_steps=4))
+    files = [p for p in (tmp_path / "checkpoint-4").rglob("*") if p.is_file()]
+    assert files and {p.suffix for p in files} <= {".safetensors", ".json"}, sorted(p.name for p in files)
+
+
+def test_validation_draws_from_a_forked_rng(tmp_path):
+    """ToyTask.validate draws 100 numbers from the global RNG: the trained adapter must be
+    the same with validation every 3 steps as with none."""
+    train(ToyTask(), _cfg(tmp_path / "with", validation_steps=3))
+    train(ToyTask(), _cfg(tmp_path / "without"))
+    a, b = _adapter(tmp_path / "with" / "adapter"), _adapter(tmp_path / "without" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_an_earlier_checkpoint_drops_the_later_ones(tmp_path):
+    """Resuming checkpoint-4 of a finished run abandons what came after it: checkpoints 8
+    and 12 are removed before training goes on (here it dies at once, so nothing replaces
+    them), and the run then ends as the uninterrupted one did."""
+    full = train(ToyTask(), _cfg(tmp_path))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    done = _adapter(tmp_path / "adapter")
+    with pytest.raises(KeyboardInterrupt):
+        train(ToyTask(crash_at=1), _cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-4")))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    again = train(ToyTask(), _cfg(tmp_path, resume_from_checkpoint="latest"))
+    assert again.step == full.step == 12
+    redone = _adapter(tmp_path / "adapter")
+    assert all(torch.equal(done[k], redone[k]) for k in done)
+
+
+def test_after_backward_sees_the_gradients_before_clipping(tmp_path):
+    class Seeing(ToyTask):
+        def after_backward(self, models, step):
+            grads = [p.grad for p in models["net"].parameters() if p.grad is not None]
+            self.norms = getattr(self, "norms", []) + [float(torch.linalg.vector_norm(torch.cat(
+                [g.flatten() for g in grads])))]
+
+    task = Seeing()
+    train(task, _cfg(tmp_path, max_train_steps=3, max_grad_norm=1e-6))
+    assert len(task.norms) == 3 and min(task.norms) > 1e-4  # far above the clip: seen unclipped
