@@ -168,3 +168,23 @@ def test_non_dividing_factors_list_the_valid_ones_and_leave_the_model():
     assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad
     with pytest.raises(vp.ConfigError, match="a1 must be a positive integer"):
         vp.KronAConfig(a1=0, target_modules=["0"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_backward_saves_only_the_input_besides_the_weights(fused):
+    """The README's memory claim: the hand-written backward keeps x (as LoRA does) and the
+    factors / host weight it already holds, no activation-sized product such as X B^T."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    W, b = torch.randn(8, 12), torch.randn(8)
+    A, B = torch.randn(2, 3, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        if fused:
+            krona_add_linear(x, None, A, B, 0.7, W, b)
+        else:
+            krona_add_linear(x, torch.randn(3, 5, 8), A, B, 0.7)
+    weights = {A.data_ptr(), B.data_ptr(), W.data_ptr()}
+    activations = [t for t in saved if t.data_ptr() not in weights]
+    assert len(activations) == 1 and activations[0].data_ptr() == x.data_ptr()
+    assert activations[0].numel() == x.numel()
