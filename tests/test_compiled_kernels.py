@@ -14,7 +14,9 @@ from visionpeft.ops import kernels as kernels_mod
 from visionpeft.ops import kth, snell_autograd, snell_kernels, snell_native
 from visionpeft.ops.workspace import release_scratch, scratch
 
+from test_snell import _plain_snella  # SNELLA through plain autograd, every kernel
 from test_snell import _reference_delta as _reference  # autograd through cdist, kthvalue, where()
+from test_snell import _snell_scale  # the kernel scale from the config alone
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monk
     params = [(m.A.detach().double().requires_grad_(True), m.B.detach().double().requires_grad_(True)) for m in mods]
     xr = x.double()
     for lin, m, (A, B) in zip(layers, mods, params):
-        dW = _reference(A, B, kernel, m.scale, int(m.n_zero), reweight)
+        dW = _reference(A, B, kernel, _snell_scale(kernel, 8), int(m.n_zero), reweight)
         xr = F.linear(xr, lin.weight.double() + dW, lin.bias.double())
     torch.testing.assert_close(out.double(), xr, atol=2e-5, rtol=1e-4)
     xr.square().sum().backward()
@@ -75,7 +77,8 @@ def test_compiled_forward_and_gradients_match_float64_autograd(compiled_on, monk
 def test_compiled_snella_matches_the_eager_snella(compiled_on, monkeypatch, kernel, reweight, shape):
     """SNELLA's softmax term compiled (column statistics, then SNELL's loops on K) against
     the eager SNELLA path, which test_snell checks against the official layer and autograd:
-    output and the gradients of all five parameters."""
+    output and the gradients of all five parameters; and both against autograd through the
+    formula written out in float64 (test_snell._plain_snella, the config's default scale)."""
     calls = []
     fused = snell_kernels.fused_mixed_weight_and_grads
     monkeypatch.setattr(snell_autograd, "fused_mixed_weight_and_grads", lambda *a: calls.append(1) or fused(*a))
@@ -98,6 +101,19 @@ def test_compiled_snella_matches_the_eager_snella(compiled_on, monkeypatch, kern
     assert len(calls) == 1  # the compiled run's backward took the compiled path
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+    leaves = [p.detach().double().requires_grad_(True)
+              for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)]
+    host = model[0].base_layer
+    n_zero = snell.zero_count(0.9, shape[0] * shape[1])
+    dW = _plain_snella(*leaves[:2], kernel, _snell_scale(kernel, 8), *leaves[2:], n_zero, reweight)
+    plain = F.linear(x.double(), host.weight.double() + dW, host.bias.double())
+    (plain.sin() * 3).sum().backward()
+    effect = float((plain - F.linear(x.double(), host.weight.double(), host.bias.double())).detach().abs().max())
+    sizes = [effect] + [float(p.grad.abs().max()) for p in leaves]  # the output's tolerance: the adapter's effect
+    plain = [plain.detach()] + [p.grad for p in leaves]
+    for result in results:
+        for ours, ref, size in zip(result, plain, sizes):
+            torch.testing.assert_close(ours.double(), ref, atol=1e-4 * size, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape,kernel", [((96, 160), "distance"), ((101, 97), "rbf")])  # 97*101: 1 strip

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Untouched
 from torch import nn
 
 import visionpeft as vp
@@ -51,19 +52,43 @@ def test_sparsify_zeroes_exactly_the_requested_fraction_of_smallest_entries(spar
     torch.testing.assert_close(sparsify(dW, n_zero, reweight=True)[kept], (dW * dW.abs())[kept])
 
 
-def _reference_delta(A, B, kernel, scale, n_zero, reweight=False):
-    """SNELL's dW through plain autograd: cdist kernels, a kthvalue threshold, where()."""
+def _snell_scale(kernel, r, alpha=None):
+    """The kernel scale from the config alone: alpha when given, else 0.1 for the distance
+    kernel (the official constant), 1 / r for the linear one, 1 for the RBF one."""
+    if alpha is not None:
+        return float(alpha)
+    return {"distance": 0.1, "linear": 1.0 / r, "rbf": 1.0}[kernel]
+
+
+def _dense_kernel(A, B, kernel, scale):
+    """k(a_i, b_j) for every (i, j) through cdist, nothing zeroed (h = r / 2 per half)."""
     h = A.shape[1] // 2
     if kernel == "linear":
-        d = A @ B.t() * scale
-    elif kernel == "distance":
-        d = (torch.cdist(A[:, :h], B[:, :h]) - torch.cdist(A[:, h:], B[:, h:])) * scale
-    else:
-        d = (torch.exp(-torch.cdist(A[:, :h], B[:, :h]) ** 2 / h)
-             - torch.exp(-torch.cdist(A[:, h:], B[:, h:]) ** 2 / h)) * scale
+        return A @ B.t() * scale
+    if kernel == "distance":
+        return (torch.cdist(A[:, :h], B[:, :h]) - torch.cdist(A[:, h:], B[:, h:])) * scale
+    return (torch.exp(-torch.cdist(A[:, :h], B[:, :h]) ** 2 / h)
+            - torch.exp(-torch.cdist(A[:, h:], B[:, h:]) ** 2 / h)) * scale
+
+
+def _keep_largest(d, n_zero, reweight):
+    """Entries with |d| above its n_zero-th smallest |d| (kthvalue), zero elsewhere; kept
+    values times the detached |d| under reweight."""
     t = d.detach().abs().flatten().kthvalue(n_zero).values
     kept = torch.where(d.detach().abs() > t, d, torch.zeros_like(d))
     return kept * d.detach().abs() if reweight else kept
+
+
+def _reference_delta(A, B, kernel, scale, n_zero, reweight=False):
+    """SNELL's dW through plain autograd: cdist kernels, a kthvalue threshold, where()."""
+    return _keep_largest(_dense_kernel(A, B, kernel, scale), n_zero, reweight)
+
+
+def _plain_snella(A, B, kernel, scale, a, t, c, n_zero, reweight=False):
+    """SNELLA's dW through plain autograd, every kernel: K = D + a softmax(D / t) + c with
+    the softmax over the output index (dim 0 of (out, in)), then the same sparsification."""
+    D = _dense_kernel(A, B, kernel, scale)
+    return _keep_largest(D + a * torch.softmax(D / t, dim=0) + c, n_zero, reweight)
 
 
 @pytest.mark.parametrize("kernel", ["distance", "linear", "rbf"])
@@ -87,12 +112,12 @@ def test_forward_and_gradients_match_an_autograd_reference(kernel, alpha, reweig
     A = mod.A.detach().clone().requires_grad_(True)
     B = mod.B.detach().clone().requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
-    dW = _reference_delta(A, B, kernel, mod.scale, 84, reweight)  # 0.7 of 120
+    dW = _reference_delta(A, B, kernel, _snell_scale(kernel, 4, alpha), 84, reweight)  # 0.7 of 120
     ref = F.linear(xr, lin.weight + dW, lin.bias)
     if path == "general":
         other = model[0].adapters["off"]["full"]
         ref = ref + 0.5 * F.linear(xr, _reference_delta(other.A.detach(), other.B.detach(), kernel,
-                                                        other.scale, 84, reweight))
+                                                        _snell_scale(kernel, 4, alpha), 84, reweight))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
     ref.square().sum().backward()
@@ -137,29 +162,42 @@ def test_dense_dW_is_not_kept_for_backward(two_adapters):
     assert model[0].adapters["default"]["full"].A.grad is not None
 
 
-def test_conv_dW_has_the_kernel_shape():
+@pytest.mark.parametrize("kernel", ["distance", "linear", "rbf"])
+def test_conv_dW_has_the_kernel_shape(kernel):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)
     model = nn.Sequential(conv)
-    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0"]))
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, kernel=kernel, target_modules=["0"]))
+    mod = model[0].adapters["default"]["full"]
     dW = vp.delta_weight(model, "0")
     assert dW.shape == conv.weight.shape and int((dW == 0).sum()) == int(0.5 * dW.numel())
+    # outside reference: the kernel written out (cdist, the config's default scale), the
+    # kthvalue threshold, as the kernel of a plain F.conv2d
+    ref = _reference_delta(mod.A.detach().double(), mod.B.detach().double(), kernel, _snell_scale(kernel, 4),
+                           108, False).float().reshape(conv.weight.shape)  # 0.5 of 6 x 36
     x = torch.randn(2, 4, 7, 7)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), F.conv2d(x, conv.weight + dW, conv.bias, padding=1),
-                                   atol=1e-5, rtol=1e-5)
+        effect = F.conv2d(x, ref, padding=1).abs().max()
+        torch.testing.assert_close(dW, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-5)
+        torch.testing.assert_close(model(x), F.conv2d(x, conv.weight + ref, conv.bias, padding=1),
+                                   atol=1e-4 * float(effect), rtol=1e-5)
 
 
 def test_bad_sparsity_and_rank_are_refused():
     for s in (0, 0.0, 1.0, 1.5, -0.1):
         with pytest.raises(vp.ConfigError, match=r"must be in \(0, 1\)"):
             vp.SNELLConfig(sparsity=s, target_modules=["0"])
+    model = nn.Sequential(nn.Linear(4, 4))
+    kept = Untouched(model)
     with pytest.raises(ValueError, match="r must be even"):
-        vp.inject(nn.Sequential(nn.Linear(4, 4)), vp.SNELLConfig(r=3, target_modules=["0"]))
-    model = nn.Sequential(nn.Linear(6, 4))
+        vp.inject(model, vp.SNELLConfig(r=3, target_modules=["0"]))
+    kept.check()
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4))
+    vp.inject(model, vp.SNELLConfig(r=2, target_modules=["1"]), name="first")  # a second inject is refused
+    kept = Untouched(model)
     with pytest.raises(ValueError, match=r"0: rank r=8 is larger .* use r <= 4"):
         vp.inject(model, vp.SNELLConfig(r=8, target_modules=["0"]))
-    assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad
+    kept.check()
 
 
 def test_cubic_budget_schedule():
@@ -298,7 +336,9 @@ def test_snella_softmax_term_matches_the_official_layer_values_and_gradients(pat
 @pytest.mark.parametrize("kernel,reweight", [("distance", True), ("rbf", False), ("linear", True)])
 def test_snella_hand_written_gradient_equals_autograd(kernel, reweight):
     """The fused SNELLA path (hand-written softmax and kernel backward) against autograd
-    through the same math (the checkpointed path), for every kernel and with reweight."""
+    through the same math (the checkpointed path), for every kernel and with reweight, and
+    both against autograd through the formula written out here (float64, the config's
+    default scale)."""
     grads = {}
     for path in ("fused", "autograd"):
         torch.manual_seed(0)
@@ -320,6 +360,16 @@ def test_snella_hand_written_gradient_equals_autograd(kernel, reweight):
         grads[path] = [p.grad.clone() for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)]
     for ours, ref in zip(grads["fused"], grads["autograd"]):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    leaves = [p.detach().double().requires_grad_(True)
+              for p in (mod.A, mod.B, mod.mix_alpha, mod.temperature, mod.shift)]
+    host = model[0].base_layer
+    dW = _plain_snella(*leaves[:2], kernel, _snell_scale(kernel, 4), *leaves[2:], 45, reweight)  # 0.5 of 90
+    plain = F.linear(x.double(), host.weight.double() + dW, host.bias.double())
+    (plain.sin() * 3).sum().backward()
+    torch.testing.assert_close(out.double(), plain.detach(), rtol=1e-5, atol=1e-6)
+    for path in grads:
+        for ours, ref in zip(grads[path], leaves):
+            torch.testing.assert_close(ours.double(), ref.grad, rtol=1e-4, atol=1e-4 * float(ref.grad.abs().max()))
 
 
 def test_snella_budget_is_exact_takes_active_adapters_and_resumes_from_its_state():
@@ -401,5 +451,7 @@ def test_snella_step_without_gradients_says_where_they_went():
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
     vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
     alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=4)
+    kept = Untouched(model)  # the refused step moves no layer's sparsity
     with pytest.raises(RuntimeError, match="use_orig_params=True"):
         alloc.step(1)
+    kept.check()

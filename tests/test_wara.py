@@ -4,7 +4,7 @@ import pytest
 import pywt
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters
+from conftest import Untouched, randomize_adapters
 from torch import nn
 
 import visionpeft as vp
@@ -18,14 +18,72 @@ def _inject(layer, **cfg):
     return model, model[0].adapters["default"]["full"]
 
 
-def _pywt_reference(mod, shape):
+def _wara_scale(r, alpha=None):
+    """The README's scale, from the config alone: dW = (alpha / r) IDWT(...), alpha=None
+    meaning alpha = r (the config's r, not the rank a small band is capped to)."""
+    return (r if alpha is None else alpha) / r
+
+
+def _pywt_reference(mod, shape, scale):
     """Same sub-bands through pywt.waverec2 (periodization), cropped to the layer."""
     bands = {k: v.detach().double().numpy() for k, v in mod.band_matrices().items()}
     coeffs = [bands["A"]]
     for level in range(mod.levels, 0, -1):
         coeffs.append(tuple(bands[f"{n}{level}"] for n in "HVD"))
     full = pywt.waverec2(coeffs, mod.wavelet, mode="periodization")
-    return torch.from_numpy(np.ascontiguousarray(full[:shape[0], :shape[1]])) * mod.scale
+    return torch.from_numpy(np.ascontiguousarray(full[:shape[0], :shape[1]])) * scale
+
+
+def _synthesis_matrix(n, channel, level, wavelet):
+    """(n, n >> level) float64 matrix of pywt's 1-D periodized inverse transform of a
+    coefficient vector placed in ``channel`` ("lo" / "hi") of ``level`` (finer levels zero),
+    built column by column from unit vectors."""
+    m = n >> level
+    cols = []
+    for i in range(m):
+        e, z = np.eye(m)[i], np.zeros(m)
+        coeffs = [e, z] if channel == "lo" else [z, e]
+        coeffs += [np.zeros(n >> k) for k in range(level - 1, 0, -1)]
+        cols.append(pywt.waverec(coeffs, wavelet, mode="periodization"))
+    return torch.from_numpy(np.stack(cols, 1))
+
+
+# pywt's 2-D bands: cH is high-pass along the rows axis, cV along the columns axis
+_BAND_CHANNELS = {"A": ("lo", "lo"), "H": ("hi", "lo"), "V": ("lo", "hi"), "D": ("hi", "hi")}
+
+
+def _plain_wara(pairs, shape, levels, wavelet, scale):
+    """The formula written out, differentiable: dW = scale * crop(sum_S P_S B_S A_S Q_S^T)
+    with P_S, Q_S pywt's synthesis matrices of band S along rows and columns (the 2-D
+    inverse transform is separable), sizes padded to multiples of 2^levels. ``pairs`` is
+    {band: (B_S, A_S)} in float64."""
+    padded = [-(-s // 2 ** levels) * 2 ** levels for s in shape]
+    dW = 0
+    for band, (B, A) in pairs.items():
+        level = levels if band == "A" else int(band[1:])
+        row, col = _BAND_CHANNELS[band[0]]
+        P = _synthesis_matrix(padded[0], row, level, wavelet)[:shape[0]]
+        Q = _synthesis_matrix(padded[1], col, level, wavelet)[:shape[1]]
+        dW = dW + P @ B @ A @ Q.t()
+    return dW * scale
+
+
+def _leaf_pairs(mod):
+    """{band: (B_S, A_S)} as float64 leaves, the shared reading's one pair on A and D1."""
+    leaves = {k: (mod.B[k].detach().double().clone().requires_grad_(True),
+                  mod.A[k].detach().double().clone().requires_grad_(True)) for k in mod.A}
+    pairs = {"A": leaves["A"], "D1": leaves["A"]} if mod.share else dict(leaves)
+    return leaves, pairs
+
+
+def test_plain_formula_is_pywt_waverec2():
+    """The test's own matrix form of the inverse transform against pywt.waverec2."""
+    torch.manual_seed(0)
+    model, mod = _inject(nn.Linear(13, 19), r=3, wavelet="sym4", levels=2)
+    model.double()  # band products in float64 on both sides
+    _, pairs = _leaf_pairs(mod)
+    torch.testing.assert_close(_plain_wara(pairs, (19, 13), 2, "sym4", 0.7).detach(),
+                               _pywt_reference(mod, (19, 13), 0.7), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("wavelet", ["haar", "db2", "sym4"])
@@ -34,7 +92,7 @@ def _pywt_reference(mod, shape):
 def test_dW_is_pywt_inverse_of_the_subbands(wavelet, levels, shape):
     torch.manual_seed(0)
     model, mod = _inject(nn.Linear(shape[1], shape[0]), r=3, wavelet=wavelet, levels=levels, alpha=6.0)
-    ref = _pywt_reference(mod, shape)
+    ref = _pywt_reference(mod, shape, _wara_scale(3, 6.0))
     torch.testing.assert_close(vp.delta_weight(model, "0").double(), ref, atol=1e-5, rtol=1e-5)
     x = torch.randn(4, shape[1])
     with torch.no_grad():
@@ -55,12 +113,13 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_shared_factors_reading():
+@pytest.mark.parametrize("alpha", [None, 3.0])
+def test_shared_factors_reading(alpha):
     torch.manual_seed(0)
-    model, mod = _inject(nn.Linear(16, 12), r=2, share_factors=True)
+    model, mod = _inject(nn.Linear(16, 12), r=2, share_factors=True, alpha=alpha)
     ba = (mod.B["A"] @ mod.A["A"]).detach().double().numpy()
     ref = pywt.waverec2([ba, (np.zeros_like(ba), np.zeros_like(ba), ba)], "haar", mode="periodization")
-    torch.testing.assert_close(vp.delta_weight(model, "0").double(), torch.from_numpy(ref) * mod.scale)
+    torch.testing.assert_close(vp.delta_weight(model, "0").double(), torch.from_numpy(ref) * _wara_scale(2, alpha))
     assert vp.trainable_parameters(model) == 2 * (6 + 8)  # half of LoRA's 2 * (12 + 16)
 
 
@@ -72,16 +131,23 @@ def test_counts_and_zero_init():
     assert vp.trainable_parameters(model) == 4 * 4 * (4 + 8) + 3 * 4 * (8 + 16)
 
 
-def test_conv_and_dW_follow_the_factors():
+@pytest.mark.parametrize("groups", [1, 2])  # the conv path and the grouped conv's host op with W + dW
+def test_conv_and_dW_follow_the_factors(groups):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, padding=1)
-    model, mod = _inject(conv, r=2, wavelet="db2")
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups)
+    model, mod = _inject(conv, r=2, wavelet="db2", alpha=5.0)
     dW = vp.delta_weight(model, "0")
     assert dW.shape == conv.weight.shape
+    # outside reference: pywt's inverse transform of the bands, scaled from the config,
+    # as the kernel of a plain F.conv2d
+    ref = _pywt_reference(mod, mod.shape, _wara_scale(2, 5.0)).float().reshape(conv.weight.shape)
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), F.conv2d(x, conv.weight + dW, conv.bias, padding=1),
+        effect = F.conv2d(x, ref, padding=1, groups=groups).abs().max()
+        assert effect > 0.1  # the tolerance below is far under the adapter's effect
+        torch.testing.assert_close(model(x), F.conv2d(x, conv.weight + ref, conv.bias, padding=1, groups=groups),
                                    atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dW, ref, atol=1e-6, rtol=1e-5)
         mod.B["A"].add_(1.0)  # dW follows the factors
         assert not torch.allclose(vp.delta_weight(model, "0"), dW)
 
@@ -94,33 +160,39 @@ def test_bad_wavelet_and_levels_are_refused():
     with pytest.raises(vp.ConfigError, match="levels=1"):
         vp.WaRAConfig(share_factors=True, levels=2, target_modules=["0"])
     model = nn.Sequential(nn.Linear(4, 4))
+    kept = Untouched(model)
     with pytest.raises(ValueError, match="use r <= 4"):
         vp.inject(model, vp.WaRAConfig(r=5, target_modules=["0"]))
-    assert isinstance(model[0], nn.Linear)
-    model = nn.Sequential(nn.Linear(5, 3))  # 3 x 5: one halving at most
+    kept.check()
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 3))  # 3 x 5: one halving at most
+    vp.inject(model, vp.WaRAConfig(r=1, target_modules=["1"]), name="first")  # a second inject is refused
+    kept = Untouched(model)
     with pytest.raises(ValueError, match="levels <= 1 here"):
         vp.inject(model, vp.WaRAConfig(r=1, levels=2, target_modules=["0"]))
-    assert isinstance(model[0], nn.Linear)
+    kept.check()
 
 
-def test_layer_gradients_match_an_explicit_reference():
+@pytest.mark.parametrize("alpha", [None, 5.0])
+def test_layer_gradients_match_an_explicit_reference(alpha):
     """The fused path (dW folded into the host weight, rebuilt in backward) against
-    autograd through F.linear(x, W + dW)."""
+    autograd through F.linear(x, W + dW), dW written out from pywt's synthesis matrices
+    and the config's scale (float64)."""
     torch.manual_seed(0)
     lin = nn.Linear(13, 10)
-    model, mod = _inject(lin, r=2, wavelet="db2", levels=2)
+    model, mod = _inject(lin, r=2, wavelet="db2", levels=2, alpha=alpha)
     x = torch.randn(3, 5, 13, requires_grad=True)
-    model(x).square().sum().backward()
-    clones = {k: (mod.B[k].detach().clone().requires_grad_(True), mod.A[k].detach().clone().requires_grad_(True))
-              for k in mod.A}
-    bands = {k: b @ a for k, (b, a) in clones.items()}
-    dW = wara_delta_weight(bands, (10, 13), 2, "db2", mod.scale)
-    xr = x.detach().clone().requires_grad_(True)
-    F.linear(xr, lin.weight + dW, lin.bias).square().sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    out = model(x)
+    out.square().sum().backward()
+    clones, pairs = _leaf_pairs(mod)
+    dW = _plain_wara(pairs, (10, 13), 2, "db2", _wara_scale(2, alpha))
+    xr = x.detach().double().requires_grad_(True)
+    ref = F.linear(xr, lin.weight.double() + dW, lin.bias.double())
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-4, rtol=1e-4)
     for k, (b, a) in clones.items():
-        torch.testing.assert_close(mod.B[k].grad, b.grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(mod.A[k].grad, a.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mod.B[k].grad.double(), b.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mod.A[k].grad.double(), a.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_factors_are_cached_while_frozen_and_rebuilt_when_the_factors_change(monkeypatch):
@@ -219,12 +291,14 @@ def test_frozen_bands_get_no_gradient_and_the_others_the_reference_one(frozen):
 @pytest.mark.parametrize("share", [False, True])
 def test_layer_forward_and_gradients_equal_the_reference_formulation(host, share, monkeypatch):
     """The whole layer (fused Linear path, conv path, the shared reading) in float64 with
-    the fast factors, then with the band-by-band ones swapped in."""
+    the fast factors, then with the band-by-band ones swapped in, and both against autograd
+    through the formula written out here (pywt's synthesis matrices, the config's scale)
+    applied by F.linear / F.conv2d."""
     import visionpeft.methods.wara as wara
 
     torch.manual_seed(0)
     cfg = dict(r=2, wavelet="db2", levels=1) if share else dict(r=2, wavelet="sym4", levels=2)
-    model, mod = _inject(HOSTS[host](), share_factors=share, **cfg)
+    model, mod = _inject(HOSTS[host](), share_factors=share, alpha=3.0, **cfg)
     model.double()
     x = {"linear": (3, 40), "linear_odd": (3, 13), "conv": (2, 6, 5, 5)}[host]
     x = torch.randn(*x, dtype=torch.float64)
@@ -244,6 +318,23 @@ def test_layer_forward_and_gradients_equal_the_reference_formulation(host, share
     torch.testing.assert_close(fast[1], ref[1], atol=1e-12, rtol=1e-12)
     for k in ref[2]:
         torch.testing.assert_close(fast[2][k], ref[2][k], atol=1e-12, rtol=1e-12)
+
+    leaves, pairs = _leaf_pairs(mod)
+    base = model[0].base_layer
+    dW = _plain_wara(pairs, mod.shape, cfg["levels"], cfg["wavelet"], _wara_scale(2, 3.0))
+    xr = x.clone().requires_grad_(True)
+    if host == "conv":
+        plain = F.conv2d(xr, base.weight + dW.reshape(base.weight.shape), base.bias, padding=1)
+    else:
+        plain = F.linear(xr, base.weight + dW, base.bias)
+    plain.square().sum().backward()
+    assert (plain - (F.conv2d(x, base.weight, base.bias, padding=1) if host == "conv"
+                     else F.linear(x, base.weight, base.bias))).abs().max() > 0.1  # the adapter's effect
+    torch.testing.assert_close(fast[0], plain.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast[1], xr.grad, atol=1e-10, rtol=1e-10)
+    for k, (b, a) in leaves.items():
+        torch.testing.assert_close(fast[2][f"B.{k}"], b.grad, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(fast[2][f"A.{k}"], a.grad, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("wavelet,levels,n", [("db8", 3, 8), ("sym4", 2, 4), ("coif2", 1, 2), ("db2", 3, 24)])
@@ -290,3 +381,6 @@ def test_effective_factors_are_the_lora_that_wara_is(host):
     assert up.shape == (mod.shape[0], down.shape[0]) and down.shape[1] == mod.shape[1]
     assert down.shape[0] == sum(b.shape[1] for b in mod.B.values())
     torch.testing.assert_close((up @ down).reshape(mod.host.weight_shape), mod.delta_weight())
+    _, pairs = _leaf_pairs(mod)  # and the formula, scale alpha / r = 1.5 from the config
+    plain = _plain_wara(pairs, mod.shape, 2, "db2", _wara_scale(2, 3.0)).float()
+    torch.testing.assert_close(up @ down, plain.detach(), atol=1e-6, rtol=1e-5)
