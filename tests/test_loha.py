@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters
+from conftest import Untouched, randomize_adapters
+from safetensors.torch import save_file
 from torch import nn
 
 import visionpeft as vp
@@ -408,3 +409,47 @@ def test_from_factors_keeps_one_alpha_and_folds_mixed_ones():
     mod.import_factors(fb)
     torch.testing.assert_close(mod.delta_weight(), _file_dw(fb))
     torch.testing.assert_close(mod.hada_w1_a, fb["hada_w1_a"] * 1.5)
+
+
+def _loha_entry(prefix, extra):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"hada_w1_a": (8, 2), "hada_w1_b": (2, 27), "hada_w2_a": (8, 2), "hada_w2_b": (2, 27)}
+    out = {f"{prefix}.{k}": torch.randn(*s, generator=g) for k, s in shapes.items()}
+    out[f"{prefix}.alpha"] = torch.tensor(2.0)
+    return {**out, **{f"{prefix}.{k}": torch.randn(*s, generator=g) for k, s in extra.items()}}
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"hada_t1": (2, 2, 3, 3), "hada_t2": (2, 2, 3, 3)}, r"lycoris_conv stores LoHa's Tucker cores \(\['hada_t1', "
+                                                         r"'hada_t2'\]\)"),
+    ({"dora_scale": (8, 1)}, r"lycoris_conv stores DoRA's magnitude vector \(\['dora_scale'\]\)"),
+])
+@pytest.mark.parametrize("how", ["load", "import", "hotswap"])
+def test_a_tucker_or_dora_loha_file_is_refused_and_the_model_untouched(tmp_path, extra, match, how):
+    """README: LoHa with Tucker cores and DoRA entries are refused with what was found,
+    by load, import and hot-swap alike, and the model is left as it was."""
+    path = tmp_path / "loha.safetensors"
+    save_file(_loha_entry("lycoris_conv", extra), str(path))
+    model = nn.ModuleDict({"conv": nn.Conv2d(3, 8, 3, padding=1)})
+    if how == "hotswap":
+        vp.inject(model, vp.LoHaConfig(r=2, alpha=2.0, target_modules="conv"), name="lh")
+        randomize_adapters(model)
+    kept = Untouched(model, tmp_path)
+    with pytest.raises(vp.InteropError, match=match):
+        if how == "load":
+            vp.load_adapter(model, path)
+        elif how == "import":
+            vp.import_adapter(model, path)
+        else:
+            vp.load_adapter(model, path, name="lh", hotswap=True)
+    kept.check()
+
+
+def test_a_weight_decomposed_loha_is_refused_by_the_layer_itself():
+    mod = LoHaModule(vp.LoHaConfig(r=2, target_modules="x"), HostSpec.from_module(nn.Linear(11, 7)))
+    before = [p.detach().clone() for p in mod.parameters()]
+    factors = {"hada_w1_a": torch.randn(7, 2), "hada_w1_b": torch.randn(2, 11), "hada_w2_a": torch.randn(7, 2),
+               "hada_w2_b": torch.randn(2, 11), "dora_scale": torch.ones(7, 1)}
+    with pytest.raises(ValueError, match=r"LoHa factors with \['dora_scale'\] .*weight-decomposed"):
+        mod.import_factors(factors)
+    assert all(torch.equal(a, b) for a, b in zip(before, mod.parameters()))

@@ -127,6 +127,53 @@ def test_mha_gradients_reach_the_factors():
         assert mod.lora_A.grad is not None and mod.lora_A.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("targets", [["0"], ["0[q,v]"], ["0[k,out]"]])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_gradients_equal_autograd_through_hand_written_attention(targets, batch_first):
+    """Gradients of every factor and of the input equal autograd through attention written
+    out by hand with W + (alpha/r) B A, each dW built from leaf copies of the factors."""
+    torch.manual_seed(0)
+    e, heads, alpha, r = 12, 3, 5.0, 2
+    mha = nn.MultiheadAttention(e, heads, batch_first=batch_first)
+    model = _single(mha, vp.LoRAConfig(r=r, alpha=alpha, target_modules=targets))
+    model.train()
+    parts = model[0].adapters["a"]
+    leaves = {p: (m.lora_A.detach().clone().requires_grad_(), m.lora_B.detach().clone().requires_grad_())
+              for p, m in parts.items()}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, e, generator=g)
+    weight = torch.randn(2, 5, e, generator=g)  # a loss that weighs every output differently
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    inp = x_ours if batch_first else x_ours.transpose(0, 1)
+    out = model[0](inp, inp, inp, need_weights=False)[0]
+    ((out if batch_first else out.transpose(0, 1)) * weight).sum().backward()
+
+    d_in, d_out = [], torch.zeros(e, e)
+    for part in ("q", "k", "v"):
+        whole = "in_proj" in leaves
+        a, b = leaves["in_proj"] if whole else leaves.get(part, (None, None))
+        if whole:
+            d_in = [(alpha / r) * b @ a]
+            break
+        d_in.append(torch.zeros(e, e) if a is None else (alpha / r) * b @ a)
+    d_in = torch.cat(d_in, 0)
+    if "out_proj" in leaves:
+        a, b = leaves["out_proj"]
+        d_out = (alpha / r) * b @ a
+    ref, _ = _manual_mha(x_ref, mha.in_proj_weight.detach() + d_in, mha.in_proj_bias.detach(),
+                         mha.out_proj.weight.detach() + d_out, mha.out_proj.bias.detach(), heads)
+    (ref * weight).sum().backward()
+
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    assert set(parts) == {"0": {"in_proj", "out_proj"}, "0[q,v]": {"q", "v"}, "0[k,out]": {"k", "out_proj"}}[targets[0]]
+    for p, mod in parts.items():
+        a, b = leaves[p]
+        assert b.grad.abs().max() > 1e-3, p  # randomised factors: both gradients are far from zero
+        torch.testing.assert_close(mod.lora_A.grad, a.grad, atol=1e-5, rtol=1e-5, msg=f"{p} lora_A")
+        torch.testing.assert_close(mod.lora_B.grad, b.grad, atol=1e-5, rtol=1e-5, msg=f"{p} lora_B")
+
+
 @pytest.mark.parametrize("shape", [(5, 13), (2, 3, 13)])
 def test_fused_add_gradients_match_autograd_reference(shape):
     """lora_add_linear (addmm-fused, in place) gives the same values and gradients as the

@@ -1,6 +1,11 @@
-import pytest, torch
-from conftest import ToyNet, Untouched, make_config, TOY_TARGETS
+"""`Untouched` (tests/conftest.py), the check every refused operation's test uses, sees
+each kind of change it promises to see, and a NaN that stays a NaN is no change."""
+import pytest
+import torch
+from conftest import ToyNet, Untouched, make_config
+
 import visionpeft as vp
+
 
 def test_untouched_sees_each_kind_of_change(tmp_path):
     torch.manual_seed(0)
@@ -8,7 +13,8 @@ def test_untouched_sees_each_kind_of_change(tmp_path):
     for change in ("value", "grad", "module", "hook", "adapter", "file"):
         kept = Untouched(m, tmp_path)
         if change == "value":
-            with torch.no_grad(): m.proj.weight.add_(1e-3)
+            with torch.no_grad():
+                m.proj.weight.add_(1e-3)
         elif change == "grad":
             m.proj.weight.requires_grad_(False)
         elif change == "module":
@@ -21,4 +27,6 @@ def test_untouched_sees_each_kind_of_change(tmp_path):
             (tmp_path / "f").write_text("x")
         with pytest.raises(AssertionError):
             kept.check()
+    with torch.no_grad():
+        m.conv.weight[0, 0, 0, 0] = float("nan")
     Untouched(m, tmp_path).check()

@@ -176,17 +176,25 @@ class AdaptedLayerBase(HostWrapper, abc.ABC):
         return out
 
     @torch.no_grad()
-    def merge(self, names, scales, keep_original: bool = True) -> None:
-        if self.merged_names:
-            raise RuntimeError("layer is already merged; unmerge first")
+    def merged_weights(self, names, scales) -> dict[str, torch.Tensor]:
+        """{key: W + sum of scale * dW} in the host's dtype, written nowhere; refused when a
+        value is not finite in that dtype (a float16 host overflows where fp32 would not)."""
         weights = self._weights()
         new = {}
         for key, total in self.deltas(names, scales, fp32=True).items():
             w = weights[key]
-            merged = _at_least_fp32(w) + total.to(w.device)
+            merged = (_at_least_fp32(w) + total.to(w.device)).to(w.dtype)
             if not torch.isfinite(merged).all():
-                raise ValueError(f"merging {names} gives non-finite weights; nothing was merged")
-            new[key] = merged.to(w.dtype)
+                raise ValueError(f"merging {names} gives non-finite weights in {w.dtype}; nothing was merged")
+            new[key] = merged
+        return new
+
+    @torch.no_grad()
+    def merge(self, names, scales, keep_original: bool = True) -> None:
+        if self.merged_names:
+            raise RuntimeError("layer is already merged; unmerge first")
+        weights = self._weights()
+        new = self.merged_weights(names, scales)
         for key, value in new.items():
             w = weights[key]
             if keep_original:

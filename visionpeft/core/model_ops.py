@@ -365,6 +365,11 @@ def merge(model: nn.Module, names=None, keep_original: bool = True) -> nn.Module
     if not_weight_space:
         raise ValueError(f"adapters {not_weight_space} have no weight-space form and cannot merge")
     layers = [m for m in adapted_layers(model).values() if any(n in m.adapters for n in names)]
+    if not keep_original:
+        # without kept copies a refusal halfway could only be undone by subtracting again,
+        # which is not exact: every layer is checked before any is written
+        for layer in layers:
+            layer.merged_weights(names, state.scales)
     done = []
     try:
         for layer in layers:

@@ -26,10 +26,10 @@ def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             for key, total in layer.deltas([name], state.scales, fp32=True).items():
                 w = weights[key]
-                value = w.float() + total.to(w.device)
+                value = (w.float() + total.to(w.device)).to(w.dtype)  # checked in the dtype written
                 if not torch.isfinite(value).all():
-                    raise ValueError(f"{lname}: merging {name!r} gives non-finite weights")
-                merged[id(w)] = value.to(w.dtype)
+                    raise ValueError(f"{lname}: merging {name!r} gives non-finite weights in {w.dtype}")
+                merged[id(w)] = value
     layers = adapted_layers(model)
     blocks = {n for n, m in layers.items() if isinstance(m, AdaptedBlock)}
     block_params = {id(p) for n in blocks for p in layers[n].adapters.parameters()}
