@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters
+from conftest import Untouched, randomize_adapters
 from torch import nn
 
 import visionpeft as vp
@@ -64,13 +64,17 @@ def test_gradients_match_the_explicit_form():
 
 
 def test_non_dividing_blocks_list_the_valid_ones():
-    model = nn.Sequential(nn.Linear(10, 6))
-    with pytest.raises(ValueError, match=r"n_blocks=4 does not divide the layer's input size \(10\); "
+    model = nn.Sequential(nn.Linear(8, 10), nn.Linear(10, 6))
+    kept = Untouched(model)
+    # the refused layer comes second: layer 0, which fits, must be left as it was too
+    with pytest.raises(ValueError, match=r"1: n_blocks=4 does not divide the layer's input size \(10\); "
                                          r"valid n_blocks: \[1, 2, 5, 10\]"):
-        vp.inject(model, vp.BlockLoRAConfig(n_blocks=4, r=1, target_modules=["0"]))
+        vp.inject(model, vp.BlockLoRAConfig(n_blocks=4, r=1, target_modules=["0", "1"]))
+    kept.check()
     with pytest.raises(ValueError, match=r"rank r=3 is larger .* use r <= 2"):
-        vp.inject(model, vp.BlockLoRAConfig(n_blocks=5, r=3, target_modules=["0"]))
-    assert isinstance(model[0], nn.Linear)
+        vp.inject(model, vp.BlockLoRAConfig(n_blocks=5, r=3, target_modules=["1"]))
+    kept.check()
+    assert isinstance(model[1], nn.Linear)
 
 
 def test_rank_stabilized_scale_and_input_dropout():
@@ -97,8 +101,10 @@ def test_rank_stabilized_scale_and_input_dropout():
         xd = F.dropout(x, 0.25, True)
         torch.testing.assert_close(out, host + 0.5 * F.linear(xd, B @ A0.repeat(1, 3)),
                                    atol=1e-5, rtol=1e-5)
+    kept = Untouched(model)
     with pytest.raises(vp.ConfigError, match="dropout"):
-        vp.BlockLoRAConfig(dropout=1.0, target_modules=["0"])
+        vp.inject(model, vp.BlockLoRAConfig(r=4, n_blocks=3, dropout=1.0, target_modules=["0"]), name="dropped")
+    kept.check()
 
 
 def test_an_input_with_zero_rows_gives_an_empty_output_and_gradient():

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ToyNet, randomize_adapters
+from conftest import ToyNet, Untouched, randomize_adapters
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,11 +39,6 @@ def _lora_small(seed=0, **kw):
     vp.inject(model, vp.LoRAConfig(r=3, alpha=5, target_modules=["conv", "fc1", "fc2"], **kw), name="a")
     randomize_adapters(model, seed)
     return model
-
-
-def _untouched(model):
-    st = vp.core.model_ops.get_state(model, required=False)
-    return st is None or not st.configs
 
 
 # --- PEFT -------------------------------------------------------------------------------
@@ -214,10 +209,14 @@ def test_a_diffusers_file_hot_swaps_into_a_compiled_lora(tmp_path):
         out = compiled(x)
     assert counter.frame_count == frames
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # conv and fc1 would take the file's rank 3, fc2 cannot: the refusal must leave all three
     small = Small()
-    vp.inject(small, vp.LoRAConfig(r=2, target_modules=["conv", "fc1", "fc2"]), name="a")
+    vp.inject(small, vp.LoRAConfig(r=4, rank_pattern={"fc2": 2}, target_modules=["conv", "fc1", "fc2"]), name="a")
+    randomize_adapters(small, 2)
+    kept = Untouched(small, tmp_path)
     with pytest.raises(vp.InteropError, match="does not fit rank 2"):
         vp.load_adapter(small, path, name="a", hotswap=True)
+    kept.check()
 
 
 def _lycoris_network_file(path, seed, std, **kw):
@@ -291,9 +290,10 @@ def test_decomposed_lokr_is_refused_and_the_model_untouched(tmp_path):
     save_file({"lycoris_fc1.lokr_w1": torch.randn(3, 2), "lycoris_fc1.lokr_w2_a": torch.randn(4, 1),
                "lycoris_fc1.lokr_w2_b": torch.randn(1, 4)}, str(tmp_path / "d.safetensors"))
     model = Small()
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match=r"fc1 stores LoKr with low-rank w1/w2"):
         vp.import_adapter(model, tmp_path / "d.safetensors")
-    assert _untouched(model)
+    kept.check()
 
 
 # --- LyCORIS LoHa -------------------------------------------------------------------------
@@ -360,8 +360,11 @@ def test_lycoris_loha_network_imports_as_loha_and_hot_swaps(tmp_path):
         torch.testing.assert_close(target(x), expected, atol=1e-5, rtol=1e-5)
         assert (target_before - expected).abs().max() > 1e-2
     # a LoRA adapter cannot take LoHa factors
+    lora = _lora_small()
+    kept = Untouched(lora, tmp_path)
     with pytest.raises(vp.InteropError, match="holds loha factors; 'a' is lora"):
-        vp.load_adapter(_lora_small(), tmp_path / "loha.safetensors", name="a", hotswap=True)
+        vp.load_adapter(lora, tmp_path / "loha.safetensors", name="a", hotswap=True)
+    kept.check()
 
 
 def test_tucker_loha_is_refused_and_the_model_untouched(tmp_path):
@@ -369,9 +372,10 @@ def test_tucker_loha_is_refused_and_the_model_untouched(tmp_path):
                "lycoris_fc1.hada_w2_a": torch.randn(12, 2), "lycoris_fc1.hada_w2_b": torch.randn(2, 8),
                "lycoris_fc1.hada_t1": torch.randn(2, 2, 1, 1)}, str(tmp_path / "t.safetensors"))
     model = Small()
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match="fc1 stores LoHa's Tucker cores"):
         vp.import_adapter(model, tmp_path / "t.safetensors")
-    assert _untouched(model)
+    kept.check()
 
 
 # --- merged and SVD -----------------------------------------------------------------------
@@ -400,8 +404,10 @@ def test_svd_export_reports_the_truncation_error(tmp_path):
     model = Small()
     vp.inject(model, vp.WaRAConfig(r=2, target_modules=["fc1", "fc2", "conv"]), name="w")
     randomize_adapters(model)
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match="rank="):
         vp.export(model, tmp_path / "x", format="peft")
+    kept.check()
     dW = vp.delta_weight(model, "fc1")
     S = torch.linalg.svdvals(dW)
     report = vp.export(model, tmp_path / "r1", format="peft", rank=1)
@@ -420,31 +426,28 @@ def test_svd_export_reports_the_truncation_error(tmp_path):
 # --- bad input ----------------------------------------------------------------------------
 def test_bad_files_are_refused_with_what_was_found(tmp_path):
     model = Small()
-    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
-    with pytest.raises(vp.InteropError, match="not a readable safetensors"):
-        vp.import_adapter(model, tmp_path / "junk.safetensors")
     good = _lora_small()
     path = vp.export(good, tmp_path / "k.safetensors", format="kohya").path
     data = path.read_bytes()
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(vp.InteropError, match="truncated"):
-        vp.import_adapter(model, tmp_path / "cut.safetensors")
     save_file({"weird.key": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(vp.InteropError, match="no known adapter layout"):
-        vp.import_adapter(model, tmp_path / "other.safetensors")
     save_file({"lora_unet_nope.lora_down.weight": torch.zeros(2, 8), "lora_unet_nope.lora_up.weight":
                torch.zeros(12, 2)}, str(tmp_path / "nomatch.safetensors"))
-    with pytest.raises(vp.InteropError, match="lora_unet_nope"):
-        vp.import_adapter(model, tmp_path / "nomatch.safetensors")
     save_file({"lora_unet_fc1.lora_down.weight": torch.zeros(2, 9), "lora_unet_fc1.lora_up.weight":
                torch.zeros(12, 2)}, str(tmp_path / "shape.safetensors"))
-    with pytest.raises(vp.InteropError, match="fc1"):
-        vp.import_adapter(model, tmp_path / "shape.safetensors")
-    assert _untouched(model)
+    kept, kept_good = Untouched(model, tmp_path), Untouched(good, tmp_path)
+    for file, match in (("junk", "not a readable safetensors"), ("cut", "truncated"),
+                        ("other", "no known adapter layout"), ("nomatch", "lora_unet_nope"), ("shape", "fc1")):
+        with pytest.raises(vp.InteropError, match=match):
+            vp.import_adapter(model, tmp_path / f"{file}.safetensors")
+        kept.check()
     with pytest.raises(ValueError, match="format must be one of"):
         vp.export(good, tmp_path / "x", format="ckpt")
+    kept_good.check()
     with pytest.raises(vp.InteropError, match="KronA"):
         vp.export(good, tmp_path / "x.safetensors", format="lycoris")
+    kept_good.check()
 
 
 class Nested(nn.Module):
@@ -498,21 +501,28 @@ def test_exact_targets_mixed_ranks_and_layouts_other_tools_cannot_hold(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(_img()), small(_img()), atol=1e-5, rtol=1e-5)
     vp.inject(model, vp.LoRAConfig(r=2, target_modules=["re:a_b", "re:a\\.b"]), name="clash")
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match="flatten to the kohya name"):
         vp.export(model, tmp_path / "c.safetensors", name="clash", format="kohya")
+    kept.check()
     save_file({"lora_unet_a_b.lora_down.weight": torch.zeros(1, 8), "lora_unet_a_b.lora_up.weight":
                torch.zeros(8, 1)}, str(tmp_path / "ab.safetensors"))
+    nested = Nested()
+    kept = Untouched(nested, tmp_path)
     with pytest.raises(vp.InteropError, match="share the kohya name"):
-        vp.import_adapter(Nested(), tmp_path / "ab.safetensors")
+        vp.import_adapter(nested, tmp_path / "ab.safetensors")
+    kept.check()
 
 
 def test_grouped_and_dilated_convs_are_refused_where_loaders_build_conv_layers(tmp_path):
     model = Nested()
     vp.inject(model, vp.LoRAConfig(r=2, target_modules=["grouped", "dilated"]), name="c")
     randomize_adapters(model)
+    kept = Untouched(model, tmp_path)
     for fmt in ("peft", "diffusers"):
         with pytest.raises(vp.InteropError, match="groups=2"):
             vp.export(model, tmp_path / fmt, format=fmt)
+        kept.check()
     with pytest.warns(UserWarning, match="weight-patching|patch weights"):
         path = vp.export(model, tmp_path / "k.safetensors", format="kohya").path
     x = torch.randn(3, 8)
@@ -545,9 +555,10 @@ def test_a_diffusers_file_for_two_models_goes_to_the_one_that_fits(tmp_path):
     save_file(both, str(tmp_path / "both.safetensors"))
     torch.manual_seed(0)
     blank = Small()
+    kept = Untouched(blank, tmp_path)
     with pytest.raises(vp.InteropError, match=r"holds LoRAs for \['transformer', 'unet'\]; say which with prefix"):
         vp.load_adapter(blank, tmp_path / "both.safetensors")
-    assert _untouched(blank)
+    kept.check()
     vp.load_adapter(blank, tmp_path / "both.safetensors", prefix="transformer")
     with torch.no_grad():
         torch.testing.assert_close(blank(x), expected, atol=1e-5, rtol=1e-5)
@@ -558,27 +569,33 @@ def test_a_file_whose_dw_has_another_shape_is_refused_naming_both(tmp_path):
     save_file({"lora_unet_conv.lora_down.weight": torch.randn(2, 3, 1, 9),
                "lora_unet_conv.lora_up.weight": torch.randn(8, 2, 1, 1)}, str(tmp_path / "k.safetensors"))
     model = Small()
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match=r"conv: the file gives dW \(8, 3, 1, 9\), the layer's weight is "
                                               r"\(8, 3, 3, 3\)"):
         vp.load_adapter(model, tmp_path / "k.safetensors")
-    assert _untouched(model)
+    kept.check()
     # a file for a wider layer: named as a shape problem, not as a rank
     save_file({"unet.fc1.lora_A.weight": torch.randn(8, 64), "unet.fc1.lora_B.weight": torch.randn(64, 8)},
               str(tmp_path / "wide.safetensors"))
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match=r"fc1: the file gives dW \(64, 64\), the layer's weight is \(12, 8\)"):
         vp.load_adapter(model, tmp_path / "wide.safetensors")
+    kept.check()
     loaded = _lora_small()
+    kept = Untouched(loaded, tmp_path)
     with pytest.raises(vp.InteropError, match=r"fc1: the file gives dW \(64, 64\)"):
         vp.load_adapter(loaded, tmp_path / "wide.safetensors", name="a", hotswap=True)
+    kept.check()
 
 
 def test_a_lora_pair_of_two_ranks_is_refused_with_the_module(tmp_path):
     save_file({"unet.fc1.lora_A.weight": torch.randn(2, 8), "unet.fc1.lora_B.weight": torch.randn(12, 3)},
               str(tmp_path / "r.safetensors"))
     model = Small()
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.InteropError, match="fc1: down has rank 2, up rank 3"):
         vp.load_adapter(model, tmp_path / "r.safetensors")
-    assert _untouched(model)
+    kept.check()
 
 
 def test_interop_calls_on_our_own_folder_say_what_it_is(tmp_path):
@@ -725,11 +742,15 @@ def test_a_peft_folder_with_a_trained_head_from_peft_imports_and_misfits_are_ref
     vp.load_adapter(fresh, tmp_path / "p", name="imported")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), peft_model(x), atol=1e-5, rtol=1e-5)
+    randomize_adapters(fresh, 5)  # other factors than the file's, so that a partial write shows
+    kept = Untouched(fresh, tmp_path)
     with pytest.raises(vp.InteropError, match="also holds modules trained in full"):
         vp.load_adapter(fresh, tmp_path / "p", name="imported", hotswap=True)
+    kept.check()
+    kept = Untouched(small, tmp_path)
     with pytest.raises(vp.InteropError):
         vp.import_adapter(small, tmp_path / "p")
-    assert _untouched(small)
+    kept.check()
 
 
 def test_factor_formats_still_warn_that_modules_to_save_stay_behind(tmp_path):

@@ -1,5 +1,6 @@
 """save_adapter / load_adapter: identical outputs, strict checks, atomic writes."""
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,12 +8,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import METHOD_CONFIGS, TOY_TARGETS, ToyNet, make_config, randomize_adapters, toy_inputs
+from conftest import (BLOCK_METHOD_CONFIGS, METHOD_CONFIGS, TOY_TARGETS, ToyNet, Untouched, make_config,
+                      randomize_adapters, toy_inputs)
 from safetensors import safe_open
 from torch import nn
 
 import visionpeft as vp
 import visionpeft.core.io as vpio
+from visionpeft.backbones import presets
+from visionpeft.backbones.tiny import build_tiny, example_inputs, run_host
 
 METHODS = sorted(METHOD_CONFIGS)
 
@@ -76,14 +80,11 @@ def test_load_in_a_fresh_process_gives_identical_outputs(tmp_path):
 def test_load_into_other_shapes_raises_and_leaves_model_unchanged(tmp_path):
     vp.save_adapter(_trained("lora"), tmp_path / "dog", name="dog")
     other = ToyNet(dim=18).eval()
-    sd = {k: v.clone() for k, v in other.state_dict().items()}
-    modules = dict(other.named_modules())
+    kept = Untouched(other, tmp_path)
     with pytest.raises(vp.AdapterFileError, match=r"layer qkv: the adapter was saved for a linear weight of "
                                                   r"shape \(45, 15\), this model.s is a linear of shape \(54, 18\)"):
         vp.load_adapter(other, tmp_path / "dog")
-    assert dict(other.named_modules()) == modules
-    assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
-    assert all(p.requires_grad for p in other.parameters())
+    kept.check()
 
 
 def test_tensor_shape_mismatch_names_the_tensor(tmp_path):
@@ -93,10 +94,11 @@ def test_tensor_shape_mismatch_names_the_tensor(tmp_path):
     cfg["config"]["r"] = 2  # the file's tensors hold rank 3
     (tmp_path / "dog" / vpio.CONFIG_NAME).write_text(json.dumps(cfg))
     fresh = ToyNet().eval()
+    kept = Untouched(fresh, tmp_path)
     with pytest.raises(vp.AdapterFileError,
                        match=r"qkv\[q\].lora_A: the file holds shape \(3, 15\), the model needs \(2, 15\)"):
         vp.load_adapter(fresh, tmp_path / "dog")
-    assert not any("Adapted" in type(m).__name__ for m in fresh.modules())
+    kept.check()
 
 
 def test_interrupted_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch):
@@ -113,10 +115,10 @@ def test_interrupted_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch
         raise KeyboardInterrupt("power cut")
 
     monkeypatch.setattr(vpio, "save_file", broken_save)
+    kept = Untouched(model, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         vp.save_adapter(model, tmp_path / "dog", name="dog")
-    assert [p.name for p in tmp_path.iterdir()] == ["dog"]  # no temporary left behind
-    fresh = ToyNet().eval()
+    kept.check()  # no temporary left behind, the model as it was
     torch.manual_seed(0)
     fresh = ToyNet().eval()
     vp.load_adapter(fresh, tmp_path / "dog")
@@ -125,29 +127,38 @@ def test_interrupted_save_leaves_previous_adapter_loadable(tmp_path, monkeypatch
 
 
 def test_foreign_folders_go_to_import_and_future_versions_are_refused(tmp_path):
+    host = ToyNet()  # one model for every refusal: each must leave it as it was
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / vpio.CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    kept = Untouched(host, tmp_path)
     with pytest.raises(vp.InteropError, match="no adapter_model.safetensors"):
-        vp.load_adapter(ToyNet(), tmp_path / "peft")  # read as PEFT, which has no weights here
+        vp.load_adapter(host, tmp_path / "peft")  # read as PEFT, which has no weights here
+    kept.check()
     vp.save_adapter(_trained("lora"), tmp_path / "dog", name="dog")
     doc = json.loads((tmp_path / "dog" / vpio.CONFIG_NAME).read_text())
     doc["format_version"] = 99
     (tmp_path / "dog" / vpio.CONFIG_NAME).write_text(json.dumps(doc))
+    kept = Untouched(host, tmp_path)
     with pytest.raises(vp.AdapterFileError, match="upgrade visionpeft"):
-        vp.load_adapter(ToyNet(), tmp_path / "dog")
+        vp.load_adapter(host, tmp_path / "dog")
+    kept.check()
     # a folder whose subfolders hold adapters (a DreamBooth run's adapter/) names them
     with pytest.raises(vp.AdapterFileError, match=r"has no adapter_config.json: its subfolders \['dog', 'peft'\]"):
-        vp.load_adapter(ToyNet(), tmp_path)
+        vp.load_adapter(host, tmp_path)
+    kept.check()
     # and one level further (a DreamBooth output_dir holds adapter/unet, adapter/text_encoder)
     run = tmp_path / "run"
     vp.save_adapter(_trained("lora"), run / "adapter" / "unet", name="dog")
     (run / "checkpoint-5").mkdir()
+    (tmp_path / "empty").mkdir()
+    kept = Untouched(host, tmp_path)
     with pytest.raises(vp.AdapterFileError, match=r"its subfolders \['adapter/unet'\] hold adapters; pass the one "
                                                   r"for this model, e.g. .*run/adapter/unet"):
-        vp.load_adapter(ToyNet(), run)
-    (tmp_path / "empty").mkdir()
+        vp.load_adapter(host, run)
+    kept.check()
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
-        vp.load_adapter(ToyNet(), tmp_path / "empty")
+        vp.load_adapter(host, tmp_path / "empty")
+    kept.check()
 
 
 def test_two_adapters_saved_and_loaded_side_by_side(tmp_path):
@@ -165,8 +176,10 @@ def test_two_adapters_saved_and_loaded_side_by_side(tmp_path):
     vp.load_adapter(fresh, tmp_path / "style")
     with torch.no_grad():
         assert torch.equal(fresh(x, img), expected)
+    kept = Untouched(fresh, tmp_path)
     with pytest.raises(ValueError, match="already has an adapter named 'dog'"):
         vp.load_adapter(fresh, tmp_path / "dog")
+    kept.check()
 
 
 def _small_lora(seed, alpha=4):
@@ -207,36 +220,76 @@ def test_hotswap_refuses_other_shapes_and_configs(tmp_path):
     wider = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
     vp.inject(wider, vp.LoRAConfig(r=3, target_modules=["0", "2"]), name="a")
     vp.save_adapter(wider, tmp_path / "r3", name="a")
-    before = {n: p.clone() for n, p in model.named_parameters()}
+    randomize_adapters(model, seed=2)  # tensors other than the file's, so that a partial copy shows
+    kept = Untouched(model, tmp_path)
     with pytest.raises(vp.AdapterFileError, match=r"\['r'\]"):
         vp.load_adapter(model, tmp_path / "r3", name="a", hotswap=True)
+    kept.check()
     with pytest.raises(KeyError, match="loaded adapter"):
         vp.load_adapter(model, tmp_path / "same", name="zzz", hotswap=True)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    kept.check()
 
 
-def test_hotswap_ignores_dropout_for_every_method(tmp_path):
-    """Dropout touches no stored tensor, so files that differ only in it hot-swap (Block-LoRA
-    gained the field; other fields that differ are still refused)."""
-    def block_lora(seed, **kw):
-        torch.manual_seed(0)  # the same host; adapters differ by seed
-        m = nn.Sequential(nn.Linear(8, 5))
-        vp.inject(m, vp.BlockLoRAConfig(r=2, n_blocks=2, target_modules=["0"], **kw), name="a")
-        randomize_adapters(m, seed=seed)
-        return m.eval()
+# per registered method: a config field that is neither targeting, runtime nor folded, and
+# a value for it that keeps every tensor's shape, so that only the config check can refuse
+REFUSED_FIELD = {"lora": ("r", 4), "krona": ("a1", 3), "loha": ("r", 4), "wara": ("wavelet", "haar"),
+                 "snell": ("sparsity", 0.25), "block_lora": ("rank_stabilized", True),
+                 "adapter": ("activation", "relu"), "earth_adapter": ("cutoff_ratio", 0.25)}
 
-    other = block_lora(7, dropout=0.3)
+
+def _any_method(method, seed, **kw):
+    """``method`` on a host it adapts (weight-space methods on ToyNet's layers, block
+    methods on the tiny ViT's blocks), its adapter "a" at random -> (model, forward)."""
+    torch.manual_seed(0)
+    if method in BLOCK_METHOD_CONFIGS:
+        model = build_tiny("timm_vit")
+        config, inputs = BLOCK_METHOD_CONFIGS[method](presets.TIMM_BLOCKS, **kw), example_inputs("timm_vit")
+        forward = lambda m: run_host("timm_vit", m, inputs)  # noqa: E731
+    else:
+        model = ToyNet().eval()
+        config, (x, img) = make_config(method, TOY_TARGETS, **kw), toy_inputs()
+        forward = lambda m: m(x, img)  # noqa: E731
+    vp.inject(model, config, name="a")
+    randomize_adapters(model, seed=seed, std=0.05 if method in BLOCK_METHOD_CONFIGS else 0.2)
+    return model.eval(), forward
+
+
+@pytest.mark.parametrize("method", vp.list_methods())
+def test_hotswap_ignores_dropout_and_refuses_other_fields_for_every_method(tmp_path, method):
+    """Every registered method: a file with other tensors hot-swaps in (the same
+    parameter objects, the file's outputs). Where the config has a dropout (lora, loha,
+    block_lora, adapter; krona, wara, snell and earth_adapter have none, so for them
+    the file differs in tensors only), the file's dropout differs and is ignored: it
+    touches no stored tensor and the loaded config keeps its own. A file that differs
+    in a field that changes what the tensors mean is refused, the model untouched."""
+    assert set(REFUSED_FIELD) == set(vp.list_methods()), "give a new method a field a hot-swap refuses"
+    config_cls = vp.get_method(method).config_cls
+    has_dropout = "dropout" in {f.name for f in dataclasses.fields(config_cls)}
+    other, forward = _any_method(method, 7, **({"dropout": 0.3} if has_dropout else {}))
     vp.save_adapter(other, tmp_path / "d", name="a")
-    model = block_lora(1)
-    x = torch.randn(3, 8)
+    model, _ = _any_method(method, 1)
+    params = [id(p) for p in model.parameters()]
     with torch.no_grad():
-        assert not torch.allclose(model(x), other(x))
+        want = forward(other)
+        assert not torch.allclose(forward(model), want)
     vp.load_adapter(model, tmp_path / "d", name="a", hotswap=True)
+    assert [id(p) for p in model.parameters()] == params
+    if has_dropout:
+        assert vp.core.model_ops.get_state(model).configs["a"].dropout == 0.0
     with torch.no_grad():
-        torch.testing.assert_close(model(x), other(x))
-    vp.save_adapter(block_lora(7, rank_stabilized=True), tmp_path / "rs", name="a")
-    with pytest.raises(vp.AdapterFileError, match="rank_stabilized"):
-        vp.load_adapter(model, tmp_path / "rs", name="a", hotswap=True)
+        torch.testing.assert_close(forward(model), want)
+
+    field, value = REFUSED_FIELD[method]
+    refused, _ = _any_method(method, 3)
+    vp.save_adapter(refused, tmp_path / "f", name="a")
+    doc = json.loads((tmp_path / "f" / vpio.CONFIG_NAME).read_text())
+    assert field in doc["config"] and doc["config"][field] != value
+    doc["config"][field] = value
+    (tmp_path / "f" / vpio.CONFIG_NAME).write_text(json.dumps(doc))
+    kept = Untouched(model, tmp_path)
+    with pytest.raises(vp.AdapterFileError, match=rf"config fields \['{field}'\] differ"):
+        vp.load_adapter(model, tmp_path / "f", name="a", hotswap=True)
+    kept.check()
 
 
 def test_an_adapter_of_only_modules_to_save_round_trips(tmp_path):
@@ -258,17 +311,20 @@ def test_save_refuses_a_file_or_a_folder_holding_other_files_and_touches_nothing
     vp.inject(model, vp.LoRAConfig(r=2, target_modules=["0"]))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"someone's weights")
+    kept = Untouched(model, tmp_path)
     with pytest.raises(FileExistsError, match="is a file"):
         vp.save_adapter(model, weights)
+    kept.check()
     assert weights.read_bytes() == b"someone's weights"
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "notes.txt").write_text("keep me")
+    kept = Untouched(model, tmp_path)
     for save in (lambda p: vp.save_adapter(model, p), lambda p: vp.export(model, p, format="peft")):
         with pytest.raises(FileExistsError, match="notes.txt"):
             save(project)
-        assert sorted(p.name for p in project.iterdir()) == ["data", "notes.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "project"]  # no temporaries left
+        kept.check()  # no file added, no temporaries left, the model as it was
+    assert (project / "notes.txt").read_text() == "keep me"
     own = vp.save_adapter(model, tmp_path / "adapter")
     vp.save_adapter(model, own)  # a folder a save wrote is replaced
     assert sorted(p.name for p in own.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -294,10 +350,10 @@ def test_hotswap_scales_each_layer_at_its_own_rank(tmp_path):
     vp.inject(wide, vp.LoRAConfig(r=3, target_modules=["0", "2"]))
     randomize_adapters(wide, 3)
     vp.export(wide, tmp_path / "peft", format="peft")
-    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    kept = Untouched(dst, tmp_path)
     with pytest.raises(vp.InteropError, match="file rank 3 .* rank 2"):
         vp.load_adapter(dst, tmp_path / "peft", name="default", hotswap=True)
-    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    kept.check()
 
 
 def test_export_to_a_factor_format_warns_that_modules_to_save_stay_behind(tmp_path):
@@ -316,8 +372,10 @@ def test_save_refuses_a_folder_with_a_foreign_file_in_a_subfolder_it_would_write
 
     write_dir(tmp_path / "out", write)
     (tmp_path / "out" / "unet" / "my_notes.txt").write_text("keep me")
+    kept = Untouched(nn.Module(), tmp_path)  # no model here: the folder is what must stay
     with pytest.raises(FileExistsError, match="unet/my_notes.txt"):
         write_dir(tmp_path / "out", write)
+    kept.check()
     assert (tmp_path / "out" / "unet" / "my_notes.txt").read_text() == "keep me"
 
 
@@ -327,8 +385,11 @@ def test_a_truncated_weights_file_is_an_adapter_file_error_naming_it(tmp_path):
     folder = vp.save_adapter(model, tmp_path / "a")
     weights = folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])
+    fresh = nn.Sequential(nn.Linear(4, 4))
+    kept = Untouched(fresh, tmp_path)
     with pytest.raises(vp.AdapterFileError, match="adapter_model.safetensors is not a readable"):
-        vp.load_adapter(nn.Sequential(nn.Linear(4, 4)), folder)
+        vp.load_adapter(fresh, folder)
+    kept.check()
 
 
 @pytest.mark.parametrize("method, alphas", [("lora", (8.0, 3.0)), ("krona", (0.5, 2.0)), ("loha", (5.0, 2.0))])
@@ -382,8 +443,11 @@ def test_export_as_visionpeft_is_save_adapter(tmp_path):
     vp.load_adapter(fresh, report.path)
     with torch.no_grad():
         assert torch.equal(fresh(x, img), model(x, img))
+    kept = Untouched(model, tmp_path)
     with pytest.raises(ValueError, match="takes no rank or prefix"):
         vp.export(model, tmp_path / "again", format="visionpeft", rank=4)
+    kept.check()
     with pytest.raises(ValueError,
                        match=r"format must be one of \['peft', 'lycoris', 'kohya', 'diffusers', 'merged'\]"):
         vp.export(model, tmp_path / "x", format="nope")
+    kept.check()
