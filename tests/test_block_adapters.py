@@ -419,3 +419,21 @@ def test_block_sizes_read_a_host_submodule_called_adapters_and_skip_our_own():
     layer = host[0].adapters[2]
     layer.adapters["inner"]["full"].register_module("tail", nn.Linear(2, 3))
     assert HostSpec.for_block(host[0]).weight_shape == (10, 6)
+
+
+def test_calling_the_wrapped_block_directly_runs_its_adapters():
+    """The adapters act through hooks on the host block, so code that holds the block
+    itself (``wrapper.base_layer``) gets the adapted output too."""
+    torch.manual_seed(0)
+    model = Net()
+    vp.inject(model, vp.AdapterConfig(bottleneck=3, target_modules=["block2"]), name="o")
+    randomize_adapters(model)
+    wrapper = dict(vp.core.model_ops.adapted_layers(model))["block2"]
+    h = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        through_wrapper = wrapper(h)[0]
+        direct = wrapper.base_layer(h)[0]
+        with vp.disabled(model):
+            bare = wrapper.base_layer(h)[0]
+    torch.testing.assert_close(direct, through_wrapper)
+    assert (direct - bare).abs().max() > 1e-3

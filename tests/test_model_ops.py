@@ -457,3 +457,55 @@ def test_a_non_finite_merged_export_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"1: merging 'a' gives non-finite weights"):
         vp.export(model, tmp_path / "merged.safetensors", format="merged")
     kept.check()
+
+
+def test_inject_adds_to_the_active_set_and_both_updates_add():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    base = copy.deepcopy(model)
+    vp.inject(model, make_config("lora", ["0"]), name="a")
+    vp.inject(model, make_config("lora", ["0"]), name="b")
+    randomize_adapters(model, seed=3)
+    assert vp.active_adapters(model) == ("a", "b")  # the new one beside those already active
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        both, ref = model(x), base(x)
+        vp.set_active(model, ["a"])
+        only_a = model(x)
+        vp.set_active(model, ["b"])
+        only_b = model(x)
+    torch.testing.assert_close(both - ref, (only_a - ref) + (only_b - ref), atol=1e-6, rtol=1e-5)
+    assert (only_a - ref).abs().max() > 1e-2 and (only_b - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_disabled_on_a_merged_model_gives_the_base_and_the_merge_back(keep_original):
+    base, model = _adapted("lora")
+    x, img = toy_inputs()
+    with torch.no_grad():
+        live, ref = model(x, img), base(x, img)
+        vp.merge(model, keep_original=keep_original)
+        with vp.disabled(model):
+            inside = model(x, img)
+        after = model(x, img)
+    torch.testing.assert_close(inside, ref, atol=1e-5, rtol=1e-5)
+    if keep_original:
+        assert torch.equal(inside, ref) or (inside - ref).abs().max() < 1e-6  # the kept weights themselves
+    torch.testing.assert_close(after, live, atol=1e-5, rtol=1e-5)
+    assert vp.core.model_ops.get_state(model).merged == ("a",)
+    assert (live - ref).abs().max() > 1e-2
+
+
+def test_the_weights_kept_while_merged_follow_to():
+    """merge keeps the host weights; .double() while merged casts the kept copies too, so
+    unmerge and remove give the cast originals bit for bit."""
+    base, model = _adapted("lora")
+    vp.merge(model)
+    model.double()
+    vp.unmerge(model)
+    vp.remove(model)
+    want = base.double().state_dict()
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
