@@ -757,3 +757,50 @@ def test_factor_formats_still_warn_that_modules_to_save_stay_behind(tmp_path):
     model = _headed_with_trained_head()
     with pytest.warns(UserWarning, match=r"modules_to_save: \['head'\]"):
         vp.export(model, tmp_path / "k.safetensors", format="kohya")
+
+
+def test_a_hot_swapped_file_runs_under_the_adapters_own_scale(tmp_path):
+    """The loaded adapter's `set_scale` multiplies the file's dW: after a hot-swap at scale
+    0.5 the model is the file's source model at scale 0.5."""
+    source = _lora_small(seed=0)  # the same host weights as the target's, other factors
+    randomize_adapters(source, seed=7)
+    vp.export(source, tmp_path / "f.safetensors", name="a", format="diffusers")
+    target = _lora_small(seed=0)
+    vp.set_scale(target, "a", 0.5)
+    vp.load_adapter(target, tmp_path / "f.safetensors", name="a", hotswap=True)
+    vp.set_scale(source, "a", 0.5)
+    x = _img()
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), atol=1e-5, rtol=1e-5)
+        vp.set_scale(source, "a", 1.0)
+        assert (target(x) - source(x)).abs().max() > 1e-3  # the scale matters here
+
+
+def test_every_written_lora_file_says_alpha_equals_its_rank(tmp_path):
+    """Each LoRA file carries its scale in the up factor and states alpha = r, so every
+    reader applies alpha / r = 1: kohya's per-module `.alpha`, PEFT's `lora_alpha` (and no
+    per-module alpha pattern that says otherwise), diffusers' files (no alphas: scale 1)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    model = _lora_small()  # r 3, alpha 5: the written files must fold 5 / 3 in
+    vp.export(model, tmp_path / "k.safetensors", name="a", format="kohya")
+    kohya = load_file(str(tmp_path / "k.safetensors"))
+    alphas = {k: float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    downs = {k[:-len(".lora_down.weight")]: v.shape[0] for k, v in kohya.items() if k.endswith(".lora_down.weight")}
+    assert len(alphas) == len(downs) == 3
+    assert all(alphas[f"{stem}.alpha"] == rank for stem, rank in downs.items())
+    vp.export(model, tmp_path / "p", name="a", format="peft")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == cfg["r"] == 3
+    assert all(cfg.get("alpha_pattern", {}).get(k, cfg["r"]) == cfg.get("rank_pattern", {}).get(k, cfg["r"])
+               for k in set(cfg.get("alpha_pattern", {})) | set(cfg.get("rank_pattern", {})))
+    vp.export(model, tmp_path / "d.safetensors", name="a", format="diffusers")
+    assert not any("alpha" in k for k in load_file(str(tmp_path / "d.safetensors")))
+    x = _img()  # and the written up factors carry the 5 / 3: the file's LoRA is the model's
+    torch.manual_seed(0)
+    fresh = Small()  # the host weights _lora_small(seed=0) has
+    vp.load_adapter(fresh, tmp_path / "k.safetensors", name="a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
