@@ -509,3 +509,36 @@ def test_the_weights_kept_while_merged_follow_to():
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_adapted_mha_with_masks_is_torchs_mha_at_w_plus_dw(batch_first):
+    """Masks (key padding, a per-head float mask, causal), need_weights and batch_first
+    behave as in torch: the wrapper equals a plain nn.MultiheadAttention whose in_proj and
+    out_proj weights are W + dW, built in the test from the LoRA factors."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(12, 3, batch_first=batch_first)
+    plain = copy.deepcopy(attn)
+    model = torch.nn.Sequential(attn)
+    vp.inject(model, vp.LoRAConfig(r=2, alpha=4, target_modules=["0"]), name="a")  # in_proj and out_proj
+    randomize_adapters(model)
+    with torch.no_grad():
+        for key, target in (("in_proj", plain.in_proj_weight), ("out_proj", plain.out_proj.weight)):
+            (mod,) = [m for n, m in model.named_modules() if n.endswith(f"adapters.a.{key}")]
+            target += 2.0 * mod.lora_B @ mod.lora_A  # alpha / r = 2, from the config
+    q = torch.randn(3, 5, 12) if batch_first else torch.randn(5, 3, 12)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, -2:] = True
+    per_head = torch.randn(3 * 3, 5, 5)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        for kwargs in ({"key_padding_mask": pad, "attn_mask": per_head, "average_attn_weights": False},
+                       {"attn_mask": causal, "is_causal": True}, {"key_padding_mask": pad, "need_weights": False}):
+            got, got_w = model[0](q, q, q, **kwargs)
+            want, want_w = plain(q, q, q, **kwargs)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert (got_w is None) == (want_w is None)
+            if want_w is not None:
+                torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+            with vp.disabled(model):
+                assert (model[0](q, q, q, **kwargs)[0] - got).abs().max() > 1e-3  # the adapter acts
