@@ -347,15 +347,19 @@ class DreamBoothTask(Task):
         else:
             target = noise
         per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        n_inst = len(batch["instance"])
         if cfg.snr_gamma:
+            # min-SNR weighting (Hang et al., arXiv 2303.09556) of the instance rows only, as the
+            # diffusers DreamBooth scripts do: the prior-preservation loss stays unweighted.
+            # v-prediction takes the paper's min(snr, gamma) / (snr + 1), as diffusers'
+            # text-to-image script does (its DreamBooth scripts add 1 to the epsilon weight)
             from diffusers.training_utils import compute_snr
 
-            snr = compute_snr(self.noise_scheduler, t)
+            snr = compute_snr(self.noise_scheduler, t[:n_inst])
             weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
             if self.noise_scheduler.config.prediction_type == "v_prediction":
                 weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)
-            per_sample = per_sample * weight
-        n_inst = len(batch["instance"])
+            per_sample = torch.cat([per_sample[:n_inst] * weight, per_sample[n_inst:]])
         loss = per_sample[:n_inst].mean()
         logs = {"instance_loss": loss.detach()}
         if batch["class"] is not None:
