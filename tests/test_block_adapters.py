@@ -437,3 +437,20 @@ def test_calling_the_wrapped_block_directly_runs_its_adapters():
             bare = wrapper.base_layer(h)[0]
     torch.testing.assert_close(direct, through_wrapper)
     assert (direct - bare).abs().max() > 1e-3
+
+
+def test_down_is_nn_linears_default_init_and_up_is_zero():
+    """README (Adapter): `down` Kaiming-uniform (nn.Linear's init, bias included) from the
+    same generator state, `up` zero-initialised: a new adapter is the identity."""
+    model = nn.Sequential(nn.Linear(12, 10))
+    torch.manual_seed(5)
+    vp.inject(model, vp.AdapterConfig(bottleneck=4, target_modules=["0"]))
+    mod = _adapter(model, "0")
+    torch.manual_seed(5)
+    expected = nn.Linear(10, 4)  # placement sequential, position output: d_in = 10
+    torch.testing.assert_close(mod.down.weight.detach(), expected.weight.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(mod.down.bias.detach(), expected.bias.detach(), atol=0, rtol=0)
+    assert torch.count_nonzero(mod.up.weight) == 0 and torch.count_nonzero(mod.up.bias) == 0
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[0].base_layer(x), atol=0, rtol=0)

@@ -1,6 +1,11 @@
 """SNELL's compiled (torch.compile) kernels against autograd in float64, the exact
 threshold, scratch-buffer reuse across layers, and the eager fallback."""
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +267,33 @@ def test_switch_refuses_non_bool_and_scratch_reuses_memory():
     b = scratch(7, (2, 3), torch.float32, torch.device("cpu"))
     assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
     release_scratch()
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, {"compiled": False, "native": True}),  # the defaults: compiled off, native on
+    ({"VISIONPEFT_COMPILED_KERNELS": "1", "VISIONPEFT_NATIVE_KERNELS": "0"}, {"compiled": True, "native": False}),
+])
+def test_environment_switches_set_the_process_defaults(env, expected):
+    """README: `VISIONPEFT_COMPILED_KERNELS=1` turns the compiled kernels on,
+    `VISIONPEFT_NATIVE_KERNELS=0` turns the C kernels off (read at import: a fresh process
+    with the variable set), as the public getters report them."""
+    code = ("import json, visionpeft as vp\n"
+            "from visionpeft.ops.compiled import compiled_kernels_enabled\n"
+            "from visionpeft.ops.native import native_kernels_enabled\n"
+            "from visionpeft.ops.kernels import current_kernels\n"
+            "vp.set_compiled_kernels\n"  # the package's public API loads first, as a user's script does
+            "print(json.dumps({'file': vp.__file__, 'compiled': compiled_kernels_enabled(),\n"
+            "                  'native': native_kernels_enabled(), 'current': current_kernels()}))\n")
+    child = {k: v for k, v in os.environ.items() if not k.startswith("VISIONPEFT_")}
+    child.update(env)
+    child["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child, cwd=_ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(got["file"]).resolve().is_relative_to(_ROOT)  # this checkout's package
+    assert {"compiled": got["compiled"], "native": got["native"]} == expected
+    assert got["current"] == expected

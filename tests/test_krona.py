@@ -188,3 +188,18 @@ def test_backward_saves_only_the_input_besides_the_weights(fused):
     activations = [t for t in saved if t.data_ptr() not in weights]
     assert len(activations) == 1 and activations[0].data_ptr() == x.data_ptr()
     assert activations[0].numel() == x.numel()
+
+
+def test_init_A_is_kaiming_uniform_and_B_is_zero():
+    """README (KronA): A Kaiming-uniform (nn.Linear's init of an (a1, a2) weight: fan_in =
+    a2, a = sqrt(5)), B = 0, so dW = 0 at init."""
+    model = nn.Sequential(nn.Linear(24, 20))
+    torch.manual_seed(11)
+    vp.inject(model, vp.KronAConfig(a1=4, a2=6, target_modules=["0"]))
+    mod = model[0].adapters["default"]["full"]
+    torch.manual_seed(11)
+    expected = nn.Linear(6, 4, bias=False).weight.detach()
+    assert mod.A.shape == (4, 6) and mod.B.shape == (5, 4)
+    torch.testing.assert_close(mod.A.detach(), expected, atol=0, rtol=0)
+    assert torch.count_nonzero(mod.B) == 0
+    assert torch.count_nonzero(vp.delta_weight(model, "0")) == 0

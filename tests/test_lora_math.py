@@ -288,3 +288,42 @@ def test_a_second_derivative_is_refused_not_silently_wrong(config):
 def test_alpha_must_be_finite():
     with pytest.raises(vp.ConfigError, match="finite"):
         vp.LoRAConfig(r=2, alpha=float("inf"), target_modules=["0"])
+
+
+# --- init (README, LoRA: "B = 0 at init and A Kaiming-uniform (as nn.Linear inits a weight
+# of that shape, and as PEFT does)"; init="gaussian": PEFT's normal init of A, std 1/r) ----
+@pytest.mark.parametrize("host,fan_in", [(lambda: nn.Linear(40, 24), 40),
+                                         (lambda: nn.Conv2d(6, 8, 3, padding=1), 6 * 3 * 3)])
+def test_kaiming_init_of_A_is_nn_linears_and_B_is_zero(host, fan_in):
+    """A is drawn as nn.Linear(fan_in, r) draws its weight from the same generator state
+    (kaiming_uniform_ with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B is zero."""
+    r = 5
+    model = nn.Sequential(host())
+    torch.manual_seed(123)
+    vp.inject(model, vp.LoRAConfig(r=r, target_modules=["0"]))
+    mod = model[0].adapters["default"]["full"]
+    torch.manual_seed(123)
+    expected = nn.Linear(fan_in, r, bias=False).weight.detach()
+    torch.manual_seed(123)
+    also = nn.init.kaiming_uniform_(torch.empty(r, fan_in), a=math.sqrt(5))
+    assert mod.lora_A.shape == (r, fan_in)
+    torch.testing.assert_close(mod.lora_A.detach(), expected, atol=0, rtol=0)
+    torch.testing.assert_close(expected, also, atol=0, rtol=0)
+    assert float(mod.lora_A.detach().abs().max()) <= 1 / math.sqrt(fan_in)
+    assert torch.count_nonzero(mod.lora_B) == 0 and mod.lora_B.shape == (model[0].base_layer.weight.shape[0], r)
+    assert torch.count_nonzero(vp.delta_weight(model, "0")) == 0
+
+
+def test_gaussian_init_of_A_is_peft_normal_with_std_one_over_r():
+    """init="gaussian": A ~ N(0, (1/r)^2) (PEFT's `init_lora_weights="gaussian"`), drawn
+    from the same generator state as nn.init.normal_; B still zero."""
+    r, fan_in = 4, 300
+    model = nn.Sequential(nn.Linear(fan_in, 200))
+    torch.manual_seed(7)
+    vp.inject(model, vp.LoRAConfig(r=r, init="gaussian", target_modules=["0"]))
+    mod = model[0].adapters["default"]["full"]
+    torch.manual_seed(7)
+    expected = nn.init.normal_(torch.empty(r, fan_in), std=1.0 / r)
+    torch.testing.assert_close(mod.lora_A.detach(), expected, atol=0, rtol=0)
+    assert abs(float(mod.lora_A.detach().std()) - 1.0 / r) < 0.1 / r  # 1200 draws: a loose sanity bound
+    assert torch.count_nonzero(mod.lora_B) == 0

@@ -455,3 +455,56 @@ def test_snella_step_without_gradients_says_where_they_went():
     with pytest.raises(RuntimeError, match="use_orig_params=True"):
         alloc.step(1)
     kept.check()
+
+
+def test_snella_default_betas_are_the_official_0_85():
+    """README: the importance EMAs use beta 0.85 (both) unless told otherwise: after one
+    gradient, EMA = 0.15 I and U = 0.15 |I - EMA| (both start at zero)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    vp.inject(model, vp.SNELLConfig(r=2, sparsity=0.5, target_modules=["0"]))
+    alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=10)
+    assert (alloc.beta1, alloc.beta2) == (0.85, 0.85)
+    mod = alloc.modules[0]
+    mod.A.grad = torch.randn_like(mod.A)
+    imp = (mod.A * mod.A.grad).abs().detach()
+    alloc.update_importance()
+    ema = 0.15 * imp
+    torch.testing.assert_close(alloc.ema[0]["A"], ema)
+    torch.testing.assert_close(alloc.unc[0]["A"], 0.15 * (imp - ema).abs())
+
+
+@pytest.mark.parametrize("softmax_term", [False, True])
+def test_snella_per_layer_counts_are_saved_with_the_adapter(tmp_path, softmax_term):
+    """README: each layer's count (n_zero) set by the allocation is a buffer saved with the
+    adapter: save_adapter, then load_adapter into a fresh copy of the host gives the same
+    counts (not the config's sparsity) and the same outputs."""
+    def host():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    from visionpeft.core.model_ops import adapted_layers
+
+    model = host()
+    vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, softmax_term=softmax_term, target_modules=["0", "2", "4"]))
+    alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=6)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(32, 16)
+    for step in range(5):
+        model(x).square().mean().backward()
+        alloc.step(step)
+        opt.step()
+        opt.zero_grad()
+    counts = [int(m.n_zero) for m in alloc.modules]
+    defaults = [zero_count(0.5, n) for n in (16 * 24, 24 * 8, 8 * 4)]
+    assert counts != defaults and len(set(m.sparsity for m in alloc.modules)) > 1  # the allocation moved them
+    vp.save_adapter(model, tmp_path / "ad")
+    fresh = host()
+    vp.load_adapter(fresh, tmp_path / "ad")
+    loaded = [int(m.n_zero) for layer in adapted_layers(fresh).values()
+              for m in layer.adapters["default"].values()]
+    assert loaded == counts
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+        for n in ("0", "2", "4"):
+            assert torch.equal(vp.delta_weight(fresh, n), vp.delta_weight(model, n))

@@ -384,3 +384,29 @@ def test_effective_factors_are_the_lora_that_wara_is(host):
     _, pairs = _leaf_pairs(mod)  # and the formula, scale alpha / r = 1.5 from the config
     plain = _plain_wara(pairs, mod.shape, 2, "db2", _wara_scale(2, 3.0)).float()
     torch.testing.assert_close(up @ down, plain.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.double(), lambda m: m.to(torch.float64)], ids=["double", "to"])
+def test_factors_cached_while_frozen_are_rebuilt_after_a_dtype_change(cast):
+    """README: the factors cached while frozen are rebuilt after `.to()`. The cache is built
+    in float32 (frozen, no_grad), the model cast to float64: the output is the float64
+    formula, not the float32 factors (stale, or rebuilt and cast up) in a float64 product."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    model, mod = _inject(lin, r=3, wavelet="db2", levels=2, alpha=2.0)
+    model.requires_grad_(False).eval()
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        model(x)
+        model(x)  # the float32 factors are cached here
+    assert mod.__dict__.get("_factor_cache") is not None
+    cast(model)
+    x64 = x.double()
+    with torch.no_grad():
+        out = model(x64)
+        _, pairs = _leaf_pairs(mod)  # the float64 parameters after the cast
+        dW = _plain_wara(pairs, (24, 40), 2, "db2", _wara_scale(3, 2.0))
+        ref = F.linear(x64, model[0].base_layer.weight + dW, model[0].base_layer.bias)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(vp.delta_weight(model, "0"), dW, atol=1e-12, rtol=1e-12)
