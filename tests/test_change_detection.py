@@ -273,3 +273,38 @@ def test_adapter_null_trains_the_decoder_on_a_frozen_encoder(trained, tmp_path):
                           str(tmp_path / "m.json")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert 0.0 <= json.loads((tmp_path / "m.json").read_text())["iou"] <= 1.0
+
+
+def test_best_holds_the_checkpoint_of_the_highest_validation_iou(trained, tmp_path, monkeypatch):
+    """README: training keeps the best checkpoint by IoU in output_dir/best. The IoUs a
+    tiny run reaches are whatever they are, so the validation's real metrics have their
+    IoU replaced by a fixed sequence whose best is neither the first nor the last: best/
+    must hold the adapter and decoder of that step's checkpoint, not another's."""
+    from safetensors.torch import load_file
+
+    from visionpeft.pipelines.change_detection import task as cd_task
+
+    root, _ = trained
+    real, ious = cd_task.evaluate, iter([0.2, 0.6, 0.4])
+
+    def scripted(*args, **kwargs):
+        return {**real(*args, **kwargs), "iou": next(ious)}
+
+    monkeypatch.setattr(cd_task, "evaluate", scripted)
+    out = tmp_path / "out"
+    run_config({"task": "change_detection", "data_root": str(root / "data"),
+                "backbone": {"name": "timm_sam2_hiera", "source": "tiny"},
+                "adapter": {"method": "lora", "r": 4, "alpha": 16, "target_modules": ["qkv"]},
+                "image_size": 64, "decoder_channels": 16, "train_batch_size": 4, "max_train_steps": 3,
+                "learning_rate": 3e-3, "validation_steps": 1, "checkpointing_steps": 1,
+                "output_dir": str(out), "cpu": True})
+    rows = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["iou"]) for r in rows] == [(1, 0.2), (2, 0.6), (3, 0.4)]
+    best_step = max(rows, key=lambda r: r["iou"])["step"]
+    names = ("decoder.safetensors", "encoder/adapter_model.safetensors")
+    best = {n: load_file(str(out / "best" / n)) for n in names}
+    for step in (1, 2, 3):
+        at = {n: load_file(str(out / f"checkpoint-{step}" / n)) for n in names}
+        same = all(best[n].keys() == at[n].keys() and all(torch.equal(best[n][k], at[n][k]) for k in best[n])
+                   for n in names)
+        assert same == (step == best_step), (step, best_step)  # the steps' weights all differ

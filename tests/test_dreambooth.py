@@ -690,3 +690,55 @@ def test_an_export_folder_holding_other_files_is_refused_before_training(tiny, t
                                             r"kohya export would not write \(it writes \['default.safetensors'\]\)"):
         run_config(_values(tiny, out, export_formats=["diffusers", "kohya"]))
     assert not (out / "adapter").exists() and not (out / "export" / "diffusers").exists()
+
+
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_the_krona_configs_lycoris_export_loads_in_lycoris_with_the_trained_unets_outputs(tiny, tmp_path, alpha):
+    """README: the "lycoris" export (what configs/dreambooth_krona_sd15.yaml writes) is read
+    by lycoris.create_lycoris_from_weights. The shipped config (its adapter and export
+    formats) on the tiny pipeline, a larger learning rate so that the adapter moves the
+    UNet well above float rounding: LyCORIS's network built from the file's UNet entries
+    (LyCORIS names them lycoris_<module>; the file uses the lora_unet_ prefix ComfyUI and
+    kohya read) on a fresh UNet gives the trained UNet's outputs, to a thousandth of the
+    adapter's effect. Once as shipped (alpha 1) and once with alpha 0.5, which the file
+    must fold into its factors (LyCORIS applies scale 1 to full LoKr factors)."""
+    import visionpeft as vp
+    from diffusers import UNet2DConditionModel
+    from lycoris import create_lycoris_from_weights
+
+    values = yaml.safe_load((ROOT / "configs" / "dreambooth_krona_sd15.yaml").read_text())
+    assert values["export_formats"] == ["lycoris"] and values["adapter"]["method"] == "krona"
+    if alpha is not None:
+        values["adapter"] = {**values["adapter"], "alpha": alpha}
+    out = tmp_path / "out"
+    values.update(pretrained_model=str(tiny / "sd"), instance_data_dir=str(tiny / "instance"),
+                  with_prior_preservation=False, class_data_dir=None, validation_prompt=None, resolution=32,
+                  max_train_steps=2, learning_rate=5e-2, output_dir=str(out), mixed_precision="no", cpu=True,
+                  checkpointing_steps=2, resume_from_checkpoint=None)
+    res = run_config(values)
+    files = sorted((out / "export" / "lycoris").iterdir())
+    assert [Path(res.report["export_lycoris"])] == files and files[0].suffix == ".safetensors"
+    written = load_file(str(files[0]))
+    assert written and all(k.startswith("lora_unet_") for k in written)
+    unet_sd = {"lycoris_" + k[len("lora_unet_"):]: v for k, v in written.items()}
+
+    def fresh():
+        return UNet2DConditionModel.from_pretrained(tiny / "sd", subfolder="unet").eval()
+
+    ours = fresh()
+    vp.load_adapter(ours, out / "adapter" / "unet")
+    layers = {k.split(".", 1)[0] for k in unet_sd}
+    theirs = fresh()
+    network, _ = create_lycoris_from_weights(1.0, "", theirs, weights_sd=unet_sd)
+    assert len(network.loras) == len(layers) > 0
+    assert {type(m).__name__ for m in network.loras} == {"LokrModule"}
+    network.apply_to()
+    torch.manual_seed(0)
+    lat = torch.randn(1, ours.config.in_channels, 8, 8)
+    hidden = torch.randn(1, 77, ours.config.cross_attention_dim)
+    with torch.no_grad():
+        expect = ours(lat, 10, hidden).sample
+        effect = float((expect - fresh()(lat, 10, hidden).sample).abs().max())
+        got = theirs(lat, 10, hidden).sample
+    assert effect > 1e-3 * float(expect.abs().max()), effect
+    torch.testing.assert_close(got, expect, atol=effect / 1000, rtol=0)

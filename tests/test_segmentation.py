@@ -261,3 +261,114 @@ def test_segmentation_benchmark_smoke(monkeypatch):
     budgets = [q[v]["encoder_params"] for v in ("earth_adapter", "earth_no_split", "lora", "adapter")]
     assert max(budgets) / min(budgets) < 1.1  # matched budgets
     assert set(result["cost"]["step"]) == set(bench_seg.COST_VARIANTS)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_seg_reproduces_the_validation_with_the_checkpoints_tiles_stride_and_scale(tmp_path):
+    """README: evaluate-seg reuses the checkpoint's cut_tiles, eval_stride and base_scale,
+    so it reproduces the validation's figures. Non-default values of all three (96 px
+    images cut into 80 px tiles, seen at 0.75, windows of 32 every 5 px): evaluate-seg on
+    each checkpoint's val split gives that step's val_metrics.jsonl row, source and target.
+    Each setting matters here (dropping any one of them changes the figures), so a reader
+    that lost one would be caught."""
+    from visionpeft.pipelines.segmentation import evaluate
+
+    data = tmp_path / "data"
+    write_synthetic_segmentation(data, n_train=4, n_val=2, n_test=1, size=96, seed=1)
+    out = tmp_path / "out"
+    run_config(_config(data, out, cut_tiles=80, eval_stride=5, base_scale=0.75, adapter=None,
+                       decoder={"name": "linear"}, learning_rate=3e-2))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [2, 4]
+    for row in rows:
+        ckpt = out / f"checkpoint-{row['step']}"
+        for domain in ("source", "target"):
+            got_file = tmp_path / f"{row['step']}-{domain}.json"
+            assert main(["evaluate-seg", "--checkpoint", str(ckpt), "--data-root", str(data), "--domain", domain,
+                         "--split", "val", "--output", str(got_file)]) == 0
+            got = json.loads(got_file.read_text())
+            for k in ("oa", "miou", "mf1"):
+                assert got[k] == pytest.approx(row[f"{domain}_{k}"], rel=1e-9, abs=1e-12), (row["step"], domain, k)
+    model, cfg = load_segmenter(out / "checkpoint-4")
+    assert (cfg["cut_tiles"], cfg["eval_stride"], cfg["base_scale"]) == (80, 5, 0.75)
+    row = rows[-1]
+    for dropped in ("cut_tiles", "eval_stride", "base_scale"):
+        figures = []
+        for domain in ("source", "target"):
+            split = find_split("synthetic", data, "val", domain=domain)
+            m = evaluate(model, SegmentationDataset(split, tile=None if dropped == "cut_tiles" else 80), 32, 6, 255,
+                         None if dropped == "eval_stride" else 5, scale=1.0 if dropped == "base_scale" else 0.75)
+            figures += [(m[k], row[f"{domain}_{k}"]) for k in ("oa", "miou", "mf1")]
+        assert any(a != pytest.approx(b, rel=1e-9) for a, b in figures), dropped
+
+
+def test_select_on_target_keeps_the_checkpoint_of_the_highest_target_miou(data, tmp_path, monkeypatch):
+    """The validation's real metrics with their mIoU replaced by fixed sequences (the
+    source's best at step 1, the target's at step 2, neither the last): with select_on:
+    target, best/ holds step 2's adapter and decoder, and no other step's."""
+    from safetensors.torch import load_file
+
+    from visionpeft.pipelines.segmentation import task as seg_task
+
+    real = seg_task.evaluate
+    mious = iter([0.5, 0.2, 0.1, 0.6, 0.3, 0.4])  # (source, target) at steps 1, 2, 3
+
+    def scripted(*args, **kwargs):
+        return {**real(*args, **kwargs), "miou": next(mious)}
+
+    monkeypatch.setattr(seg_task, "evaluate", scripted)
+    out = tmp_path / "t"
+    run_config(_config(data, out, select_on="target", max_train_steps=3, validation_steps=1, checkpointing_steps=1,
+                       adapter={"method": "lora", "r": 2, "target_modules": ["qkv"]}))
+    rows = _rows(out)
+    assert [(r["step"], r["source_miou"], r["target_miou"]) for r in rows] == [(1, 0.5, 0.2), (2, 0.1, 0.6),
+                                                                              (3, 0.3, 0.4)]
+    best_step = max(rows, key=lambda r: r["target_miou"])["step"]
+    names = ("decoder.safetensors", "encoder/adapter_model.safetensors")
+    best = {n: load_file(str(out / "best" / n)) for n in names}
+    for step in (1, 2, 3):
+        at = {n: load_file(str(out / f"checkpoint-{step}" / n)) for n in names}
+        same = all(best[n].keys() == at[n].keys() and all(torch.equal(best[n][k], at[n][k]) for k in best[n])
+                   for n in names)
+        assert same == (step == best_step), (step, best_step)
+
+
+def test_eval_stride_defaults_to_two_thirds_of_the_window(trained):
+    """With no stride, windows of 32 start every 32 * 2 // 3 = 21 px, plus one flush with
+    the far border: the model is called on exactly those windows, through predict_probs
+    and through evaluate (the validation's and evaluate-seg's path). Each pixel of the
+    spied image holds its own coordinates, so each window says where it was cut."""
+    from visionpeft.pipelines.segmentation import evaluate
+
+    model, cfg = load_segmenter(trained)
+    tile, (h, w) = cfg["image_size"], (75, 53)
+    assert tile == 32 and cfg["eval_stride"] is None
+    stride = tile * 2 // 3
+
+    def starts(size):
+        return sorted({*range(0, size - tile + 1, stride), size - tile})
+
+    expect = sorted((y, x) for y in starts(h) for x in starts(w))
+    assert expect == sorted((y, x) for y in (0, 21, 42, 43) for x in (0, 21))
+    image = torch.zeros(1, 3, h, w)
+    image[0, 0] = torch.arange(h, dtype=torch.float32)[:, None]
+    image[0, 1] = torch.arange(w, dtype=torch.float32)[None, :]
+    seen = []
+
+    def spy(module, args):
+        crop = args[0]
+        assert crop.shape[-2:] == (tile, tile)
+        seen.append((int(crop[0, 0, 0, 0]), int(crop[0, 1, 0, 0])))
+
+    handle = model.register_forward_pre_hook(spy)
+    try:
+        predict_probs(model, image, tile)
+        assert sorted(seen) == expect
+        seen.clear()
+        evaluate(model, [{"image": image[0], "mask": torch.zeros(h, w, dtype=torch.long)}], tile, 6, 255)
+        assert sorted(seen) == expect
+    finally:
+        handle.remove()
