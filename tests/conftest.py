@@ -104,54 +104,81 @@ def toy():
 
 class Untouched:
     """What a refused load, import, hot-swap, inject or export must leave as it was: every
-    parameter and buffer (the same objects, values, dtypes and devices), the requires_grad
-    flags, the module object at every name, every module's hooks, the adapters and their
-    active set; and, given a folder, its files (a refused export writes nothing). Take it
-    before the refused call, check it after:
+    parameter and buffer, persistent or not (the same objects, values, dtypes and
+    devices), the requires_grad flags and .grad, the module object at every name and its
+    training flag, every module's hook tables, the adapter state (configs, active set,
+    scales, merged, disabled, routing, the flags `remove` restores); and, given a folder,
+    its files and their contents (a refused export writes nothing). Take it before the
+    refused call, check it after:
 
         kept = Untouched(model, tmp_path)
         with pytest.raises(...): ...
         kept.check()
     """
 
+    HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                   "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                   "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                   "_load_state_dict_post_hooks")
+
     def __init__(self, model: nn.Module, folder=None):
         self.model, self.folder = model, folder
-        self.before = self._take()
+        self.before = self._take(clone=True)
 
-    def _take(self) -> dict:
+    def _take(self, clone: bool) -> dict:
+        import hashlib
         from pathlib import Path
 
-        m = self.model
-        tensors = {k: (id(v), v.detach().clone(), v.dtype, v.device) for k, v in m.state_dict(keep_vars=True).items()}
-        hooks = {}
-        for name, mod in m.named_modules(remove_duplicate=False):
-            for table in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                          "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-                hooks[(name, table)] = [(k, id(h)) for k, h in getattr(mod, table, {}).items()]
         from visionpeft.core.model_ops import get_state
 
+        m = self.model
+        # objects are kept (not their ids, which a freed object's replacement may reuse)
+        tensors = {f"param:{k}": v for k, v in m.named_parameters(remove_duplicate=False)}
+        tensors.update({f"buffer:{k}": v for k, v in m.named_buffers(remove_duplicate=False)})
+        values = {k: (v.detach().clone() if clone else v.detach()) for k, v in tensors.items()}
+        grads = {k: (None if v.grad is None else v.grad.clone() if clone else v.grad)
+                 for k, v in m.named_parameters(remove_duplicate=False)}
+        hooks = {}
+        for name, mod in m.named_modules(remove_duplicate=False):
+            for table in self.HOOK_TABLES:
+                hooks[(name, table)] = list(getattr(mod, table, {}).items())
         state = get_state(m, required=False)
+        adapters = None if state is None else (
+            {n: c.to_dict() if hasattr(c, "to_dict") else repr(c) for n, c in state.configs.items()},
+            state.active, dict(state.scales), state.merged, state.disabled, state.routing, dict(state.frozen_flags))
         files = None
         if self.folder is not None:
             root = Path(self.folder)
-            files = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-        return {"tensors": tensors,
+            files = {str(q.relative_to(root)): (hashlib.sha256(q.read_bytes()).hexdigest() if q.is_file() else "dir")
+                     for q in sorted(root.rglob("*"))} if root.exists() else {}
+        return {"tensors": tensors, "values": values, "grads": grads,
                 "grad": {n: p.requires_grad for n, p in m.named_parameters()},
-                "modules": {n: id(mod) for n, mod in m.named_modules(remove_duplicate=False)},
-                "hooks": hooks,
-                "adapters": None if state is None else (list(state.configs), state.active, dict(state.scales)),
-                "files": files}
+                "modules": dict(m.named_modules(remove_duplicate=False)),
+                "training": {n: mod.training for n, mod in m.named_modules(remove_duplicate=False)},
+                "hooks": hooks, "adapters": adapters, "files": files}
 
     def check(self) -> None:
-        now, was = self._take(), self.before
-        assert now["modules"] == was["modules"], "module objects were replaced, added or removed"
-        assert now["hooks"] == was["hooks"], "hooks were added or removed"
+        now, was = self._take(clone=False), self.before
+        assert now["modules"].keys() == was["modules"].keys() and all(
+            now["modules"][k] is v for k, v in was["modules"].items()), "module objects were replaced, added or removed"
+        assert now["training"] == was["training"], "train/eval flags changed"
+        assert now["hooks"].keys() == was["hooks"].keys() and all(
+            len(now["hooks"][k]) == len(v) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(now["hooks"][k], v))
+            for k, v in was["hooks"].items()), "hooks were added or removed"
         assert now["grad"] == was["grad"], "requires_grad flags changed"
         assert now["adapters"] == was["adapters"], f"adapters changed: {was['adapters']} -> {now['adapters']}"
-        assert now["tensors"].keys() == was["tensors"].keys(), "state_dict keys changed"
-        for k, (ident, value, dtype, device) in was["tensors"].items():
-            n_ident, n_value, n_dtype, n_device = now["tensors"][k]
-            assert n_ident == ident and n_dtype == dtype and n_device == device, f"{k} was replaced or moved"
+        assert now["tensors"].keys() == was["tensors"].keys(), "parameter / buffer names changed"
+        for k, obj in was["tensors"].items():
+            new = now["tensors"][k]
+            assert new is obj, f"{k} was replaced"
+            value = was["values"][k]
+            assert new.dtype == value.dtype and new.device == value.device, f"{k} was cast or moved"
             # NaN equals NaN here: a model holding one is unchanged when it still holds it
-            torch.testing.assert_close(n_value, value, rtol=0, atol=0, equal_nan=True, msg=f"{k} changed")
-        assert now["files"] == was["files"], f"files were left: {sorted(set(now['files']) - set(was['files']))}"
+            torch.testing.assert_close(now["values"][k], value, rtol=0, atol=0, equal_nan=True, msg=f"{k} changed")
+        for k, g in was["grads"].items():
+            h = now["grads"][k]
+            assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), f"{k}.grad changed"
+        if was["files"] is not None:
+            names = set(now["files"]) | set(was["files"])
+            changed = sorted(k for k in names if now["files"].get(k) != was["files"].get(k))
+            assert not changed, f"files were written, changed or removed: {changed}"

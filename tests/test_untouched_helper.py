@@ -10,7 +10,9 @@ import visionpeft as vp
 def test_untouched_sees_each_kind_of_change(tmp_path):
     torch.manual_seed(0)
     m = ToyNet()
-    for change in ("value", "grad", "module", "hook", "adapter", "file"):
+    (tmp_path / "old").write_text("a")
+    for change in ("value", "grad", "module", "hook", "adapter", "file", "replaced", "cast", "rewritten", "eval",
+                   "unhooked", "scale"):
         kept = Untouched(m, tmp_path)
         if change == "value":
             with torch.no_grad():
@@ -23,8 +25,20 @@ def test_untouched_sees_each_kind_of_change(tmp_path):
             m.proj.register_forward_hook(lambda *a: None)
         elif change == "adapter":
             vp.inject(m, make_config("lora", ["proj"]), name="x")
-        else:
+        elif change == "file":
             (tmp_path / "f").write_text("x")
+        elif change == "replaced":  # a new tensor with the same values
+            m.conv.weight = torch.nn.Parameter(m.conv.weight.detach().clone())
+        elif change == "cast":
+            m.conv_grp.double()
+        elif change == "rewritten":  # same name, other contents
+            (tmp_path / "old").write_text("b")
+        elif change == "eval":
+            m.train(not m.training)
+        elif change == "unhooked":
+            m.proj.base_layer._forward_hooks.clear()  # the hook added above, on the Linear now wrapped
+        else:
+            vp.set_scale(m, "x", 0.5)
         with pytest.raises(AssertionError):
             kept.check()
     with torch.no_grad():

@@ -23,13 +23,11 @@ def merged_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name not in layer.adapters:
             continue
         weights = layer._weights()
-        with torch.no_grad():
-            for key, total in layer.deltas([name], state.scales, fp32=True).items():
-                w = weights[key]
-                value = (w.float() + total.to(w.device)).to(w.dtype)  # checked in the dtype written
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"{lname}: merging {name!r} gives non-finite weights in {w.dtype}")
-                merged[id(w)] = value
+        try:  # the one merge rule: at least fp32, checked finite in the dtype written
+            values = layer.merged_weights([name], state.scales)
+        except ValueError as err:
+            raise ValueError(f"{lname}: {err}") from None
+        merged.update({id(weights[key]): value for key, value in values.items()})
     layers = adapted_layers(model)
     blocks = {n for n, m in layers.items() if isinstance(m, AdaptedBlock)}
     block_params = {id(p) for n in blocks for p in layers[n].adapters.parameters()}
