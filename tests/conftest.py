@@ -182,3 +182,32 @@ class Untouched:
             names = set(now["files"]) | set(was["files"])
             changed = sorted(k for k in names if now["files"].get(k) != was["files"].get(k))
             assert not changed, f"files were written, changed or removed: {changed}"
+
+
+def assert_file_refused(model, path, how: str, match: str, name: str = "a", folder=None) -> None:
+    """``path`` refused by `load_adapter` (how="load"), `import_adapter` ("import") or a
+    hot-swap into the loaded adapter ``name`` ("hotswap"), with ``match`` in the message and
+    the model (and ``folder``) untouched."""
+    kept = Untouched(model, folder)
+    with pytest.raises(vp.InteropError, match=match):
+        if how == "load":
+            vp.load_adapter(model, path)
+        elif how == "import":
+            vp.import_adapter(model, path)
+        else:
+            vp.load_adapter(model, path, name=name, hotswap=True)
+    kept.check()
+
+
+def assert_best_is_checkpoint(out, best_step: int, steps) -> None:
+    """A dense task's ``out/best`` holds exactly the decoder and encoder adapter of
+    ``checkpoint-<best_step>`` and of no other step (the steps' weights all differ)."""
+    from safetensors.torch import load_file
+
+    names = ("decoder.safetensors", "encoder/adapter_model.safetensors")
+    best = {n: load_file(str(out / "best" / n)) for n in names}
+    for step in steps:
+        at = {n: load_file(str(out / f"checkpoint-{step}" / n)) for n in names}
+        same = all(best[n].keys() == at[n].keys() and all(torch.equal(best[n][k], at[n][k]) for k in best[n])
+                   for n in names)
+        assert same == (step == best_step), (step, best_step)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import visionpeft as vp
-from conftest import CHROMIUM, CHROMIUM_FLAGS, randomize_adapters
+from conftest import CHROMIUM, CHROMIUM_FLAGS, assert_best_is_checkpoint, randomize_adapters
 from visionpeft.backbones import presets
 from visionpeft.backbones.tiny import build_tiny
 from visionpeft.data.change_detection import write_synthetic_levir
@@ -280,7 +280,6 @@ def test_best_holds_the_checkpoint_of_the_highest_validation_iou(trained, tmp_pa
     tiny run reaches are whatever they are, so the validation's real metrics have their
     IoU replaced by a fixed sequence whose best is neither the first nor the last: best/
     must hold the adapter and decoder of that step's checkpoint, not another's."""
-    from safetensors.torch import load_file
 
     from visionpeft.pipelines.change_detection import task as cd_task
 
@@ -301,10 +300,4 @@ def test_best_holds_the_checkpoint_of_the_highest_validation_iou(trained, tmp_pa
     rows = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["iou"]) for r in rows] == [(1, 0.2), (2, 0.6), (3, 0.4)]
     best_step = max(rows, key=lambda r: r["iou"])["step"]
-    names = ("decoder.safetensors", "encoder/adapter_model.safetensors")
-    best = {n: load_file(str(out / "best" / n)) for n in names}
-    for step in (1, 2, 3):
-        at = {n: load_file(str(out / f"checkpoint-{step}" / n)) for n in names}
-        same = all(best[n].keys() == at[n].keys() and all(torch.equal(best[n][k], at[n][k]) for k in best[n])
-                   for n in names)
-        assert same == (step == best_step), (step, best_step)  # the steps' weights all differ
+    assert_best_is_checkpoint(out, best_step, (1, 2, 3))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import Untouched, randomize_adapters
+from conftest import assert_file_refused, randomize_adapters
 from safetensors.torch import save_file
 from torch import nn
 
@@ -79,12 +79,4 @@ def test_tucker_low_rank_and_dora_files_are_refused_and_the_model_untouched(tmp_
     if how == "hotswap":  # a loaded adapter of the method that holds the layout, on the file's layer
         vp.inject(model, swap_into, name="a")
         randomize_adapters(model)
-    kept = Untouched(model, tmp_path)
-    with pytest.raises(vp.InteropError, match=match):
-        if how == "load":
-            vp.load_adapter(model, path)
-        elif how == "import":
-            vp.import_adapter(model, path)
-        else:
-            vp.load_adapter(model, path, name="a", hotswap=True)
-    kept.check()
+    assert_file_refused(model, path, how, match, "a", tmp_path)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 from conftest import HOST_OVERRIDES, METHOD_CONFIGS, make_config, randomize_adapters
+from test_counts import sdxl_unet_on_meta
 
 import visionpeft as vp
 from visionpeft.backbones import presets
@@ -168,14 +169,7 @@ def _full_size(host):
         if host == "sd15_unet":  # runwayml/stable-diffusion-v1-5 unet/config.json
             return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         if host == "sdxl_unet":  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-            return UNet2DConditionModel(
-                sample_size=128, cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
-                block_out_channels=(320, 640, 1280),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
+            return sdxl_unet_on_meta()
         if host == "sd3_medium":  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
             return SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                                          attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,

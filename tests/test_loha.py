@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Untouched, randomize_adapters
+from conftest import assert_file_refused, randomize_adapters
 from safetensors.torch import save_file
 from torch import nn
 
@@ -434,15 +434,7 @@ def test_a_tucker_or_dora_loha_file_is_refused_and_the_model_untouched(tmp_path,
     if how == "hotswap":
         vp.inject(model, vp.LoHaConfig(r=2, alpha=2.0, target_modules="conv"), name="lh")
         randomize_adapters(model)
-    kept = Untouched(model, tmp_path)
-    with pytest.raises(vp.InteropError, match=match):
-        if how == "load":
-            vp.load_adapter(model, path)
-        elif how == "import":
-            vp.import_adapter(model, path)
-        else:
-            vp.load_adapter(model, path, name="lh", hotswap=True)
-    kept.check()
+    assert_file_refused(model, path, how, match, "lh", tmp_path)
 
 
 def test_a_weight_decomposed_loha_is_refused_by_the_layer_itself():

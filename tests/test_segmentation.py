@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_best_is_checkpoint
 from PIL import Image
 
 from visionpeft.cli import main
@@ -309,7 +310,6 @@ def test_select_on_target_keeps_the_checkpoint_of_the_highest_target_miou(data, 
     """The validation's real metrics with their mIoU replaced by fixed sequences (the
     source's best at step 1, the target's at step 2, neither the last): with select_on:
     target, best/ holds step 2's adapter and decoder, and no other step's."""
-    from safetensors.torch import load_file
 
     from visionpeft.pipelines.segmentation import task as seg_task
 
@@ -327,13 +327,7 @@ def test_select_on_target_keeps_the_checkpoint_of_the_highest_target_miou(data, 
     assert [(r["step"], r["source_miou"], r["target_miou"]) for r in rows] == [(1, 0.5, 0.2), (2, 0.1, 0.6),
                                                                               (3, 0.3, 0.4)]
     best_step = max(rows, key=lambda r: r["target_miou"])["step"]
-    names = ("decoder.safetensors", "encoder/adapter_model.safetensors")
-    best = {n: load_file(str(out / "best" / n)) for n in names}
-    for step in (1, 2, 3):
-        at = {n: load_file(str(out / f"checkpoint-{step}" / n)) for n in names}
-        same = all(best[n].keys() == at[n].keys() and all(torch.equal(best[n][k], at[n][k]) for k in best[n])
-                   for n in names)
-        assert same == (step == best_step), (step, best_step)
+    assert_best_is_checkpoint(out, best_step, (1, 2, 3))
 
 
 def test_eval_stride_defaults_to_two_thirds_of_the_window(trained):
