@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters
+from conftest import Untouched, randomize_adapters
 from torch import nn
 
 import visionpeft as vp
@@ -160,12 +160,13 @@ def test_layer_output_matches_explicit_matrix_with_given_factors():
 
 def test_non_dividing_factors_list_the_valid_ones_and_leave_the_model():
     model = nn.Sequential(nn.Linear(10, 6))
+    kept = Untouched(model)
     with pytest.raises(ValueError,
                        match=r"0: a1=4 does not divide the layer's output size \(6\); valid a1: \[1, 2, 3, 6\]"):
         vp.inject(model, vp.KronAConfig(a1=4, target_modules=["0"]))
     with pytest.raises(ValueError, match=r"a2=3 does not divide .*valid a2: \[1, 2, 5, 10\]"):
         vp.inject(model, vp.KronAConfig(a2=3, target_modules=["0"]))
-    assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad
+    kept.check()
     with pytest.raises(vp.ConfigError, match="a1 must be a positive integer"):
         vp.KronAConfig(a1=0, target_modules=["0"])
 
