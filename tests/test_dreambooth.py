@@ -93,6 +93,13 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny, tmp_path, method, lr)
     assert after < 0.9 * before, (before, after)
 
 
+def _unet_inputs(unet, batch: int):
+    """Seeded latents (8 x 8) and text states for comparing UNets by output."""
+    torch.manual_seed(0)
+    return (torch.randn(batch, unet.config.in_channels, 8, 8),
+            torch.randn(batch, 77, unet.config.cross_attention_dim))
+
+
 def test_prior_preservation_validation_snr_cache_and_exports(tiny, tmp_path):
     """... and each exported file, read by the tool that reads it, computes what the trained
     UNet (the one in memory at the end of the run) computes. alpha 8 at r 4 (scale 2), so
@@ -147,9 +154,7 @@ def test_prior_preservation_validation_snr_cache_and_exports(tiny, tmp_path):
               "peft, PeftModel": PeftModel.from_pretrained(fresh_unet(), export / "peft" / "unet").eval(),
               "adapter folder, vp.load_adapter": ours}
     unet = trained["unet"].eval()
-    torch.manual_seed(0)
-    lat = torch.randn(2, unet.config.in_channels, 8, 8)
-    hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+    lat, hidden = _unet_inputs(unet, 2)
     with torch.no_grad():
         want = unet(lat, 10, hidden).sample
         effect = float((want - fresh_unet()(lat, 10, hidden).sample).abs().max())
@@ -733,9 +738,7 @@ def test_the_krona_configs_lycoris_export_loads_in_lycoris_with_the_trained_unet
     assert len(network.loras) == len(layers) > 0
     assert {type(m).__name__ for m in network.loras} == {"LokrModule"}
     network.apply_to()
-    torch.manual_seed(0)
-    lat = torch.randn(1, ours.config.in_channels, 8, 8)
-    hidden = torch.randn(1, 77, ours.config.cross_attention_dim)
+    lat, hidden = _unet_inputs(ours, 1)
     with torch.no_grad():
         expect = ours(lat, 10, hidden).sample
         effect = float((expect - fresh()(lat, 10, hidden).sample).abs().max())

@@ -214,18 +214,25 @@ def test_split_budget_respects_caps_and_total():
     assert split_budget(10_000, [1, 1], [30, 40]) == [30, 40]
 
 
+def _allocate(model, alloc, steps: int) -> torch.Tensor:
+    """SGD steps on a 16-input toy with SNELLA's allocator stepping after each backward;
+    returns the batch it trained on."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(32, 16)
+    for step in range(steps):
+        model(x).square().mean().backward()
+        alloc.step(step)
+        opt.step()
+        opt.zero_grad()
+    return x
+
+
 def test_snella_allocation_meets_the_global_budget():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 4))
     vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, target_modules=["0", "2", "4"]))
     alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=10)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x = torch.randn(32, 16)
-    for step in range(11):
-        model(x).square().mean().backward()
-        alloc.step(step)
-        opt.step()
-        opt.zero_grad()
+    _allocate(model, alloc, steps=11)
     sizes = [16 * 24, 24 * 8, 8 * 4]
     nonzero = [int((vp.delta_weight(model, n) != 0).sum()) for n in ("0", "2", "4")]
     target = 0.2 * sum(sizes)
@@ -488,13 +495,7 @@ def test_snella_per_layer_counts_are_saved_with_the_adapter(tmp_path, softmax_te
     model = host()
     vp.inject(model, vp.SNELLConfig(r=4, sparsity=0.5, softmax_term=softmax_term, target_modules=["0", "2", "4"]))
     alloc = SNELLAAllocator(model, target_sparsity=0.8, total_steps=6)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x = torch.randn(32, 16)
-    for step in range(5):
-        model(x).square().mean().backward()
-        alloc.step(step)
-        opt.step()
-        opt.zero_grad()
+    x = _allocate(model, alloc, steps=5)
     counts = [int(m.n_zero) for m in alloc.modules]
     defaults = [zero_count(0.5, n) for n in (16 * 24, 24 * 8, 8 * 4)]
     assert counts != defaults and len(set(m.sparsity for m in alloc.modules)) > 1  # the allocation moved them
