@@ -1,7 +1,8 @@
 """One Gradio app with every pipeline's demo as a tab.
 
-    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--sd-pipeline DIR] [--port N] [--host H] [--share]
-    visionpeft demo     [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--sd-pipeline DIR] [--port N] [--host H] [--share]
+    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--fewshot-checkpoint DIR] [--sd-pipeline DIR]
+                        [--port N] [--host H] [--share]
+    visionpeft demo     [the same options]
 
 Each tab is a demo module in this folder whose ``build(**kwargs)`` returns a ``gr.Blocks``;
 the hub renders that Blocks inside a tab (``gr.TabbedInterface``), so every demo still runs
@@ -51,6 +52,12 @@ def _seg_checkpoint(path: str):
     return find_checkpoint(path)  # FileNotFoundError: not a checkpoint, nor its best/ or adapter/
 
 
+def _fewshot_checkpoint(path: str):
+    from visionpeft.pipelines.fewshot_clip import find_checkpoint
+
+    return find_checkpoint(path)  # FileNotFoundError: no fewshot_config.json in it, its best/ or adapter/
+
+
 def _sd_pipeline(path: str):
     return load_demo("generation").find_pipeline(path)  # FileNotFoundError: no folder, or no model_index.json
 
@@ -65,6 +72,10 @@ TABS: list[Tab] = [
         (Option("--seg-checkpoint", keyword="default_checkpoint", check=_seg_checkpoint, metavar="DIR",
                 help="a trained segmentation checkpoint: an output_dir, its best/ or adapter/ (the tab's "
                      "default; the page can change it)"),)),
+    Tab("Few-shot", "fewshot",
+        (Option("--fewshot-checkpoint", keyword="default_checkpoint", check=_fewshot_checkpoint, metavar="DIR",
+                help="a few-shot CLIP checkpoint (task: fewshot_clip): an output_dir or its adapter/, loaded "
+                     "at start (the page can load another)"),)),
     Tab("Generation", "generation",
         (Option("--sd-pipeline", keyword="default_pipeline", check=_sd_pipeline, metavar="DIR",
                 help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder (the tab's default; the page "

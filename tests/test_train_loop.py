@@ -299,3 +299,59 @@ def test_after_backward_sees_the_gradients_before_clipping(tmp_path):
     task = Seeing()
     train(task, _cfg(tmp_path, max_train_steps=3, max_grad_norm=1e-6))
     assert len(task.norms) == 3 and min(task.norms) > 1e-4  # far above the clip: seen unclipped
+
+
+class _Frozen(ToyTask):
+    def setup(self, device, dtype):
+        super().setup(device, dtype)
+        self.model.requires_grad_(False)
+
+    def finish(self, models, output_dir):
+        self.finished = True
+        return {"evaluated": 1}
+
+
+def test_a_task_with_nothing_to_train(tmp_path):
+    """Refused unless the task says it trains nothing (a zero-shot baseline): then it is set
+    up, saved and finished at step 0, and the report says so."""
+    from visionpeft.train import TrainingError
+
+    with pytest.raises(TrainingError, match="no trainable parameters"):
+        train(_Frozen(), TrainConfig(cpu=True, output_dir=str(tmp_path / "a")))
+    task = _Frozen()
+    task.trains_nothing = True
+    result = train(task, TrainConfig(cpu=True, output_dir=str(tmp_path / "b")))
+    assert result.step == 0 and task.finished and result.report == {"evaluated": 1}
+    assert json.loads((tmp_path / "b" / "train_report.json").read_text()) == {"step": 0, "evaluated": 1}
+    assert (tmp_path / "b" / "adapter" / "net").is_dir() and not list((tmp_path / "b").glob("checkpoint-*"))
+
+
+def test_recipe_loop_defaults_and_shared_keys(monkeypatch):
+    """A task's loop_defaults fill only what the config leaves out (checked as the config's
+    settings are), and shared_keys hand loop keys such as seed to the task too."""
+    import visionpeft.train as train_pkg
+    import visionpeft.train.task as task_mod
+    from visionpeft.train import register_task, run_config
+
+    # a registry of this test's own: the toy task is gone afterwards
+    monkeypatch.setattr(task_mod, "_TASKS", dict(task_mod._TASKS))
+    monkeypatch.setattr(task_mod, "_SHARED", dict(task_mod._SHARED))
+
+    class Recipe(ToyTask):
+        def loop_defaults(self):
+            return {"max_train_steps": 42, "learning_rate": 3e-3, "lr_scheduler": "cosine", "lr_min": 1e-5}
+
+    made = {}
+
+    def load(values):
+        made.update(values)
+        return Recipe()
+
+    register_task("toy_recipe_defaults", load, replace=True, shared_keys=("seed",))
+    seen = {}
+    monkeypatch.setattr(train_pkg, "train", lambda task, cfg: seen.update(cfg=cfg))
+    run_config({"task": "toy_recipe_defaults", "seed": 9, "learning_rate": 1e-2})
+    assert made == {"seed": 9}
+    assert (seen["cfg"].max_train_steps, seen["cfg"].learning_rate, seen["cfg"].lr_min) == (42, 1e-2, 1e-5)
+    with pytest.raises(ValueError, match="lr_min must be >= 0 and below learning_rate"):
+        run_config({"task": "toy_recipe_defaults", "learning_rate": 1e-6})

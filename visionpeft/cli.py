@@ -380,6 +380,70 @@ def _cmd_predict_seg(args) -> int:
     return 0
 
 
+def _write_json_atomic(path: str, data) -> None:
+    import json
+    from pathlib import Path
+
+    from .core.atomic import write_file
+
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name like metrics.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(data, indent=2)
+    write_file(out, lambda tmp: Path(tmp).write_text(body))
+
+
+def _cmd_evaluate_fewshot(args) -> int:
+    from .data.fewshot import ClassificationImages, check_files, find_classification_split
+    from .pipelines.fewshot_clip import eval_transform, evaluate, image_settings, load_classifier
+
+    if args.output and not args.output.endswith(".json"):
+        raise ValueError(f"--output {args.output}: give a .json file name")
+    model, cfg = load_classifier(args.checkpoint)  # a bad checkpoint fails before any data is read
+    dataset = args.dataset or cfg.get("dataset") or "imagefolder"
+    name = args.dataset_name or cfg.get("dataset_name")
+    split = find_classification_split(dataset, args.data_root, args.split, name, cfg.get("classnames_option"))
+    check_files(split, None, f"{split.name} {args.split} split")
+    if split.classnames != model.classnames:  # CLIP reads any class names: these data's
+        print(f"note: the data's {len(split.classnames)} classes differ from the checkpoint's "
+              f"{len(model.classnames)}; classifying among the data's")
+        model.set_classes(split.classnames)
+    size, mean, std = image_settings(model.clip)
+    data = ClassificationImages(split, split.items, eval_transform(size, mean, std))
+    metrics = evaluate(model, data, args.batch_size, progress=True)
+    metrics.update(split=args.split, checkpoint=str(args.checkpoint))
+    print(f"accuracy {metrics['accuracy']:.4f} on {metrics['images']} images ({len(split.classnames)} classes)")
+    if args.output:
+        _write_json_atomic(args.output, metrics)
+    return 0
+
+
+def _cmd_predict_fewshot(args) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .pipelines.fewshot_clip import load_classifier, predict_topk
+
+    if args.output and not args.output.endswith(".json"):
+        raise ValueError(f"--output {args.output}: give a .json file name")
+    images = []
+    for path in args.images:  # every image is read before the model is built
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+    model, _ = load_classifier(args.checkpoint)
+    results = []
+    for start in range(0, len(images), 32):
+        for path, top in zip(args.images[start:start + 32], predict_topk(model, images[start:start + 32], args.top)):
+            results.append({"path": path, "top": [[c, p] for c, p in top]})
+            print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+    if args.output:
+        _write_json_atomic(args.output, results)
+    return 0
+
+
 def _parse_concept(text: str) -> dict:
     """ADAPTER:PROMPT:WORDS (the prompt may hold colons; words comma-separated)."""
     if text.count(":") < 2:
@@ -524,7 +588,7 @@ def _cmd_demo(args) -> int:
 
 # the task names YAML configs take (the pipelines register them; tests check this list is complete,
 # so that `train --help` need not import every pipeline)
-TASKS = ("change_detection", "dreambooth", "pretrain_embedded", "segmentation")
+TASKS = ("change_detection", "dreambooth", "fewshot_clip", "pretrain_embedded", "segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -586,6 +650,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile", type=int, help="window size (default: the training image size)")
     d.add_argument("--stride", type=int, help="window stride (default: two thirds of the tile)")
     d.set_defaults(func=_cmd_predict_seg)
+    e = sub.add_parser("evaluate-fewshot", help="few-shot CLIP accuracy (overall and per class) of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="a training output_dir or its adapter/")
+    e.add_argument("--data-root", required=True, help="the folder holding the data set folders (as in training)")
+    e.add_argument("--split", default="test", help="train, val or test")
+    e.add_argument("--dataset", choices=["coop", "imagenet", "imagefolder"], help="default: the checkpoint's")
+    e.add_argument("--dataset-name", help="a CoOp data set, e.g. EuroSAT (default: the checkpoint's)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--output", help="write the metrics (accuracy, per_class_accuracy) as JSON here")
+    e.set_defaults(func=_cmd_evaluate_fewshot)
+    d = sub.add_parser("predict-fewshot", help="top classes of images with a few-shot CLIP checkpoint")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("images", nargs="+", help="image files")
+    d.add_argument("--top", type=int, default=5, help="how many classes per image")
+    d.add_argument("--output", help='JSON list of {"path", "top": [[class, probability], ...]}')
+    d.set_defaults(func=_cmd_predict_fewshot)
     c = sub.add_parser("compose", help="CLoRA: several concept adapters in one image (one UNet pass per step)")
     c.add_argument("--pipeline", required=True, help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder")
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",

@@ -8,6 +8,7 @@ or from a YAML file: ``visionpeft train configs/dreambooth_lora_sd15.yaml``, who
 names a registered task (``register_task``; the recipes of `visionpeft.pipelines` register
 themselves, ``pretrain_embedded`` is registered here).
 """
+import dataclasses
 import sys
 import warnings
 
@@ -16,7 +17,7 @@ from .pretrain import MEAN as PRETRAIN_MEAN
 from .pretrain import STD as PRETRAIN_STD
 from .pretrain import PretrainConfig, PretrainTask, encoder_state_dict
 from .task import (Task, TrainingError, _load_pipelines, adapter_config, build_task, register_task,
-                   task_config, task_names)
+                   task_config, task_names, task_shared_keys)
 
 
 def _pretrain_task(values: dict) -> Task:
@@ -34,7 +35,12 @@ def run_config(values: dict) -> TrainResult:
     if task_name is None:
         raise ValueError(f"the config has no 'task' key; known tasks: {task_names()}")
     loop_cfg, rest = TrainConfig.split(values)
-    return train(build_task(task_name, rest), loop_cfg)
+    rest.update({k: getattr(loop_cfg, k) for k in task_shared_keys(task_name)})
+    task = build_task(task_name, rest)
+    defaults = {k: v for k, v in task.loop_defaults().items() if k not in values}
+    if defaults:  # the recipe's settings where the config is silent, checked as the config's are
+        loop_cfg = TrainConfig(**{**dataclasses.asdict(loop_cfg), **defaults})
+    return train(task, loop_cfg)
 
 
 # names that moved to visionpeft.pipelines: still importable from here, with a warning

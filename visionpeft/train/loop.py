@@ -39,6 +39,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     lr_num_cycles: int = 1
     lr_power: float = 1.0
+    # the floor of lr_scheduler cosine (torch's CosineAnnealingLR eta_min; CLIP-LoRA: 1e-6)
+    lr_min: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -73,6 +75,10 @@ class TrainConfig:
             bad(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             bad(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.lr_min, (int, float)) and 0 <= self.lr_min < self.learning_rate):
+            bad(f"lr_min must be >= 0 and below learning_rate {self.learning_rate}, got {self.lr_min!r}")
+        if self.lr_min and self.lr_scheduler != "cosine":
+            bad(f"lr_min is the floor of lr_scheduler cosine; it has no meaning for {self.lr_scheduler!r}")
         if self.compiled_kernels is not None and not isinstance(self.compiled_kernels, bool):
             bad(f"compiled_kernels must be true, false or null, got {self.compiled_kernels!r}")
         if self.resume_from_checkpoint not in (None, "latest") and not isinstance(self.resume_from_checkpoint, str):
@@ -172,7 +178,6 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
 def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     out = Path(cfg.output_dir)
     # rng_types=[]: accelerate would otherwise re-synchronise RNGs across processes at
@@ -185,6 +190,8 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     task.check_output(out)
     models = task.models()
     params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+    if not params and task.trains_nothing:
+        return _without_training(acc, task, models, out)
     if not params:
         raise TrainingError("the task's models have no trainable parameters")
     dataset = task.train_dataset()
@@ -198,9 +205,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
                                          drop_last=len(dataset) >= cfg.train_batch_size,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(params, cfg, acc.device)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
-                              power=cfg.lr_power)
+    scheduler = _scheduler(optimizer, cfg)
     names = list(models)
     *prepared, optimizer, loader = acc.prepare(*models.values(), optimizer, loader)
     prepared = dict(zip(names, prepared))
@@ -307,6 +312,45 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(step, out, adapter_dir, losses, report)
+
+
+def _scheduler(optimizer, cfg: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    if cfg.lr_scheduler == "cosine" and cfg.lr_min:
+        # cosine from the peak down to lr_min (not 0) after the warmup, as torch's
+        # CosineAnnealingLR(T_max=steps - warmup, eta_min=lr_min)
+        import math
+
+        warm, total, floor = cfg.lr_warmup_steps, cfg.max_train_steps, cfg.lr_min / cfg.learning_rate
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return step / max(1, warm)
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+
+
+def _without_training(acc, task: Task, models: dict, out: Path) -> TrainResult:
+    """A task with nothing to train (a zero-shot baseline): its output folder and report
+    as a trained run would write them, at step 0."""
+    from ..core.atomic import write_dir
+
+    report: dict = {}
+    adapter_dir = out / "adapter"
+    models = {n: m.to(acc.device) for n, m in models.items()}
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_dir(adapter_dir, lambda tmp: task.save_adapters(models, tmp))
+        report.update(task.finish(models, out))
+        (out / "train_report.json").write_text(json.dumps({"step": 0, **report}, indent=2))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(0, out, adapter_dir, [], report)
 
 
 def _drop_rows_after(path: Path, step: int) -> None:

@@ -77,6 +77,14 @@ class Task(abc.ABC):
     hold (written with ``vp.save_adapter`` as ``<folder>/<model name>``)."""
 
     adapter_name = "default"
+    # True for a task that may have nothing to train (a zero-shot baseline): the loop then
+    # sets it up, writes its output and calls ``finish`` at step 0 instead of refusing
+    trains_nothing = False
+
+    def loop_defaults(self) -> dict:
+        """The recipe's own training-loop settings (TrainConfig keys), used where the
+        config does not set them, e.g. ``{"max_train_steps": 500 * shots}``."""
+        return {}
 
     @abc.abstractmethod
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -144,13 +152,17 @@ class Task(abc.ABC):
 
 # --- the task registry ------------------------------------------------------------------
 _TASKS: dict[str, Callable[[dict], Task]] = {}
+_SHARED: dict[str, tuple[str, ...]] = {}
 
 
-def register_task(name: str, loader: Callable[[dict], Task], replace: bool = False) -> None:
+def register_task(name: str, loader: Callable[[dict], Task], replace: bool = False,
+                  shared_keys: tuple[str, ...] = ()) -> None:
     """Make ``task: name`` in a config build ``loader(values)``, ``values`` being the
-    config's keys minus ``task`` and the loop's (TrainConfig) keys. A second loader for a
-    taken name is refused unless ``replace`` (the same function re-registered, e.g. by a
-    module reload, replaces the first)."""
+    config's keys minus ``task`` and the loop's (TrainConfig) keys, plus the loop keys
+    named in ``shared_keys`` that the recipe reads too (e.g. ``seed`` for a few-shot draw;
+    their values as the loop will use them). A second loader for a taken name is refused
+    unless ``replace`` (the same function re-registered, e.g. by a module reload, replaces
+    the first)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_task: the name must be a non-empty string, got {name!r}")
     if not callable(loader):
@@ -163,6 +175,14 @@ def register_task(name: str, loader: Callable[[dict], Task], replace: bool = Fal
         raise ValueError(f"task {name!r} is already registered (by {getattr(old, '__module__', '?')}); "
                          "pass replace=True to override it")
     _TASKS[name] = loader
+    _SHARED[name] = tuple(shared_keys)
+
+
+def task_shared_keys(name: str) -> tuple[str, ...]:
+    """The loop keys task ``name`` also reads (see `register_task`)."""
+    if name not in _TASKS:
+        _load_pipelines()
+    return _SHARED.get(name, ())
 
 
 def _load_pipelines():

@@ -1,0 +1,200 @@
+"""The CLIP-LoRA-style few-shot table: test accuracy for 1, 2, 4, 8 and 16 shots x 3 seeds,
+per method, as mean ± std over the seeds.
+
+Every adapter row is a `task: fewshot_clip` run through `visionpeft.train.run_config`
+(CLIP-LoRA's recipe: q/k/v of both towers, r 2, alpha 1 at alpha / sqrt(r), dropout
+0.25, AdamW 2e-4, cosine to 1e-6, batch 32, 100 x cosine logits) with the step count
+``--steps-per-shot`` x shots (500 in CLIP-LoRA). ``zero_shot`` is the same task with
+``adapter: null`` (one run: it depends on neither shots nor seed); ``linear_probe`` fits
+logistic regression on the frozen image features of the same drawn shots, C chosen on the
+same validation shots.
+
+    # the embedded CLIP on the four scene types it never saw (writes the data if missing)
+    python scripts/fewshot_table.py --output docs/fewshot_table.json
+    # a real data set, e.g. EuroSAT with open_clip's ViT-B-16 `openai` weights
+    python scripts/fewshot_table.py --data-root DATA --dataset-name EuroSAT \\
+        --backbone ViT-B-16 --pretrained openai --steps-per-shot 500 --output eurosat.json
+    python scripts/fewshot_table.py --quick --output /tmp/t.json      # a smoke run
+
+The JSON holds every run (accuracy, trainable parameters, seconds) and is written after
+each one; a second call with the same --output skips the runs it already holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_RS = {"alpha": 1, "rank_stabilized": True, "dropout": 0.25}
+# name -> adapter spec (None: zero-shot); every weight method on the same q/k/v slices
+VARIANTS = {
+    "zero_shot": None,
+    "linear_probe": "probe",
+    "lora": {"method": "lora", "r": 2, **_RS},
+    "block_lora_n2": {"method": "block_lora", "r": 2, "n_blocks": 2, **_RS},
+    "block_lora_n4": {"method": "block_lora", "r": 2, "n_blocks": 4, **_RS},
+    "block_lora_n8": {"method": "block_lora", "r": 2, "n_blocks": 8, **_RS},
+    # matched budgets: LoRA r 2 trains 4d parameters on a d x d slice; LoHa r 1 and WaRA r 1
+    # (one rank per sub-band of d/2 x d/2) the same, KronA 8 x 8 64 + (d/8)^2 (fewer at
+    # d = 128, more at ViT-B's 768); WaRA and KronA have no dropout option
+    "loha": {"method": "loha", "r": 1, "alpha": 1, "dropout": 0.25},
+    "wara": {"method": "wara", "r": 1, "alpha": 1},
+    "krona": {"method": "krona", "a1": 8, "a2": 8, "alpha": 1},
+}
+DEFAULT_VARIANTS = list(VARIANTS)
+
+
+def _key(variant: str, shots: int, seed: int) -> str:
+    return f"{variant}/{shots}/{seed}"
+
+
+def _base_config(args, shots: int, seed: int, out: Path) -> dict:
+    backbone = {"source": "open_clip", "name": args.backbone}
+    if args.pretrained is not None:
+        backbone["pretrained"] = {"true": True, "false": False}.get(args.pretrained, args.pretrained)
+    return {"task": "fewshot_clip", "dataset": args.dataset, "dataset_name": args.dataset_name,
+            "data_root": str(args.data_root), "shots": shots, "seed": seed, "backbone": backbone,
+            "template": args.template, "max_train_steps": max(1, args.steps_per_shot * shots),
+            "train_batch_size": args.batch, "output_dir": str(out), "checkpointing_steps": 10 ** 9,
+            "eval_batch_size": 128}
+
+
+def run_adapter(args, variant: str, shots: int, seed: int) -> dict:
+    from visionpeft.train import run_config
+
+    out = Path(args.work_dir) / variant / f"shots{shots}-seed{seed}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # an interrupted run of this cell: start it again
+    cfg = _base_config(args, shots, seed, out)
+    cfg["adapter"] = VARIANTS[variant]
+    start = time.perf_counter()
+    run_config(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
+            "trainable_parameters": metrics["trainable_parameters"], "steps": cfg["max_train_steps"],
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def _features(model, split, items, transform, batch: int = 128):
+    from visionpeft.data.fewshot import ClassificationImages
+
+    loader = torch.utils.data.DataLoader(ClassificationImages(split, items, transform), batch_size=batch)
+    xs, ys = [], []
+    for images, labels in loader:
+        xs.append(model.image_features(images))
+        ys.append(labels)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def run_probe(args, shots: int, seed: int) -> dict:
+    from visionpeft.data.fewshot import fewshot_subset, find_classification_split
+    from visionpeft.pipelines.fewshot_clip import CLIPClassifier, build_clip, eval_transform, image_settings
+    from visionpeft.pipelines.fewshot_clip.probe import accuracy, linear_probe
+    from visionpeft.pipelines.fewshot_clip.task import VAL_SEED_OFFSET
+
+    start = time.perf_counter()
+    cfg = _base_config(args, shots, seed, Path("unused"))
+    splits = {s: find_classification_split(args.dataset, args.data_root, s, args.dataset_name)
+              for s in ("train", "val", "test")}
+    train = fewshot_subset(splits["train"].items, shots, seed)  # the adapters' draw, same seeds
+    val = fewshot_subset(splits["val"].items, min(4, shots), seed + VAL_SEED_OFFSET)
+    clip, tokenizer = build_clip(cfg["backbone"])
+    model = CLIPClassifier(clip.eval(), tokenizer, splits["train"].classnames, args.template)
+    tf = eval_transform(*image_settings(clip))
+    tx, ty = _features(model, splits["train"], train, tf)
+    vx, vy = _features(model, splits["val"], val, tf)
+    sx, sy = _features(model, splits["test"], splits["test"].items, tf)
+    w, b, c, scores = linear_probe(tx, ty, vx, vy, len(splits["train"].classnames))
+    return {"accuracy": accuracy(w, b, sx, sy), "C": c, "val_by_C": {str(k): v for k, v in scores.items()},
+            "trainable_parameters": w.numel() + b.numel(), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def table(results: dict, variants: list[str], shots: list[int]) -> str:
+    head = "| method | trainable params | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |"
+    lines = [head, "|" + "---|" * (len(shots) + 2)]
+    for v in variants:
+        cells, params = [], None
+        for k in shots:
+            runs = [r for key, r in results.items() if key.split("/")[0] == v and
+                    (v == "zero_shot" or int(key.split("/")[1]) == k)]
+            params = runs[0]["trainable_parameters"] if runs else params
+            accs = [100 * r["accuracy"] for r in runs]
+            if not accs:
+                cells.append("")
+            elif v == "zero_shot" or len(accs) == 1:
+                cells.append(f"{accs[0]:.1f}")
+            else:
+                cells.append(f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}")
+        lines.append(f"| {v} | {params if params is not None else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=None, help="default: datasets/fewshot_scenes (written if missing)")
+    p.add_argument("--dataset", default="coop", choices=["coop", "imagenet", "imagefolder"])
+    p.add_argument("--dataset-name", default="SceneTypes")
+    p.add_argument("--backbone", default="embedded-clip")
+    p.add_argument("--pretrained", default=None, help="an open_clip tag, a weights file, true or false")
+    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--steps-per-shot", type=int, default=500, help="CLIP-LoRA: 500")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--work-dir", default="output/fewshot-table")
+    p.add_argument("--output", default=None, help="JSON of every run (resumed when it exists)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke settings")
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.quick:
+        args.shots, args.seeds, args.steps_per_shot, args.batch = [1, 2], [1], 2, 4
+    if args.data_root is None:
+        from visionpeft.data.fewshot import write_scene_classification
+
+        args.data_root = ROOT / "datasets" / "fewshot_scenes"
+        if not (args.data_root / args.dataset_name / f"split_zhou_{args.dataset_name}.json").is_file():
+            counts = {"train": 4, "val": 2, "test": 4} if args.quick else None
+            write_scene_classification(args.data_root, args.dataset_name, counts=counts)
+    out = Path(args.output) if args.output else None
+    doc = json.loads(out.read_text()) if out and out.is_file() else {}
+    results = doc.get("runs", {})
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output"}
+    for variant in args.variants:
+        for shots in args.shots:
+            for seed in args.seeds:
+                key = _key(variant, shots, seed)
+                if variant == "zero_shot":
+                    key = _key(variant, 0, 0)
+                if key in results:
+                    continue
+                print(f"== {key}", file=sys.stderr)
+                if variant == "linear_probe":
+                    results[key] = run_probe(args, shots, seed)
+                else:
+                    results[key] = run_adapter(args, variant, max(shots, 1), seed)
+                print(f"   accuracy {results[key]['accuracy']:.4f} ({results[key]['seconds']} s)", file=sys.stderr)
+                if out:
+                    doc = {"settings": settings, "date": time.strftime("%Y-%m-%d"), "runs": results}
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = out.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(doc, indent=1))
+                    os.replace(tmp, out)
+    text = table(results, args.variants, args.shots)
+    print(text)
+    return {"runs": results, "table": text}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""`task: fewshot_clip`: CLIP-LoRA's recipe on a tiny open_clip built from a local folder
+(open_clip's own loader), checked against hand computations with open_clip's encoders,
+torch's CosineAnnealingLR, scikit-learn's logistic regression and brute-force loops."""
+import json
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+import visionpeft as vp
+from visionpeft.data.fewshot import coop_split, fewshot_subset
+from visionpeft.pipelines.fewshot_clip import (CLIPClassifier, build_clip, eval_transform, load_classifier,
+                                               predict_topk, train_transform)
+from visionpeft.train import TrainingError, run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+CLASSES = ["red_thing", "blue thing", "green"]
+
+
+def _clip_folder(folder: Path, width: int = 32, seed: int = 0) -> Path:
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": width, "layers": 2,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {
+        "mean": MEAN, "std": STD}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def _dataset(root: Path, name: str = "toy") -> Path:
+    rng = np.random.default_rng(0)
+    split = {}
+    for s, n in (("train", 5), ("val", 3), ("test", 4)):
+        rows = []
+        for label, c in enumerate(CLASSES):
+            for i in range(n):
+                img = (rng.random((40, 48, 3)) * 80).astype(np.uint8)
+                img[..., label] += 150
+                rel = f"{c}/{s}_{i}.png"
+                (root / name / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(root / name / rel)
+                rows.append([rel, label, c])
+        split[s] = rows
+    (root / name / f"split_zhou_{name}.json").write_text(json.dumps(split))
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fewshot")
+    return {"clip": _clip_folder(base / "clip"), "data": _dataset(base / "data"), "base": base}
+
+
+def _config(env, out, **kw):
+    return {"task": "fewshot_clip", "dataset": "coop", "dataset_name": "toy", "data_root": str(env["data"]),
+            "shots": 2, "seed": 3, "backbone": {"source": "open_clip", "name": str(env["clip"])},
+            "max_train_steps": 4, "train_batch_size": 4, "output_dir": str(out), **kw}
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    out = env["base"] / "run"
+    result = run_config(_config(env, out, adapter={"method": "block_lora", "r": 2, "n_blocks": 2, "alpha": 1,
+                                                   "rank_stabilized": True, "dropout": 0.25},
+                                learning_rate=5e-2))
+    return out, result
+
+
+def test_logits_are_100_cosine_of_open_clips_encoders(env):
+    clip, tok = build_clip({"name": str(env["clip"])})
+    model = CLIPClassifier(clip, tok, ["a_b", "c"], "a photo of a {}.")
+    images = torch.randn(3, 3, 32, 32)
+    text = open_clip.get_tokenizer("local-dir:" + str(env["clip"]))(["a photo of a a b.", "a photo of a c."])
+    with torch.no_grad():
+        i = clip.encode_image(images)
+        t = clip.encode_text(text)
+        want = 100 * (i / i.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).t()
+        assert torch.allclose(model(images), want, atol=1e-4)
+    assert model.logit_scale == 100.0 and float(clip.logit_scale.exp()) != 100.0  # fixed, not CLIP's learned one
+
+
+def test_transforms_are_clip_loras():
+    from torchvision import transforms as T
+
+    crop, flip, _, norm = train_transform(224, MEAN, STD).transforms
+    assert isinstance(crop, T.RandomResizedCrop) and crop.size == (224, 224) and crop.scale == (0.08, 1.0)
+    assert crop.interpolation == T.InterpolationMode.BICUBIC and isinstance(flip, T.RandomHorizontalFlip)
+    assert flip.p == 0.5 and list(norm.mean) == MEAN and list(norm.std) == STD
+    resize, centre, _, norm = eval_transform(224, MEAN, STD).transforms
+    assert resize.interpolation == T.InterpolationMode.BICUBIC and centre.size == (224, 224)
+
+
+def test_recipe_defaults_reach_the_loop(env, monkeypatch, tmp_path):
+    """Without loop keys in the config: 500 x shots steps, batch 32, AdamW 2e-4 wd 1e-2,
+    cosine to 1e-6, no clipping; keys in the config win."""
+    import visionpeft.train as train_pkg
+
+    seen = {}
+    monkeypatch.setattr(train_pkg, "train", lambda task, cfg: seen.update(cfg=cfg, task=task))
+    cfg = _config(env, tmp_path / "o", shots=4)
+    for k in ("max_train_steps", "train_batch_size"):
+        cfg.pop(k)
+    run_config(cfg)
+    c = seen["cfg"]
+    assert (c.max_train_steps, c.train_batch_size, c.learning_rate, c.adam_weight_decay) == (2000, 32, 2e-4, 1e-2)
+    assert (c.lr_scheduler, c.lr_min, c.max_grad_norm, c.seed) == ("cosine", 1e-6, 0.0, 3)
+    assert seen["task"].cfg.seed == 3  # the few-shot draw reads the loop's seed
+    assert seen["task"].cfg.adapter == {"method": "lora", "r": 2, "alpha": 1, "rank_stabilized": True,
+                                        "dropout": 0.25, "target_modules": ["attn[q,k,v]"]}
+    run_config({**cfg, "max_train_steps": 7, "learning_rate": 1e-3})
+    assert (seen["cfg"].max_train_steps, seen["cfg"].learning_rate) == (7, 1e-3)
+
+
+def test_cosine_to_floor_equals_torch_cosine_annealing():
+    from visionpeft.train.loop import TrainConfig, _scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours = torch.optim.AdamW([p], lr=2e-4)
+    ref = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    s1 = _scheduler(ours, TrainConfig(max_train_steps=50, learning_rate=2e-4, lr_scheduler="cosine", lr_min=1e-6))
+    s2 = torch.optim.lr_scheduler.CosineAnnealingLR(ref, 50, eta_min=1e-6)
+    for _ in range(50):
+        assert abs(s1.get_last_lr()[0] - s2.get_last_lr()[0]) < 1e-12
+        ours.step(), ref.step(), s1.step(), s2.step()
+    with pytest.raises(ValueError, match="lr_min is the floor of lr_scheduler cosine"):
+        TrainConfig(lr_min=1e-6)
+
+
+def test_training_run(env, trained):
+    out, result = trained
+    assert result.step == 4
+    # the drawn shots, written before training, are the seeded draw
+    drawn = json.loads((out / "fewshot_split.json").read_text())
+    train = coop_split(env["data"], "toy", "train")
+    assert drawn["train"] == [[it.path, it.label, it.classname] for it in fewshot_subset(train.items, 2, 3)]
+    assert len(drawn["val"]) == 3 * 2  # min(4, shots) per class
+    # q, k and v of every attention of both towers, and both towers learned
+    model, cfg = load_classifier(out)
+    names = [n for n, m in model.clip.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert len(names) == 4 and any(n.startswith("visual.") for n in names) and any(
+        n.startswith("transformer.") for n in names)
+    # B starts at zero: a B that moved got gradients, in the image tower and the text tower
+    ups = {n for n, p in model.clip.named_parameters() if n.endswith(".B") and p.abs().sum() > 0}
+    assert len(ups) == 12 and sum(n.startswith("transformer.") for n in ups) == 6
+    assert cfg["classnames"] == CLASSES and cfg["template"] == "a photo of a {}."
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(1e-6)
+
+
+def test_test_accuracy_against_a_loop(env, trained):
+    out, _ = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, _ = load_classifier(out)
+    test = coop_split(env["data"], "toy", "test")
+    tf = eval_transform(32, MEAN, STD)
+    hits = {c: [] for c in CLASSES}
+    with torch.no_grad():
+        for it in test.items:
+            x = tf(Image.open(test.absolute(it)).convert("RGB"))[None]
+            img = F.normalize(model.clip.encode_image(x), dim=-1)
+            txt = F.normalize(model.clip.encode_text(model.tokens), dim=-1)
+            hits[it.classname].append(int((img @ txt.t()).argmax()) == it.label)
+    assert metrics["per_class_accuracy"] == {c: sum(h) / len(h) for c, h in hits.items()}
+    assert metrics["accuracy"] == sum(map(sum, hits.values())) / 12
+    # Block-LoRA r 2, n 2 on 3 slices x 4 attentions of width 32: r (in / n + out) each
+    assert metrics["trainable_parameters"] == 3 * 4 * 2 * (32 // 2 + 32) == sum(
+        p.numel() for n, p in model.clip.named_parameters() if ".adapters." in n)
+
+
+def test_zero_shot_baseline(env, tmp_path):
+    result = run_config(_config(env, tmp_path / "zs", adapter=None))
+    assert result.step == 0
+    assert not (tmp_path / "zs" / "adapter" / "clip").exists()
+    model, cfg = load_classifier(tmp_path / "zs")
+    assert cfg["adapter"] is None and not vp.adapter_names(model.clip)
+    metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    clip, tok = build_clip({"name": str(env["clip"])})
+    plain = CLIPClassifier(clip.eval(), tok, CLASSES, "a photo of a {}.")
+    test = coop_split(env["data"], "toy", "test")
+    tf = eval_transform(32, MEAN, STD)
+    with torch.no_grad():
+        x = torch.stack([tf(Image.open(test.absolute(it)).convert("RGB")) for it in test.items])
+        pred = plain(x).argmax(-1)
+    assert metrics["accuracy"] == float((pred == torch.tensor([it.label for it in test.items])).double().mean())
+
+
+def _cli(args):
+    """`visionpeft ARGS` in this process (the entry point's own main): (code, stderr)."""
+    import contextlib
+    import io
+
+    from visionpeft.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(args)
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def test_cli_evaluate_and_predict(env, trained, tmp_path):
+    out, _ = trained
+    run = _cli(["evaluate-fewshot", "--checkpoint", str(out), "--data-root", str(env["data"]), "--split", "test",
+                "--output", str(tmp_path / "m.json")])
+    assert run.returncode == 0, run.stderr
+    got = json.loads((tmp_path / "m.json").read_text())
+    want = json.loads((out / "metrics.json").read_text())
+    assert got["accuracy"] == want["accuracy"] and got["per_class_accuracy"] == want["per_class_accuracy"]
+    test = coop_split(env["data"], "toy", "test")
+    paths = [str(test.absolute(it)) for it in test.items[:2]]
+    run = _cli(["predict-fewshot", "--checkpoint", str(out), *paths, "--output", str(tmp_path / "p.json")])
+    assert run.returncode == 0, run.stderr
+    preds = json.loads((tmp_path / "p.json").read_text())
+    model, _ = load_classifier(out)
+    direct = predict_topk(model, [Image.open(p) for p in paths], 5)
+    assert [p["path"] for p in preds] == paths
+    for p, d in zip(preds, direct):
+        assert len(p["top"]) == 3 and [c for c, _ in p["top"]] == [c for c, _ in d]
+        assert np.allclose([q for _, q in p["top"]], [q for _, q in d], atol=1e-6)
+        assert sum(q for _, q in p["top"]) == pytest.approx(1.0) and p["top"][0][1] >= p["top"][1][1]
+
+
+def test_cli_refusals(env, trained, tmp_path):
+    out, _ = trained
+    for args, msg in [
+        (["predict-fewshot", "--checkpoint", str(out), str(tmp_path / "no.png")], "cannot read image"),
+        (["evaluate-fewshot", "--checkpoint", str(tmp_path), "--data-root", str(env["data"])],
+         "holds no few-shot CLIP checkpoint"),
+        (["evaluate-fewshot", "--checkpoint", str(out), "--data-root", str(tmp_path)], "no split_zhou_toy.json"),
+        (["predict-fewshot", "--checkpoint", str(out), str(tmp_path / "no.png"), "--output", "x.txt"],
+         "give a .json file name"),
+    ]:
+        run = _cli(args)
+        assert run.returncode == 2 and msg in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_checkpoint_for_another_backbone(env, trained, tmp_path):
+    import shutil
+
+    out, _ = trained
+    copy = tmp_path / "ckpt"
+    shutil.copytree(out / "adapter", copy)
+    other = _clip_folder(tmp_path / "wide", width=48)
+    cfg = json.loads((copy / "fewshot_config.json").read_text())
+    cfg["backbone"]["name"] = str(other)
+    (copy / "fewshot_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="its adapter does not fit backbone") as err:
+        load_classifier(copy)
+    assert "\n" not in str(err.value)
+    run = _cli(["predict-fewshot", "--checkpoint", str(copy), str(env["data"] / "toy/green/test_0.png")])
+    assert run.returncode == 2 and "does not fit backbone" in run.stderr
+
+
+def test_data_refusals(env, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    for p in sorted((data / "toy" / "green").glob("test_*.png"))[:2]:
+        p.unlink()
+    with pytest.raises(TrainingError, match=r"toy test split: 2 of 12 images are missing .*green/test_0.png"):
+        run_config(_config(env, tmp_path / "o", data_root=str(data)))
+    assert not (tmp_path / "o").exists()
+    split = json.loads((data / "toy" / "split_zhou_toy.json").read_text())
+    split["train"] = [r for r in split["train"] if r[1] != 1]
+    (data / "toy" / "split_zhou_toy.json").write_text(json.dumps(split))
+    with pytest.raises(TrainingError, match=r"no images for label\(s\) \[1\]"):
+        run_config(_config(env, tmp_path / "o", data_root=str(data)))
+    with pytest.raises(ValueError, match="dataset: coop needs dataset_name"):
+        run_config({**_config(env, tmp_path / "o"), "dataset_name": None})
+    with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
+        run_config(_config(env, tmp_path / "o", adapter={"method": "nope"}))
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_pickle_with_code_is_refused(env, tmp_path):
+    """An official-style .pt checkpoint is read with torch.load(weights_only=True): a pickle
+    that would run code is refused with one line, nothing run."""
+    bad = tmp_path / "weights.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": _Code()}, f)
+    with pytest.raises(ValueError, match="cannot load open_clip") as err:
+        build_clip({"name": "ViT-B-16", "pretrained": str(bad)})
+    assert "\n" not in str(err.value)
+
+
+def test_template_option_and_prompts(env, tmp_path):
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPConfig, prompts
+
+    assert prompts("a photo of a {}.", ["Sea_or_Lake"]) == ["a photo of a Sea or Lake."]
+    cfg = FewShotCLIPConfig.from_dict({k: v for k, v in _config(env, tmp_path).items()
+                                       if k not in ("task", "max_train_steps", "train_batch_size", "output_dir")}
+                                      | {"template": "dataset"})
+    assert cfg.resolved_template("EuroSAT") == "a centered satellite photo of {}."
+    with pytest.raises(ValueError, match="has no {} for the class name"):
+        prompts("a photo", ["x"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("fewshot_*.yaml")))
+def test_shipped_configs_run(env, tmp_path, name):
+    """Every shipped few-shot config, with only its backbone and data swapped for the tiny ones."""
+    values = yaml.safe_load((ROOT / "configs" / name).read_text())
+    assert values["task"] == "fewshot_clip" and values["backbone"]["source"] == "open_clip"
+    values.update(backbone={"source": "open_clip", "name": str(env["clip"])}, data_root=str(env["data"]),
+                  dataset_name="toy", max_train_steps=2, train_batch_size=4, output_dir=str(tmp_path / "o"),
+                  checkpointing_steps=2)
+    assert run_config(values).step == 2
+    assert (tmp_path / "o" / "adapter" / "clip").is_dir()
+
+
+def test_linear_probe_equals_scikit_learn():
+    """fit_logistic minimises scikit-learn's LogisticRegression objective (C * sum CE +
+    ||W||^2 / 2, bias free): the same coefficients; C chosen on validation."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from visionpeft.pipelines.fewshot_clip.probe import fit_logistic, linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(30, 6, generator=g), dim=-1)
+    y = torch.arange(30) % 3
+    x[torch.arange(30), y] += 0.8
+    for c in (0.1, 10.0):
+        w, b = fit_logistic(x, y, 3, c)
+        ref = sklearn.LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(x.double().numpy(), y.numpy())
+        assert np.allclose(w.numpy(), ref.coef_, atol=1e-4) and np.allclose(b.numpy(), ref.intercept_, atol=1e-4)
+    w, b, chosen, scores = linear_probe(x[:18], y[:18], x[18:], y[18:], 3, grid=(0.001, 1.0, 100.0))
+    assert scores[chosen] == max(scores.values()) and set(scores) == {0.001, 1.0, 100.0}
+    assert torch.equal(w, fit_logistic(x[:18], y[:18], 3, chosen)[0])  # fitted on the training shots only
+
+
+def test_draw_sizes_in_the_task(env):
+    """k shots per class (with replacement past the 5 the split has), min(4, k) validation
+    images per class (with replacement past its 3)."""
+    from collections import Counter
+
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPConfig, FewShotCLIPTask
+
+    values = {k: v for k, v in _config(env, "unused").items()
+              if k not in ("task", "max_train_steps", "train_batch_size", "output_dir")}
+    task = FewShotCLIPTask(FewShotCLIPConfig.from_dict({**values, "shots": 6}))
+    task.setup(torch.device("cpu"), torch.float32)
+    assert Counter(it.label for it in task.train_items) == {0: 6, 1: 6, 2: 6}
+    assert Counter(it.label for it in task.val_items) == {0: 4, 1: 4, 2: 4}
+    assert len({it.path for it in task.val_items if it.label == 0}) == 3
+
+
+def test_evaluate_counts_per_class():
+    """evaluate against counts by hand on fixed predictions (classes right 1/2, 2/3, 0/1)."""
+    from visionpeft.pipelines.fewshot_clip import evaluate
+
+    class Fixed(torch.nn.Module):
+        classnames = ["a", "b", "c"]
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def text_features(self):
+            return torch.eye(3)
+
+        def forward(self, x, text_features):
+            return x @ text_features.t()
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0, 0])
+    data = torch.utils.data.TensorDataset(F.one_hot(preds, 3).float(), labels)
+    m = evaluate(Fixed(), data, batch_size=4)
+    assert m["per_class_accuracy"] == {"a": 1 / 2, "b": 2 / 3, "c": 0.0} and m["accuracy"] == 3 / 6
