@@ -86,36 +86,35 @@ def run_adapter(args, variant: str, shots: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def _features(model, split, items, transform, batch: int = 128):
-    from visionpeft.data.fewshot import ClassificationImages
-
-    loader = torch.utils.data.DataLoader(ClassificationImages(split, items, transform), batch_size=batch)
+def _features(model, dataset, batch: int = 128):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
     xs, ys = [], []
     for images, labels in loader:
-        xs.append(model.image_features(images))
+        xs.append(model.image_features(images.to(next(model.parameters()).device)).cpu())
         ys.append(labels)
     return torch.cat(xs), torch.cat(ys)
 
 
 def run_probe(args, shots: int, seed: int) -> dict:
-    from visionpeft.data.fewshot import fewshot_subset, find_classification_split
-    from visionpeft.pipelines.fewshot_clip import CLIPClassifier, build_clip, eval_transform, image_settings
+    """The task's own draw and data (zero-shot setup: nothing injected), then logistic
+    regression on frozen image features of the shots, C chosen on the validation shots."""
+    from visionpeft.data.fewshot import ClassificationImages
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPConfig, FewShotCLIPTask
     from visionpeft.pipelines.fewshot_clip.probe import accuracy, linear_probe
-    from visionpeft.pipelines.fewshot_clip.task import VAL_SEED_OFFSET
 
     start = time.perf_counter()
-    cfg = _base_config(args, shots, seed, Path("unused"))
-    splits = {s: find_classification_split(args.dataset, args.data_root, s, args.dataset_name)
-              for s in ("train", "val", "test")}
-    train = fewshot_subset(splits["train"].items, shots, seed)  # the adapters' draw, same seeds
-    val = fewshot_subset(splits["val"].items, min(4, shots), seed + VAL_SEED_OFFSET)
-    clip, tokenizer = build_clip(cfg["backbone"])
-    model = CLIPClassifier(clip.eval(), tokenizer, splits["train"].classnames, args.template)
-    tf = eval_transform(*image_settings(clip))
-    tx, ty = _features(model, splits["train"], train, tf)
-    vx, vy = _features(model, splits["val"], val, tf)
-    sx, sy = _features(model, splits["test"], splits["test"].items, tf)
-    w, b, c, scores = linear_probe(tx, ty, vx, vy, len(splits["train"].classnames))
+    values = _base_config(args, shots, seed, Path("unused"))
+    keep = {f for f in FewShotCLIPConfig.__dataclass_fields__}
+    task = FewShotCLIPTask(FewShotCLIPConfig.from_dict({**{k: v for k, v in values.items() if k in keep},
+                                                        "adapter": None}))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task.setup(device, torch.float32)
+    model = task.model.eval()
+    plain = task.eval_sets["test"].transform
+    tx, ty = _features(model, ClassificationImages(task.splits["train"], task.train_items, plain))
+    vx, vy = _features(model, task.eval_sets["val"])
+    sx, sy = _features(model, task.eval_sets["test"])
+    w, b, c, scores = linear_probe(tx, ty, vx, vy, len(model.classnames))
     return {"accuracy": accuracy(w, b, sx, sy), "C": c, "val_by_C": {str(k): v for k, v in scores.items()},
             "trainable_parameters": w.numel() + b.numel(), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -157,7 +156,6 @@ def main(argv=None) -> dict:
     p.add_argument("--output", default=None, help="JSON of every run (resumed when it exists)")
     p.add_argument("--quick", action="store_true", help="tiny smoke settings")
     args = p.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.quick:
         args.shots, args.seeds, args.steps_per_shot, args.batch = [1, 2], [1], 2, 4
     if args.data_root is None:
@@ -170,7 +168,13 @@ def main(argv=None) -> dict:
     out = Path(args.output) if args.output else None
     doc = json.loads(out.read_text()) if out and out.is_file() else {}
     results = doc.get("runs", {})
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "output"}
+    # what makes runs comparable; shots, seeds and variants may grow between calls
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("output", "shots", "seeds", "variants", "work_dir", "quick")}
+    if doc and doc.get("settings") != settings:
+        changed = sorted(k for k in settings if doc.get("settings", {}).get(k) != settings[k])
+        raise SystemExit(f"{out} holds runs made with other settings ({', '.join(changed)}); "
+                         f"use another --output to start a new table")
     for variant in args.variants:
         for shots in args.shots:
             for seed in args.seeds:

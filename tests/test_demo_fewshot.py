@@ -216,7 +216,7 @@ def test_bad_input_ends_in_one_line(ckpts, tmp_path):
         assert _error(client, "/load_fewshot", "  ").startswith("enter a few-shot checkpoint folder: ")
         assert _error(client, "/load_fewshot", str(tmp_path)).startswith(f"{tmp_path} holds no few-shot CLIP")
         assert _error(client, "/load_fewshot", str(broken)).startswith(  # load_classifier's own line
-            f"checkpoint {broken.resolve()}: its adapter does not fit backbone ")
+            f"checkpoint {broken.resolve()}: cannot load its adapter into backbone ")
         assert _error(client, "/load_fewshot", str(garbled)).startswith(
             f"cannot load the few-shot checkpoint {garbled.resolve()}: its config is not JSON: ")
         assert _error(client, "/classify", upload, 5).startswith("no checkpoint loaded")  # still none

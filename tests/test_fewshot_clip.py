@@ -88,7 +88,7 @@ def test_logits_are_100_cosine_of_open_clips_encoders(env):
         t = clip.encode_text(text)
         want = 100 * (i / i.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).t()
         assert torch.allclose(model(images), want, atol=1e-4)
-    assert model.logit_scale == 100.0 and float(clip.logit_scale.exp()) != 100.0  # fixed, not CLIP's learned one
+    assert model.logit_scale == 100.0 and float(clip.logit_scale.detach().exp()) != 100.0  # fixed, not CLIP's learned one
 
 
 def test_transforms_are_clip_loras():
@@ -145,7 +145,11 @@ def test_training_run(env, trained):
     drawn = json.loads((out / "fewshot_split.json").read_text())
     train = coop_split(env["data"], "toy", "train")
     assert drawn["train"] == [[it.path, it.label, it.classname] for it in fewshot_subset(train.items, 2, 3)]
-    assert len(drawn["val"]) == 3 * 2  # min(4, shots) per class
+    from visionpeft.pipelines.fewshot_clip.task import VAL_SEED_OFFSET
+
+    val = coop_split(env["data"], "toy", "val")
+    assert drawn["val"] == [[it.path, it.label, it.classname]  # min(4, shots) per class, from val
+                            for it in fewshot_subset(val.items, 2, 3 + VAL_SEED_OFFSET)]
     # q, k and v of every attention of both towers, and both towers learned
     model, cfg = load_classifier(out)
     names = [n for n, m in model.clip.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
@@ -240,6 +244,7 @@ def test_cli_refusals(env, trained, tmp_path):
         (["evaluate-fewshot", "--checkpoint", str(out), "--data-root", str(tmp_path)], "no split_zhou_toy.json"),
         (["predict-fewshot", "--checkpoint", str(out), str(tmp_path / "no.png"), "--output", "x.txt"],
          "give a .json file name"),
+        (["predict-fewshot", "--checkpoint", str(out), str(tmp_path / "no.png"), "--top", "0"], "--top 0"),
     ]:
         run = _cli(args)
         assert run.returncode == 2 and msg in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
@@ -256,11 +261,11 @@ def test_checkpoint_for_another_backbone(env, trained, tmp_path):
     cfg = json.loads((copy / "fewshot_config.json").read_text())
     cfg["backbone"]["name"] = str(other)
     (copy / "fewshot_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="its adapter does not fit backbone") as err:
+    with pytest.raises(ValueError, match="cannot load its adapter into backbone") as err:
         load_classifier(copy)
     assert "\n" not in str(err.value)
     run = _cli(["predict-fewshot", "--checkpoint", str(copy), str(env["data"] / "toy/green/test_0.png")])
-    assert run.returncode == 2 and "does not fit backbone" in run.stderr
+    assert run.returncode == 2 and "cannot load its adapter into backbone" in run.stderr
 
 
 def test_data_refusals(env, tmp_path):
@@ -381,3 +386,83 @@ def test_evaluate_counts_per_class():
     data = torch.utils.data.TensorDataset(F.one_hot(preds, 3).float(), labels)
     m = evaluate(Fixed(), data, batch_size=4)
     assert m["per_class_accuracy"] == {"a": 1 / 2, "b": 2 / 3, "c": 0.0} and m["accuracy"] == 3 / 6
+
+
+def test_openai_weights_get_quick_gelu(monkeypatch):
+    """open_clip's plain ViT-B-16 config has GELU; OpenAI's weights need QuickGELU."""
+    seen = []
+
+    def fake(name, **kwargs):
+        seen.append(kwargs)
+        from visionpeft.backbones.tiny import build_tiny
+
+        return build_tiny("open_clip")
+
+    monkeypatch.setattr(open_clip, "create_model", fake)
+    build_clip({"name": "ViT-B-16", "pretrained": "openai"})
+    build_clip({"name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"})
+    assert seen[0].get("force_quick_gelu") is True and "force_quick_gelu" not in seen[1]
+
+
+def test_imagenet_validation_comes_from_train_not_test(tmp_path):
+    """ImageNet's labelled val/ is the test split: the validation shots are training images
+    that were not drawn as shots."""
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPConfig, FewShotCLIPTask
+
+    root = tmp_path / "imagenet"
+    for s, n in (("train", 6), ("val", 2)):
+        for w in ("n01", "n02"):
+            (root / "images" / s / w).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / s / w / f"{i}.png")
+    (root / "classnames.txt").write_text("n01 tench\nn02 goldfish\n")
+    clip = _clip_folder(tmp_path / "clip")
+    task = FewShotCLIPTask(FewShotCLIPConfig.from_dict({"dataset": "imagenet", "data_root": str(tmp_path),
+                                                        "backbone": {"name": str(clip)}, "shots": 2}))
+    task.setup(torch.device("cpu"), torch.float32)
+    val = {it.path for it in task.val_items}
+    assert all(p.startswith("train/") for p in val) and not val & {it.path for it in task.train_items}
+    assert {it.path for it in task.splits["test"].items} == {f"val/{w}/{i}.png" for w in ("n01", "n02")
+                                                             for i in range(2)}
+
+
+def test_output_folder_rules(env, tmp_path):
+    """The draw file of an earlier run is kept: another draw into its folder is refused
+    before anything is written; a zero-shot run into a trained folder is refused."""
+    out = tmp_path / "o"
+    run_config(_config(env, out, adapter={"method": "lora", "r": 2}, max_train_steps=2))
+    before = (out / "fewshot_split.json").read_text()
+    with pytest.raises(TrainingError, match="holds another draw"):
+        run_config(_config(env, out, adapter={"method": "lora", "r": 2}, seed=4,
+                           resume_from_checkpoint="latest", max_train_steps=3))
+    assert (out / "fewshot_split.json").read_text() == before
+    with pytest.raises(TrainingError, match="holds the output of an earlier run"):
+        run_config(_config(env, out, adapter=None))
+    assert (out / "fewshot_split.json").read_text() == before
+
+
+def test_every_image_every_epoch_and_other_schedulers(env, tmp_path, monkeypatch):
+    """CLIP-LoRA keeps each epoch's last partial batch (6 shots at batch 4: 4 + 2); a config
+    with another scheduler gets no cosine floor."""
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPTask
+
+    sizes = []
+    real = FewShotCLIPTask.loss
+    monkeypatch.setattr(FewShotCLIPTask, "loss", lambda self, m, b: (sizes.append(len(b[1])), real(self, m, b))[1])
+    run_config(_config(env, tmp_path / "o", adapter={"method": "lora", "r": 2}, max_train_steps=4,
+                       lr_scheduler="constant"))
+    assert sizes == [4, 2, 4, 2]
+
+
+def test_block_method_targets_and_early_checks(env, tmp_path):
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPConfig
+
+    base = {k: v for k, v in _config(env, tmp_path).items()
+            if k not in ("task", "max_train_steps", "train_batch_size", "output_dir")}
+    cfg = FewShotCLIPConfig.from_dict({**base, "adapter": {"method": "adapter", "bottleneck": 4}})
+    assert cfg.adapter["target_modules"] == list(vp.presets.CLIP_BLOCKS)
+    with pytest.raises(ValueError, match="template 'a photo'.*has no {}"):
+        FewShotCLIPConfig.from_dict({**base, "template": "a photo"})
+    result = run_config(_config(env, tmp_path / "blocks", adapter={"method": "adapter", "bottleneck": 4},
+                                max_train_steps=2))
+    assert result.step == 2

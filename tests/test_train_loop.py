@@ -338,10 +338,12 @@ def test_recipe_loop_defaults_and_shared_keys(monkeypatch):
     monkeypatch.setattr(task_mod, "_SHARED", dict(task_mod._SHARED))
 
     class Recipe(ToyTask):
-        def loop_defaults(self):
+        def loop_defaults(self, given):
+            assert given == seen_given.pop()
             return {"max_train_steps": 42, "learning_rate": 3e-3, "lr_scheduler": "cosine", "lr_min": 1e-5}
 
     made = {}
+    seen_given = [{"seed": 9, "learning_rate": 1e-2}]
 
     def load(values):
         made.update(values)
@@ -353,5 +355,6 @@ def test_recipe_loop_defaults_and_shared_keys(monkeypatch):
     run_config({"task": "toy_recipe_defaults", "seed": 9, "learning_rate": 1e-2})
     assert made == {"seed": 9}
     assert (seen["cfg"].max_train_steps, seen["cfg"].learning_rate, seen["cfg"].lr_min) == (42, 1e-2, 1e-5)
+    seen_given.append({"learning_rate": 1e-6})
     with pytest.raises(ValueError, match="lr_min must be >= 0 and below learning_rate"):
         run_config({"task": "toy_recipe_defaults", "learning_rate": 1e-6})

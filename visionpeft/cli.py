@@ -381,17 +381,31 @@ def _cmd_predict_seg(args) -> int:
 
 
 def _write_json_atomic(path: str, data) -> None:
+    """A temporary file beside ``path``, renamed over it: never half a file."""
     import json
+    import os
+    import tempfile
     from pathlib import Path
-
-    from .core.atomic import write_file
 
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"--output {path} is a folder; give a file name like metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps(data, indent=2)
-    write_file(out, lambda tmp: Path(tmp).write_text(body))
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _device(name):
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _cmd_evaluate_fewshot(args) -> int:
@@ -400,7 +414,7 @@ def _cmd_evaluate_fewshot(args) -> int:
 
     if args.output and not args.output.endswith(".json"):
         raise ValueError(f"--output {args.output}: give a .json file name")
-    model, cfg = load_classifier(args.checkpoint)  # a bad checkpoint fails before any data is read
+    model, cfg = load_classifier(args.checkpoint, _device(args.device))  # fails before any data is read
     dataset = args.dataset or cfg.get("dataset") or "imagefolder"
     name = args.dataset_name or cfg.get("dataset_name")
     split = find_classification_split(dataset, args.data_root, args.split, name, cfg.get("classnames_option"))
@@ -426,6 +440,8 @@ def _cmd_predict_fewshot(args) -> int:
 
     if args.output and not args.output.endswith(".json"):
         raise ValueError(f"--output {args.output}: give a .json file name")
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: give how many classes to list per image, 1 or more")
     images = []
     for path in args.images:  # every image is read before the model is built
         try:
@@ -433,7 +449,7 @@ def _cmd_predict_fewshot(args) -> int:
                 images.append(im.convert("RGB"))
         except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from None
-    model, _ = load_classifier(args.checkpoint)
+    model, _ = load_classifier(args.checkpoint, _device(args.device))
     results = []
     for start in range(0, len(images), 32):
         for path, top in zip(args.images[start:start + 32], predict_topk(model, images[start:start + 32], args.top)):
@@ -653,16 +669,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate-fewshot", help="few-shot CLIP accuracy (overall and per class) of a checkpoint")
     e.add_argument("--checkpoint", required=True, help="a training output_dir or its adapter/")
     e.add_argument("--data-root", required=True, help="the folder holding the data set folders (as in training)")
-    e.add_argument("--split", default="test", help="train, val or test")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to evaluate")
     e.add_argument("--dataset", choices=["coop", "imagenet", "imagefolder"], help="default: the checkpoint's")
     e.add_argument("--dataset-name", help="a CoOp data set, e.g. EuroSAT (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     e.add_argument("--output", help="write the metrics (accuracy, per_class_accuracy) as JSON here")
     e.set_defaults(func=_cmd_evaluate_fewshot)
     d = sub.add_parser("predict-fewshot", help="top classes of images with a few-shot CLIP checkpoint")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("images", nargs="+", help="image files")
     d.add_argument("--top", type=int, default=5, help="how many classes per image")
+    d.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     d.add_argument("--output", help='JSON list of {"path", "top": [[class, probability], ...]}')
     d.set_defaults(func=_cmd_predict_fewshot)
     c = sub.add_parser("compose", help="CLoRA: several concept adapters in one image (one UNet pass per step)")

@@ -405,6 +405,9 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
     def _run(self, names, st, args, kwargs):
         if not names:
             return self.base_layer(*args, **kwargs)
+        if any(getattr(mod, "dropout", 0) and mod.training for n in names for _, mod in self.parts(n)):
+            # dropout on an adapter's input has no weight-space form: run it input-side
+            return self._run_input_side(names, st, args, kwargs)
         params = {}
         base = self.base_layer
         for key, total in self.deltas(names, st.scales).items():
@@ -412,6 +415,86 @@ class AdaptedMultiheadAttention(AdaptedLayerBase):
             w = base.in_proj_weight if key == "weight" else base.out_proj.weight
             params[pname] = w + total.to(w.dtype)
         return torch.func.functional_call(base, params, args, kwargs)
+
+    def _run_input_side(self, names, st, args, kwargs):
+        """MHA's forward with each adapter applied to its own (dropped-out) input, as a
+        Linear adapter is: q = x W_q^T + b_q + s * delta_q(drop(x)), likewise k and v (one
+        dropout mask per slice, as CLIP-LoRA's per-projection LoRA layers draw them) and
+        out_proj; then scaled dot-product attention with the host's masks and dropout.
+        Only while training with adapter dropout; otherwise the weight-space path runs."""
+        import math
+
+        import torch.nn.functional as F
+
+        base = self.base_layer
+        if not base._qkv_same_embed_dim or base.bias_k is not None or base.add_zero_attn:
+            raise ValueError("adapter dropout on a MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn "
+                             "is not supported; set the adapter's dropout to 0")
+        a = inspect.signature(base.forward).bind(*args, **kwargs)
+        a.apply_defaults()
+        a = a.arguments
+        unbatched = a["query"].dim() == 2
+        xs = [a[k].unsqueeze(1 if not base.batch_first else 0) if unbatched else a[k]
+              for k in ("query", "key", "value")]
+        if not base.batch_first:
+            xs = [x.transpose(0, 1) for x in xs]  # (N, L, E) below
+        e, h = base.embed_dim, base.num_heads
+        w, b = base.in_proj_weight, base.in_proj_bias
+        proj = [F.linear(x, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
+                for i, x in enumerate(xs)]
+        out_mods = []
+        for name in names:
+            scale = st.scales[name]
+            for part, mod in self.parts(name):
+                if part == "out_proj":
+                    out_mods.append((mod, scale))
+                elif part in ("q", "k", "v"):
+                    i = "qkv".index(part)
+                    proj[i] = _apply_delta(mod, xs[i], proj[i], scale)
+                elif xs[0] is xs[1] is xs[2]:  # the whole in_proj on one input: one mask, as a Linear
+                    d = _apply_delta(mod, xs[0], proj[0].new_zeros(*proj[0].shape[:-1], 3 * e), scale)
+                    proj = [p + d[..., i * e:(i + 1) * e] for i, p in enumerate(proj)]
+                else:
+                    proj = [p + _apply_delta(mod, x, p.new_zeros(*p.shape[:-1], 3 * e), scale)[..., i * e:(i + 1) * e]
+                            for i, (p, x) in enumerate(zip(proj, xs))]
+        n, length, src = proj[0].shape[0], proj[0].shape[1], proj[1].shape[1]
+        q, k, v = (p.reshape(n, -1, h, e // h).transpose(1, 2) for p in proj)
+        mask = None
+        if a["attn_mask"] is not None:
+            m = a["attn_mask"]
+            m = q.new_zeros(m.shape).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(q.dtype)
+            mask = m.view(1, 1, length, src) if m.dim() == 2 else m.view(n, h, length, src)
+        if a["key_padding_mask"] is not None:
+            m = a["key_padding_mask"]
+            m = q.new_zeros(m.shape).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(q.dtype)
+            m = m.view(n, 1, 1, src)
+            mask = m if mask is None else mask + m
+        causal = bool(a.get("is_causal")) and mask is None
+        p_drop = base.dropout if self.training else 0.0
+        weights = None
+        if a["need_weights"]:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(e // h)
+            if mask is not None:
+                scores = scores + mask
+            if causal:
+                scores = scores.masked_fill(torch.ones(length, src, dtype=torch.bool, device=q.device).triu(1),
+                                            float("-inf"))
+            weights = F.dropout(scores.softmax(-1), p_drop, True) if p_drop else scores.softmax(-1)
+            o = weights @ v
+            weights = weights.mean(1) if a["average_attn_weights"] else weights
+            if unbatched:
+                weights = weights.squeeze(0)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=causal)
+        o = o.transpose(1, 2).reshape(n, length, e)
+        out = F.linear(o, base.out_proj.weight, base.out_proj.bias)
+        for mod, scale in out_mods:
+            out = _apply_delta(mod, o, out, scale)
+        if not base.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1 if not base.batch_first else 0)
+        return out, weights
 
     def _routed(self, st, args, kwargs):
         """Attention mixes tokens, not rows: each adapter's rows run as one sub-batch with

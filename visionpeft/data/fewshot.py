@@ -7,8 +7,9 @@
   ``Caltech101``, ``Flower102``, ...); FGVC-Aircraft in its own text files (``variants.txt``,
   ``images_variant_<split>.txt``), as CoOp reads it. Any other ``dataset_name`` is a
   folder ``<data_root>/<name>`` holding ``split_zhou_<name>.json`` with paths relative to it.
-* ``imagenet``: ``imagenet/images/{train,val}/<wnid>/*`` with ``classnames.txt`` (``wnid
-  name`` lines); the validation set is the test split, as in CoOp.
+* ``imagenet``: ``imagenet/images/{train,val}/<wnid>/*`` (or ``imagenet/{train,val}``) with
+  ``classnames.txt`` (``wnid name`` lines); the validation set is the test split, as in
+  CoOp, and few-shot validation images are drawn from train.
 * ``imagefolder``: ``<data_root>/{train,val,test}/<class>/*`` (``val`` optional: then the
   few-shot validation images are drawn from the training images not chosen as shots).
 
@@ -51,7 +52,8 @@ class ClassificationSplit:
         return self.root / item.path
 
 
-# split-file stem -> (folder names: CoOp's DATASETS.md first, then CLIP-LoRA's; image folder)
+# split-file stem -> (folder names: CoOp's DATASETS.md first, then the CLIP-LoRA code's where it
+# differs; "EuroSAT" is a spelling users have, neither's; image folder)
 COOP_DATASETS: dict[str, tuple[tuple[str, ...], str]] = {
     "OxfordPets": (("oxford_pets", "OxfordPets"), "images"),
     "Caltech101": (("caltech-101", "Caltech101"), "101_ObjectCategories"),
@@ -210,8 +212,10 @@ def imagefolder_split(data_root, split: str, classnames: list[str] | None = None
 
 
 def imagenet_split(data_root, split: str) -> ClassificationSplit:
-    """CoOp's ImageNet: ``imagenet/images/{train,val}`` + ``imagenet/classnames.txt``; the
-    test split is ``val`` (ImageNet's labelled validation set), as in CoOp and CLIP-LoRA."""
+    """CoOp's ImageNet: ``imagenet/images/{train,val}`` (or ``imagenet/{train,val}``, the
+    CLIP-LoRA code's layout) + ``imagenet/classnames.txt``; the test split is ``val``
+    (ImageNet's labelled validation set), as in CoOp and CLIP-LoRA; ``val`` here is the same
+    folder, so a few-shot run draws its validation images from train instead (`has_split`)."""
     _check_split(split)
     folder = Path(data_root) / "imagenet" if (Path(data_root) / "imagenet").is_dir() else Path(data_root)
     names_file = folder / "classnames.txt"
@@ -223,7 +227,7 @@ def imagenet_split(data_root, split: str) -> ClassificationSplit:
         if wnid:
             names[wnid] = cname.strip() or wnid
     which = "train" if split == "train" else "val"
-    images = folder / "images"
+    images = folder / "images" if (folder / "images").is_dir() else folder
     found = imagefolder_split(images, which, name="ImageNet")
     wnids = sorted(p.name for p in (images / which).iterdir() if p.is_dir())
     unknown = [w for w in wnids if w not in names]
@@ -250,9 +254,13 @@ def find_classification_split(dataset: str, data_root, split: str, dataset_name:
 
 
 def has_split(dataset: str, data_root, split: str, dataset_name: str | None = None) -> bool:
-    """Whether the layout has ``split`` of its own (an image folder may lack val/)."""
+    """Whether the layout has ``split`` of its own: an image folder may lack val/, and
+    ImageNet's labelled val/ is its test split, so its validation images come from train/
+    (the images not drawn as shots), as CoOp and CLIP-LoRA draw them."""
     if dataset == "imagefolder":
         return (Path(data_root) / split).is_dir()
+    if dataset == "imagenet":
+        return split != "val"
     return True
 
 

@@ -37,7 +37,8 @@ def run_config(values: dict) -> TrainResult:
     loop_cfg, rest = TrainConfig.split(values)
     rest.update({k: getattr(loop_cfg, k) for k in task_shared_keys(task_name)})
     task = build_task(task_name, rest)
-    defaults = {k: v for k, v in task.loop_defaults().items() if k not in values}
+    given = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    defaults = {k: v for k, v in task.loop_defaults(given).items() if k not in values}
     if defaults:  # the recipe's settings where the config is silent, checked as the config's are
         loop_cfg = TrainConfig(**{**dataclasses.asdict(loop_cfg), **defaults})
     return train(task, loop_cfg)

@@ -202,7 +202,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
     # the global RNG would shift the noise of a resumed run
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
                                          collate_fn=task.collate, num_workers=cfg.dataloader_num_workers,
-                                         drop_last=len(dataset) >= cfg.train_batch_size,
+                                         drop_last=task.drop_last and len(dataset) >= cfg.train_batch_size,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = _optimizer(params, cfg, acc.device)
     scheduler = _scheduler(optimizer, cfg)
@@ -340,6 +340,8 @@ def _without_training(acc, task: Task, models: dict, out: Path) -> TrainResult:
     as a trained run would write them, at step 0."""
     from ..core.atomic import write_dir
 
+    if list_checkpoints(out) or (out / "adapter").exists():
+        raise TrainingError(f"{out} holds the output of an earlier run; use another output_dir")
     report: dict = {}
     adapter_dir = out / "adapter"
     models = {n: m.to(acc.device) for n, m in models.items()}

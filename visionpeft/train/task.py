@@ -80,10 +80,15 @@ class Task(abc.ABC):
     # True for a task that may have nothing to train (a zero-shot baseline): the loop then
     # sets it up, writes its output and calls ``finish`` at step 0 instead of refusing
     trains_nothing = False
+    # the loop drops an epoch's last partial batch unless a recipe keeps it (CLIP-LoRA does)
+    drop_last = True
 
-    def loop_defaults(self) -> dict:
+    def loop_defaults(self, given: dict) -> dict:
         """The recipe's own training-loop settings (TrainConfig keys), used where the
-        config does not set them, e.g. ``{"max_train_steps": 500 * shots}``."""
+        config does not set them, e.g. ``{"max_train_steps": 500 * shots}``; ``given`` holds
+        the loop keys the config does set (a default may depend on them). Applied by
+        `run_config` (YAML configs, ``visionpeft train``); ``train(task, TrainConfig(...))``
+        takes the TrainConfig as given."""
         return {}
 
     @abc.abstractmethod

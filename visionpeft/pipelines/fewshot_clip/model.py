@@ -60,6 +60,10 @@ def build_clip(spec: dict) -> tuple[nn.Module, object]:
         kwargs["checkpoint_path"] = os.path.expanduser(pretrained)
     elif isinstance(pretrained, str):
         kwargs["tag"] = pretrained
+        # OpenAI's weights were trained with QuickGELU, which open_clip's plain ViT-B-16
+        # config lacks (it only warns): build the activation the weights expect
+        if (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
     else:
         raise ValueError(f"fewshot_clip: backbone.pretrained for {name!r} must be an open_clip tag (e.g. openai), "
                          f"a weights file or false, got {pretrained!r}")

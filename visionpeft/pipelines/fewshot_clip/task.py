@@ -25,7 +25,7 @@ from visionpeft.data.fewshot import (DATASET_TEMPLATES, DEFAULT_TEMPLATE, Classi
 from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
 from ..checkpoints import find_checkpoint_folder
-from .model import CLIPClassifier, build_clip, eval_transform, image_settings, train_transform
+from .model import CLIPClassifier, build_clip, eval_transform, image_settings, prompts, train_transform
 
 CONFIG_NAME = "fewshot_config.json"
 SPLIT_FILE = "fewshot_split.json"
@@ -74,9 +74,16 @@ class FewShotCLIPConfig:
                              f"got {self.adapter!r}")
         if self.adapter is not None:
             spec = dict(self.adapter)
-            spec.setdefault("target_modules", list(vp.presets.CLIP_QKV))
+            if "target_modules" not in spec:  # q/k/v of both towers; a block method: every residual block
+                block = spec.get("method") in vp.list_methods() and not vp.get_method(spec["method"]).weight_space
+                spec["target_modules"] = list(vp.presets.CLIP_BLOCKS if block else vp.presets.CLIP_QKV)
             adapter_config(spec, "fewshot_clip")  # a bad method or field fails now, before data is read
             self.adapter = spec
+        if self.template != "dataset":
+            try:
+                prompts(self.template, ["x"])
+            except (ValueError, IndexError, KeyError) as err:
+                raise ValueError(f"fewshot_clip: template {self.template!r}: {err}") from None
         if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
             raise ValueError(f"fewshot_clip: eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
 
@@ -100,9 +107,9 @@ def load_classifier(path, device: str | torch.device = "cpu") -> tuple[CLIPClass
     if (folder / ADAPTER_DIR).is_dir():
         try:
             vp.load_adapter(clip, folder / ADAPTER_DIR, name=cfg.get("adapter_name", "default"))
-        except (ValueError, KeyError, vp.TargetError) as err:
+        except (ValueError, KeyError, vp.TargetError) as err:  # shapes of another model, or an unreadable file
             first = str(err).strip().splitlines()[0]
-            raise ValueError(f"checkpoint {folder}: its adapter does not fit backbone "
+            raise ValueError(f"checkpoint {folder}: cannot load its adapter into backbone "
                              f"{cfg['backbone'].get('name')!r}: {first}") from None
     clip.requires_grad_(False)
     model = CLIPClassifier(clip.to(device), tokenizer, cfg["classnames"], cfg["template"], cfg["logit_scale"])
@@ -116,7 +123,8 @@ def evaluate(model: CLIPClassifier, dataset, batch_size: int = 64, progress: boo
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    text = model.text_features()
+    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        text = model.text_features()
     k = len(model.classnames)
     correct, total = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
@@ -125,7 +133,8 @@ def evaluate(model: CLIPClassifier, dataset, batch_size: int = 64, progress: boo
 
         loader = tqdm(loader, desc="evaluate", leave=False)
     for images, labels in loader:
-        pred = model(images.to(device), text_features=text).argmax(-1).cpu()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):  # CLIP-LoRA's eval
+            pred = model(images.to(device), text_features=text).argmax(-1).cpu()
         total += torch.bincount(labels, minlength=k)
         correct += torch.bincount(labels[pred == labels], minlength=k)
     model.train(was)
@@ -154,11 +163,16 @@ class FewShotCLIPTask(Task):
         self.cfg = cfg
         self.adapter_name = cfg.adapter_name
         self.trains_nothing = cfg.adapter is None  # zero-shot CLIP: evaluated, not trained
+        self.drop_last = False  # CLIP-LoRA's loader keeps each epoch's last partial batch
 
-    def loop_defaults(self) -> dict:
-        return {"max_train_steps": 500 * self.cfg.shots, "train_batch_size": 32, "learning_rate": 2e-4,
-                "lr_scheduler": "cosine", "lr_min": 1e-6, "adam_weight_decay": 1e-2, "max_grad_norm": 0.0,
-                "mixed_precision": "fp16" if torch.cuda.is_available() else "no"}
+    def loop_defaults(self, given: dict) -> dict:
+        out = {"max_train_steps": 500 * self.cfg.shots, "train_batch_size": 32, "learning_rate": 2e-4,
+               "lr_scheduler": "cosine", "adam_weight_decay": 1e-2, "max_grad_norm": 0.0,
+               "mixed_precision": "fp16" if torch.cuda.is_available() else "no"}
+        # the 1e-6 floor belongs to the cosine schedule, and only below the peak
+        if given.get("lr_scheduler", "cosine") == "cosine" and given.get("learning_rate", 2e-4) > 1e-6:
+            out["lr_min"] = 1e-6
+        return out
 
     def _split(self, split: str):
         c = self.cfg
@@ -175,8 +189,10 @@ class FewShotCLIPTask(Task):
             raise TrainingError(f"fewshot_clip: {err}") from None
         for other, what in ((test, "test"), (val, "val")):
             if other.classnames != train.classnames:
-                raise TrainingError(f"fewshot_clip: the {what} split's classes {other.classnames[:5]}... differ "
-                                    f"from the train split's {train.classnames[:5]}...")
+                diff = [(i, a, b) for i, (a, b) in enumerate(zip(train.classnames, other.classnames)) if a != b]
+                raise TrainingError(f"fewshot_clip: the {what} split has {len(other.classnames)} classes, the train "
+                                    f"split {len(train.classnames)}; first differences (label, train, {what}): "
+                                    f"{diff[:3]}")
         self.train_items = fewshot_subset(train.items, c.shots, c.seed)
         taken = None if own_val else {it.path for it in self.train_items}
         self.val_items = fewshot_subset(val.items, min(4, c.shots), c.seed + VAL_SEED_OFFSET, exclude=taken)
@@ -205,8 +221,22 @@ class FewShotCLIPTask(Task):
                           "test": ClassificationImages(test, test.items, tf)}
 
     def check_output(self, output_dir: Path) -> None:
-        # what was drawn, before any training: a run can be audited and repeated from it
-        write_fewshot_split(Path(output_dir) / SPLIT_FILE, self.train_items, self.val_items)
+        """What was drawn goes to fewshot_split.json before any training, so a run can be
+        audited and repeated; a folder holding another draw's file (another seed, shots or
+        data: a resumed run that would train on other images) is refused, the file kept."""
+        path = Path(output_dir) / SPLIT_FILE
+        drawn = {"train": [[it.path, it.label, it.classname] for it in self.train_items],
+                 "val": [[it.path, it.label, it.classname] for it in self.val_items]}
+        if path.exists():
+            try:
+                same = json.loads(path.read_text()) == drawn
+            except ValueError:
+                same = False
+            if not same:
+                raise TrainingError(f"fewshot_clip: {path} holds another draw (another seed, shots or data set); "
+                                    f"use another output_dir, or the settings of the run that wrote it")
+            return
+        write_fewshot_split(path, self.train_items, self.val_items)
 
     def models(self):
         return {"clip": self.model}
@@ -222,7 +252,12 @@ class FewShotCLIPTask(Task):
 
     def _config(self) -> dict:
         c = self.cfg
-        return {"backbone": c.backbone, "adapter": c.adapter, "adapter_name": self.adapter_name,
+        backbone = dict(c.backbone)
+        for key in ("name", "pretrained"):  # local paths absolute: the checkpoint is read from anywhere
+            value = backbone.get(key)
+            if isinstance(value, str) and Path(value).expanduser().exists():
+                backbone[key] = str(Path(value).expanduser().resolve())
+        return {"backbone": backbone, "adapter": c.adapter, "adapter_name": self.adapter_name,
                 "classnames": self.model.classnames, "template": self.template,
                 "logit_scale": self.model.logit_scale, "image_size": self.image_size,
                 "dataset": c.dataset, "dataset_name": c.dataset_name, "classnames_option": c.classnames,
