@@ -88,7 +88,8 @@ def test_logits_are_100_cosine_of_open_clips_encoders(env):
         t = clip.encode_text(text)
         want = 100 * (i / i.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).t()
         assert torch.allclose(model(images), want, atol=1e-4)
-    assert model.logit_scale == 100.0 and float(clip.logit_scale.detach().exp()) != 100.0  # fixed, not CLIP's learned one
+    # a fixed 100, not CLIP's learned scale
+    assert model.logit_scale == 100.0 and float(clip.logit_scale.detach().exp()) != 100.0
 
 
 def test_transforms_are_clip_loras():
