@@ -22,12 +22,17 @@
 #   switch            switching cost with 1, 10, 100 LoRAs loaded (diffusers' set_adapters up to 30)
 #   cd                PeftCD training step on Hiera-B+ and DINOv3 ViT-B (random init), 256 px,
 #                     batch 8, and sliding-window inference
+#   fewshot           (only when DEVICE_RUN_STEPS names it: the default run already brings back
+#                     8 files) CLIP-LoRA's few-shot step on the whole ViT-B/16 CLIP (random init),
+#                     batch 32, fp32 and fp16 autocast: Block-LoRA n 2/4/8 against our LoRA and
+#                     PEFT's LoRA; needs open_clip (device_wheels.sh fetches it), e.g.
+#                     DEVICE_RUN_STEPS="cuda_tests methods fewshot" bash scripts/device_run.sh OUTDIR
 # Environment:
 #   PYTHON               the interpreter (default: python3)
 #   DEVICE_RUN_BUDGET_S  seconds for the whole run (default 480; dry run 240, a bound on a
 #                        loaded machine: it takes 1-2 minutes); every step's
 #                        timeout is cut so that each later step keeps at least a minimum
-#   DEVICE_RUN_STEPS     the steps to run, space-separated (default: all)
+#   DEVICE_RUN_STEPS     the steps to run, space-separated (default: all but fewshot)
 #   DEVICE_RUN_THREADS   CPU threads per step (default: nproc; dry run 1)
 # Installs: the package from this tree (linked into a temporary folder on PYTHONPATH), and
 # from .whl/ only the distributions the machine lacks (into the same folder). Nothing is
@@ -58,9 +63,10 @@ else
   BUDGET=${DEVICE_RUN_BUDGET_S:-480}; THREADS=${DEVICE_RUN_THREADS:-$(nproc)}; MIN_STEP=40; DEVICE=cuda
 fi
 ALL_STEPS="cuda_tests methods methods_compiled dreambooth switch cd"
+EXTRA_STEPS="fewshot"  # run only when named: each step brings back one file, and 8 come back at most
 WANT=${DEVICE_RUN_STEPS:-$ALL_STEPS}
 STEPS_LEFT=0
-for s in $ALL_STEPS; do [[ " $WANT " == *" $s "* ]] && STEPS_LEFT=$((STEPS_LEFT + 1)); done
+for s in $ALL_STEPS $EXTRA_STEPS; do [[ " $WANT " == *" $s "* ]] && STEPS_LEFT=$((STEPS_LEFT + 1)); done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_run.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -79,7 +85,7 @@ unset PYTEST_ADDOPTS
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # only what this script writes is cleared: a rerun into the same folder starts clean
-for f in run.json summary.md $ALL_STEPS; do rm -f "$OUTDIR/$f" "$OUTDIR/$f.json"; done
+for f in run.json summary.md $ALL_STEPS $EXTRA_STEPS; do rm -f "$OUTDIR/$f" "$OUTDIR/$f.json"; done
 # which code ran: the commit, and whether the tree differed from it (where .git came along)
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ $COMMIT != unknown && -n $(git --no-optional-locks -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] \
@@ -192,6 +198,7 @@ if (( DRY )); then
   SW=(--device cpu --unet toy --counts 1 10 --diffusers-counts 1 3 --switches 20)
   # 32 px: the decoder's convolutions at 64 px take most of a minute on 2 cores
   CD=(--device cpu --toy --image-size 32 --batch 2 --rounds 1)
+  FS=(--device cpu --quick)
 else
   METHODS=(krona block_lora wara loha snell snella peft_lokr peft_loha peft_waveft)
   COMPILED=(snell snell_compiled snella_compiled)  # eager SNELL beside: the compiled path's gain
@@ -202,6 +209,7 @@ else
   # last): 30 of theirs keeps the step within its minute; ours go to 100
   SW=(--device cuda --counts 1 10 100 --diffusers-counts 1 10 30 --switches 200)
   CD=(--device cuda --image-size 256 --batch 8 --rounds 5)
+  FS=(--device cuda --layers 12 --batch 32 --rounds 10)
 fi
 
 run_step methods 120 "visionpeft timm peft" - \
@@ -216,6 +224,8 @@ run_step switch 90 "visionpeft diffusers peft" - \
   "$PY" scripts/bench_switch.py "${SW[@]}" --threads "$THREADS" --json "$OUTDIR/switch.json"
 run_step cd 90 "visionpeft timm" - \
   "$PY" scripts/bench_cd.py "${CD[@]}" --threads "$THREADS" --json "$OUTDIR/cd.json"
+run_step fewshot 120 "visionpeft open_clip peft" - \
+  "$PY" scripts/bench_fewshot.py "${FS[@]}" --threads "$THREADS" --output "$OUTDIR/fewshot.json"
 
 "$PY" "$TOOLS" report --work "$WORK" --outdir "$OUTDIR"
 echo "=== done in $(( $(date +%s) - START ))s: $OUTDIR/summary.md"

@@ -3,7 +3,7 @@
 # scripts/device_run.sh to install there (it installs only what the machine does not have).
 # The machine: x86-64, Python 3.12, no package index; it has torch, timm, transformers,
 # peft, huggingface-hub, safetensors, numpy, pillow, pytest..., but not diffusers or
-# PyWavelets (pywt, which `import visionpeft` needs).
+# PyWavelets (pywt, which `import visionpeft` needs), nor open_clip (bench_fewshot's host).
 #
 # Usage
 #   bash scripts/device_wheels.sh [DEST]        # default DEST: .whl in the repository root
@@ -16,6 +16,8 @@
 #
 # What is fetched, each at the version installed in our venv:
 #   diffusers, PyWavelets                          the two the machine lacks
+#   open_clip_torch ftfy wcwidth                   open_clip and what its tokenizer imports
+#                                                  (for device_run.sh's fewshot step)
 #   filelock requests urllib3 idna certifi charset_normalizer regex
 #                                                  what diffusers checks or imports at import
 #                                                  time, in case the machine lacks one
@@ -39,7 +41,8 @@ fetch() {  # fetch DIST==VERSION
 }
 
 status=0
-for dist in diffusers PyWavelets filelock requests urllib3 idna certifi charset_normalizer regex; do
+for dist in diffusers PyWavelets open_clip_torch ftfy wcwidth filelock requests urllib3 idna certifi \
+            charset_normalizer regex; do
   if v=$(version "$dist"); then
     fetch "$dist==$v" || { echo "could not download $dist==$v" >&2; status=1; }
   else

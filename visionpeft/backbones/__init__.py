@@ -1,5 +1,5 @@
 """Hosts: target presets, loaders for real checkpoints, tiny local builders (tests, demos)."""
-from . import embedded, presets  # noqa: F401  (embedded: registers the packaged timm models)
+from . import embedded, embedded_clip, presets  # noqa: F401  (register the packaged timm and open_clip models)
 from .embedded import ALIASES
 from .loaders import OfflineWeightsError, UnknownModelError, check_timm_name, load_backbone
 

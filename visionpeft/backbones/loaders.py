@@ -26,7 +26,8 @@ What ``name_or_path`` may be, per family:
   ``UNet2DConditionModel`` for UNets, unless ``model_class=`` is given.
 * ``"open_clip"``: a built-in config name with ``tag=`` (a pretrained tag) or
   ``checkpoint_path=`` (a local file), ``"hf-hub:org/repo"``, or a local folder
-  holding ``open_clip_config.json`` + weights (no global config registration).
+  holding ``open_clip_config.json`` + weights (no global config registration);
+  ``"embedded-clip"`` loads the packaged weights by default.
 
 ``pretrained=False`` builds the same architecture with random weights.  The model
 is returned in eval mode, as ``from_pretrained`` does.  Remaining ``kwargs`` go to
@@ -307,6 +308,7 @@ def _load_open_clip(
 ) -> nn.Module:
     import open_clip
 
+    from . import embedded_clip  # registers embedded-clip with open_clip
     from .embedded import ALIASES
 
     name = ALIASES.get(os.fspath(name_or_path), os.fspath(name_or_path))  # embedded-vit-s
@@ -322,6 +324,8 @@ def _load_open_clip(
             raise ValueError(f"tag/checkpoint_path cannot be combined with {name!r}, which carries its own weights")
         weights = None
     else:
+        if pretrained and checkpoint_path is None and tag is None and name == embedded_clip.NAME:
+            checkpoint_path = str(embedded_clip.weights_path())  # the packaged file (or how to make it)
         if pretrained and checkpoint_path is None and tag is None:
             raise ValueError(
                 f"open_clip config {name!r} needs tag= (see open_clip.list_pretrained_tags_by_model) "

@@ -6,7 +6,7 @@
 
 or from a YAML file: ``visionpeft train configs/dreambooth_lora_sd15.yaml``, whose ``task:``
 names a registered task (``register_task``; the recipes of `visionpeft.pipelines` register
-themselves, ``pretrain_embedded`` is registered here).
+themselves, ``pretrain_embedded`` and ``pretrain_clip`` are registered here).
 """
 import dataclasses
 import sys
@@ -25,6 +25,7 @@ def _pretrain_task(values: dict) -> Task:
 
 
 register_task("pretrain_embedded", _pretrain_task)
+from . import pretrain_clip  # noqa: E402,F401  (registers task pretrain_clip: the embedded CLIP's recipe)
 
 
 def run_config(values: dict) -> TrainResult:
