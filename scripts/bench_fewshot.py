@@ -363,10 +363,10 @@ def table(result: dict) -> str:
 def write(result: dict, path: Path | None) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)  # whole or not at all
+    import visionpeft as vp
+
+    body = json.dumps(result, indent=1)
+    vp.atomic_write_file(path, lambda tmp: Path(tmp).write_text(body))  # whole or not at all
 
 
 def main(argv=None):

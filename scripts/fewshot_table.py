@@ -1,13 +1,13 @@
-"""The CLIP-LoRA-style few-shot table: test accuracy for 1, 2, 4, 8 and 16 shots x 3 seeds,
-per method, as mean ± std over the seeds.
+"""The CLIP-LoRA-style few-shot table: test accuracy for 1, 2, 4, 8 and 16 shots x 3 seeds, per
+method, as mean ± std over the seeds.
 
 Every adapter row is a `task: fewshot_clip` run through `visionpeft.train.run_config`
-(CLIP-LoRA's recipe: q/k/v of both towers, r 2, alpha 1 at alpha / sqrt(r), dropout
-0.25, AdamW 2e-4, cosine to 1e-6, batch 32, 100 x cosine logits) with the step count
-``--steps-per-shot`` x shots (500 in CLIP-LoRA). ``zero_shot`` is the same task with
-``adapter: null`` (one run: it depends on neither shots nor seed); ``linear_probe`` fits
-logistic regression on the frozen image features of the same drawn shots, C chosen on the
-same validation shots.
+(CLIP-LoRA's recipe: q/k/v of both towers, r 2, alpha 1 at alpha / sqrt(r), dropout 0.25,
+AdamW 2e-4, cosine to 1e-6, batch 32, 100 x cosine logits) with the step count
+``--steps-per-shot`` x shots (500 in CLIP-LoRA), at most ``--max-steps`` when given (a CPU
+budget; CLIP-LoRA has no cap). ``zero_shot`` is the same task with ``adapter: null`` (one
+run: it depends on neither shots nor seed); ``linear_probe`` fits logistic regression on the
+frozen image features of the same drawn shots, C chosen on the same validation shots.
 
     # the embedded CLIP on the four scene types it never saw (writes the data if missing)
     python scripts/fewshot_table.py --output docs/fewshot_table.json
@@ -16,14 +16,15 @@ same validation shots.
         --backbone ViT-B-16 --pretrained openai --steps-per-shot 500 --output eurosat.json
     python scripts/fewshot_table.py --quick --output /tmp/t.json      # a smoke run
 
-The JSON holds every run (accuracy, trainable parameters, seconds) and is written after
-each one; a second call with the same --output skips the runs it already holds.
+The template defaults to "a satellite photo of {}." on the embedded CLIP (the phrasing of
+its captions) and to CLIP-LoRA's "a photo of a {}." otherwise. The JSON holds every run
+(accuracy, trainable parameters, seconds) and the table, and is rewritten whole after each
+run; a second call with the same --output skips the runs it already holds.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -56,13 +57,18 @@ def _key(variant: str, shots: int, seed: int) -> str:
     return f"{variant}/{shots}/{seed}"
 
 
+def _steps(args, shots: int) -> int:
+    steps = max(1, args.steps_per_shot * shots)
+    return min(steps, args.max_steps) if args.max_steps else steps
+
+
 def _base_config(args, shots: int, seed: int, out: Path) -> dict:
     backbone = {"source": "open_clip", "name": args.backbone}
     if args.pretrained is not None:
         backbone["pretrained"] = {"true": True, "false": False}.get(args.pretrained, args.pretrained)
     return {"task": "fewshot_clip", "dataset": args.dataset, "dataset_name": args.dataset_name,
             "data_root": str(args.data_root), "shots": shots, "seed": seed, "backbone": backbone,
-            "template": args.template, "max_train_steps": max(1, args.steps_per_shot * shots),
+            "template": args.template, "max_train_steps": _steps(args, shots),
             "train_batch_size": args.batch, "output_dir": str(out), "checkpointing_steps": 10 ** 9,
             "eval_batch_size": 128}
 
@@ -139,6 +145,14 @@ def table(results: dict, variants: list[str], shots: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _write(out: Path, settings: dict, results: dict, text: str) -> None:
+    import visionpeft as vp
+
+    body = json.dumps({"settings": settings, "date": time.strftime("%Y-%m-%d"), "runs": results, "table": text},
+                      indent=1)
+    vp.atomic_write_file(out, lambda tmp: Path(tmp).write_text(body))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="default: datasets/fewshot_scenes (written if missing)")
@@ -146,16 +160,29 @@ def main(argv=None) -> dict:
     p.add_argument("--dataset-name", default="SceneTypes")
     p.add_argument("--backbone", default="embedded-clip")
     p.add_argument("--pretrained", default=None, help="an open_clip tag, a weights file, true or false")
-    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--template", default=None,
+                   help='default: "a satellite photo of {}." on embedded-clip, "a photo of a {}." otherwise')
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--steps-per-shot", type=int, default=500, help="CLIP-LoRA: 500")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on the steps of a run (a CPU budget; CLIP-LoRA has none)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--work-dir", default="output/fewshot-table")
     p.add_argument("--output", default=None, help="JSON of every run (resumed when it exists)")
     p.add_argument("--quick", action="store_true", help="tiny smoke settings")
     args = p.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max-steps {args.max_steps}: give a cap of 1 step or more, or leave it out")
+    if args.data_root is None and (args.dataset != "coop" or args.dataset_name != "SceneTypes"):
+        p.error(f"--data-root is needed for --dataset {args.dataset} --dataset-name {args.dataset_name}: "
+                f"only the generated SceneTypes data is written when it is left out")
+    if args.template is None:
+        args.template = "a satellite photo of {}." if args.backbone == "embedded-clip" else "a photo of a {}."
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.shots, args.seeds, args.steps_per_shot, args.batch = [1, 2], [1], 2, 4
     if args.data_root is None:
@@ -170,7 +197,7 @@ def main(argv=None) -> dict:
     results = doc.get("runs", {})
     # what makes runs comparable; shots, seeds and variants may grow between calls
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("output", "shots", "seeds", "variants", "work_dir", "quick")}
+                if k not in ("output", "shots", "seeds", "variants", "work_dir", "quick", "threads")}
     if doc and doc.get("settings") != settings:
         changed = sorted(k for k in settings if doc.get("settings", {}).get(k) != settings[k])
         raise SystemExit(f"{out} holds runs made with other settings ({', '.join(changed)}); "
@@ -190,12 +217,10 @@ def main(argv=None) -> dict:
                     results[key] = run_adapter(args, variant, max(shots, 1), seed)
                 print(f"   accuracy {results[key]['accuracy']:.4f} ({results[key]['seconds']} s)", file=sys.stderr)
                 if out:
-                    doc = {"settings": settings, "date": time.strftime("%Y-%m-%d"), "runs": results}
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = out.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(doc, indent=1))
-                    os.replace(tmp, out)
+                    _write(out, settings, results, table(results, args.variants, args.shots))
     text = table(results, args.variants, args.shots)
+    if out:
+        _write(out, settings, results, text)
     print(text)
     return {"runs": results, "table": text}
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import visionpeft as vp
 from visionpeft.backbones import embedded_clip  # registers embedded-clip with open_clip
 from visionpeft.data.scenes import HELD_OUT_SCENES, PRETRAIN_SCENES
 from visionpeft.train import TrainConfig, train
@@ -40,18 +39,10 @@ EVAL_SEED = 777  # fresh scenes for the zero-shot report: the pool uses data_see
 
 
 def write_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    """safetensors at ``path`` via a temporary sibling and os.replace: readers never see
-    half a file, and an interrupted run leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the package file is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """safetensors at ``path``, written whole or not at all (readers never see half a
+    file, and an interrupted run leaves the old one)."""
+    meta = {k: str(v) for k, v in metadata.items()}
+    vp.atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def shipped_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -127,8 +118,8 @@ def main(argv=None):
         docs.mkdir(parents=True, exist_ok=True)
         every = max(1, len(rows) // 60)  # a readable curve, not every step
         curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in rows[::every]]
-        (docs / "embedded_clip_pretrain.json").write_text(json.dumps({**summary, "curve": curve + rows[-1:]},
-                                                                     indent=1))
+        body = json.dumps({**summary, "curve": curve + rows[-1:]}, indent=1)
+        vp.atomic_write_file(docs / "embedded_clip_pretrain.json", lambda tmp: Path(tmp).write_text(body))
         if (out / "loss.png").is_file():
             shutil.copyfile(out / "loss.png", docs / "embedded_clip_loss.png")
     size = target.stat().st_size / 2 ** 20

@@ -467,3 +467,90 @@ def test_block_method_targets_and_early_checks(env, tmp_path):
     result = run_config(_config(env, tmp_path / "blocks", adapter={"method": "adapter", "bottleneck": 4},
                                 max_train_steps=2))
     assert result.step == 2
+
+
+def test_checkpoint_without_its_adapter_folder_is_refused(env, trained, tmp_path):
+    import shutil
+
+    out, _ = trained
+    copy = tmp_path / "ckpt"
+    shutil.copytree(out / "adapter", copy)
+    shutil.rmtree(copy / "clip")
+    with pytest.raises(FileNotFoundError, match="names adapter 'block_lora' but clip/ is missing") as err:
+        load_classifier(copy)
+    assert "\n" not in str(err.value)
+    run = _cli(["predict-fewshot", "--checkpoint", str(copy), str(env["data"] / "toy/green/test_0.png")])
+    assert run.returncode == 2 and "clip/ is missing" in run.stderr, run.stderr
+
+
+def test_config_defaults_and_checks_in_python(env, monkeypatch):
+    """Built in Python, the config is checked as from YAML; no backbone is CLIP-LoRA's
+    ViT-B/16 `openai`; fp16 only on a GPU and not when the run is kept on the CPU."""
+    from visionpeft.pipelines.fewshot_clip import FewShotCLIPConfig, FewShotCLIPTask
+
+    cfg = FewShotCLIPConfig(dataset="coop", data_root=str(env["data"]), dataset_name="toy")
+    assert cfg.backbone == {"source": "open_clip", "name": "ViT-B-16", "pretrained": "openai"}
+    assert cfg.adapter["method"] == "lora" and cfg.adapter["target_modules"] == list(vp.presets.CLIP_QKV)
+    with pytest.raises(ValueError, match="shots must be an integer >= 1, got 0"):
+        FewShotCLIPConfig(dataset="coop", data_root=".", dataset_name="toy", shots=0)
+    task = FewShotCLIPTask(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task.loop_defaults({})["mixed_precision"] == "fp16"
+    assert task.loop_defaults({"cpu": True})["mixed_precision"] == "no"
+
+
+def test_splits_with_other_classes_are_named(env, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    path = data / "toy" / "split_zhou_toy.json"
+    split = json.loads(path.read_text())
+    split["test"] = [[p, y, "purple" if y == 2 else c] for p, y, c in split["test"]]
+    path.write_text(json.dumps(split))
+    with pytest.raises(TrainingError, match=r"only in test: \['purple'\], only in train: \['green'\]") as err:
+        run_config(_config(env, tmp_path / "o", data_root=str(data)))
+    assert "\n" not in str(err.value) and not (tmp_path / "o").exists()
+
+
+def test_a_resumed_run_redoes_the_validations_after_its_checkpoint(env, tmp_path):
+    out = tmp_path / "r"
+    run_config(_config(env, out, max_train_steps=2, checkpointing_steps=2, validation_steps=1))
+    log = out / "val_metrics.jsonl"
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [1, 2]
+    log.write_text(log.read_text() + '{"step": 3, "val_accuracy": 0.0}\n')  # a row after the checkpoint
+    run_config(_config(env, out, max_train_steps=4, checkpointing_steps=2, validation_steps=1,
+                       resume_from_checkpoint="latest"))
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [1, 2, 3, 4]
+    assert json.loads((out / "metrics.json").read_text())["images"] == 12
+
+
+def test_fewshot_table_script(env, tmp_path, capsys):
+    """The table script on the tiny CLIP: every cell run once, the JSON resumed without
+    rerunning, other settings and bad arguments refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fewshot_table", ROOT / "scripts" / "fewshot_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "t.json"
+    args = ["--data-root", str(env["data"]), "--dataset-name", "toy", "--backbone", str(env["clip"]),
+            "--shots", "1", "2", "--seeds", "1", "--steps-per-shot", "2", "--max-steps", "3", "--batch", "4",
+            "--variants", "zero_shot", "linear_probe", "lora", "--work-dir", str(tmp_path / "w"),
+            "--output", str(out)]
+    first = script.main(args)
+    doc = json.loads(out.read_text())
+    assert sorted(doc["runs"]) == ["linear_probe/1/1", "linear_probe/2/1", "lora/1/1", "lora/2/1", "zero_shot/0/0"]
+    assert doc["runs"]["lora/1/1"]["steps"] == 2 and doc["runs"]["lora/2/1"]["steps"] == 3  # 2 x shots, cap 3
+    assert doc["settings"]["template"] == "a photo of a {}." and doc["table"] == first["table"]
+    # r 2 on q, k, v of width 32 in 2 + 2 attentions: 4 x 3 x 2 x (32 + 32); the probe 3 x 16 + 3
+    assert doc["runs"]["lora/1/1"]["trainable_parameters"] == 4 * 3 * 2 * 64
+    assert doc["runs"]["linear_probe/1/1"]["trainable_parameters"] == 3 * 16 + 3
+    again = script.main(args)
+    assert again["runs"] == first["runs"]  # nothing rerun: seconds and accuracies as stored
+    with pytest.raises(SystemExit, match="other settings \\(batch\\)"):
+        script.main([*args[:-2], "--batch", "2", "--output", str(out)])
+    for bad, msg in ((["--max-steps", "0"], "--max-steps 0"), (["--dataset-name", "EuroSAT"], "--data-root is needed")):
+        with pytest.raises(SystemExit):
+            script.main(bad)
+        assert msg in capsys.readouterr().err

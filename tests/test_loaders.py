@@ -234,3 +234,29 @@ def test_timm_names_are_checked_as_timm_reads_them():
         check_timm_name("resnet_18")
     with pytest.raises(UnknownModelError, match="Use 'hf-hub:timm/resnet18'"):
         check_timm_name("timm/resnet18")
+
+
+def test_open_clip_pickle_checkpoints_are_read_tensors_only(tmp_path):
+    """A .pt state dict of open_clip's layout loads (through torch.load(weights_only=True)),
+    whatever open_clip version reads it; a pickle carrying code is refused, nothing run."""
+    import pickle
+
+    from visionpeft.backbones import load_backbone
+
+    ref = load_backbone("open_clip", "embedded-clip", pretrained=False)
+    good = tmp_path / "clip.pt"
+    torch.save(ref.state_dict(), good)
+    loaded = load_backbone("open_clip", "embedded-clip", checkpoint_path=str(good))
+    for (k, a), b in zip(ref.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    class Code:
+        def __reduce__(self):
+            return (exec, ("import pathlib; pathlib.Path(%r).touch()" % str(tmp_path / "ran"),))
+
+    bad = tmp_path / "bad.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": Code()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        load_backbone("open_clip", "embedded-clip", checkpoint_path=str(bad))
+    assert not (tmp_path / "ran").exists()

@@ -27,7 +27,7 @@ def _load_api() -> dict:
     from .core.io import AdapterFileError, read_adapter_config, save_adapter
     from .core.model_ops import (active_adapters, adapter_names, delta_weight, disabled, inject, merge, remove,
                                  routing, set_active, set_scale, summary, trainable_parameters, unmerge)
-    from .core.atomic import write_dir as atomic_write_dir
+    from .core.atomic import write_dir as atomic_write_dir, write_file as atomic_write_file
     from .core.registry import config_from_dict, get_method, list_methods, register_method
     from .core.targeting import TargetError
     from .methods import __all__ as method_names
@@ -46,7 +46,8 @@ def _load_api() -> dict:
     api.update({name: getattr(methods, name) for name in method_names})
     api["__all__"] = [
         "MethodConfig", "ConfigError", "TargetError", "AdapterFileError",
-        "inject", "adapter_names", "config_from_dict", "atomic_write_dir", "set_active", "set_scale",
+        "inject", "adapter_names", "config_from_dict", "atomic_write_dir", "atomic_write_file",
+        "set_active", "set_scale",
         "active_adapters", "disabled", "routing", "merge",
         "unmerge", "remove", "save_adapter", "load_adapter", "hotswap_adapter", "read_adapter_config", "summary",
         "trainable_parameters", "delta_weight", "list_methods", "get_method", "register_method",

@@ -381,25 +381,17 @@ def _cmd_predict_seg(args) -> int:
 
 
 def _write_json_atomic(path: str, data) -> None:
-    """A temporary file beside ``path``, renamed over it: never half a file."""
+    """``data`` as JSON at ``path``, written whole or not at all (vp.atomic_write_file)."""
     import json
-    import os
-    import tempfile
     from pathlib import Path
+
+    from .core.atomic import write_file
 
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"--output {path} is a folder; give a file name like metrics.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=2)
+    write_file(out, lambda tmp: Path(tmp).write_text(text))
 
 
 def _device(name):

@@ -41,6 +41,7 @@ import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 __all__ = ["FAMILIES", "OfflineWeightsError", "UnknownModelError", "load_backbone"]
@@ -332,6 +333,9 @@ def _load_open_clip(
                 "or checkpoint_path= to load pretrained weights"
             )
         weights = (checkpoint_path or tag) if pretrained else None
+        if pretrained and checkpoint_path is not None and not str(checkpoint_path).endswith(".safetensors"):
+            # a pickle is read tensors-only here, whatever open_clip version reads it after us
+            torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     with _hub_errors("open_clip", name, "checkpoint_path= or a local open_clip folder"):
         return open_clip.create_model(name, pretrained=weights, load_weights=pretrained, **kwargs)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..core.atomic import write_file
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint
 from .task import Task, TrainingError
 
@@ -308,7 +309,7 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
         if rows:
             _plot(rows, out / "loss.png")
         report.update(task.finish(unwrapped, out))
-        (out / "train_report.json").write_text(json.dumps({"step": step, **report}, indent=2))
+        _write_json(out / "train_report.json", {"step": step, **report})
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(step, out, adapter_dir, losses, report)
@@ -349,10 +350,15 @@ def _without_training(acc, task: Task, models: dict, out: Path) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         write_dir(adapter_dir, lambda tmp: task.save_adapters(models, tmp))
         report.update(task.finish(models, out))
-        (out / "train_report.json").write_text(json.dumps({"step": 0, **report}, indent=2))
+        _write_json(out / "train_report.json", {"step": 0, **report})
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(0, out, adapter_dir, [], report)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    text = json.dumps(value, indent=2)  # serialised first: a bad value leaves the old file
+    write_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _drop_rows_after(path: Path, step: int) -> None:

@@ -24,7 +24,7 @@ from visionpeft.data.fewshot import (DATASET_TEMPLATES, DEFAULT_TEMPLATE, Classi
                                      find_classification_split, fewshot_subset, has_split, write_fewshot_split)
 from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
-from ..checkpoints import find_checkpoint_folder
+from ..checkpoints import find_checkpoint_folder, validations_kept
 from .model import CLIPClassifier, build_clip, eval_transform, image_settings, prompts, train_transform
 
 CONFIG_NAME = "fewshot_config.json"
@@ -33,6 +33,7 @@ ADAPTER_DIR = "clip"
 # CLIP-LoRA's adapter: LoRA r 2, alpha 1 at alpha / sqrt(r), dropout 0.25, q/k/v of both towers
 CLIP_LORA = {"method": "lora", "r": 2, "alpha": 1, "rank_stabilized": True, "dropout": 0.25}
 _DEFAULT = object()  # `adapter` left out: CLIP-LoRA; `adapter: null`: zero-shot
+CLIP_LORA_BACKBONE = {"source": "open_clip", "name": "ViT-B-16", "pretrained": "openai"}
 VAL_SEED_OFFSET = 1_000_003  # the validation draw's seed, apart from the training draw's
 
 
@@ -40,7 +41,7 @@ VAL_SEED_OFFSET = 1_000_003  # the validation draw's seed, apart from the traini
 class FewShotCLIPConfig:
     dataset: str
     data_root: str
-    backbone: dict
+    backbone: object = _DEFAULT  # left out: CLIP-LoRA's open_clip ViT-B/16 with OpenAI's weights
     adapter: object = _DEFAULT
     dataset_name: str | None = None
     shots: int = 16
@@ -52,9 +53,10 @@ class FewShotCLIPConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "FewShotCLIPConfig":
-        cfg = task_config(cls, values, "fewshot_clip")
-        cfg.check()
-        return cfg
+        return task_config(cls, values, "fewshot_clip")
+
+    def __post_init__(self) -> None:
+        self.check()  # a config built in Python is checked as one read from YAML
 
     def check(self) -> None:
         if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
@@ -64,6 +66,8 @@ class FewShotCLIPConfig:
         if self.dataset == "coop" and not self.dataset_name:
             raise ValueError("fewshot_clip: dataset: coop needs dataset_name, e.g. EuroSAT "
                              "(reads <data_root>/eurosat/split_zhou_EuroSAT.json)")
+        if self.backbone is _DEFAULT:
+            self.backbone = dict(CLIP_LORA_BACKBONE)
         if not isinstance(self.backbone, dict):
             raise ValueError(f"fewshot_clip: backbone must be a mapping like {{source: open_clip, name: ViT-B-16, "
                              f"pretrained: openai}}, got {self.backbone!r}")
@@ -94,6 +98,23 @@ class FewShotCLIPConfig:
         return self.template
 
 
+def write_json(path: Path, value) -> None:
+    """``value`` as indented JSON, written whole or not at all (a crash leaves the old file)."""
+    text = json.dumps(value, indent=2)
+    vp.atomic_write_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _class_difference(train: list[str], other: list[str], what: str) -> str:
+    """Why the ``what`` split's labels are not the train split's, in one line."""
+    extra, missing = [c for c in other if c not in train], [c for c in train if c not in other]
+    if extra or missing:
+        return (f"the {what} split's classes differ from the train split's: only in {what}: {extra[:5]}, "
+                f"only in train: {missing[:5]}; both splits must label the same classes")
+    moved = [(i, a, b) for i, (a, b) in enumerate(zip(train, other)) if a != b]
+    return (f"the {what} split numbers the classes differently from the train split; first differences "
+            f"(label, train, {what}): {moved[:3]}")
+
+
 def find_checkpoint(path) -> Path:
     """The folder with fewshot_config.json: ``path`` itself, its ``best/`` or its ``adapter/``."""
     return find_checkpoint_folder(path, CONFIG_NAME, "few-shot CLIP")
@@ -103,6 +124,10 @@ def load_classifier(path, device: str | torch.device = "cpu") -> tuple[CLIPClass
     """The classifier of a checkpoint folder (or a training output_dir) and its config."""
     folder = find_checkpoint(path)
     cfg = json.loads((folder / CONFIG_NAME).read_text())
+    if cfg.get("adapter") is not None and not (folder / ADAPTER_DIR).is_dir():
+        raise FileNotFoundError(f"checkpoint {folder}: fewshot_config.json names adapter "
+                                f"{cfg['adapter'].get('method')!r} but {ADAPTER_DIR}/ is missing; copy the whole "
+                                f"checkpoint folder")
     clip, tokenizer = build_clip(cfg["backbone"])
     if (folder / ADAPTER_DIR).is_dir():
         try:
@@ -168,7 +193,8 @@ class FewShotCLIPTask(Task):
     def loop_defaults(self, given: dict) -> dict:
         out = {"max_train_steps": 500 * self.cfg.shots, "train_batch_size": 32, "learning_rate": 2e-4,
                "lr_scheduler": "cosine", "adam_weight_decay": 1e-2, "max_grad_norm": 0.0,
-               "mixed_precision": "fp16" if torch.cuda.is_available() else "no"}
+               # CLIP-LoRA's fp16 autocast on a GPU; a run kept on the CPU (`cpu: true`) stays fp32
+               "mixed_precision": "fp16" if torch.cuda.is_available() and not given.get("cpu") else "no"}
         # the 1e-6 floor belongs to the cosine schedule, and only below the peak
         if given.get("lr_scheduler", "cosine") == "cosine" and given.get("learning_rate", 2e-4) > 1e-6:
             out["lr_min"] = 1e-6
@@ -189,10 +215,7 @@ class FewShotCLIPTask(Task):
             raise TrainingError(f"fewshot_clip: {err}") from None
         for other, what in ((test, "test"), (val, "val")):
             if other.classnames != train.classnames:
-                diff = [(i, a, b) for i, (a, b) in enumerate(zip(train.classnames, other.classnames)) if a != b]
-                raise TrainingError(f"fewshot_clip: the {what} split has {len(other.classnames)} classes, the train "
-                                    f"split {len(train.classnames)}; first differences (label, train, {what}): "
-                                    f"{diff[:3]}")
+                raise TrainingError(f"fewshot_clip: {_class_difference(train.classnames, other.classnames, what)}")
         self.train_items = fewshot_subset(train.items, c.shots, c.seed)
         taken = None if own_val else {it.path for it in self.train_items}
         self.val_items = fewshot_subset(val.items, min(4, c.shots), c.seed + VAL_SEED_OFFSET, exclude=taken)
@@ -269,11 +292,12 @@ class FewShotCLIPTask(Task):
         clip = models["clip"].clip
         if vp.adapter_names(clip):
             vp.save_adapter(clip, folder / ADAPTER_DIR, name=self.adapter_name)
-        (folder / CONFIG_NAME).write_text(json.dumps(self._config(), indent=2))
+        write_json(folder / CONFIG_NAME, self._config())
 
     def load_adapters(self, models, folder):
         if self.cfg.adapter is not None:
             vp.load_adapter(models["clip"].clip, Path(folder) / ADAPTER_DIR, name=self.adapter_name, hotswap=True)
+        validations_kept(Path(folder))  # validations after the checkpoint are redone
 
     def validate(self, models, step, output_dir):
         m = evaluate(models["clip"], self.eval_sets["val"], self.cfg.eval_batch_size)
@@ -288,7 +312,7 @@ class FewShotCLIPTask(Task):
         m.update(split="test", shots=self.cfg.shots, seed=self.cfg.seed, template=self.template,
                  adapter=self.cfg.adapter["method"] if self.cfg.adapter else None,
                  trainable_parameters=vp.trainable_parameters(models["clip"].clip) if self.cfg.adapter else 0)
-        (Path(output_dir) / "metrics.json").write_text(json.dumps(m, indent=2))
+        write_json(Path(output_dir) / "metrics.json", m)
         return {"test_accuracy": m["accuracy"]}
 
 
