@@ -49,6 +49,11 @@ VARIANTS = {
     "loha": {"method": "loha", "r": 1, "alpha": 1, "dropout": 0.25},
     "wara": {"method": "wara", "r": 1, "alpha": 1},
     "krona": {"method": "krona", "a1": 8, "a2": 8, "alpha": 1},
+    # SNELL r 2 trains LoRA's count (r (in + out) per slice; sparsity 0.9, SNELL's kernel
+    # default); the bottleneck Adapter around every residual block of both towers, 5 wide
+    # (7,779 on the embedded CLIP against LoRA's 8,448), with the recipe's dropout
+    "snell": {"method": "snell", "r": 2, "sparsity": 0.9},
+    "adapter": {"method": "adapter", "bottleneck": 5, "dropout": 0.25},
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 
@@ -87,7 +92,8 @@ def run_adapter(args, variant: str, shots: int, seed: int) -> dict:
     run_config(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
     return {"accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
-            "trainable_parameters": metrics["trainable_parameters"], "steps": cfg["max_train_steps"],
+            "trainable_parameters": metrics["trainable_parameters"],
+            "steps": cfg["max_train_steps"] if cfg["adapter"] is not None else 0,  # zero-shot trains nothing
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -188,7 +194,8 @@ def main(argv=None) -> dict:
     if args.data_root is None:
         from visionpeft.data.fewshot import write_scene_classification
 
-        args.data_root = ROOT / "datasets" / "fewshot_scenes"
+        # --quick writes its tiny data set into the work dir, never where full runs read theirs
+        args.data_root = Path(args.work_dir) / "data" if args.quick else ROOT / "datasets" / "fewshot_scenes"
         if not (args.data_root / args.dataset_name / f"split_zhou_{args.dataset_name}.json").is_file():
             counts = {"train": 4, "val": 2, "test": 4} if args.quick else None
             write_scene_classification(args.data_root, args.dataset_name, counts=counts)
@@ -198,6 +205,8 @@ def main(argv=None) -> dict:
     # what makes runs comparable; shots, seeds and variants may grow between calls
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("output", "shots", "seeds", "variants", "work_dir", "quick", "threads")}
+    if Path(args.data_root).resolve().is_relative_to(ROOT):  # a table extended from another checkout
+        settings["data_root"] = Path(args.data_root).resolve().relative_to(ROOT).as_posix()
     if doc and doc.get("settings") != settings:
         changed = sorted(k for k in settings if doc.get("settings", {}).get(k) != settings[k])
         raise SystemExit(f"{out} holds runs made with other settings ({', '.join(changed)}); "

@@ -121,7 +121,7 @@ def main(argv=None):
         body = json.dumps({**summary, "curve": curve + rows[-1:]}, indent=1)
         vp.atomic_write_file(docs / "embedded_clip_pretrain.json", lambda tmp: Path(tmp).write_text(body))
         if (out / "loss.png").is_file():
-            shutil.copyfile(out / "loss.png", docs / "embedded_clip_loss.png")
+            vp.atomic_write_file(docs / "embedded_clip_loss.png", lambda tmp: shutil.copyfile(out / "loss.png", tmp))
     size = target.stat().st_size / 2 ** 20
     print(f"embedded CLIP weights: {target} ({size:.1f} MB, {dtype}, sha256 {sha})")
     print(f"{args.steps} steps in {wall / 60:.1f} min; final loss {final['loss']:.4f}")

@@ -217,7 +217,7 @@ def _cli(args):
 def test_cli_evaluate_and_predict(env, trained, tmp_path):
     out, _ = trained
     run = _cli(["evaluate-fewshot", "--checkpoint", str(out), "--data-root", str(env["data"]), "--split", "test",
-                "--output", str(tmp_path / "m.json")])
+                "--workers", "1", "--output", str(tmp_path / "m.json")])
     assert run.returncode == 0, run.stderr
     got = json.loads((tmp_path / "m.json").read_text())
     want = json.loads((out / "metrics.json").read_text())
@@ -246,6 +246,13 @@ def test_cli_refusals(env, trained, tmp_path):
         (["predict-fewshot", "--checkpoint", str(out), str(tmp_path / "no.png"), "--output", "x.txt"],
          "give a .json file name"),
         (["predict-fewshot", "--checkpoint", str(out), str(tmp_path / "no.png"), "--top", "0"], "--top 0"),
+        (["predict-fewshot", "--checkpoint", str(out), str(env["data"] / "toy/green/test_0.png"),
+          "--device", "cuda:99"],
+         "--device cuda:99"),
+        (["evaluate-fewshot", "--checkpoint", str(out), "--data-root", str(env["data"]), "--device", "gpu"],
+         "not a device name"),
+        (["evaluate-fewshot", "--checkpoint", str(out), "--data-root", str(env["data"]), "--workers", "-1"],
+         "--workers -1"),
     ]:
         run = _cli(args)
         assert run.returncode == 2 and msg in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
@@ -291,8 +298,11 @@ def test_data_refusals(env, tmp_path):
 
 
 class _Code:
-    def __reduce__(self):
-        return (print, ("this ran",))
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
 def test_pickle_with_code_is_refused(env, tmp_path):
@@ -300,10 +310,10 @@ def test_pickle_with_code_is_refused(env, tmp_path):
     that would run code is refused with one line, nothing run."""
     bad = tmp_path / "weights.pt"
     with open(bad, "wb") as f:
-        pickle.dump({"state_dict": _Code()}, f)
+        pickle.dump({"state_dict": _Code(tmp_path / "ran")}, f)
     with pytest.raises(ValueError, match="cannot load open_clip") as err:
         build_clip({"name": "ViT-B-16", "pretrained": str(bad)})
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "ran").exists()
 
 
 def test_template_option_and_prompts(env, tmp_path):
@@ -543,6 +553,10 @@ def test_fewshot_table_script(env, tmp_path, capsys):
     assert sorted(doc["runs"]) == ["linear_probe/1/1", "linear_probe/2/1", "lora/1/1", "lora/2/1", "zero_shot/0/0"]
     assert doc["runs"]["lora/1/1"]["steps"] == 2 and doc["runs"]["lora/2/1"]["steps"] == 3  # 2 x shots, cap 3
     assert doc["settings"]["template"] == "a photo of a {}." and doc["table"] == first["table"]
+    lora_row = next(line for line in doc["table"].splitlines() if line.startswith("| lora |"))
+    want = [f"{100 * doc['runs'][f'lora/{k}/1']['accuracy']:.1f}" for k in (1, 2)]
+    assert [c.strip(" |") for c in lora_row.split(" | ")[2:4]] == want
+    assert doc["runs"]["zero_shot/0/0"]["steps"] == 0
     # r 2 on q, k, v of width 32 in 2 + 2 attentions: 4 x 3 x 2 x (32 + 32); the probe 3 x 16 + 3
     assert doc["runs"]["lora/1/1"]["trainable_parameters"] == 4 * 3 * 2 * 64
     assert doc["runs"]["linear_probe/1/1"]["trainable_parameters"] == 3 * 16 + 3

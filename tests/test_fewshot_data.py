@@ -44,14 +44,24 @@ def test_coop_split_both_folder_names(tmp_path, folder):
         assert got.absolute(got.items[0]).is_file()
 
 
-@pytest.mark.parametrize("folder,stem,images", [("oxford_pets", "OxfordPets", "images"),
-                                                ("Flower102", "OxfordFlowers", "jpg"),
-                                                ("dtd", "DescribableTextures", "images"),
-                                                ("ucf101", "UCF101", "UCF-101-midframes")])
-def test_coop_layouts(tmp_path, folder, stem, images):
-    _coop(tmp_path / folder, images, stem)
+# split file stem, image folder, CoOp's DATASETS.md folder, the CLIP-LoRA code's folder (written out by hand)
+_LAYOUTS = [("OxfordPets", "images", "oxford_pets", "OxfordPets"),
+            ("Caltech101", "101_ObjectCategories", "caltech-101", "Caltech101"),
+            ("DescribableTextures", "images", "dtd", "DTD"),
+            ("EuroSAT", "2750", "eurosat", "EuroSAT"),
+            ("Food101", "images", "food-101", "Food101"),
+            ("OxfordFlowers", "jpg", "oxford_flowers", "Flower102"),
+            ("StanfordCars", "", "stanford_cars", "StanfordCars"),
+            ("SUN397", "SUN397", "sun397", "SUN397"),
+            ("UCF101", "UCF-101-midframes", "ucf101", "UCF101")]
+
+
+@pytest.mark.parametrize("stem,images,folder", [(s, i, f) for s, i, *folders in _LAYOUTS for f in folders])
+def test_coop_layouts(tmp_path, stem, images, folder):
+    split = _coop(tmp_path / folder, images, stem)
     got = coop_split(tmp_path, stem, "train")
-    assert got.root == tmp_path / folder / images and len(got.items) == 6
+    assert got.root == tmp_path / folder / images if images else got.root == tmp_path / folder
+    assert [[it.path, it.label, it.classname] for it in got.items] == split["train"]
     check_files(got)
 
 
@@ -86,6 +96,20 @@ def test_imagenet_classnames_and_val_as_test(tmp_path):
     (root / "classnames.txt").write_text("n01 tench\n")
     with pytest.raises(ValueError, match=r"names no class for folder\(s\) \['n02'\]"):
         imagenet_split(tmp_path, "train")
+    with pytest.raises(ValueError, match="ImageNet has no validation split of its own"):
+        imagenet_split(tmp_path, "val")
+
+
+def test_imagenet_without_images_folder(tmp_path):
+    """The CLIP-LoRA code's layout: imagenet/{train,val} without images/."""
+    root = tmp_path / "imagenet"
+    for s in ("train", "val"):
+        _png(root / s / "n02" / f"{s}.JPEG")
+        _png(root / s / "n01" / f"{s}.JPEG")
+    (root / "classnames.txt").write_text("n02 goldfish\nn01 tench\n")
+    got = imagenet_split(tmp_path, "train")
+    assert got.root == root and got.classnames == ["tench", "goldfish"]
+    assert [(it.path, it.label) for it in got.items] == [("train/n01/train.JPEG", 0), ("train/n02/train.JPEG", 1)]
 
 
 def test_imagefolder_and_empty_class(tmp_path):

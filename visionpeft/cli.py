@@ -385,19 +385,30 @@ def _write_json_atomic(path: str, data) -> None:
     import json
     from pathlib import Path
 
-    from .core.atomic import write_file
+    import visionpeft as vp
 
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"--output {path} is a folder; give a file name like metrics.json")
     text = json.dumps(data, indent=2)
-    write_file(out, lambda tmp: Path(tmp).write_text(text))
+    vp.atomic_write_file(out, lambda tmp: Path(tmp).write_text(text))
 
 
 def _device(name):
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to torch here; give --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; give cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return name
 
 
 def _cmd_evaluate_fewshot(args) -> int:
@@ -406,6 +417,9 @@ def _cmd_evaluate_fewshot(args) -> int:
 
     if args.output and not args.output.endswith(".json"):
         raise ValueError(f"--output {args.output}: give a .json file name")
+    if args.workers < 0 or args.batch_size < 1:
+        raise ValueError(f"--workers {args.workers} --batch-size {args.batch_size}: give workers >= 0 and a "
+                         f"batch size >= 1")
     model, cfg = load_classifier(args.checkpoint, _device(args.device))  # fails before any data is read
     dataset = args.dataset or cfg.get("dataset") or "imagefolder"
     name = args.dataset_name or cfg.get("dataset_name")
@@ -417,7 +431,7 @@ def _cmd_evaluate_fewshot(args) -> int:
         model.set_classes(split.classnames)
     size, mean, std = image_settings(model.clip)
     data = ClassificationImages(split, split.items, eval_transform(size, mean, std))
-    metrics = evaluate(model, data, args.batch_size, progress=True)
+    metrics = evaluate(model, data, args.batch_size, progress=True, num_workers=args.workers)
     metrics.update(split=args.split, checkpoint=str(args.checkpoint))
     print(f"accuracy {metrics['accuracy']:.4f} on {metrics['images']} images ({len(split.classnames)} classes)")
     if args.output:
@@ -665,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=["coop", "imagenet", "imagefolder"], help="default: the checkpoint's")
     e.add_argument("--dataset-name", help="a CoOp data set, e.g. EuroSAT (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
     e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     e.add_argument("--output", help="write the metrics (accuracy, per_class_accuracy) as JSON here")
     e.set_defaults(func=_cmd_evaluate_fewshot)

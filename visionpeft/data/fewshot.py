@@ -200,14 +200,15 @@ def imagefolder_split(data_root, split: str, classnames: list[str] | None = None
     dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not dirs:
         raise ValueError(f"{folder} holds no class folders")
-    empty = [d.name for d in dirs if not _images_in(d)]
+    listed = [_images_in(d) for d in dirs]  # once: an ImageNet train/ holds 1.28M files
+    empty = [d.name for d, images in zip(dirs, listed) if not images]
     if empty:
         raise ValueError(f"{folder}: class folder(s) with no images: {empty[:10]}")
     names = [d.name for d in dirs] if classnames is None else list(classnames)
     if len(names) != len(dirs):
         raise ValueError(f"{folder} has {len(dirs)} class folders but {len(names)} class names were given")
     items = [Item(str(p.relative_to(Path(data_root))), label, names[label])
-             for label, d in enumerate(dirs) for p in _images_in(d)]
+             for label, images in enumerate(listed) for p in images]
     return ClassificationSplit(Path(data_root), items, names, name or Path(data_root).name)
 
 
@@ -226,6 +227,9 @@ def imagenet_split(data_root, split: str) -> ClassificationSplit:
         wnid, _, cname = line.strip().partition(" ")
         if wnid:
             names[wnid] = cname.strip() or wnid
+    if split == "val":  # it would be the test images under another name
+        raise ValueError("ImageNet has no validation split of its own: its labelled val/ is the test split "
+                         "(use split test); a few-shot run draws its validation images from train/")
     which = "train" if split == "train" else "val"
     images = folder / "images" if (folder / "images").is_dir() else folder
     found = imagefolder_split(images, which, name="ImageNet")

@@ -43,5 +43,6 @@ def validations_kept(folder: Path) -> list[dict] | None:
     if not log.exists():
         return None
     rows = [r for r in (json.loads(line) for line in log.read_text().splitlines()) if r["step"] <= step]
-    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    body = "".join(json.dumps(r) + "\n" for r in rows)
+    vp.atomic_write_file(log, lambda tmp: Path(tmp).write_text(body))  # a crash keeps the whole log
     return rows

@@ -13,9 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 LOGIT_SCALE = 100.0  # CLIP-LoRA's fixed scale (main.py: logit_scale = 100)
-# OpenAI CLIP's normalisation, what open_clip's own transforms use unless a model says otherwise
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EMBEDDED = "embedded-clip"
 
 
@@ -86,8 +83,10 @@ def image_settings(clip: nn.Module) -> tuple[int, tuple, tuple]:
     """(input size, mean, std) the model was built for (open_clip's preprocess config)."""
     size = getattr(clip.visual, "image_size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # open_clip's own default
+
     cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
-    return size, tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    return size, tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD))
 
 
 def train_transform(size: int, mean, std):

@@ -13,6 +13,7 @@ A checkpoint folder holds ``fewshot_config.json`` (backbone, class names, templa
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class FewShotCLIPConfig:
                              "(reads <data_root>/eurosat/split_zhou_EuroSAT.json)")
         if self.backbone is _DEFAULT:
             self.backbone = dict(CLIP_LORA_BACKBONE)
+        if self.classnames is not None and self.dataset != "imagefolder":
+            raise ValueError(f"fewshot_clip: classnames names an image folder's classes; dataset {self.dataset} "
+                             f"reads its class names from its own files, so leave classnames out")
         if not isinstance(self.backbone, dict):
             raise ValueError(f"fewshot_clip: backbone must be a mapping like {{source: open_clip, name: ViT-B-16, "
                              f"pretrained: openai}}, got {self.backbone!r}")
@@ -142,9 +146,11 @@ def load_classifier(path, device: str | torch.device = "cpu") -> tuple[CLIPClass
 
 
 @torch.no_grad()
-def evaluate(model: CLIPClassifier, dataset, batch_size: int = 64, progress: bool = False) -> dict:
+def evaluate(model: CLIPClassifier, dataset, batch_size: int = 64, progress: bool = False,
+             num_workers: int = 0) -> dict:
     """Top-1 accuracy over ``dataset`` ((image, label) pairs) and per class (the share of
-    each class's images classified right), text features computed once."""
+    each class's images classified right), text features computed once; ``num_workers``
+    DataLoader processes decode the images (what bounds a GPU evaluation at 224 px)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -152,7 +158,7 @@ def evaluate(model: CLIPClassifier, dataset, batch_size: int = 64, progress: boo
         text = model.text_features()
     k = len(model.classnames)
     correct, total = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
 
@@ -276,10 +282,13 @@ class FewShotCLIPTask(Task):
     def _config(self) -> dict:
         c = self.cfg
         backbone = dict(c.backbone)
-        for key in ("name", "pretrained"):  # local paths absolute: the checkpoint is read from anywhere
-            value = backbone.get(key)
-            if isinstance(value, str) and Path(value).expanduser().exists():
-                backbone[key] = str(Path(value).expanduser().resolve())
+        # local paths absolute, so the checkpoint is read from anywhere; only what build_clip
+        # reads as a path (a folder as name, a file as pretrained), never a tag like `openai`
+        name, pretrained = backbone.get("name"), backbone.get("pretrained")
+        if isinstance(name, str) and Path(name).expanduser().is_dir():
+            backbone["name"] = str(Path(name).expanduser().resolve())
+        if isinstance(pretrained, str) and (os.sep in pretrained or Path(pretrained).suffix):
+            backbone["pretrained"] = str(Path(pretrained).expanduser().resolve())
         return {"backbone": backbone, "adapter": c.adapter, "adapter_name": self.adapter_name,
                 "classnames": self.model.classnames, "template": self.template,
                 "logit_scale": self.model.logit_scale, "image_size": self.image_size,
