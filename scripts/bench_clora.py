@@ -51,7 +51,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 import types
@@ -64,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import visionpeft as vp  # noqa: E402
-from bench_core import cpu_peak_bytes, cuda_peak_bytes, shuffled_rounds  # noqa: E402
+from bench_core import cpu_peak_bytes, cuda_peak_bytes, machine, shuffled_rounds  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # SD 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json, the keys that differ
@@ -279,23 +278,6 @@ def bench_size(args, cfg: dict, n: int, sched) -> dict:
     row["ratios"] = ratios
     row["seconds"] = {"setup": round(setup_s, 1), "bench": round(time.perf_counter() - t_bench, 1)}
     return row
-
-
-def machine() -> dict:
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
-        if model:
-            info["cpu_model"] = model
-    except OSError:
-        pass
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 def fmt_ratio(r: dict | None) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import random
 import statistics
@@ -195,6 +196,25 @@ def loss_memory(loss_fn, params, device) -> int:
         loss = loss_fn()
     loss.backward()
     return total + sum(p.numel() * p.element_size() for p in params)
+
+
+def machine() -> dict:
+    """CPU model and count, Python version, and the load average at the start (a shared
+    machine's other work shows there)."""
+    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
+        if model:
+            info["cpu_model"] = model
+    except OSError:
+        pass
+    try:
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
 
 
 def summarise(runs: list[dict]) -> dict:

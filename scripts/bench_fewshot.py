@@ -89,7 +89,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections import Counter
@@ -102,7 +101,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import visionpeft as vp  # noqa: E402
-from bench_core import cpu_peak_bytes, cuda_peak_bytes, shuffled_rounds  # noqa: E402
+from bench_core import cpu_peak_bytes, cuda_peak_bytes, machine, shuffled_rounds  # noqa: E402
 
 # CLIP-LoRA's recipe (Zanella & Ben Ayed, 2024), the baseline Block-LoRA builds on
 RECIPE = {"r": 2, "alpha": 1.0, "dropout": 0.25, "rank_stabilized": True}
@@ -312,23 +311,6 @@ def bench_cell(models: dict, images, text, labels, args, amp_dtype) -> dict:
 
 
 # --- report -------------------------------------------------------------------------------
-def machine() -> dict:
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
-        if model:
-            info["cpu_model"] = model
-    except OSError:
-        pass
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
 def table(result: dict) -> str:
     """Per variant: trainable parameters, init check, and per cell step time and peak."""
     cells = result["cells"]
