@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from demo_common import image_input, one_line
+
 MAX_MODELS = 4  # checkpoints kept loaded (a ViT-L CLIP is about 1.7 GB)
 MAX_TOPK = 20  # the slider's end (gradio holds the endpoint's k to 1..20 too); capped at the class count
 SHOWN_CLASSES = 5  # class names listed in the "loaded" line
@@ -30,11 +32,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 _LOCK = threading.Lock()  # one load at a time (two sessions asking for one folder load it once)
 _MODELS: OrderedDict[tuple, tuple] = OrderedDict()  # (folder, files stamp) -> (model, cfg)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 def _stamp(folder: Path) -> tuple:
@@ -58,15 +55,15 @@ def model(checkpoint) -> tuple:
             try:
                 loaded = load_classifier(folder, device=DEVICE)
             except FileNotFoundError as err:
-                raise FileNotFoundError(_one_line(err)) from None
+                raise FileNotFoundError(one_line(err)) from None
             except ValueError as err:
                 if not isinstance(err, json.JSONDecodeError):  # load_classifier's own: they name the folder
-                    raise ValueError(_one_line(err)) from None
+                    raise ValueError(one_line(err)) from None
                 raise ValueError(f"cannot load the few-shot checkpoint {folder}: its config is not JSON: "
-                                 f"{_one_line(err)}") from None
+                                 f"{one_line(err)}") from None
             except Exception as err:  # a broken config or weights file: one line, not gradio's bare "Error"
                 raise ValueError(f"cannot load the few-shot checkpoint {folder}: {type(err).__name__}: "
-                                 f"{_one_line(err)}") from None
+                                 f"{one_line(err)}") from None
             for old in [k for k in _MODELS if k[0] == key[0]]:  # the folder's files changed: drop the old one
                 del _MODELS[old]
             _MODELS[key] = loaded
@@ -103,7 +100,7 @@ def load_fewshot(checkpoint: str, current: str | None = None) -> tuple[str, str]
     try:
         _, cfg, folder = model(checkpoint)
     except (FileNotFoundError, ValueError) as err:
-        raise gr.Error(_one_line(err)) from None
+        raise gr.Error(one_line(err)) from None
     return describe(cfg, folder), str(folder)
 
 
@@ -146,31 +143,9 @@ def classify(image, k: int = 5, current: str | None = None) -> tuple[dict, list]
     try:
         clf = model(current)[0]
     except (FileNotFoundError, ValueError) as err:  # the loaded folder went away or broke since Load
-        raise gr.Error(_one_line(err)) from None
+        raise gr.Error(one_line(err)) from None
     top = predict_topk(clf, [picture], k=k)[0]
     return {name: p for name, p in top}, [[name, p] for name, p in top]
-
-
-def _image_input():
-    """gr.Image whose undecodable uploads end in a readable one-line error, not gradio's bare
-    "Error" (the upload is decoded before classify() runs). The wrapper goes on the instance:
-    a gr.Image subclass would make gradio write a .pyi stub next to this file."""
-    import gradio as gr
-    from PIL import Image
-
-    image = gr.Image(label="image", type="pil", image_mode="RGB")
-    decode = image.preprocess
-
-    def preprocess(payload):
-        try:
-            return decode(payload)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            why = _one_line(err).replace(str(getattr(payload, "path", None) or name), name)  # not the temp path
-            raise gr.Error(f"cannot read {name} as an image: {why}") from None
-
-    image.preprocess = preprocess
-    return image
 
 
 def build(default_checkpoint: str = ""):
@@ -192,7 +167,7 @@ def build(default_checkpoint: str = ""):
             load = gr.Button("Load", scale=1)
         loaded = gr.Textbox(label="loaded", value=shown, interactive=False)
         with gr.Row():
-            image = _image_input()
+            image = image_input("pil")
             with gr.Column():
                 k = gr.Slider(1, MAX_TOPK, value=5, step=1, label="top k")
                 run = gr.Button("Classify", variant="primary")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from demo_common import one_line
+
 MAX_ADAPTERS = 4  # one (use, scale) slot each in the page
 MAX_PIPELINES = 2  # pipelines kept loaded (an SDXL one is several GB)
 REFINE_AT = (0, 10, 20)  # compose's default steps for the extra refinement rounds
@@ -41,11 +43,6 @@ class _Loaded:
 
 
 _PIPELINES: OrderedDict[str, _Loaded] = OrderedDict()
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 def find_pipeline(folder) -> Path:
@@ -79,7 +76,7 @@ def _load(folder: str) -> _Loaded:
         try:
             pipe = DiffusionPipeline.from_pretrained(key)
         except Exception as err:  # a folder that does not load: say so in one line
-            raise ValueError(f"cannot load the pipeline in {folder}: {type(err).__name__}: {_one_line(err)}") from None
+            raise ValueError(f"cannot load the pipeline in {folder}: {type(err).__name__}: {one_line(err)}") from None
         unet = getattr(pipe, "unet", None)
         if unet is None or not hasattr(unet.config, "down_block_types") or getattr(pipe, "tokenizer", None) is None:
             raise ValueError(f"{folder} holds a {type(pipe).__name__}; this tab takes a Stable Diffusion 1.x/2.x or "
@@ -161,7 +158,7 @@ def _sync(loaded: _Loaded, spec: list[tuple[str, str]]) -> None:
                 raise
             except Exception as err:  # e.g. a file that is not safetensors: one line, not gradio's "Error"
                 raise ValueError(f"cannot load the adapter {name!r} from {path}: {type(err).__name__}: "
-                                 f"{_one_line(err)}") from None
+                                 f"{one_line(err)}") from None
             loaded.adapters[name] = path
 
 
@@ -178,7 +175,7 @@ def _prepare(folder: str, adapters: str) -> tuple[_Loaded, list[str]]:
         loaded = _load(folder)
         _sync(loaded, spec)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
-        raise gr.Error(_one_line(err)) from None
+        raise gr.Error(one_line(err)) from None
     return loaded, [name for name, _ in spec]
 
 
@@ -197,7 +194,7 @@ def _set_scales(pipe, scales: dict[str, float], active: list[str] | None = None)
                 if name in have:
                     vp.set_scale(comp, name, float(scale))
         except (ValueError, TypeError) as err:
-            raise gr.Error(_one_line(err)) from None
+            raise gr.Error(one_line(err)) from None
         if active is not None:
             vp.set_active(comp, [n for n in active if n in have])
 
@@ -245,7 +242,7 @@ def generate(folder: str, adapters: str, prompt: str, steps: int = 20, guidance:
             image = loaded.pipe(prompt, num_inference_steps=steps, guidance_scale=float(guidance),
                                 generator=torch.Generator().manual_seed(seed)).images[0]
         except ValueError as err:
-            raise gr.Error(_one_line(err)) from None
+            raise gr.Error(one_line(err)) from None
     on = ", ".join(f"{n} x{float(s):g}" for n, s, u in zip(names, scales, uses) if u)
     return image, f"adapters on: {on or 'none'}; {steps} steps, guidance {float(guidance):g}, seed {seed}"
 
@@ -287,7 +284,7 @@ def compose(folder: str, adapters: str, prompt: str, concepts: str, style: str =
                                    refine_rounds=int(refine_rounds), mask_alpha=float(mask_alpha), attn_res=None,
                                    batched=True, generator=torch.Generator().manual_seed(seed))
         except (ValueError, KeyError) as err:  # a bad line, unknown adapter, words not in a prompt
-            raise gr.Error(_one_line(err)) from None
+            raise gr.Error(one_line(err)) from None
     image = result.images[0]
     labels = ["base"] + [c["adapter"] for c in parsed]
     return image, mask_picture(result.masks, image.size, labels), _losses_text(result)

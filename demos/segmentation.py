@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from demo_common import image_input
+
 MAX_PIXELS = 4096 * 4096  # a CPU demo: refuse larger uploads in one line rather than run for minutes
 AREA_HEADERS = ["class", "colour", "pixels", "area (%)"]
 
@@ -96,35 +98,13 @@ def segment(image, checkpoint: str):
     return class_map, overlay, areas
 
 
-def _image_input():
-    """gr.Image whose undecodable uploads end in a readable error instead of gradio's bare
-    "Error" (gradio decodes the upload before segment() is called). The wrapper sits on
-    the instance: a gr.Image subclass would make gradio write a .pyi stub next to this file."""
-    import gradio as gr
-    from PIL import Image
-
-    image = gr.Image(label="image", type="numpy", image_mode="RGB")
-    decode = image.preprocess
-
-    def preprocess(payload):
-        try:
-            return decode(payload)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            why = str(err).replace(str(getattr(payload, "path", None) or name), name)  # not the server's temp path
-            raise gr.Error(f"cannot read {name} as an image: {why}") from None
-
-    image.preprocess = preprocess
-    return image
-
-
 def build(default_checkpoint: str = ""):
     import gradio as gr
 
     with gr.Blocks(title="visionpeft segmentation") as demo:
         gr.Markdown("## Semantic segmentation\nOne image; each pixel gets a class of the checkpoint.")
         with gr.Row():
-            image = _image_input()
+            image = image_input("numpy")
             with gr.Column():
                 ckpt = gr.Textbox(label="segmentation checkpoint folder", value=default_checkpoint)
                 run = gr.Button("Segment", variant="primary")

@@ -44,11 +44,12 @@ VARIANTS = {
     "block_lora_n4": {"method": "block_lora", "r": 2, "n_blocks": 4, **_RS},
     "block_lora_n8": {"method": "block_lora", "r": 2, "n_blocks": 8, **_RS},
     # matched budgets: LoRA r 2 trains 4d parameters on a d x d slice; LoHa r 1 and WaRA r 1
-    # (one rank per sub-band of d/2 x d/2) the same, KronA 8 x 8 64 + (d/8)^2 (fewer at
-    # d = 128, more at ViT-B's 768); WaRA and KronA have no dropout option
+    # (one rank per sub-band of d/2 x d/2) the same; KronA a1 4 x a2 8 trains 32 + (d/4)(d/8)
+    # per d x d slice, 7,968 in all on the embedded CLIP (d 128 and 64) against LoRA's 8,448
+    # (ViT-B's 768 would want larger factors); WaRA and KronA have no dropout option
     "loha": {"method": "loha", "r": 1, "alpha": 1, "dropout": 0.25},
     "wara": {"method": "wara", "r": 1, "alpha": 1},
-    "krona": {"method": "krona", "a1": 8, "a2": 8, "alpha": 1},
+    "krona": {"method": "krona", "a1": 4, "a2": 8, "alpha": 1},
     # SNELL r 2 trains LoRA's count (r (in + out) per slice; sparsity 0.9, SNELL's kernel
     # default); the bottleneck Adapter around every residual block of both towers, 5 wide
     # (7,779 on the embedded CLIP against LoRA's 8,448), with the recipe's dropout
