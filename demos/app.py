@@ -92,8 +92,8 @@ def load_demo(name: str):
         return loaded
     if not path.is_file():
         raise FileNotFoundError(f"no demo module {path}")
-    if str(HERE) not in sys.path:  # the demos import demo_common from this folder
-        sys.path.insert(0, str(HERE))
+    if name != "demo_common":  # what the tabs import, registered by file (sys.path left alone)
+        load_demo("demo_common")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

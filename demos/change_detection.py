@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from demo_common import image_input
+
 
 @lru_cache(maxsize=4)
 def _model(checkpoint: str):
@@ -54,8 +56,8 @@ def build(default_checkpoint: str = ""):
     with gr.Blocks(title="visionpeft change detection") as demo:
         gr.Markdown("## Change detection (PeftCD)\nTwo dates of the same scene; the mask marks what changed.")
         with gr.Row():
-            a = gr.Image(label="date A", type="numpy")
-            b = gr.Image(label="date B", type="numpy")
+            a = image_input("numpy", "date A")
+            b = image_input("numpy", "date B")
         ckpt = gr.Textbox(label="checkpoint folder", value=default_checkpoint)
         run = gr.Button("Detect changes", variant="primary")
         with gr.Row():

@@ -1,12 +1,13 @@
 """Pieces every demo tab shares: one-line error text and an image input whose bad uploads
 end in a readable error. Not a tab itself (the hub's TABS never names it); the demos import
-it as ``demo_common``, with demos/ on sys.path (``python demos/x.py`` puts it there, and the
-hub's load_demo() does)."""
+it as ``demo_common``: ``python demos/x.py`` puts demos/ on sys.path, and the hub's
+load_demo() registers this file as ``sys.modules["demo_common"]`` before any tab (sys.path
+left alone)."""
 from __future__ import annotations
 
 
 def one_line(err: BaseException) -> str:
-    """The error's text on one line (the exception's type when it has none)."""
+    """The error's (or a message's) text on one line (the exception's type when it has none)."""
     text = " ".join(str(err).split())
     return text or type(err).__name__
 
@@ -28,7 +29,7 @@ def image_input(kind: str, label: str = "image"):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             name = getattr(payload, "orig_name", None) or "the upload"
             # the server's temp path is no use to the person at the browser: name their file
-            why = one_line(err).replace(str(getattr(payload, "path", None) or name), name)
+            why = one_line(str(err).replace(str(getattr(payload, "path", None) or name), name))
             raise gr.Error(f"cannot read {name} as an image: {why}") from None
 
     image.preprocess = preprocess

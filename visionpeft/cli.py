@@ -453,7 +453,7 @@ def _cmd_predict_fewshot(args) -> int:
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from None
     model, _ = load_classifier(args.checkpoint, _device(args.device))
     results = []

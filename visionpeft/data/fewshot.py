@@ -327,7 +327,7 @@ class ClassificationImages(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from None
         return self.transform(image), it.label
 
