@@ -39,7 +39,21 @@ BLOCK_METHOD_CONFIGS = {
     "earth_adapter": lambda targets, **kw: vp.EarthAdapterConfig(**{
         "bottleneck": 4, "zero_init": True, "frequency_blocks": [0], "cutoff_ratio": 0.5,
         "target_modules": targets, **kw}),
+    # Point-PEFT runs Point-MAE blocks itself (centres, a memory bank): tests/test_point_peft.py
+    # holds its own bodies; the shared ones that take any method use the host below
+    "point_peft": lambda targets, **kw: vp.PointPEFTConfig(**{
+        "prompt_blocks": [0, 1], "top_k": 3, "local_k": 4, "dropout": 0.0, "target_modules": targets, **kw}),
 }
+# the tiny host each block method runs on in the shared bodies (timm_vit where not named)
+BLOCK_METHOD_HOSTS = {"point_peft": "point_mae"}
+
+
+def ready_block_method(model: nn.Module, method: str, name: str, seed: int = 0) -> None:
+    """What a block method needs before its first forward: Point-PEFT its memory bank."""
+    if method == "point_peft":
+        g = torch.Generator().manual_seed(seed)
+        width = model.blocks[0].norm1.normalized_shape[0]
+        vp.set_memory_bank(model, torch.randn(6, width, generator=g), name=name)
 
 
 # overrides for the tiny hosts, whose layer sizes differ from the toy's

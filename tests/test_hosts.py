@@ -196,7 +196,7 @@ FAMILIES = [
      ["sd_unet_attn", "sd_unet_self_attn", "sd_unet_cross_attn_kv", "sd_unet_attn_conv",
       "sd_unet_transformer_blocks", "sd_unet_resnets"]),
     (_dit_intent, ["sd3_dit"], ["sd3_medium", "flux_dev"], ["dit_attn", "dit_attn_ff", "dit_ff"]),
-    (_timm_intent, ["timm_vit", "timm_dinov3"], ["vit_base_patch16_224", "vit_base_patch16_dinov3"],
+    (_timm_intent, ["timm_vit", "timm_dinov3", "point_mae"], ["vit_base_patch16_224", "vit_base_patch16_dinov3"],
      ["timm_vit_all", "timm_vit_qkv", "timm_vit_qv", "timm_vit_mlp", "timm_blocks"]),
     (_timm_intent, ["timm_sam2_hiera"], ["sam2_hiera_base_plus"], ["timm_hiera_qkv", "timm_hiera_all", "timm_blocks"]),
     (_hf_vit_intent, ["hf_dinov2"], ["dinov2_base"], ["hf_dinov2_qkv", "hf_dinov2_all", "hf_vit_layers"]),

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import (BLOCK_METHOD_CONFIGS, METHOD_CONFIGS, TOY_TARGETS, ToyNet, Untouched, make_config,
-                      randomize_adapters, toy_inputs)
+from conftest import (BLOCK_METHOD_CONFIGS, BLOCK_METHOD_HOSTS, METHOD_CONFIGS, TOY_TARGETS, ToyNet, Untouched,
+                      make_config, randomize_adapters, ready_block_method, toy_inputs)
 from safetensors import safe_open
 from torch import nn
 
@@ -234,7 +234,8 @@ def test_hotswap_refuses_other_shapes_and_configs(tmp_path):
 # a value for it that keeps every tensor's shape, so that only the config check can refuse
 REFUSED_FIELD = {"lora": ("r", 4), "krona": ("a1", 3), "loha": ("r", 4), "wara": ("wavelet", "haar"),
                  "snell": ("sparsity", 0.25), "block_lora": ("rank_stabilized", True),
-                 "adapter": ("activation", "relu"), "earth_adapter": ("cutoff_ratio", 0.25)}
+                 "adapter": ("activation", "relu"), "earth_adapter": ("cutoff_ratio", 0.25),
+                 "point_peft": ("local_k", 2)}
 
 
 def _any_method(method, seed, **kw):
@@ -242,15 +243,17 @@ def _any_method(method, seed, **kw):
     methods on the tiny ViT's blocks), its adapter "a" at random -> (model, forward)."""
     torch.manual_seed(0)
     if method in BLOCK_METHOD_CONFIGS:
-        model = build_tiny("timm_vit")
-        config, inputs = BLOCK_METHOD_CONFIGS[method](presets.TIMM_BLOCKS, **kw), example_inputs("timm_vit")
-        forward = lambda m: run_host("timm_vit", m, inputs)  # noqa: E731
+        host = BLOCK_METHOD_HOSTS.get(method, "timm_vit")
+        model = build_tiny(host)
+        config, inputs = BLOCK_METHOD_CONFIGS[method](presets.TIMM_BLOCKS, **kw), example_inputs(host)
+        forward = lambda m: run_host(host, m, inputs)  # noqa: E731
     else:
         model = ToyNet().eval()
         config, (x, img) = make_config(method, TOY_TARGETS, **kw), toy_inputs()
         forward = lambda m: m(x, img)  # noqa: E731
     vp.inject(model, config, name="a")
     randomize_adapters(model, seed=seed, std=0.05 if method in BLOCK_METHOD_CONFIGS else 0.2)
+    ready_block_method(model, method, "a", seed)
     return model.eval(), forward
 
 

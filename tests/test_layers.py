@@ -157,7 +157,9 @@ def _method_parameter_names() -> set[str]:
     for method in vp.list_methods():
         spec = vp.get_method(method)
         model = nn.Sequential(nn.Linear(96, 96))
-        vp.inject(model, spec.config_cls(target_modules=["0"]), name="x")
+        # Point-PEFT's defaults prompt 6 blocks and train the host's norm and head: one block here
+        kw = {"prompt_blocks": [0], "modules_to_save": []} if method == "point_peft" else {}
+        vp.inject(model, spec.config_cls(target_modules=["0"], **kw), name="x")
         for pname, _ in model.named_parameters():
             if ".adapters.x." in pname:
                 names.update(pname.split(".adapters.x.", 1)[1].split(".")[1:])  # after the part

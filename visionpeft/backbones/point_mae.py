@@ -14,9 +14,9 @@ model runs on CPU and GPU from a pip install. Module names follow timm's ViT (``
 ``attn.qkv``, ``mlp.fc1``, ``head``), so the usual targeting works; the official names map
 on load (``blocks.blocks.<i>`` -> ``blocks.<i>``, ``cls_head_finetune`` -> ``head``).
 
-Hooks for adapters that need the geometry (Point-PEFT): ``forward`` keeps this forward's
-token centres in ``model.context["centres"]`` (B, G, 3) and the input in
-``context["points"]`` while the blocks run.
+For adapters that need the geometry (Point-PEFT), every block is called as
+``block(x + pos, centres=centres, points=points)``: the token centres (B, G, 3) and the
+input cloud (B, N, 3) ride along as keywords, which the block itself ignores.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x):
+    def forward(self, x, centres=None, points=None):  # centres, points: for geometry-aware adapters
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -145,7 +145,6 @@ class PointMAE(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, r) for r in rates)
         self.norm = nn.LayerNorm(dim)
         self.head = _head(num_classes, dim)
-        self.context: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -175,12 +174,8 @@ class PointMAE(nn.Module):
         b = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         pos = torch.cat([self.cls_pos.expand(b, -1, -1), pos], dim=1)
-        self.context = {"centres": centres, "points": points}
-        try:
-            for block in self.blocks:
-                x = block(x + pos)  # Point-MAE adds the position before every block
-        finally:
-            self.context = {}
+        for block in self.blocks:
+            x = block(x + pos, centres=centres, points=points)  # the position goes in before every block
         return self.norm(x)
 
     @staticmethod

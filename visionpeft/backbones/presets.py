@@ -262,6 +262,7 @@ HOST_PRESETS: dict[str, str] = {
     "hf_dinov3": "hf_dinov3_qkv",
     "hf_sam2_vision": "hf_sam2_qkv",
     "open_clip": "clip_qkv",
+    "point_mae": "timm_vit_qkv",  # Point-MAE's blocks carry timm's names
 }
 
 

@@ -256,6 +256,17 @@ def _run_open_clip(model: nn.Module, inputs: dict) -> torch.Tensor:
     return torch.cat([image_features, text_features], dim=-1)
 
 
+def _build_point_mae() -> nn.Module:
+    from .point_mae import PointMAE
+
+    # 36 wide: 6 heads of 6, and room for Point-PEFT's 6 x 3 local attention
+    return PointMAE(num_classes=5, num_points=64, num_group=8, group_size=8, dim=36, depth=3, heads=6)
+
+
+def _inputs_point_mae(batch: int, g: torch.Generator) -> dict:
+    return {"points": torch.randn(batch, 64, 3, generator=g)}
+
+
 # --------------------------------------------------------------------------- #
 # registry
 # --------------------------------------------------------------------------- #
@@ -271,6 +282,7 @@ _SPECS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator]
     "hf_dinov3": (_build_hf_dinov3, _pixel_inputs(32), _run_last_hidden),
     "hf_sam2_vision": (_build_hf_sam2_vision, _pixel_inputs(64), _run_last_hidden),
     "open_clip": (_build_open_clip, _inputs_open_clip, _run_open_clip),
+    "point_mae": (_build_point_mae, _inputs_point_mae, _run_plain),
 }
 
 TINY_HOSTS: tuple[str, ...] = tuple(_SPECS)

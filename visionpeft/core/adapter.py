@@ -217,7 +217,11 @@ class AdapterModule(nn.Module, abc.ABC):
 class BlockAdapterModule(nn.Module, abc.ABC):
     """Base of a method whose module acts on a block's hidden states (bottleneck
     adapters, Earth-Adapter): ``delta(h)`` is what the wrapper adds, scaled, at the
-    method's ``placement`` ("input", "output" or "parallel"; see `AdaptedBlock`)."""
+    method's ``placement`` ("input", "output" or "parallel"; see `AdaptedBlock`). With
+    placement "around" the module instead defines ``run_block(block, scale, *args, **kwargs)``
+    and runs the block itself. A module that defines ``bind_model(model, name)`` is handed
+    the root model and its adapter's name once attached (to find the parts its adapter's
+    modules share, or to run the host)."""
 
     placement: str = "output"
 

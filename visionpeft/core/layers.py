@@ -622,6 +622,10 @@ class AdaptedBlock(AdaptedLayerBase):
       "input"     x <- x + s * delta(x) before the block (sequential, PeftCD's place)
       "output"    y <- y + s * delta(y) after the block (sequential, Houlsby/Pfeiffer)
       "parallel"  y <- y + s * delta(x) beside the block (AdaptFormer)
+      "around"    y <- run_block(block, s, x, ...): the adapter runs the block itself through
+                  the block's own submodules (methods that act inside it: deep prompts,
+                  adapters on one branch); one such adapter at a time, not under vp.routing;
+                  calling ``wrapper.base_layer`` directly skips it (the hooks below do not)
 
     and ``delta(h)`` on the hidden states; the wrapper knows no method. Block adapters
     have no weight-space form: no merge, no dW.
@@ -670,7 +674,22 @@ class AdaptedBlock(AdaptedLayerBase):
         self.deltas(names, scales)
 
     def forward(self, *args, **kwargs):
-        return self.base_layer(*args, **kwargs)
+        around = self._groups("around")
+        if not around:
+            return self.base_layer(*args, **kwargs)
+        if len(around) > 1 or around[0][2] is not None:
+            raise ValueError(f"{len(around)} adapters here run the block themselves ("
+                             f"{', '.join(type(m).__name__ for _, m, _ in around)}): only one such adapter "
+                             "can be active on a block, and not under vp.routing; set_active one of them")
+        # the block's own forward (and so its hooks) does not run: apply the other
+        # adapters' input and output placements here
+        scale, mod, _ = around[0]
+        changed = self._before(self.base_layer, args, kwargs)
+        if changed is not None:
+            args, kwargs = changed
+        out = mod.run_block(self.base_layer, scale, *args, **kwargs)
+        adapted = self._after(self.base_layer, args, kwargs, out)
+        return out if adapted is None else adapted
 
     # --- the hooks ----------------------------------------------------------------
     def _groups(self, placement):

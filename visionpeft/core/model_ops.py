@@ -255,6 +255,10 @@ def attach(model: nn.Module, plan: InjectionPlan) -> nn.Module:
             mod.requires_grad_(True)
             if getattr(mod, "needs_token_grid", False):
                 mod.token_grid = bind_token_grid(model, state)
+    for mods in (m for _, m in plan.layers.values()):
+        for mod in mods.values():
+            if hasattr(mod, "bind_model"):  # modules that need the model (shared parts, a pass of the host)
+                mod.bind_model(model, plan.name)
     state.configs[plan.name] = plan.config
     state.scales[plan.name] = 1.0
     state.active = state.active + (plan.name,)

@@ -5,9 +5,10 @@ from .earth_adapter import EarthAdapterConfig
 from .krona import KronAConfig
 from .loha import LoHaConfig
 from .lora import LoRAConfig
+from .point_peft import PointPEFTConfig, set_memory_bank
 from .snell import SNELLConfig
 from .snella import SNELLAAllocator
 from .wara import WaRAConfig
 
 __all__ = ["AdapterConfig", "BlockLoRAConfig", "EarthAdapterConfig", "KronAConfig", "LoHaConfig", "LoRAConfig",
-           "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]
+           "PointPEFTConfig", "set_memory_bank", "SNELLConfig", "SNELLAAllocator", "WaRAConfig"]
