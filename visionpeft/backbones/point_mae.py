@@ -262,15 +262,18 @@ def load_checkpoint(model: PointMAE, path: str | os.PathLike) -> list[str]:
 
 
 def build_point_mae(num_classes: int, num_points: int = 1024, num_group: int = 64, group_size: int = 32,
-                    checkpoint_path: str | os.PathLike | None = None) -> PointMAE:
+                    checkpoint_path: str | os.PathLike | None = None, dim: int = WIDTH, depth: int = DEPTH,
+                    heads: int = HEADS) -> PointMAE:
     """The Point-MAE classifier, from scratch or with the encoder of an official checkpoint
     (``pretrain.pth``: keys under ``base_model``, ``module.`` and ``MAE_encoder.`` prefixes,
     decoder keys ignored; or a fine-tuned ``ckpt-best.pth``, its head too when its class
     count matches, else a new head). Use 64 groups for 1024 points and 128 for 2048, as Point-MAE does.
 
     As in the official code, a head the checkpoint does not hold keeps PyTorch's default
-    init (Point-MAE's truncated-normal init runs only when no checkpoint is given)."""
-    model = PointMAE(num_classes, num_points=num_points, num_group=num_group, group_size=group_size)
+    init (Point-MAE's truncated-normal init runs only when no checkpoint is given). ``dim``,
+    ``depth`` and ``heads`` build a smaller transformer (Point-MAE's is 384 x 12, 6 heads)."""
+    model = PointMAE(num_classes, num_points=num_points, num_group=num_group, group_size=group_size, dim=dim,
+                     depth=depth, heads=heads)
     if checkpoint_path is not None:
         missing = load_checkpoint(model, checkpoint_path)
         if any(k.startswith("head.") for k in missing):

@@ -14,11 +14,15 @@ need h5py (``pip install visionpeft[points]``).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from ..ops.points import farthest_point_sample
 
 # ScanObjectNN's 15 classes, in its label order
 SCANOBJECTNN_CLASSES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
@@ -193,3 +197,50 @@ def read_cloud(path) -> np.ndarray:
     if not np.isfinite(xyz).all():
         raise ValueError(f"{path}: the cloud holds NaN or inf coordinates")
     return xyz
+
+
+def _fps_numpy(cloud: np.ndarray, n: int) -> np.ndarray:
+    idx = farthest_point_sample(torch.from_numpy(cloud)[None], n)[0].numpy()
+    return cloud[idx]
+
+
+def resample(cloud: np.ndarray, n: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Training (``rng`` given): FPS to 1.2 n points (all of them if fewer), then n of those
+    at random (with repeats only when the cloud is smaller than n); test: FPS to n."""
+    if rng is None:
+        if len(cloud) < n:
+            return np.concatenate([cloud, cloud[np.arange(n - len(cloud)) % len(cloud)]])
+        return _fps_numpy(cloud, n)
+    pool = cloud if len(cloud) <= math.ceil(1.2 * n) else _fps_numpy(cloud, math.ceil(1.2 * n))
+    return pool[rng.choice(len(pool), n, replace=len(pool) < n)]
+
+
+def augment(cloud: np.ndarray, dataset: str, rng: np.random.Generator) -> np.ndarray:
+    if dataset == "scanobjectnn":  # Point-PEFT's: per-axis scale 0.9-1.1, a rotation about y
+        cloud = cloud * rng.uniform(0.9, 1.1, size=3)
+        a = rng.uniform(-math.pi, math.pi)
+        c, s = math.cos(a), math.sin(a)
+        return cloud @ np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=np.float32).T
+    return cloud * rng.uniform(2 / 3, 3 / 2, size=3) + rng.uniform(-0.2, 0.2, size=3)  # Point-MAE's
+
+
+class PointClouds(torch.utils.data.Dataset):
+    """(points (num_points, 3) float32, label) pairs of a split; ``train`` draws the
+    augmentation from (seed, epoch pass, index)."""
+
+    def __init__(self, split: PointSplit, num_points: int, dataset: str, train: bool, seed: int = 0):
+        self.split, self.n, self.dataset, self.train, self.seed = split, num_points, dataset, train, seed
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        cloud = np.asarray(self.split.clouds[i], dtype=np.float32)
+        if self.train:
+            self.calls += 1
+            rng = np.random.default_rng((self.seed, i, self.calls))
+            cloud = augment(resample(cloud, self.n, rng), self.dataset, rng)
+        else:
+            cloud = resample(cloud, self.n, None)
+        return torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32)), int(self.split.labels[i])

@@ -248,9 +248,9 @@ def set_memory_bank(model: nn.Module, features: torch.Tensor, name: str = "defau
 class PointPEFTConfig(MethodConfig):
     """Point-PEFT on Point-MAE's blocks (``target_modules`` defaults to them).
 
-    prompt_blocks: positions among the adapted blocks that get point-prior prompts (the
-    official first 6); top_k: bank entries retrieved per sample (the prompts are top_k + 2
-    tokens: 10); prompt_bottleneck 8 and adapter_bottleneck 16: the adapters' widths;
+    prompt_blocks: positions among the adapted blocks that get point-prior prompts (None:
+    the first half, the official 0-5 of Point-MAE's 12); top_k: bank entries retrieved per
+    sample (the prompts are top_k + 2 tokens: 10); prompt_bottleneck 8 and adapter_bottleneck 16: the adapters' widths;
     dropout: of the adapters and the prompts (0.1); local_heads x local_head_dim: the shared
     local attention's inner width (6 x 3); local_k: tokens per neighbourhood (16);
     local_ratio: local centres per token (0.5: G/2); mlp_ratio: the blocks' MLP width over
@@ -261,7 +261,7 @@ class PointPEFTConfig(MethodConfig):
 
     target_modules: tuple[str, ...] = (r"re:blocks\.\d+",)
     modules_to_save: tuple[str, ...] = ("norm", "head")
-    prompt_blocks: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    prompt_blocks: tuple[int, ...] | None = None
     top_k: int = 8
     prompt_bottleneck: int = 8
     adapter_bottleneck: int = 16
@@ -275,6 +275,8 @@ class PointPEFTConfig(MethodConfig):
 
     def __post_init__(self):
         blocks = self.prompt_blocks
+        if blocks is None:
+            return super().__post_init__()
         if isinstance(blocks, int) and not isinstance(blocks, bool):
             blocks = (blocks,)
         if not isinstance(blocks, (list, tuple)) or not all(
@@ -301,7 +303,9 @@ class PointPEFTConfig(MethodConfig):
                               "vp.set_scale scales the adapters' branches")
 
     def check_layers(self, names: list[str]) -> None:
-        over = [b for b in self.prompt_blocks if b >= len(names)]
+        # not a field: how many blocks are adapted, for the default prompt_blocks (never saved)
+        object.__setattr__(self, "adapted_count", len(names))
+        over = [b for b in (self.prompt_blocks or ()) if b >= len(names)]
         if over and names:
             raise ConfigError(f"PointPEFTConfig.prompt_blocks {over} index the adapted blocks, but only "
                               f"{len(names)} are adapted ({names[0]} ... {names[-1]}): use 0-{len(names) - 1}")
@@ -313,7 +317,10 @@ class PointPEFTConfig(MethodConfig):
         cfg = self.replace()
         # not fields: per-layer facts for the module being built, never saved
         object.__setattr__(cfg, "layer_index", 0 if index is None else index)
-        object.__setattr__(cfg, "prompted", index is not None and index in self.prompt_blocks)
+        blocks = self.prompt_blocks
+        if blocks is None:
+            blocks = range(getattr(self, "adapted_count", 12) // 2)
+        object.__setattr__(cfg, "prompted", index is not None and index in blocks)
         return cfg
 
 

@@ -5,6 +5,7 @@
 - `visionpeft.pipelines.change_detection`: PeftCD change detection (``task: change_detection``);
 - `visionpeft.pipelines.dreambooth`: DreamBooth on Stable Diffusion / SDXL (``task: dreambooth``);
 - `visionpeft.pipelines.fewshot_clip`: CLIP few-shot classification (``task: fewshot_clip``);
+- `visionpeft.pipelines.pointcloud`: point-cloud classification (``task: point_classification``);
 - `visionpeft.pipelines.segmentation`: semantic segmentation (``task: segmentation``).
 
 `dense.py` is the one windowed-inference path of the dense tasks.
@@ -15,12 +16,13 @@ importing this package imports them all, which is how ``visionpeft train`` and
 root (``import visionpeft as vp``), `visionpeft.train`, `visionpeft.backbones`,
 `visionpeft.data` and other pipelines.
 """
-from . import change_detection, dreambooth, fewshot_clip, segmentation  # importing them registers their tasks
+from . import change_detection, dreambooth, fewshot_clip, pointcloud, segmentation  # importing registers their tasks
 from .change_detection import ChangeDetectionConfig, ChangeDetectionTask
 from .dreambooth import DreamBoothConfig, DreamBoothTask
 from .fewshot_clip import FewShotCLIPConfig, FewShotCLIPTask
+from .pointcloud import PointClassificationConfig, PointClassificationTask
 from .segmentation import SegmentationConfig, SegmentationTask
 
-__all__ = ["change_detection", "dreambooth", "fewshot_clip", "segmentation", "ChangeDetectionConfig",
+__all__ = ["change_detection", "dreambooth", "fewshot_clip", "pointcloud", "segmentation", "ChangeDetectionConfig",
            "ChangeDetectionTask", "DreamBoothConfig", "DreamBoothTask", "FewShotCLIPConfig", "FewShotCLIPTask",
-           "SegmentationConfig", "SegmentationTask"]
+           "PointClassificationConfig", "PointClassificationTask", "SegmentationConfig", "SegmentationTask"]
