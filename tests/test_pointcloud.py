@@ -116,3 +116,92 @@ def test_bad_configs_are_refused_in_one_line(change, message):
     with pytest.raises(ValueError, match=message) as err:
         PointClassificationConfig.from_dict(values)
     assert "\n" not in str(err.value)
+
+
+# --- the commands, on a run trained from files in ScanObjectNN's layout --------------------
+def _cli(args):
+    """`visionpeft ARGS` in this process: (code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from visionpeft.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """Procedural shapes written as ScanObjectNN's OBJ_BG files (labels 0-2 of its 15), and a
+    short Point-PEFT run on them."""
+    import h5py
+
+    from visionpeft.data.shapes import make_shape_split
+
+    root = tmp_path_factory.mktemp("scan")
+    for split, name, seed in (("train", "training", 0), ("test", "test", 1)):
+        data = make_shape_split(["sphere", "box", "torus"], 4 if split == "train" else 3, 160, seed=seed)
+        (root / "main_split").mkdir(exist_ok=True)
+        with h5py.File(root / "main_split" / f"{name}_objectdataset.h5", "w") as f:
+            f.create_dataset("data", data=data.clouds)
+            f.create_dataset("label", data=data.labels)
+    out = root / "out"
+    run_config({**SMALL, "dataset": "scanobjectnn", "variant": "OBJ_BG", "data_root": str(root), "classes": None,
+                "output_dir": str(out)})
+    return root, out
+
+
+def test_evaluate_points_reproduces_the_runs_metrics(scan, tmp_path):
+    root, out = scan
+    code, stdout, err = _cli(["evaluate-points", "--checkpoint", str(out), "--data-root", str(root),
+                              "--output", str(tmp_path / "m.json")])
+    assert code == 0, err
+    got, want = json.loads((tmp_path / "m.json").read_text()), json.loads((out / "metrics.json").read_text())
+    assert (got["accuracy"], got["mean_class_accuracy"], got["clouds"]) == \
+        (want["accuracy"], want["mean_class_accuracy"], want["clouds"])
+    assert "mean-class accuracy" in stdout
+
+
+def test_predict_points_reads_ply_npy_and_txt(scan, tmp_path):
+    from plyfile import PlyData, PlyElement
+
+    from visionpeft.data.shapes import shape_cloud
+
+    _, out = scan
+    cloud = shape_cloud("torus", 200, np.random.default_rng(9))
+    np.save(tmp_path / "a.npy", cloud)
+    np.savetxt(tmp_path / "b.txt", cloud)
+    PlyData([PlyElement.describe(np.array([tuple(p) for p in cloud], dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")]),
+                                 "vertex")]).write(str(tmp_path / "c.ply"))
+    files = [str(tmp_path / n) for n in ("a.npy", "b.txt", "c.ply")]
+    code, _, err = _cli(["predict-points", "--checkpoint", str(out), *files, "--top", "3",
+                         "--output", str(tmp_path / "p.json")])
+    assert code == 0, err
+    preds = json.loads((tmp_path / "p.json").read_text())
+    assert [p["path"] for p in preds] == files
+    for p in preds:
+        probs = [q for _, q in p["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert p["top"] == preds[0]["top"]  # the same cloud in three formats
+    np.save(tmp_path / "flat.npy", np.zeros((10, 2)))
+    np.save(tmp_path / "nan.npy", np.full((10, 3), np.nan))
+    for bad, message in [("flat.npy", "3 columns or more"), ("nan.npy", "NaN"), ("none.ply", "cannot read")]:
+        code, _, err = _cli(["predict-points", "--checkpoint", str(out), str(tmp_path / bad)])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_build_bank_rebuilds_it_from_a_split(scan, tmp_path):
+    import shutil
+
+    root, out = scan
+    copy = tmp_path / "ckpt"
+    shutil.copytree(out / "adapter", copy)
+    code, stdout, err = _cli(["build-bank", "--checkpoint", str(copy), "--data-root", str(root), "--split", "test"])
+    assert code == 0, err
+    model, _ = load_classifier(copy)
+    assert vp.core.model_ops.get_state(model).configs["default"].bank_size == 9  # the test split's 9 clouds
+    code, _, err = _cli(["build-bank", "--checkpoint", str(copy), "--data-root", str(root), "--dataset",
+                         "modelnet40"])
+    assert code == 2 and "neither modelnet40_ply_hdf5_2048" in err

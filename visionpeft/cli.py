@@ -466,6 +466,90 @@ def _cmd_predict_fewshot(args) -> int:
     return 0
 
 
+def _point_split(args, cfg: dict, split: str):
+    """The data split a point-cloud command reads: the checkpoint's data set and variant
+    unless --dataset / --variant say otherwise; its classes must be the checkpoint's."""
+    from .data.points import read_point_split
+
+    dataset = args.dataset or cfg.get("dataset")
+    if dataset not in ("modelnet40", "scanobjectnn"):
+        raise ValueError(f"--dataset {dataset}: point-cloud files are read as modelnet40 or scanobjectnn (a "
+                         f"checkpoint trained on synthetic shapes names its data set with --dataset)")
+    data = read_point_split(dataset, args.data_root, split, args.variant or cfg.get("variant") or "PB_T50_RS")
+    if list(data.classes) != list(cfg["classes"]):
+        raise ValueError(f"the {dataset} classes ({len(data.classes)}: {data.classes[:4]} ...) are not the "
+                         f"checkpoint's ({len(cfg['classes'])}: {cfg['classes'][:4]} ...)")
+    return data
+
+
+def _cmd_evaluate_points(args) -> int:
+    from .data.points import PointClouds
+    from .pipelines.pointcloud import evaluate, load_classifier
+
+    if args.output and not args.output.endswith(".json"):
+        raise ValueError(f"--output {args.output}: give a .json file name")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: give 1 or more")
+    model, cfg = load_classifier(args.checkpoint, _device(args.device))  # fails before any data is read
+    data = _point_split(args, cfg, args.split)
+    metrics = evaluate(model, PointClouds(data, cfg["num_points"], cfg.get("dataset", ""), train=False),
+                       cfg["classes"], args.batch_size, progress=True)
+    metrics.update(split=args.split, checkpoint=str(args.checkpoint))
+    print(f"accuracy {metrics['accuracy']:.4f}, mean-class accuracy {metrics['mean_class_accuracy']:.4f} on "
+          f"{metrics['clouds']} clouds")
+    if args.output:
+        _write_json_atomic(args.output, metrics)
+    return 0
+
+
+def _cmd_predict_points(args) -> int:
+    import torch
+
+    from .data.points import read_cloud, resample
+    from .pipelines.pointcloud import load_classifier
+
+    if args.output and not args.output.endswith(".json"):
+        raise ValueError(f"--output {args.output}: give a .json file name")
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: give how many classes to list per cloud, 1 or more")
+    clouds = [read_cloud(p) for p in args.clouds]  # every cloud is read and checked before the model is built
+    model, cfg = load_classifier(args.checkpoint, _device(args.device))
+    device = next(model.parameters()).device
+    results = []
+    with torch.no_grad():
+        for path, cloud in zip(args.clouds, clouds):
+            points = torch.from_numpy(resample(cloud, cfg["num_points"], None))[None].to(device)
+            probs = torch.softmax(model(points).float(), -1)[0].cpu()
+            top = probs.topk(min(args.top, len(probs)))
+            pairs = [[cfg["classes"][i], float(p)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            results.append({"path": path, "top": pairs})
+            print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in pairs))
+    if args.output:
+        _write_json_atomic(args.output, results)
+    return 0
+
+
+def _cmd_build_bank(args) -> int:
+    import visionpeft as vp
+
+    from .data.points import PointClouds
+    from .pipelines.pointcloud import find_checkpoint, frozen_features, load_classifier
+
+    folder = find_checkpoint(args.checkpoint)
+    model, cfg = load_classifier(folder, _device(args.device))
+    name = cfg.get("adapter_name", "default")
+    if cfg["adapter"].get("method") != "point_peft":
+        raise ValueError(f"{folder}: its adapter is {cfg['adapter'].get('method')!r}; only point_peft has a memory "
+                         f"bank")
+    data = _point_split(args, cfg, args.split)
+    feats = frozen_features(model, PointClouds(data, cfg["num_points"], cfg.get("dataset", ""), train=False),
+                            args.batch_size)
+    vp.set_memory_bank(model, feats, name=name)
+    vp.save_adapter(model, folder / "model", name=name)  # replaced whole or not at all
+    print(f"memory bank of {len(feats)} {args.split} clouds written to {folder / 'model'}")
+    return 0
+
+
 def _parse_concept(text: str) -> dict:
     """ADAPTER:PROMPT:WORDS (the prompt may hold colons; words comma-separated)."""
     if text.count(":") < 2:
@@ -610,7 +694,8 @@ def _cmd_demo(args) -> int:
 
 # the task names YAML configs take (the pipelines register them; tests check this list is complete,
 # so that `train --help` need not import every pipeline)
-TASKS = ("change_detection", "dreambooth", "fewshot_clip", "pretrain_clip", "pretrain_embedded", "segmentation")
+TASKS = ("change_detection", "dreambooth", "fewshot_clip", "point_classification", "pretrain_clip",
+         "pretrain_embedded", "segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -690,6 +775,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
     d.add_argument("--output", help='JSON list of {"path", "top": [[class, probability], ...]}')
     d.set_defaults(func=_cmd_predict_fewshot)
+    for cmd, helptext in (("evaluate-points", "point-cloud classification accuracy (overall, mean-class) of a "
+                                              "checkpoint"),
+                          ("build-bank", "rebuild a Point-PEFT checkpoint's memory bank from a data split")):
+        e = sub.add_parser(cmd, help=helptext)
+        e.add_argument("--checkpoint", required=True, help="a training output_dir, its best/ or adapter/")
+        e.add_argument("--data-root", required=True, help="ModelNet40's or ScanObjectNN's folder")
+        e.add_argument("--split", default="test" if cmd == "evaluate-points" else "train", choices=["train", "test"])
+        e.add_argument("--dataset", choices=["modelnet40", "scanobjectnn"], help="default: the checkpoint's")
+        e.add_argument("--variant", choices=["PB_T50_RS", "OBJ_BG", "OBJ_ONLY"],
+                       help="ScanObjectNN's variant (default: the checkpoint's)")
+        e.add_argument("--batch-size", type=int, default=64)
+        e.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+        if cmd == "evaluate-points":
+            e.add_argument("--output", help="write the metrics (accuracy, mean_class_accuracy) as JSON here")
+        e.set_defaults(func=_cmd_evaluate_points if cmd == "evaluate-points" else _cmd_build_bank)
+    d = sub.add_parser("predict-points", help="top classes of point clouds (.ply, .npy, .txt) with a checkpoint")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("clouds", nargs="+", help="cloud files: .ply, .npy or .txt (x y z per row)")
+    d.add_argument("--top", type=int, default=5, help="how many classes per cloud")
+    d.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    d.add_argument("--output", help='JSON list of {"path", "top": [[class, probability], ...]}')
+    d.set_defaults(func=_cmd_predict_points)
     c = sub.add_parser("compose", help="CLoRA: several concept adapters in one image (one UNet pass per step)")
     c.add_argument("--pipeline", required=True, help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder")
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
