@@ -213,3 +213,51 @@ def test_wrong_checkpoints_are_refused_in_one_line(tmp_path):
 def test_bad_points_are_refused():
     with pytest.raises(ValueError, match=r"\(batch, points, 3\)"):
         PointMAE(5, num_points=64, num_group=8, group_size=4)(torch.zeros(2, 64, 6))
+
+
+def test_pretraining_model_is_point_mae_s_and_its_checkpoint_loads(tmp_path):
+    from visionpeft.backbones.point_mae import PointMAEPretrain
+
+    model = PointMAEPretrain()
+    sd = model.state_dict()
+    # the released pretrain.pth: 209 entries, 29,006,432 parameters (Point_MAE, counted)
+    assert len(sd) == 209 and sum(p.numel() for p in model.parameters()) == 29_006_432
+    encoder = {official.replace("module.", "") for official in _official_pretrain_keys().values()}
+    assert encoder <= set(sd)
+    assert {k.replace("module.", "") for k in _decoder_entries()} <= set(sd)
+    torch.save({"base_model": {"module." + k: v for k, v in sd.items()}}, tmp_path / "pretrain.pth")
+    clf = build_point_mae(15, checkpoint_path=tmp_path / "pretrain.pth")
+    assert torch.equal(clf.blocks[11].mlp.fc2.weight, model.MAE_encoder.blocks.blocks[11].mlp.fc2.weight)
+    assert torch.equal(clf.encoder.second_conv[1].running_var, model.MAE_encoder.encoder.second_conv[1].running_var)
+
+
+def test_pretraining_loss_is_the_chamfer_distance_of_the_hidden_patches():
+    from visionpeft.backbones.point_mae import PointMAEPretrain
+    from visionpeft.ops.points import group_points
+
+    torch.manual_seed(0)
+    model = _randomised(PointMAEPretrain(num_group=8, group_size=4, dim=24, depth=2, heads=4, decoder_depth=1,
+                                         mask_ratio=0.5)).eval()
+    points = _clouds(b=2, n=64)
+    torch.manual_seed(5)
+    loss = model(points)
+    torch.manual_seed(5)
+    order = torch.rand(2, 8).argsort(dim=1)  # the same draw: hidden = the first half of a random order
+    neigh, centres = group_points(points, 8, 4)
+    enc, total = model.MAE_encoder, 0.0
+    with torch.no_grad():
+        for s in range(2):
+            hid, vis = order[s, :4], order[s, 4:]
+            x = enc.encoder(neigh[s, vis][None])[0]
+            pos = enc.pos_embed(centres[s, vis])
+            for blk in enc.blocks.blocks:
+                x = blk((x + pos)[None])[0]
+            x = torch.cat([enc.norm(x), model.mask_token[0].expand(4, -1)])
+            dpos = model.decoder_pos_embed(torch.cat([centres[s, vis], centres[s, hid]]))
+            for blk in model.MAE_decoder.blocks:
+                x = blk((x + dpos)[None])[0]
+            pred = model.increase_dim(model.MAE_decoder.norm(x[4:]).T[None])[0].T.reshape(4, 4, 3)
+            for p, t in zip(pred, neigh[s, hid]):
+                d = ((p[:, None] - t[None]) ** 2).sum(-1)
+                total += (d.min(1).values.mean() + d.min(0).values.mean()) / 8  # a mean over the 8 hidden patches
+    assert loss.item() == pytest.approx(float(total), rel=1e-5)

@@ -186,6 +186,98 @@ class PointMAE(nn.Module):
         return self.head(self.pooled(self.forward_features(points)))
 
 
+class _Stack(nn.Module):
+    """Point-MAE's TransformerEncoder: ``blocks`` of pre-norm blocks, the position added
+    before each (the container's name gives the official keys ``blocks.blocks.<i>``)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, drop_path: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, r) for r in torch.linspace(0, drop_path, depth).tolist())
+
+    def forward(self, x, pos):
+        for block in self.blocks:
+            x = block(x + pos)
+        return x
+
+
+class _MaskEncoder(nn.Module):
+    """Point-MAE's MaskTransformer: tokens of the visible patches (no cls token)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, drop_path: float):
+        super().__init__()
+        self.encoder = PatchEncoder(dim)
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
+        self.blocks = _Stack(dim, depth, heads, drop_path)
+        self.norm = nn.LayerNorm(dim)
+
+
+class _Decoder(nn.Module):
+    """Point-MAE's TransformerDecoder (keys ``MAE_decoder.blocks.<i>``, ``MAE_decoder.norm``)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, drop_path: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, r) for r in torch.linspace(0, drop_path, depth).tolist())
+        self.norm = nn.LayerNorm(dim)
+
+
+class PointMAEPretrain(nn.Module):
+    """Point-MAE's masked point modelling (its ``Point_MAE`` model), with the official
+    state-dict names, so that its ``state_dict()`` saved as ``{"base_model": ...}`` (or as
+    safetensors) is a checkpoint `build_point_mae` loads like the released pretrain.pth.
+
+    ``forward(points)`` -> the loss: a random ``mask_ratio`` of the G patches per cloud is
+    hidden; the encoder sees the visible ones (positions re-added before every block); the
+    decoder (4 blocks) gets them and a mask token per hidden patch, each with a decoder
+    position embedding, and its normed hidden-patch tokens go through a Conv1d to M x 3
+    points; the loss is the L2 Chamfer distance to the true (centred) hidden patches."""
+
+    def __init__(self, num_group: int = 64, group_size: int = 32, dim: int = WIDTH, depth: int = DEPTH,
+                 heads: int = HEADS, decoder_depth: int = 4, mask_ratio: float = 0.6, drop_path: float = DROP_PATH):
+        super().__init__()
+        if not 0 < mask_ratio < 1 or int(mask_ratio * num_group) < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} must hide between 1 and {num_group - 1} of {num_group} patches")
+        self.num_group, self.group_size, self.mask_ratio = num_group, group_size, mask_ratio
+        self.MAE_encoder = _MaskEncoder(dim, depth, heads, drop_path)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
+        self.MAE_decoder = _Decoder(dim, decoder_depth, heads, drop_path)
+        self.increase_dim = nn.Sequential(nn.Conv1d(dim, 3 * group_size, 1))
+        for m in self.MAE_encoder.modules():  # Point-MAE: truncated normal 0.02 in the encoder ...
+            if isinstance(m, (nn.Linear, nn.Conv1d)):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.MAE_decoder.modules():  # ... Xavier-uniform in the decoder
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-2.0, b=2.0)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        from ..ops.points import chamfer_distance
+
+        neighbourhoods, centres = group_points(points, self.num_group, self.group_size)
+        b, g = centres.shape[:2]
+        n_mask = int(self.mask_ratio * g)
+        order = torch.rand(b, g, device=points.device).argsort(dim=1)  # a random set of patches per cloud
+        hidden, visible = order[:, :n_mask], order[:, n_mask:]
+
+        def take(t, idx):
+            return t.gather(1, idx.reshape(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+
+        enc = self.MAE_encoder
+        tokens = enc.encoder(take(neighbourhoods, visible))
+        x = enc.norm(enc.blocks(tokens, enc.pos_embed(take(centres, visible))))
+        pos = self.decoder_pos_embed(torch.cat([take(centres, visible), take(centres, hidden)], dim=1))
+        x = torch.cat([x, self.mask_token.expand(b, n_mask, -1)], dim=1)
+        for block in self.MAE_decoder.blocks:
+            x = block(x + pos)
+        x = self.MAE_decoder.norm(x[:, -n_mask:])
+        pred = self.increase_dim(x.transpose(1, 2)).transpose(1, 2).reshape(b * n_mask, self.group_size, 3)
+        return chamfer_distance(pred, take(neighbourhoods, hidden).reshape(b * n_mask, self.group_size, 3))
+
+
 def official_state_dict(state: dict) -> dict:
     """An official Point-MAE state dict (a pretraining ``base_model``, or a fine-tuned
     classifier's) renamed to this module's names, the decoder's keys dropped: ``module.``
