@@ -695,7 +695,7 @@ def _cmd_demo(args) -> int:
 # the task names YAML configs take (the pipelines register them; tests check this list is complete,
 # so that `train --help` need not import every pipeline)
 TASKS = ("change_detection", "dreambooth", "fewshot_clip", "point_classification", "pretrain_clip",
-         "pretrain_embedded", "segmentation")
+         "pretrain_embedded", "pretrain_point_mae", "segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,11 @@ SHAPES = {
 }
 
 
+# the embedded Point-MAE pretrains on these; the adaptation table uses the held-out four
+PRETRAIN_SHAPES = ("sphere", "box", "cylinder", "cone", "torus", "pyramid", "table", "chair")
+HELD_OUT_SHAPES = ("lamp", "mug", "shelf", "dumbbell")
+
+
 def shape_cloud(kind: str, n_points: int, rng: np.random.Generator, noise: float = 0.01, partial: float = 0.0,
                 clutter: float = 0.0) -> np.ndarray:
     """One (n_points, 3) float32 cloud of shape ``kind``: random up-axis rotation and

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import visionpeft as vp
 from visionpeft.backbones import build_point_mae
 from visionpeft.data.points import PointClouds, PointSplit, read_point_split
-from visionpeft.data.shapes import make_shape_split
+from visionpeft.data.shapes import HELD_OUT_SHAPES, make_shape_split
 from visionpeft.train import Task, TrainingError, adapter_config, task_config
 
 from ..checkpoints import find_checkpoint_folder, validations_kept
@@ -31,9 +31,10 @@ CONFIG_NAME = "points_config.json"
 ADAPTER_DIR = "model"
 _DEFAULT = object()
 POINT_PEFT = {"method": "point_peft"}
-SYNTHETIC_CLASSES = ("sphere", "box", "cylinder", "cone", "torus", "pyramid")
+SYNTHETIC_CLASSES = HELD_OUT_SHAPES  # the shapes the embedded Point-MAE never saw
 DATASETS = ("modelnet40", "scanobjectnn", "synthetic")
 WARMUP_EPOCHS = 10
+EMBEDDED = "embedded-point-mae"
 # dim, depth, heads: a smaller transformer than Point-MAE's 384 x 12 (6 heads)
 BACKBONE_KEYS = ("name", "pretrained", "checkpoint_path", "num_group", "group_size", "dim", "depth", "heads")
 
@@ -73,13 +74,19 @@ class PointClassificationConfig:
             raise ValueError(f"{where}: num_points {self.num_points} is below one group of 32 points")
         if self.backbone is None:
             self.backbone = {"name": "point-mae", "pretrained": False}
-        if not isinstance(self.backbone, dict) or self.backbone.get("name") != "point-mae":
+        if not isinstance(self.backbone, dict) or self.backbone.get("name") not in ("point-mae", EMBEDDED):
             raise ValueError(f"{where}: backbone must be {{name: point-mae, checkpoint_path: FILE}} (or pretrained: "
-                             f"false), got {self.backbone!r}")
+                             f"false) or {{name: {EMBEDDED}}}, got {self.backbone!r}")
+        if self.backbone["name"] == EMBEDDED:  # the packaged weights and their size
+            from visionpeft.backbones.embedded_point_mae import GROUPS, SIZE
+
+            self.backbone = {**SIZE, "num_group": GROUPS["num_group"], "group_size": GROUPS["group_size"],
+                             **self.backbone}
         unknown = sorted(set(self.backbone) - set(BACKBONE_KEYS))
         if unknown:
             raise ValueError(f"{where}: backbone keys {unknown} unknown; known: {', '.join(BACKBONE_KEYS)}")
-        if self.backbone.get("pretrained", True) and not self.backbone.get("checkpoint_path"):
+        if self.backbone.get("pretrained", True) and not self.backbone.get("checkpoint_path") and \
+                self.backbone["name"] != EMBEDDED:
             raise ValueError(f"{where}: backbone point-mae with pretrained weights needs checkpoint_path (Point-MAE's "
                              f"pretrain.pth); pretrained: false trains from a random init")
         if self.adapter is _DEFAULT:
@@ -157,6 +164,10 @@ def build_model(backbone: dict, num_classes: int, num_points: int, groups: tuple
     """The Point-MAE classifier; its random init (all of it without a checkpoint, the head
     with one) is drawn from ``init_seed``, so a checkpoint rebuilds the same frozen host."""
     checkpoint = backbone.get("checkpoint_path") if backbone.get("pretrained", True) else None
+    if backbone.get("name") == EMBEDDED and backbone.get("pretrained", True) and not checkpoint:
+        from visionpeft.backbones.embedded_point_mae import weights_path
+
+        checkpoint = weights_path()  # FileNotFoundError naming the command that makes it
     size = {k: backbone[k] for k in ("dim", "depth", "heads") if backbone.get(k) is not None}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
