@@ -1,6 +1,7 @@
 """One Gradio app with every pipeline's demo as a tab.
 
-    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--fewshot-checkpoint DIR] [--sd-pipeline DIR]
+    python demos/app.py [--cd-checkpoint DIR] [--seg-checkpoint DIR] [--fewshot-checkpoint DIR]
+                        [--points-checkpoint DIR] [--sd-pipeline DIR]
                         [--port N] [--host H] [--share]
     visionpeft demo     [the same options]
 
@@ -58,6 +59,12 @@ def _fewshot_checkpoint(path: str):
     return find_checkpoint(path)  # FileNotFoundError: no fewshot_config.json in it, its best/ or adapter/
 
 
+def _points_checkpoint(path: str):
+    from visionpeft.pipelines.pointcloud import find_checkpoint
+
+    return find_checkpoint(path)  # FileNotFoundError: no points_config.json in it, its best/ or adapter/
+
+
 def _sd_pipeline(path: str):
     return load_demo("generation").find_pipeline(path)  # FileNotFoundError: no folder, or no model_index.json
 
@@ -76,6 +83,10 @@ TABS: list[Tab] = [
         (Option("--fewshot-checkpoint", keyword="default_checkpoint", check=_fewshot_checkpoint, metavar="DIR",
                 help="a few-shot CLIP checkpoint (task: fewshot_clip): an output_dir or its adapter/, loaded "
                      "at start (the page can load another)"),)),
+    Tab("Point clouds", "points",
+        (Option("--points-checkpoint", keyword="default_checkpoint", check=_points_checkpoint, metavar="DIR",
+                help="a point-cloud classification checkpoint (task: point_classification): an output_dir, its "
+                     "best/ or adapter/ (the tab's default; the page can change it)"),)),
     Tab("Generation", "generation",
         (Option("--sd-pipeline", keyword="default_pipeline", check=_sd_pipeline, metavar="DIR",
                 help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder (the tab's default; the page "

@@ -8,13 +8,12 @@ window path as `visionpeft predict-cd`.
 """
 from __future__ import annotations
 
-import argparse
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from demo_common import image_input
+from demo_common import image_input, serve
 
 
 @lru_cache(maxsize=4)
@@ -69,12 +68,7 @@ def build(default_checkpoint: str = ""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--host", default="127.0.0.1")
-    args = p.parse_args(argv)
-    build(args.checkpoint).launch(server_name=args.host, server_port=args.port)
+    serve(build, __doc__, argv=argv)
 
 
 if __name__ == "__main__":

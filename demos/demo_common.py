@@ -12,6 +12,23 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def serve(build, description: str, checkpoint_help: str = "", argv=None) -> None:
+    """A demo on its own: ``--checkpoint`` (the tab's default), ``--port``, ``--host``; a
+    checkpoint that does not load ends in one line (exit 2) before anything is served."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="", help=checkpoint_help or None)
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1")
+    args = p.parse_args(argv)
+    try:
+        demo = build(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        p.exit(2, f"{p.prog}: {one_line(err)}\n")
+    demo.launch(server_name=args.host, server_port=args.port)
+
+
 def image_input(kind: str, label: str = "image"):
     """gr.Image of ``kind`` ("pil", "numpy") whose undecodable uploads raise a one-line
     gr.Error naming the file, not gradio's bare "Error" (gradio decodes the upload before

@@ -13,7 +13,6 @@ same folder again costs nothing unless its files changed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 from collections import OrderedDict
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from demo_common import image_input, one_line
+from demo_common import image_input, one_line, serve
 
 MAX_MODELS = 4  # checkpoints kept loaded (a ViT-L CLIP is about 1.7 GB)
 MAX_TOPK = 20  # the slider's end (gradio holds the endpoint's k to 1..20 too); capped at the class count
@@ -180,16 +179,7 @@ def build(default_checkpoint: str = ""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="", help=CHECKPOINT_HELP)
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--host", default="127.0.0.1")
-    args = p.parse_args(argv)
-    try:
-        demo = build(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        p.exit(2, f"{p.prog}: {err}\n")
-    demo.launch(server_name=args.host, server_port=args.port)
+    serve(build, __doc__, CHECKPOINT_HELP, argv=argv)
 
 
 if __name__ == "__main__":

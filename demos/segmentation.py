@@ -8,13 +8,12 @@ path as `visionpeft predict-seg`; the overlay is the one `predict-seg --overlay`
 """
 from __future__ import annotations
 
-import argparse
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from demo_common import image_input
+from demo_common import image_input, serve
 
 MAX_PIXELS = 4096 * 4096  # a CPU demo: refuse larger uploads in one line rather than run for minutes
 AREA_HEADERS = ["class", "colour", "pixels", "area (%)"]
@@ -118,12 +117,7 @@ def build(default_checkpoint: str = ""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--host", default="127.0.0.1")
-    args = p.parse_args(argv)
-    build(args.checkpoint).launch(server_name=args.host, server_port=args.port)
+    serve(build, __doc__, argv=argv)
 
 
 if __name__ == "__main__":

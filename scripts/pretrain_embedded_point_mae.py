@@ -3,10 +3,11 @@
 Point-MAE's masked point modelling (task ``pretrain_point_mae``, visionpeft.train.pretrain_points)
 on the eight pretraining shapes of visionpeft.data.shapes, through the shared training loop
 (checkpoints, exact resume, metrics.jsonl, loss.png); AdamW with Point-MAE's weight decay
-0.05 and a cosine schedule after a warm-up. The encoder's tensors (the ``MAE_encoder.*``
-keys of Point-MAE's pretrain.pth) go to visionpeft/backbones/weights/embedded_point_mae.safetensors,
-which `build_point_mae(checkpoint_path=...)` reads like the released file; the curve and
-settings to docs/.
+0.05 (none on 1-D tensors, biases and the mask token) and a cosine schedule after a
+warm-up. The encoder's tensors (the ``MAE_encoder.*`` keys of Point-MAE's pretrain.pth) go
+to visionpeft/backbones/weights/embedded_point_mae.safetensors, which
+`build_point_mae(checkpoint_path=...)` reads like the released file; the curve and the
+settings go to docs/.
 
     python scripts/pretrain_embedded_point_mae.py                    # the shipped weights (~55 min, 2 cores)
     python scripts/pretrain_embedded_point_mae.py --steps 20 --pool 200 --weights /tmp/w.safetensors --docs ''

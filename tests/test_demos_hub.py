@@ -116,13 +116,14 @@ def test_a_tab_is_one_entry_and_bad_options_fail_before_building(trained, seg_tr
     import gradio as gr
 
     hub = _hub()
-    assert [t.label for t in hub.TABS] == ["Change detection", "Segmentation", "Few-shot", "Generation"]
+    assert [t.label for t in hub.TABS] == ["Change detection", "Segmentation", "Few-shot", "Point clouds",
+                                           "Generation"]
     echo = hub.Tab("Echo", lambda: gr.Interface(lambda s: s, "text", "text", api_name="echo"))
     app = hub.build_app([*hub.TABS, echo], cd_checkpoint=str(trained / "out"), seg_checkpoint=str(seg_trained / "out"))
     tabs = [c["props"]["label"] for c in app.config["components"] if c["type"] == "tabitem"]
     # the hub's tabs, in order (the Generation tab has its own Plain / CLoRA tabs inside)
     assert [t for t in tabs if t not in ("Plain", "CLoRA")] == ["Change detection", "Segmentation", "Few-shot",
-                                                                 "Generation", "Echo"]
+                                                                 "Point clouds", "Generation", "Echo"]
     names = [d.get("api_name") for d in app.config["dependencies"]]
     assert {"detect", "segment", "echo"} <= set(names) and names.count("segment") == 1
     # each checkpoint is its tab's default in the page

@@ -261,3 +261,40 @@ def test_pretraining_loss_is_the_chamfer_distance_of_the_hidden_patches():
                 d = ((p[:, None] - t[None]) ** 2).sum(-1)
                 total += (d.min(1).values.mean() + d.min(0).values.mean()) / 8  # a mean over the 8 hidden patches
     assert loss.item() == pytest.approx(float(total), rel=1e-5)
+
+
+def test_embedded_point_mae_script_writes_an_encoder_build_point_mae_loads(tmp_path):
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from visionpeft.backbones.embedded_point_mae import SIZE
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pretrain_epm", root / "scripts" / "pretrain_embedded_point_mae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    summary = script.main(["--steps", "2", "--pool", "8", "--batch", "2", "--threads", "1", "--weights",
+                           str(tmp_path / "w.safetensors"), "--docs", str(tmp_path / "docs"), "--output-dir",
+                           str(tmp_path / "out")])
+    tensors = load_file(str(tmp_path / "w.safetensors"))
+    assert all(k.startswith("MAE_encoder.") for k in tensors) and summary["size_bytes"] < 20 * 2 ** 20
+    model = build_point_mae(4, checkpoint_path=tmp_path / "w.safetensors", **SIZE)
+    assert torch.equal(model.blocks[5].mlp.fc1.weight, tensors["MAE_encoder.blocks.blocks.5.mlp.fc1.weight"])
+    assert (tmp_path / "docs" / "embedded_point_mae_pretrain.json").is_file()
+
+
+def test_embedded_point_mae_loads_from_the_package_or_says_how_to_make_it(monkeypatch, tmp_path):
+    from visionpeft.backbones import embedded_point_mae as emb
+    from visionpeft.pipelines.pointcloud.task import build_model
+
+    backbone = {"name": "embedded-point-mae", **emb.SIZE}
+    if emb.WEIGHTS_FILE.is_file():  # the shipped file, through the checkpoint path of official weights
+        model = build_model(backbone, 4, 1024, (64, 32))
+        from safetensors.torch import load_file
+
+        shipped = load_file(str(emb.WEIGHTS_FILE))
+        assert torch.equal(model.blocks[0].attn.qkv.weight, shipped["MAE_encoder.blocks.blocks.0.attn.qkv.weight"])
+    monkeypatch.setattr(emb, "WEIGHTS_FILE", tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="python scripts/pretrain_embedded_point_mae.py"):
+        build_model(backbone, 4, 1024, (64, 32))

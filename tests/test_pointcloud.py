@@ -97,7 +97,42 @@ def test_augmentations_and_resampling():
     assert np.array_equal(test[0], cloud[0]) and len(np.unique(test, axis=0)) == 100
     train = resample(cloud, 100, np.random.default_rng(3))
     assert train.shape == (100, 3) and len(np.unique(train, axis=0)) == 100
-    assert resample(cloud[:50], 100, None).shape == (100, 3)  # a small cloud is padded with its own points
+    small = cloud[:50]
+    for rng in (None, np.random.default_rng(4)):  # a small cloud: every point kept, padded with its own
+        padded = resample(small, 100, rng)
+        assert padded.shape == (100, 3) and {tuple(p) for p in padded} == {tuple(p) for p in small}
+    assert np.array_equal(resample(cloud[:100], 100, None), cloud[:100])  # n of n: as it is
+
+
+def test_training_draws_replay_by_epoch_and_index():
+    from visionpeft.data.points import PointClouds
+    from visionpeft.data.shapes import make_shape_split
+
+    split = make_shape_split(["box", "cone"], 2, 200, seed=0)
+    a, b = (PointClouds(split, 100, "scanobjectnn", train=True, seed=3) for _ in range(2))
+    for ds in (a, b):
+        ds.set_epoch(2)
+    assert torch.equal(a[1][0], b[1][0]) and torch.equal(a[1][0], a[1][0])  # a resumed run, or another worker
+    b.set_epoch(3)
+    assert not torch.equal(a[1][0], b[1][0])
+
+
+def test_weight_decay_spares_1d_tensors_biases_and_tokens(monkeypatch, tmp_path):
+    import visionpeft.train.loop as loop
+
+    seen = {}
+    real = loop._optimizer
+
+    def spy(params, cfg, device):
+        seen["groups"] = params
+        return real(params, cfg, device)
+
+    monkeypatch.setattr(loop, "_optimizer", spy)
+    run_config({**SMALL, "epochs": 1, "max_train_steps": 1, "output_dir": str(tmp_path / "wd")})
+    decay, spared = seen["groups"]
+    assert spared["weight_decay"] == 0.0 and "weight_decay" not in decay
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 for p in spared["params"])
+    assert sum(p.numel() for g in (decay, spared) for p in g["params"]) > 0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -205,3 +240,58 @@ def test_build_bank_rebuilds_it_from_a_split(scan, tmp_path):
     code, _, err = _cli(["build-bank", "--checkpoint", str(copy), "--data-root", str(root), "--dataset",
                          "modelnet40"])
     assert code == 2 and "neither modelnet40_ply_hdf5_2048" in err
+
+
+def test_the_point_cloud_tab_classifies_an_upload(scan, tmp_path):
+    """The demo's endpoint through gradio_client: the same classes as predict-points, a 3-D
+    figure, and bad uploads or checkpoints as readable errors."""
+    import sys
+
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from visionpeft.data.shapes import shape_cloud
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    if str(root / "demos") not in sys.path:
+        sys.path.insert(0, str(root / "demos"))
+    import points as demo
+
+    _, out = scan
+    cloud = shape_cloud("box", 300, np.random.default_rng(3))
+    np.save(tmp_path / "box.npy", cloud)
+    np.save(tmp_path / "bad.npy", np.zeros((5, 2)))
+    code, _, _ = _cli(["predict-points", "--checkpoint", str(out), str(tmp_path / "box.npy"), "--top", "3",
+                       "--output", str(tmp_path / "p.json")])
+    want = json.loads((tmp_path / "p.json").read_text())[0]["top"]
+    app = demo.build(str(out))
+    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        _, label, table = client.predict(handle_file(str(tmp_path / "box.npy")), str(out), 3,
+                                         api_name="/classify_points")
+        assert [c for c, _ in table] == [c for c, _ in want]
+        assert [p for _, p in table] == pytest.approx([p for _, p in want], abs=1e-6)
+        with pytest.raises(AppError, match="3 columns or more"):
+            client.predict(handle_file(str(tmp_path / "bad.npy")), str(out), 3, api_name="/classify_points")
+        with pytest.raises(AppError, match="holds no point-cloud classification checkpoint"):
+            client.predict(handle_file(str(tmp_path / "box.npy")), str(tmp_path), 3, api_name="/classify_points")
+    finally:
+        app.close()
+
+
+def test_full_fine_tuning_trains_and_saves_the_whole_model(tmp_path):
+    from visionpeft.pipelines.pointcloud import evaluate
+    from visionpeft.data.points import PointClouds
+
+    out = tmp_path / "full"
+    run_config({**SMALL, "adapter": None, "epochs": 1, "output_dir": str(out)})
+    model, cfg = load_classifier(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["adapter"] is None and metrics["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    task = PointClassificationTask(PointClassificationConfig.from_dict(
+        {k: v for k, v in SMALL.items() if k not in ("task", "epochs", "train_batch_size", "checkpointing_steps")}))
+    again = evaluate(model, PointClouds(task.split("test"), 128, "synthetic", train=False), cfg["classes"])
+    assert again["accuracy"] == metrics["accuracy"]
+    code, _, err = _cli(["build-bank", "--checkpoint", str(out), "--data-root", str(tmp_path)])
+    assert code == 2 and "none (full fine-tuning)" in err and len(err.strip().splitlines()) == 1

@@ -394,6 +394,16 @@ def _write_json_atomic(path: str, data) -> None:
     vp.atomic_write_file(out, lambda tmp: Path(tmp).write_text(text))
 
 
+def _check_json_output(output) -> None:
+    if output and not output.endswith(".json"):
+        raise ValueError(f"--output {output}: give a .json file name")
+
+
+def _check_top(top: int, what: str) -> None:
+    if top < 1:
+        raise ValueError(f"--top {top}: give how many classes to list per {what}, 1 or more")
+
+
 def _device(name):
     import torch
 
@@ -415,8 +425,7 @@ def _cmd_evaluate_fewshot(args) -> int:
     from .data.fewshot import ClassificationImages, check_files, find_classification_split
     from .pipelines.fewshot_clip import eval_transform, evaluate, image_settings, load_classifier
 
-    if args.output and not args.output.endswith(".json"):
-        raise ValueError(f"--output {args.output}: give a .json file name")
+    _check_json_output(args.output)
     if args.workers < 0 or args.batch_size < 1:
         raise ValueError(f"--workers {args.workers} --batch-size {args.batch_size}: give workers >= 0 and a "
                          f"batch size >= 1")
@@ -444,10 +453,8 @@ def _cmd_predict_fewshot(args) -> int:
 
     from .pipelines.fewshot_clip import load_classifier, predict_topk
 
-    if args.output and not args.output.endswith(".json"):
-        raise ValueError(f"--output {args.output}: give a .json file name")
-    if args.top < 1:
-        raise ValueError(f"--top {args.top}: give how many classes to list per image, 1 or more")
+    _check_json_output(args.output)
+    _check_top(args.top, "image")
     images = []
     for path in args.images:  # every image is read before the model is built
         try:
@@ -486,8 +493,7 @@ def _cmd_evaluate_points(args) -> int:
     from .data.points import PointClouds
     from .pipelines.pointcloud import evaluate, load_classifier
 
-    if args.output and not args.output.endswith(".json"):
-        raise ValueError(f"--output {args.output}: give a .json file name")
+    _check_json_output(args.output)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: give 1 or more")
     model, cfg = load_classifier(args.checkpoint, _device(args.device))  # fails before any data is read
@@ -508,10 +514,8 @@ def _cmd_predict_points(args) -> int:
     from .data.points import read_cloud, resample
     from .pipelines.pointcloud import load_classifier
 
-    if args.output and not args.output.endswith(".json"):
-        raise ValueError(f"--output {args.output}: give a .json file name")
-    if args.top < 1:
-        raise ValueError(f"--top {args.top}: give how many classes to list per cloud, 1 or more")
+    _check_json_output(args.output)
+    _check_top(args.top, "cloud")
     clouds = [read_cloud(p) for p in args.clouds]  # every cloud is read and checked before the model is built
     model, cfg = load_classifier(args.checkpoint, _device(args.device))
     device = next(model.parameters()).device
@@ -538,9 +542,11 @@ def _cmd_build_bank(args) -> int:
     folder = find_checkpoint(args.checkpoint)
     model, cfg = load_classifier(folder, _device(args.device))
     name = cfg.get("adapter_name", "default")
-    if cfg["adapter"].get("method") != "point_peft":
-        raise ValueError(f"{folder}: its adapter is {cfg['adapter'].get('method')!r}; only point_peft has a memory "
-                         f"bank")
+    model.eval()
+    method = cfg["adapter"].get("method") if isinstance(cfg.get("adapter"), dict) else None
+    if method != "point_peft":
+        raise ValueError(f"{folder}: its adapter is {method or 'none (full fine-tuning)'}; only point_peft has a "
+                         f"memory bank")
     data = _point_split(args, cfg, args.split)
     feats = frozen_features(model, PointClouds(data, cfg["num_points"], cfg.get("dataset", ""), train=False),
                             args.batch_size)

@@ -204,15 +204,27 @@ def _fps_numpy(cloud: np.ndarray, n: int) -> np.ndarray:
     return cloud[idx]
 
 
+def _pad(cloud: np.ndarray, n: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A cloud of fewer than n points made n long with repeats of its own points (every
+    point kept; the repeats the first points for a test, random ones in training)."""
+    extra = np.arange(n - len(cloud)) % len(cloud) if rng is None else rng.choice(len(cloud), n - len(cloud))
+    out = np.concatenate([cloud, cloud[extra]])
+    return out if rng is None else out[rng.permutation(n)]
+
+
 def resample(cloud: np.ndarray, n: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Training (``rng`` given): FPS to 1.2 n points (all of them if fewer), then n of those
-    at random (with repeats only when the cloud is smaller than n); test: FPS to n."""
+    """Training (``rng`` given): FPS from a random start to 1.2 n points (all of them if
+    fewer), then n of those at random; test: FPS to n (a cloud of exactly n points as it
+    is: FPS of all of them is only a reordering). Smaller clouds are padded with repeats
+    of their own points."""
+    if len(cloud) < n:
+        return _pad(cloud, n, rng)
     if rng is None:
-        if len(cloud) < n:
-            return np.concatenate([cloud, cloud[np.arange(n - len(cloud)) % len(cloud)]])
-        return _fps_numpy(cloud, n)
-    pool = cloud if len(cloud) <= math.ceil(1.2 * n) else _fps_numpy(cloud, math.ceil(1.2 * n))
-    return pool[rng.choice(len(pool), n, replace=len(pool) < n)]
+        return cloud if len(cloud) == n else _fps_numpy(cloud, n)
+    pool = math.ceil(1.2 * n)
+    if len(cloud) > pool:  # FPS starts at point 0: shuffle first, for another thinning each draw
+        cloud = _fps_numpy(cloud[rng.permutation(len(cloud))], pool)
+    return cloud[rng.choice(len(cloud), n, replace=False)]
 
 
 def augment(cloud: np.ndarray, dataset: str, rng: np.random.Generator) -> np.ndarray:
@@ -226,11 +238,15 @@ def augment(cloud: np.ndarray, dataset: str, rng: np.random.Generator) -> np.nda
 
 class PointClouds(torch.utils.data.Dataset):
     """(points (num_points, 3) float32, label) pairs of a split; ``train`` draws the
-    augmentation from (seed, epoch pass, index)."""
+    resampling and augmentation from (seed, epoch, index): the training loop sets the epoch
+    (``set_epoch``), so a resumed run and any number of loader workers draw the same."""
 
     def __init__(self, split: PointSplit, num_points: int, dataset: str, train: bool, seed: int = 0):
         self.split, self.n, self.dataset, self.train, self.seed = split, num_points, dataset, train, seed
-        self.calls = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.split)
@@ -238,8 +254,7 @@ class PointClouds(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         cloud = np.asarray(self.split.clouds[i], dtype=np.float32)
         if self.train:
-            self.calls += 1
-            rng = np.random.default_rng((self.seed, i, self.calls))
+            rng = np.random.default_rng((self.seed, self.epoch, i))
             cloud = augment(resample(cloud, self.n, rng), self.dataset, rng)
         else:
             cloud = resample(cloud, self.n, None)

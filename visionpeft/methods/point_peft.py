@@ -17,10 +17,11 @@ already added) and h = x,
   h <- h + A1(h) (384-16-384), the prompts dropped.
 
 Trainable besides: the biases of norm1, norm2, attn.proj, mlp.fc1 and mlp.fc2 (as
-zero-initialised offsets, the same training as the official's unfrozen biases without
-weight decay), the cls token and cls position (offsets held by the first block's module),
-and through ``modules_to_save`` the final norm and the head. The memory bank (the training
-set's features from the frozen encoder: final LayerNorm, max over the tokens; L2-normalised
+zero-initialised offsets: the same training as the official's unfrozen biases where, as
+there, 1-D tensors get no weight decay; `task: point_classification` does so), the cls
+token and cls position (offsets held by the first block's module), and through
+``modules_to_save`` the final norm and the head. The memory bank (the training set's
+features from the frozen encoder: final LayerNorm, max over the tokens; L2-normalised
 columns) is a buffer of the first block's module, set with `set_memory_bank` and saved
 with the adapter; the query of each sample is its own frozen feature, from a pass of the
 host with every adapter off, in eval mode, once per forward.
@@ -137,8 +138,10 @@ class PointPEFTModule(BlockAdapterModule):
     def _cache_tokens(self, points: torch.Tensor, shared: "PointPEFTModule") -> torch.Tensor:
         """The bank lookup for this forward's clouds (computed once per forward, by the
         first prompted block; the frozen pass runs the host with every adapter off)."""
+        # one lookup per forward: the same clouds (object and in-place version) and bank
+        key = (points, points._version, shared.bank._version, shared.bank.data_ptr())
         cached = getattr(shared, "_cache", None)
-        if cached is not None and cached[0] is points:
+        if cached is not None and cached[0][0] is points and cached[0][1:] == key[1:]:
             return cached[1]
         if shared.bank.shape[1] == 0:
             raise RuntimeError("Point-PEFT's prompts need the memory bank of the training set's features; build "
@@ -152,16 +155,16 @@ class PointPEFTModule(BlockAdapterModule):
         with torch.no_grad(), disabled(model), _eval_mode(model):
             query = model.forward_features(points)[:, 1:].max(dim=1).values
         tokens = retrieve_cache_tokens(query.to(shared.bank.dtype), shared.bank, self.config.top_k)
-        object.__setattr__(shared, "_cache", (points, tokens))
+        object.__setattr__(shared, "_cache", (key, tokens))
         return tokens
 
     def _neighbourhoods(self, centres: torch.Tensor, shared: "PointPEFTModule"):
         cached = getattr(shared, "_hoods", None)
-        if cached is not None and cached[0] is centres:
-            return cached[1]
+        if cached is not None and cached[0] is centres and cached[1] == centres._version:
+            return cached[2]
         n_local = max(1, int(centres.shape[1] * self.config.local_ratio))
         hoods = local_neighbourhoods(centres, n_local, min(self.config.local_k, centres.shape[1]))
-        object.__setattr__(shared, "_hoods", (centres, hoods))
+        object.__setattr__(shared, "_hoods", (centres, centres._version, hoods))
         return hoods
 
     # --- the block --------------------------------------------------------------------
@@ -188,7 +191,7 @@ class PointPEFTModule(BlockAdapterModule):
         n_prompts = 0
         if self.prompted:
             cache = self._cache_tokens(points, shared).to(x.dtype)
-            prompts = F.dropout(self.prompts, drop, training).unsqueeze(0) + cache \
+            prompts = F.dropout(self.prompts.expand(x.shape[0], -1, -1), drop, training) + cache \
                 + _run_adapter(self.prompt_adapter, cache, drop, training)
             n_prompts = prompts.shape[1]
             x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)

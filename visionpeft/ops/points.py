@@ -94,17 +94,16 @@ def inverse_distance_interpolate(xyz: torch.Tensor, ref_xyz: torch.Tensor, ref_v
     to sum to 1. d^2 is the squared distance. Returns (B, M, C)."""
     _check_points("xyz", xyz)
     _check_points("ref_xyz", ref_xyz)
-    d = square_distance(xyz, ref_xyz)
+    d = square_distance(xyz.float(), ref_xyz.float())  # float32 at least: eps underflows in half precision
     if k is not None:
         if not 1 <= k <= ref_xyz.shape[1]:
             raise ValueError(f"k={k} references of {ref_xyz.shape[1]}: give 1 <= k <= {ref_xyz.shape[1]} or None")
         d, idx = d.topk(k, dim=-1, largest=False)
-        ref_values = gather_points(ref_values, idx)  # (B, M, k, C)
-    else:
-        ref_values = ref_values.unsqueeze(1)  # (B, 1, N, C): every reference for every point
     w = 1.0 / (d + eps)
-    w = w / w.sum(-1, keepdim=True)
-    return (w.unsqueeze(-1) * ref_values).sum(-2)
+    w = (w / w.sum(-1, keepdim=True)).to(ref_values.dtype)
+    if k is not None:
+        return (w.unsqueeze(-1) * gather_points(ref_values, idx)).sum(-2)  # (B, M, k, C) summed over k
+    return torch.einsum("bmn,bnc->bmc", w, ref_values)  # every reference, without a (B, M, N, C) product
 
 
 def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

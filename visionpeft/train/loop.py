@@ -130,7 +130,8 @@ def _optimizer(params, cfg: TrainConfig, device: torch.device):
         return bnb.optim.AdamW8bit(params, **kwargs)
     # one fused kernel for every tensor: adapters hold many small ones (WaRA a pair per
     # band), and AdamW's default on CPU loops over them one by one in Python
-    fused = device.type in fused_adamw_devices() and all(p.is_floating_point() for p in params)
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    fused = device.type in fused_adamw_devices() and all(p.is_floating_point() for p in flat)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
@@ -205,7 +206,12 @@ def _train(task: Task, cfg: TrainConfig) -> TrainResult:
                                          collate_fn=task.collate, num_workers=cfg.dataloader_num_workers,
                                          drop_last=task.drop_last and len(dataset) >= cfg.train_batch_size,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    optimizer = _optimizer(params, cfg, acc.device)
+    exempt = {id(p) for m in models.values() for n, p in m.named_parameters()
+              if p.requires_grad and task.no_weight_decay(n, p)}
+    groups = params if not exempt else [
+        {"params": [p for p in params if id(p) not in exempt]},
+        {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    optimizer = _optimizer(groups, cfg, acc.device)
     scheduler = _scheduler(optimizer, cfg)
     names = list(models)
     *prepared, optimizer, loader = acc.prepare(*models.values(), optimizer, loader)

@@ -20,11 +20,15 @@ from .task import Task, register_task, task_config
 
 
 class ShapeStream(Dataset):
-    """``size`` procedural clouds, cloud i drawn from (seed, i): the same data every epoch
-    and after a resume, nothing held in memory."""
+    """``size`` procedural clouds a pass, cloud i of epoch e drawn from (seed, e, i): new
+    shapes and augmentation every epoch, the same after a resume, nothing held in memory."""
 
     def __init__(self, classes, size: int, num_points: int, seed: int, style: dict):
         self.classes, self.size, self.n, self.seed, self.style = list(classes), size, num_points, seed, style
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the training loop calls it at each pass
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.size
@@ -33,7 +37,7 @@ class ShapeStream(Dataset):
         from ..data.points import augment
         from ..data.shapes import shape_cloud
 
-        rng = np.random.default_rng((self.seed, i))
+        rng = np.random.default_rng((self.seed, self.epoch, i))
         cloud = shape_cloud(self.classes[i % len(self.classes)], self.n, rng, **self.style)
         return torch.from_numpy(augment(cloud, "modelnet40", rng).astype(np.float32))
 
@@ -90,6 +94,10 @@ class PointPretrainTask(Task):
 
     def models(self):
         return {"point_mae": self.model}
+
+    def no_weight_decay(self, name, param):
+        """Point-MAE's groups: no decay on 1-D tensors, biases and tokens (the mask token)."""
+        return param.ndim <= 1 or name.endswith(".bias") or "token" in name
 
     def train_dataset(self):
         return self.data

@@ -106,6 +106,12 @@ class Task(abc.ABC):
         mixed-precision dtype where that is safe)."""
         return {}
 
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """True for a trainable tensor AdamW should not decay (``name`` as the task's model
+        names it, e.g. ``blocks.0.adapters.default.full.bias.fc1``); by default every tensor
+        decays. Point-MAE's recipe exempts 1-D tensors, biases and tokens."""
+        return False
+
     @abc.abstractmethod
     def train_dataset(self) -> torch.utils.data.Dataset:
         ...

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import visionpeft as vp
 from visionpeft.backbones import build_point_mae
@@ -29,6 +30,7 @@ from ..checkpoints import find_checkpoint_folder, validations_kept
 
 CONFIG_NAME = "points_config.json"
 ADAPTER_DIR = "model"
+FULL_NAME = "model.safetensors"  # adapter: null (full fine-tuning) saves the whole model
 _DEFAULT = object()
 POINT_PEFT = {"method": "point_peft"}
 SYNTHETIC_CLASSES = HELD_OUT_SHAPES  # the shapes the embedded Point-MAE never saw
@@ -46,7 +48,7 @@ class PointClassificationConfig:
     variant: str = "PB_T50_RS"  # scanobjectnn: PB_T50_RS, OBJ_BG or OBJ_ONLY
     num_points: int | None = None  # 2048 for scanobjectnn, else 1024 (Point-MAE's settings)
     backbone: dict | None = None  # {name: point-mae, checkpoint_path: pretrain.pth} or pretrained: false
-    adapter: object = _DEFAULT  # left out: Point-PEFT with its defaults
+    adapter: object = _DEFAULT  # left out: Point-PEFT with its defaults; null: full fine-tuning
     epochs: int = 300
     classes: list | None = None  # synthetic: shape names (visionpeft.data.shapes.SHAPES)
     per_class: int = 40  # synthetic: training clouds per class (a quarter as many test clouds)
@@ -91,6 +93,10 @@ class PointClassificationConfig:
                              f"pretrain.pth); pretrained: false trains from a random init")
         if self.adapter is _DEFAULT:
             self.adapter = dict(POINT_PEFT)
+        if self.adapter is None:  # full fine-tuning: every parameter trains
+            if self.dataset == "synthetic":
+                self.classes = list(self.classes or SYNTHETIC_CLASSES)
+            return
         if not isinstance(self.adapter, dict):
             raise ValueError(f"{where}: adapter must be a mapping with a method (e.g. {{method: point_peft}}), "
                              f"got {self.adapter!r}")
@@ -215,20 +221,26 @@ class PointClassificationTask(Task):
             model = build_model(c.backbone, len(self.classes), c.num_points, c.groups, init_seed=c.seed)
         except (ValueError, FileNotFoundError) as err:
             raise TrainingError(f"point_classification: {err}") from None
-        try:
-            vp.inject(model, adapter_config(c.adapter, "point_classification"), name=self.adapter_name)
-        except (vp.TargetError, ValueError) as err:  # e.g. prompt blocks beyond a small host's depth
-            raise TrainingError(f"point_classification: {str(err).splitlines()[0]}") from None
+        if c.adapter is not None:
+            try:
+                vp.inject(model, adapter_config(c.adapter, "point_classification"), name=self.adapter_name)
+            except (vp.TargetError, ValueError) as err:  # e.g. prompt blocks beyond a small host's depth
+                raise TrainingError(f"point_classification: {str(err).splitlines()[0]}") from None
         self.model = model.to(device)
         self.train_set = PointClouds(train, c.num_points, c.dataset, train=True, seed=c.seed)
         self.test_set = PointClouds(test, c.num_points, c.dataset, train=False)
-        if c.adapter["method"] == "point_peft":  # the memory bank: the training clouds through the frozen host
+        if c.adapter is not None and c.adapter["method"] == "point_peft":
+            # the memory bank: the training clouds through the frozen host
             bank_set = PointClouds(train, c.num_points, c.dataset, train=False)
             vp.set_memory_bank(self.model, frozen_features(self.model, bank_set, c.eval_batch_size),
                                name=self.adapter_name)
 
     def models(self):
         return {"points": self.model}
+
+    def no_weight_decay(self, name, param):
+        """Point-MAE's groups: no decay on 1-D tensors (norms, biases, BN, offsets), biases and tokens."""
+        return param.ndim <= 1 or name.endswith(".bias") or "token" in name
 
     def train_dataset(self):
         return self.train_set
@@ -253,12 +265,19 @@ class PointClassificationTask(Task):
     def save_adapters(self, models, folder):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        vp.save_adapter(models["points"], folder / ADAPTER_DIR, name=self.adapter_name)
+        if self.cfg.adapter is None:  # full fine-tuning: the whole model
+            state = {k: v.detach().cpu().contiguous() for k, v in models["points"].state_dict().items()}
+            vp.atomic_write_file(folder / FULL_NAME, lambda tmp: save_file(state, tmp))
+        else:
+            vp.save_adapter(models["points"], folder / ADAPTER_DIR, name=self.adapter_name)
         text = json.dumps(self._config(), indent=2)
         vp.atomic_write_file(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
     def load_adapters(self, models, folder):
-        vp.load_adapter(models["points"], Path(folder) / ADAPTER_DIR, name=self.adapter_name, hotswap=True)
+        if self.cfg.adapter is None:
+            models["points"].load_state_dict(load_file(str(Path(folder) / FULL_NAME)))
+        else:
+            vp.load_adapter(models["points"], Path(folder) / ADAPTER_DIR, name=self.adapter_name, hotswap=True)
         validations_kept(Path(folder))
 
     def validate(self, models, step, output_dir):
@@ -272,8 +291,8 @@ class PointClassificationTask(Task):
         """Test accuracy after the last step (no selection of the best epoch on the test
         split, which both official repos do)."""
         m = evaluate(models["points"], self.test_set, self.classes, self.cfg.eval_batch_size, progress=True)
-        m.update(split="test", adapter=self.cfg.adapter["method"],
-                 trainable_parameters=vp.trainable_parameters(models["points"]))
+        m.update(split="test", adapter=self.cfg.adapter["method"] if self.cfg.adapter else None,
+                 trainable_parameters=sum(p.numel() for p in models["points"].parameters() if p.requires_grad))
         text = json.dumps(m, indent=2)
         vp.atomic_write_file(Path(output_dir) / "metrics.json", lambda tmp: Path(tmp).write_text(text))
         return {"test_accuracy": m["accuracy"], "test_mean_class_accuracy": m["mean_class_accuracy"]}
@@ -291,8 +310,11 @@ def load_classifier(path, device: str | torch.device = "cpu"):
     model = build_model(cfg["backbone"], len(cfg["classes"]), cfg["num_points"], tuple(cfg["groups"]),
                         cfg.get("init_seed", 0))
     try:
-        vp.load_adapter(model, folder / ADAPTER_DIR, name=cfg.get("adapter_name", "default"))
-    except (ValueError, KeyError, FileNotFoundError, vp.TargetError) as err:
+        if cfg.get("adapter") is None:
+            model.load_state_dict(load_file(str(folder / FULL_NAME)))
+        else:
+            vp.load_adapter(model, folder / ADAPTER_DIR, name=cfg.get("adapter_name", "default"))
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, vp.TargetError) as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"checkpoint {folder}: cannot load its adapter: {first}") from None
     return model.to(device).eval(), cfg
