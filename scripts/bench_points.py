@@ -25,7 +25,7 @@ import torch
 
 import visionpeft as vp
 from visionpeft.backbones import build_point_mae
-from visionpeft.ops.points import farthest_point_sample, knn
+from visionpeft.data.points import farthest_point_sample, knn
 
 from bench_core import machine
 

@@ -144,7 +144,7 @@ def test_the_hub_builds_with_the_few_shot_tab(ckpts, served, tmp_path, monkeypat
     assert line.startswith(f"backbone: open_clip {ckpts / 'clip'}; adapter: lora r=2; 4 classes (red_thing, "
                            "blue thing, green, pale); template ")
     slider = [c["props"] for c in served.config["components"] if c["type"] == "slider"
-              and c["props"].get("label") == "top k"]
+              and c["props"].get("label") == "top k" and c["props"].get("maximum") == fs.MAX_TOPK]
     assert len(slider) == 1 and slider[0]["value"] == 5
     # a bad --fewshot-checkpoint fails in one line before any tab is built
     monkeypatch.setattr(hub, "load_demo", lambda name: pytest.fail(f"built the {name} tab despite a bad option"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ops.points import farthest_point_sample
+from ..ops.points import farthest_point_sample, knn  # noqa: F401  (public here: visionpeft.data.points)
 
 # ScanObjectNN's 15 classes, in its label order
 SCANOBJECTNN_CLASSES = ("bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
