@@ -27,6 +27,9 @@
 #                     batch 32, fp32 and fp16 autocast: Block-LoRA n 2/4/8 against our LoRA and
 #                     PEFT's LoRA; needs open_clip (device_wheels.sh fetches it), e.g.
 #                     DEVICE_RUN_STEPS="cuda_tests methods fewshot" bash scripts/device_run.sh OUTDIR
+#   points            (only when named, as fewshot) Point-PEFT against full fine-tuning at Point-MAE's
+#                     full size (384 x 12, 2048 points in 128 groups), batch 32, and FPS / kNN
+#                     throughput against the references, e.g. DEVICE_RUN_STEPS="points fewshot"
 # Environment:
 #   PYTHON               the interpreter (default: python3)
 #   DEVICE_RUN_BUDGET_S  seconds for the whole run (default 480; dry run 240, a bound on a
@@ -63,7 +66,7 @@ else
   BUDGET=${DEVICE_RUN_BUDGET_S:-480}; THREADS=${DEVICE_RUN_THREADS:-$(nproc)}; MIN_STEP=40; DEVICE=cuda
 fi
 ALL_STEPS="cuda_tests methods methods_compiled dreambooth switch cd"
-EXTRA_STEPS="fewshot"  # run only when named: each step brings back one file, and 8 come back at most
+EXTRA_STEPS="fewshot points"  # run only when named: each step brings back one file, and 8 come back at most
 WANT=${DEVICE_RUN_STEPS:-$ALL_STEPS}
 STEPS_LEFT=0
 for s in $ALL_STEPS $EXTRA_STEPS; do [[ " $WANT " == *" $s "* ]] && STEPS_LEFT=$((STEPS_LEFT + 1)); done
@@ -199,6 +202,7 @@ if (( DRY )); then
   # 32 px: the decoder's convolutions at 64 px take most of a minute on 2 cores
   CD=(--device cpu --toy --image-size 32 --batch 2 --rounds 1)
   FS=(--device cpu --quick)
+  PTS=(--device cpu --quick)
 else
   METHODS=(krona block_lora wara loha snell snella peft_lokr peft_loha peft_waveft)
   COMPILED=(snell snell_compiled snella_compiled)  # eager SNELL beside: the compiled path's gain
@@ -210,6 +214,7 @@ else
   SW=(--device cuda --counts 1 10 100 --diffusers-counts 1 10 30 --switches 200)
   CD=(--device cuda --image-size 256 --batch 8 --rounds 5)
   FS=(--device cuda --layers 12 --batch 32 --rounds 10)
+  PTS=(--device cuda --batch 32 --rounds 10)
 fi
 
 run_step methods 120 "visionpeft timm peft" - \
@@ -226,6 +231,8 @@ run_step cd 90 "visionpeft timm" - \
   "$PY" scripts/bench_cd.py "${CD[@]}" --threads "$THREADS" --json "$OUTDIR/cd.json"
 run_step fewshot 120 "visionpeft open_clip peft" - \
   "$PY" scripts/bench_fewshot.py "${FS[@]}" --threads "$THREADS" --output "$OUTDIR/fewshot.json"
+run_step points 120 "visionpeft" - \
+  "$PY" scripts/bench_points.py "${PTS[@]}" --threads "$THREADS" --json "$OUTDIR/points.json"
 
 "$PY" "$TOOLS" report --work "$WORK" --outdir "$OUTDIR"
 echo "=== done in $(( $(date +%s) - START ))s: $OUTDIR/summary.md"

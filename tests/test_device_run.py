@@ -137,3 +137,20 @@ def test_junit_report_requires_a_pass_on_the_gpu(tmp_path):
     assert tools.main(["junit", "--xml", str(xml), "--out", str(out), "--rc", "0", "--require-pass"]) == 0
     assert tools.main(["junit", "--xml", str(xml), "--out", str(out), "--rc", "1"]) == 1
     assert tools.main(["junit", "--xml", str(tmp_path / "missing.xml"), "--out", str(out), "--rc", "4"]) == 1
+
+
+def test_every_step_named_is_run_and_extra_steps_have_dry_run_sizes():
+    """The step lists and the run_step lines agree (a step left out of a list would never run,
+    one without a run_step line would be counted against the budget and never recorded); the
+    steps run only when named (fewshot, points) have toy sizes for the dry run."""
+    text = (ROOT / "scripts" / "device_run.sh").read_text()
+    listed = re.search(r'^ALL_STEPS="([^"]+)"', text, re.M).group(1).split()
+    extra = re.search(r'^EXTRA_STEPS="([^"]+)"', text, re.M).group(1).split()
+    assert listed == STEPS and {"fewshot", "points"} <= set(extra)
+    run = set(re.findall(r"^\s*run_step (\w+) ", text, re.M))
+    assert run == set(listed) | set(extra), run
+    start = text.index("if (( DRY )); then\n  # a few")
+    dry = text[start:text.index("\nelse\n", start)]
+    assert "FS=(--device cpu --quick)" in dry and "PTS=(--device cpu --quick)" in dry
+    # 8 files come back from a device run: the default steps' JSONs and run.json + summary.md
+    assert len(listed) + 2 <= 8

@@ -77,6 +77,13 @@ def test_recipe_defaults_follow_point_mae():
     lora = PointClassificationConfig(dataset="synthetic", adapter={"method": "lora", "r": 4})
     assert lora.adapter["target_modules"] == list(vp.presets.TIMM_VIT_QKV) and lora.adapter["modules_to_save"] == \
         ["head"]
+    # synthetic test split: a quarter of per_class per shape, or test_per_class
+    sizes = {}
+    for extra in ({}, {"test_per_class": 3}):
+        task = PointClassificationTask(PointClassificationConfig.from_dict(
+            {"dataset": "synthetic", "per_class": 8, "classes": ["box", "cone"], "num_points": 64, **extra}))
+        sizes[len(extra)] = (len(task.split("train")), len(task.split("test")))
+    assert sizes == {0: (16, 4), 1: (16, 6)}
 
 
 def test_augmentations_and_resampling():
@@ -145,6 +152,7 @@ def test_weight_decay_spares_1d_tensors_biases_and_tokens(monkeypatch, tmp_path)
     ({"adapter": {"method": "nope"}}, "unknown adapter method 'nope'"),
     ({"adapter": "lora"}, "adapter must be a mapping"),
     ({"epoch": 3}, "did you mean epochs"),
+    ({"test_per_class": 0}, "test_per_class must be an integer >= 1"),
 ])
 def test_bad_configs_are_refused_in_one_line(change, message):
     values = {"dataset": "synthetic", **change}
@@ -295,3 +303,35 @@ def test_full_fine_tuning_trains_and_saves_the_whole_model(tmp_path):
     assert again["accuracy"] == metrics["accuracy"]
     code, _, err = _cli(["build-bank", "--checkpoint", str(out), "--data-root", str(tmp_path)])
     assert code == 2 and "none (full fine-tuning)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_points_table_script(tmp_path, capsys):
+    """scripts/points_table.py --quick on the embedded Point-MAE: the rows run once and count
+    what they train, the JSON resumes without rerunning, other settings and bad arguments
+    are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "points_table", Path(__file__).resolve().parents[1] / "scripts" / "points_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "t.json"
+    args = ["--quick", "--variants", "lora", "head_only", "--work-dir", str(tmp_path / "w"), "--output", str(out)]
+    first = script.main(args)
+    doc = json.loads(out.read_text())
+    assert sorted(doc["runs"]) == ["head_only/1", "lora/1"] and doc["table"] == first["table"]
+    assert all(r["test_clouds"] == 4 * 2 for r in doc["runs"].values())  # 4 held-out shapes x 2 (quick)
+    # the head 2x192 -> 256 -> 256 -> 4 with two BNs; LoRA r 8 adds 8 x (192 + 576) per qkv of 6 blocks
+    head = (384 * 256 + 256) + 512 + (256 * 256 + 256) + 512 + (256 * 4 + 4)
+    assert doc["runs"]["head_only/1"]["trainable_parameters"] == head
+    assert doc["runs"]["lora/1"]["trainable_parameters"] == head + 6 * 8 * (192 + 576)
+    row = next(line for line in doc["table"].splitlines() if line.startswith("| lora |"))
+    assert row.split(" | ")[2] == f"{100 * doc['runs']['lora/1']['accuracy']:.1f}"
+    assert script.main(args)["runs"] == first["runs"]  # nothing rerun
+    with pytest.raises(SystemExit, match="other settings \\(variant\\)"):
+        script.main([*args, "--variant", "OBJ_BG"])
+    for bad, msg in ((["--dataset", "scanobjectnn"], "needs --data-root"), (["--epochs", "0"], "--epochs 0")):
+        with pytest.raises(SystemExit):
+            script.main(bad)
+        assert msg in capsys.readouterr().err

@@ -51,7 +51,8 @@ class PointClassificationConfig:
     adapter: object = _DEFAULT  # left out: Point-PEFT with its defaults; null: full fine-tuning
     epochs: int = 300
     classes: list | None = None  # synthetic: shape names (visionpeft.data.shapes.SHAPES)
-    per_class: int = 40  # synthetic: training clouds per class (a quarter as many test clouds)
+    per_class: int = 40  # synthetic: training clouds per class
+    test_per_class: int | None = None  # synthetic: test clouds per class (None: a quarter of per_class)
     eval_batch_size: int = 64
     adapter_name: str = "default"
     seed: int = 0
@@ -72,6 +73,9 @@ class PointClassificationConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{where}: {name} must be an integer >= 1, got {v!r}")
+        if self.test_per_class is not None and (isinstance(self.test_per_class, bool) or
+                                                not isinstance(self.test_per_class, int) or self.test_per_class < 1):
+            raise ValueError(f"{where}: test_per_class must be an integer >= 1 (or null), got {self.test_per_class!r}")
         if self.num_points < 32:
             raise ValueError(f"{where}: num_points {self.num_points} is below one group of 32 points")
         if self.backbone is None:
@@ -192,7 +196,7 @@ class PointClassificationTask(Task):
             c = self.cfg
             try:
                 if c.dataset == "synthetic":
-                    per = c.per_class if name == "train" else max(1, c.per_class // 4)
+                    per = c.per_class if name == "train" else (c.test_per_class or max(1, c.per_class // 4))
                     self._splits[name] = make_shape_split(c.classes, per, c.num_points,
                                                           seed=c.seed * 2 + (name == "test"), partial=0.3,
                                                           clutter=0.05)
