@@ -19,7 +19,14 @@ Everything true of a caption stays true under rotations and flips of the image (
 "left", "top", "north"), so these are safe augmentations for image-text training. The
 rng only chooses wordings: which classes are named, and in which order, comes from the
 labels alone. The embedded CLIP (`visionpeft.train.pretrain_clip`) is pretrained on
-these captions; a text-to-image model on the same scenes can reuse them unchanged.
+these captions.
+
+`sd_caption` is the text-to-image wording: always starting "a satellite image of
+{scene}" (so that this prefix alone is a prompt for the type), then with probability
+``things_share`` " with " and the plain names of at most three classes, then the season
+and haze the acquisition drew where they are strong enough to see: " in summer" (green
+shift above ``season_at``), " in autumn" (below ``-season_at``), ", hazy" (haze above
+``hazy_at``), e.g. "a satellite image of farmland with vegetation and roads in autumn".
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ TEMPLATES: tuple[str, ...] = (
     "{scene} seen from above, with {things}.",
 )
 BARE_TEMPLATE = "a satellite photo of {scene}."
+SD_PREFIX = "a satellite image of {scene}"
 
 
 def listed(words: list[str]) -> str:
@@ -84,14 +92,37 @@ def scene_caption(scene: str, classes: np.ndarray, rng: np.random.Generator, min
     return template.format(scene=scene, things=listed(words))
 
 
-def caption_set(n: int, size: int = 64, scenes=PRETRAIN_SCENES, seed: int = 0, **caption_kwargs):
+def sd_caption(scene: str, classes: np.ndarray, drawn: dict, rng: np.random.Generator, things_share: float = 0.8,
+               max_classes: int = 3, min_share: float = 0.05, season_at: float = 0.03,
+               hazy_at: float = 0.12) -> str:
+    """The text-to-image caption of a scene (module docstring): ``drawn`` is the
+    acquisition's {"green", "haze"} from ``make_scene(..., info=True)``; ``rng`` only
+    decides whether the classes are named."""
+    if scene not in SCENE_TYPES:
+        raise ValueError(f"unknown scene type {scene!r}; choose one of {SCENE_TYPES}")
+    text = SD_PREFIX.format(scene=scene)
+    if rng.random() < things_share:
+        text += " with " + listed([CLASS_WORDS[n][0] for n in classes_by_area(classes, min_share, max_classes)])
+    if drawn["green"] > season_at:
+        text += " in summer"
+    elif drawn["green"] < -season_at:
+        text += " in autumn"
+    if drawn["haze"] > hazy_at:
+        text += ", hazy"
+    return text
+
+
+def caption_set(n: int, size: int = 64, scenes=PRETRAIN_SCENES, seed: int = 0, style: str = "clip",
+                **caption_kwargs):
     """n captioned scenes, types drawn uniformly from ``scenes``: (images uint8 (n, 3, size,
     size), captions list of n str, scene index into ``scenes`` int64 (n,)).
 
     The images are those of ``scene_set(n, size, scenes, seed)`` (the same draws), as uint8
     (``round(255 x)``: a 20,000-scene pool takes 245 MB); the captions' wordings come from
     a second generator seeded from ``seed``, so they never shift the images.
-    ``caption_kwargs`` go to `scene_caption`."""
+    ``style``: "clip" (`scene_caption`) or "sd" (`sd_caption`); ``caption_kwargs`` go to it."""
+    if style not in ("clip", "sd"):
+        raise ValueError(f"style must be 'clip' or 'sd', got {style!r}")
     if n <= 0 or size < 16:
         raise ValueError(f"need n > 0 and size >= 16, got n={n}, size={size}")
     unknown = [s for s in scenes if s not in SCENE_TYPES]
@@ -103,7 +134,10 @@ def caption_set(n: int, size: int = 64, scenes=PRETRAIN_SCENES, seed: int = 0, *
     labels = rng.integers(0, len(scenes), n)
     captions = []
     for i, k in enumerate(labels):
-        rgb, cls = make_scene(rng, size, scenes[k])
+        rgb, cls, drawn = make_scene(rng, size, scenes[k], info=True)
         images[i] = np.round(rgb.transpose(2, 0, 1) * 255)
-        captions.append(scene_caption(scenes[k], cls, words, **caption_kwargs))
+        if style == "sd":
+            captions.append(sd_caption(scenes[k], cls, drawn, words, **caption_kwargs))
+        else:
+            captions.append(scene_caption(scenes[k], cls, words, **caption_kwargs))
     return torch.from_numpy(images), captions, torch.from_numpy(labels)

@@ -111,9 +111,11 @@ def _crowns(rng, rgb, cls, size, yy, xx, spacing, regular):
         cls[disc] = FOREST
 
 
-def make_scene(rng: np.random.Generator, size: int, scene: str) -> tuple[np.ndarray, np.ndarray]:
+def make_scene(rng: np.random.Generator, size: int, scene: str, info: bool = False):
     """One scene of type ``scene``: (rgb float32 (size, size, 3) in [0, 1], classes uint8
-    (size, size) indexing `CLASSES`)."""
+    (size, size) indexing `CLASSES`); with ``info``, a third item: the acquisition's draws
+    {"green": season shift in [-0.06, 0.06] (positive: greener), "haze": in [0, 0.2]}, from
+    the same draws (the image is the same with or without it)."""
     yy, xx = _grid(size)
     if scene == "desert":
         rgb, cls = _ground(rng, size, soil=_SAND, veg=_SAND * 0.9, veg_share=0.1)
@@ -174,18 +176,20 @@ def make_scene(rng: np.random.Generator, size: int, scene: str) -> tuple[np.ndar
         _crowns(rng, rgb, cls, size, yy, xx, spacing=rng.uniform(5, 7), regular=True)
     else:
         raise ValueError(f"unknown scene type {scene!r}; choose one of {SCENE_TYPES}")
-    return _acquisition(rng, rgb), cls
+    rgb, drawn = _acquisition(rng, rgb)
+    return (rgb, cls, drawn) if info else (rgb, cls)
 
 
 def _acquisition(rng, rgb):
-    """Season, sun, haze and sensor: what changes between two images of one place."""
+    """Season, sun, haze and sensor: what changes between two images of one place; the
+    image and the season and haze drawn."""
     green = rng.uniform(-0.06, 0.06)  # season: more or less green
     rgb = rgb + np.array([-green / 2, green, -green / 2])
     rgb = rgb * rng.uniform(0.8, 1.2) + rng.normal(0, 0.03, 3)  # sun and white balance
     haze = rng.uniform(0, 0.2)
     rgb = rgb * (1 - haze) + haze * 0.7
     rgb = rgb + rng.normal(0, 0.012, rgb.shape)
-    return np.clip(rgb, 0, 1).astype(np.float32)
+    return np.clip(rgb, 0, 1).astype(np.float32), {"green": float(green), "haze": float(haze)}
 
 
 def scene_set(n: int, size: int = 64, scenes=PRETRAIN_SCENES, seed: int = 0):
