@@ -51,14 +51,11 @@ def model(checkpoint):
 
 def figure(cloud: np.ndarray, title: str = ""):
     """A matplotlib 3-D scatter of the cloud (y up, as the data sets have it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: its figures would pile up across requests
 
     if len(cloud) > SHOWN_POINTS:
         cloud = cloud[np.random.default_rng(0).choice(len(cloud), SHOWN_POINTS, replace=False)]
-    fig = plt.figure(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot(projection="3d")
     ax.scatter(cloud[:, 0], cloud[:, 2], cloud[:, 1], c=cloud[:, 1], s=2, cmap="viridis")
     ax.set_xlabel("x")

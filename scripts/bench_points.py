@@ -121,8 +121,9 @@ def main(argv=None):
     batch = args.batch or (32 if device.type == "cuda" else 4)
     if args.quick:
         batch, args.points, args.groups, args.layers, args.rounds = 2, 256, 16, 2, 1
-    result = {"machine": machine(), "device": str(device), "batch": batch, "points": args.points,
-              "groups": args.groups, "layers": args.layers, "rounds": args.rounds, "steps": [], "ops": []}
+    result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": str(device), "batch": batch, "points": args.points, "groups": args.groups,
+              "layers": args.layers, "rounds": args.rounds, "steps": [], "ops": []}
     for variant in ("full_finetune", "point_peft"):
         row = step_cost(variant, batch, args.points, args.groups, device, args.rounds, args.layers)
         result["steps"].append(row)

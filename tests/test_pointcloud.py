@@ -84,6 +84,11 @@ def test_recipe_defaults_follow_point_mae():
             {"dataset": "synthetic", "per_class": 8, "classes": ["box", "cone"], "num_points": 64, **extra}))
         sizes[len(extra)] = (len(task.split("train")), len(task.split("test")))
     assert sizes == {0: (16, 4), 1: (16, 6)}
+    # max_train_steps instead of epochs: the warm-up keeps its 10-of-300 share of the run
+    task = PointClassificationTask(PointClassificationConfig.from_dict(
+        {"dataset": "synthetic", "per_class": 16, "classes": ["box", "cone"]}))
+    assert task.loop_defaults({"max_train_steps": 600})["lr_warmup_steps"] == 20
+    assert task.loop_defaults({})["lr_warmup_steps"] == 10  # 10 epochs of one step
 
 
 def test_augmentations_and_resampling():
@@ -153,6 +158,7 @@ def test_weight_decay_spares_1d_tensors_biases_and_tokens(monkeypatch, tmp_path)
     ({"adapter": "lora"}, "adapter must be a mapping"),
     ({"epoch": 3}, "did you mean epochs"),
     ({"test_per_class": 0}, "test_per_class must be an integer >= 1"),
+    ({"dataset": "scanobjectnn", "data_root": "x", "per_class": 8}, "per_class only apply to dataset: synthetic"),
 ])
 def test_bad_configs_are_refused_in_one_line(change, message):
     values = {"dataset": "synthetic", **change}
@@ -191,8 +197,9 @@ def scan(tmp_path_factory):
             f.create_dataset("data", data=data.clouds)
             f.create_dataset("label", data=data.labels)
     out = root / "out"
-    run_config({**SMALL, "dataset": "scanobjectnn", "variant": "OBJ_BG", "data_root": str(root), "classes": None,
-                "output_dir": str(out)})
+    synthetic_only = ("classes", "per_class")
+    run_config({**{k: v for k, v in SMALL.items() if k not in synthetic_only}, "dataset": "scanobjectnn",
+                "variant": "OBJ_BG", "data_root": str(root), "output_dir": str(out)})
     return root, out
 
 
@@ -230,7 +237,10 @@ def test_predict_points_reads_ply_npy_and_txt(scan, tmp_path):
         assert p["top"] == preds[0]["top"]  # the same cloud in three formats
     np.save(tmp_path / "flat.npy", np.zeros((10, 2)))
     np.save(tmp_path / "nan.npy", np.full((10, 3), np.nan))
-    for bad, message in [("flat.npy", "3 columns or more"), ("nan.npy", "NaN"), ("none.ply", "cannot read")]:
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3)))
+    (tmp_path / "empty.txt").write_text("\n")
+    for bad, message in [("flat.npy", "3 columns or more"), ("nan.npy", "NaN"), ("none.ply", "cannot read"),
+                         ("empty.npy", "the cloud is empty"), ("empty.txt", "the cloud is empty")]:
         code, _, err = _cli(["predict-points", "--checkpoint", str(out), str(tmp_path / bad)])
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -328,10 +338,13 @@ def test_points_table_script(tmp_path, capsys):
     assert doc["runs"]["lora/1"]["trainable_parameters"] == head + 6 * 8 * (192 + 576)
     row = next(line for line in doc["table"].splitlines() if line.startswith("| lora |"))
     assert row.split(" | ")[2] == f"{100 * doc['runs']['lora/1']['accuracy']:.1f}"
-    assert script.main(args)["runs"] == first["runs"]  # nothing rerun
-    with pytest.raises(SystemExit, match="other settings \\(variant\\)"):
-        script.main([*args, "--variant", "OBJ_BG"])
-    for bad, msg in ((["--dataset", "scanobjectnn"], "needs --data-root"), (["--epochs", "0"], "--epochs 0")):
+    again = script.main([*args[:1], "--variants", "lora", *args[4:]])
+    assert again["runs"] == first["runs"] and again["table"] == first["table"]  # nothing rerun, no row lost
+    with pytest.raises(SystemExit, match="other settings \\(epochs\\)"):
+        script.main([*args, "--epochs", "2"])
+    script.main([*args, "--variant", "OBJ_BG"])  # ScanObjectNN's variant is no setting of a synthetic table
+    for bad, msg in ((["--dataset", "scanobjectnn"], "needs --data-root"), (["--epochs", "0"], "--epochs 0"),
+                     (["--checkpoint", "pretrain.pth"], "--checkpoint is for --backbone point-mae")):
         with pytest.raises(SystemExit):
             script.main(bad)
         assert msg in capsys.readouterr().err

@@ -539,6 +539,8 @@ def _cmd_build_bank(args) -> int:
     from .data.points import PointClouds
     from .pipelines.pointcloud import find_checkpoint, frozen_features, load_classifier
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: give 1 or more")
     folder = find_checkpoint(args.checkpoint)
     model, cfg = load_classifier(folder, _device(args.device))
     name = cfg.get("adapter_name", "default")

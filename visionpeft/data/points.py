@@ -174,6 +174,8 @@ def read_cloud(path) -> np.ndarray:
             xyz = np.load(path, allow_pickle=False)
         elif suffix == ".txt":
             text = path.read_text()
+            if not text.strip():
+                raise ValueError(f"{path}: the cloud is empty")
             xyz = np.loadtxt(path, delimiter="," if "," in text.split("\n", 1)[0] else None, ndmin=2)
         elif suffix == ".ply":
             try:
@@ -189,6 +191,8 @@ def read_cloud(path) -> np.ndarray:
             raise ValueError(str(err)) from None
         raise ValueError(f"cannot read {path} as a point cloud: {' '.join(str(err).split())}") from None
     xyz = np.asarray(xyz, dtype=np.float32)
+    if xyz.size == 0:
+        raise ValueError(f"{path}: the cloud is empty")
     if xyz.ndim != 2 or xyz.shape[1] < 3:
         raise ValueError(f"{path}: a cloud has rows of x, y, z (3 columns or more), got shape {xyz.shape}")
     if not len(xyz):

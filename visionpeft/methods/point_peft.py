@@ -233,6 +233,9 @@ def set_memory_bank(model: nn.Module, features: torch.Tensor, name: str = "defau
         raise ValueError(f"the model has no Point-PEFT adapter named {name!r}; its adapters: {list(state.configs)}")
     owners = [layer.adapters[name]["full"] for layer in adapted_layers(model).values()
               if name in layer.adapters and getattr(layer.adapters[name]["full"], "owner", False)]
+    if not owners:
+        raise ValueError(f"adapter {name!r} has no Point-PEFT module holding the bank (was it injected with "
+                         f"vp.inject?)")
     owner = owners[0]
     if features.dim() != 2 or features.shape[1] != owner.width or features.shape[0] < config.top_k:
         raise ValueError(f"the memory bank takes (samples, {owner.width}) features of at least top_k={config.top_k} "

@@ -59,6 +59,11 @@ class PointClassificationConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PointClassificationConfig":
+        if values.get("dataset") != "synthetic":
+            misplaced = sorted(k for k in ("classes", "per_class", "test_per_class") if values.get(k) is not None)
+            if misplaced:
+                raise ValueError(f"point_classification: {', '.join(misplaced)} only apply to dataset: synthetic "
+                                 f"(dataset {values.get('dataset')!r} reads its classes and clouds from data_root)")
         return task_config(cls, values, "point_classification")
 
     def __post_init__(self) -> None:
@@ -209,9 +214,13 @@ class PointClassificationTask(Task):
     def loop_defaults(self, given: dict) -> dict:
         batch = given.get("train_batch_size", 32)
         per_epoch = max(1, len(self.split("train")) // batch)  # the loop drops an epoch's last partial batch
+        epochs = self.cfg.epochs
+        warmup = min(WARMUP_EPOCHS, epochs - 1) * per_epoch
+        if given.get("max_train_steps"):  # steps instead of epochs: the warm-up keeps its share of the run
+            warmup = given["max_train_steps"] * min(WARMUP_EPOCHS, epochs - 1) // epochs
         return {"train_batch_size": 32, "learning_rate": 5e-4, "adam_weight_decay": 0.05, "lr_scheduler": "cosine",
-                "lr_min": 1e-6, "max_grad_norm": 10.0, "max_train_steps": self.cfg.epochs * per_epoch,
-                "lr_warmup_steps": min(WARMUP_EPOCHS, self.cfg.epochs - 1) * per_epoch}
+                "lr_min": 1e-6, "max_grad_norm": 10.0, "max_train_steps": epochs * per_epoch,
+                "lr_warmup_steps": warmup}
 
     def setup(self, device, dtype):
         c = self.cfg
