@@ -13,6 +13,9 @@ budget; Point-MAE and Point-PEFT train 300). The rows:
 - ``adapter``: the bottleneck Adapter (64 wide) after every block, the head trained;
 - ``head_only``: the frozen encoder and Point-MAE's 3-layer classification head trained
   (its MLP-3 probe, not a linear classifier: LoRA on no layer, ``modules_to_save: [head]``);
+- ``linear_probe``: multinomial logistic regression on the frozen encoder's pooled features
+  (the head's input: the cls token and the max over the patch tokens, standardised), C chosen
+  on the last quarter of the training clouds and refitted on all of them; no augmentation;
 - ``head_only_random`` and ``scratch``: the probe and full fine-tuning on a randomly
   initialised encoder of the same size (``pretrained: false``): what the pretraining buys.
 
@@ -47,11 +50,12 @@ VARIANTS = {
     "lora": {"method": "lora", "r": 8},
     "adapter": {"method": "adapter", "bottleneck": 64},
     "head_only": {"method": "lora", "target_modules": [], "modules_to_save": ["head"]},
+    "linear_probe": None,  # no training run: logistic regression on frozen features (run_linear_probe)
     "head_only_random": {"method": "lora", "target_modules": [], "modules_to_save": ["head"]},
     "scratch": None,
 }
 RANDOM_ENCODER = {"head_only_random", "scratch"}  # pretrained: false
-DEFAULT_VARIANTS = ["point_peft", "full_ft", "lora", "adapter", "head_only"]
+DEFAULT_VARIANTS = ["point_peft", "full_ft", "lora", "adapter", "head_only", "linear_probe"]
 
 
 def _config(args, variant: str, seed: int, out: Path) -> dict:
@@ -84,6 +88,46 @@ def run(args, variant: str, seed: int) -> dict:
     return {"accuracy": m["accuracy"], "mean_class_accuracy": m["mean_class_accuracy"],
             "per_class_accuracy": m["per_class_accuracy"], "test_clouds": m["clouds"],
             "trainable_parameters": m["trainable_parameters"], "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def _pooled_features(model, dataset, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for points, labels in torch.utils.data.DataLoader(dataset, batch_size=batch):
+        xs.append(model.pooled(model.forward_features(points)))
+        ys.append(labels)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def run_linear_probe(args, seed: int) -> dict:
+    """The task's own data and frozen host (nothing injected, eval mode), then logistic
+    regression on the pooled features; C from the last quarter of the training clouds."""
+    from visionpeft.data.points import PointClouds
+    from visionpeft.pipelines.fewshot_clip.probe import accuracy, fit_logistic, linear_probe
+    from visionpeft.pipelines.pointcloud import PointClassificationConfig, PointClassificationTask
+
+    start = time.perf_counter()
+    values = {k: v for k, v in _config(args, "linear_probe", seed, Path("unused")).items()
+              if k in PointClassificationConfig.__dataclass_fields__}
+    task = PointClassificationTask(PointClassificationConfig.from_dict(values))
+    task.setup(torch.device("cpu"), torch.float32)
+    model = task.model.eval()
+    c = task.cfg
+    train = PointClouds(task.split("train"), c.num_points, c.dataset, train=False)  # no augmentation
+    tx, ty = _pooled_features(model, train)
+    sx, sy = _pooled_features(model, task.test_set)
+    mean, std = tx.mean(0), tx.std(0).clamp_min(1e-6)
+    tx, sx = (tx - mean) / std, (sx - mean) / std
+    cut = len(tx) - len(tx) // 4
+    k = len(task.classes)
+    _, _, chosen, scores = linear_probe(tx[:cut], ty[:cut], tx[cut:], ty[cut:], k)
+    w, b = fit_logistic(tx, ty, k, chosen)
+    pred = (sx.double() @ w.t() + b).argmax(-1)
+    per_class = {name: float((pred[sy == i] == i).double().mean()) for i, name in enumerate(task.classes)}
+    return {"accuracy": accuracy(w, b, sx, sy), "mean_class_accuracy": sum(per_class.values()) / k,
+            "per_class_accuracy": per_class, "test_clouds": len(sy), "C": chosen,
+            "val_by_C": {str(key): v for key, v in scores.items()}, "trainable_parameters": w.numel() + b.numel(),
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _cell(values: list[float]) -> str:
@@ -172,7 +216,7 @@ def main(argv=None) -> dict:
             if key in results:
                 continue
             print(f"== {key}", file=sys.stderr)
-            results[key] = run(args, variant, seed)
+            results[key] = run_linear_probe(args, seed) if variant == "linear_probe" else run(args, variant, seed)
             print(f"   accuracy {results[key]['accuracy']:.4f} ({results[key]['seconds']} s)", file=sys.stderr)
             if out:
                 _write(out, settings, results, table(results))

@@ -327,18 +327,22 @@ def test_points_table_script(tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "t.json"
-    args = ["--quick", "--variants", "lora", "head_only", "--work-dir", str(tmp_path / "w"), "--output", str(out)]
+    args = ["--quick", "--variants", "lora", "head_only", "linear_probe", "--work-dir", str(tmp_path / "w"),
+            "--output", str(out)]
     first = script.main(args)
     doc = json.loads(out.read_text())
-    assert sorted(doc["runs"]) == ["head_only/1", "lora/1"] and doc["table"] == first["table"]
+    assert sorted(doc["runs"]) == ["head_only/1", "linear_probe/1", "lora/1"] and doc["table"] == first["table"]
     assert all(r["test_clouds"] == 4 * 2 for r in doc["runs"].values())  # 4 held-out shapes x 2 (quick)
     # the head 2x192 -> 256 -> 256 -> 4 with two BNs; LoRA r 8 adds 8 x (192 + 576) per qkv of 6 blocks
     head = (384 * 256 + 256) + 512 + (256 * 256 + 256) + 512 + (256 * 4 + 4)
     assert doc["runs"]["head_only/1"]["trainable_parameters"] == head
     assert doc["runs"]["lora/1"]["trainable_parameters"] == head + 6 * 8 * (192 + 576)
+    probe = doc["runs"]["linear_probe/1"]  # logistic regression on [cls, max] (2 x 192) -> 4 shapes
+    assert probe["trainable_parameters"] == 2 * 192 * 4 + 4 and probe["C"] in [float(c) for c in probe["val_by_C"]]
+    assert probe["accuracy"] == pytest.approx(sum(probe["per_class_accuracy"].values()) / 4)  # 2 test clouds each
     row = next(line for line in doc["table"].splitlines() if line.startswith("| lora |"))
     assert row.split(" | ")[2] == f"{100 * doc['runs']['lora/1']['accuracy']:.1f}"
-    again = script.main([*args[:1], "--variants", "lora", *args[4:]])
+    again = script.main([*args[:1], "--variants", "lora", *args[5:]])
     assert again["runs"] == first["runs"] and again["table"] == first["table"]  # nothing rerun, no row lost
     with pytest.raises(SystemExit, match="other settings \\(epochs\\)"):
         script.main([*args, "--epochs", "2"])
