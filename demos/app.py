@@ -89,8 +89,8 @@ TABS: list[Tab] = [
                      "best/ or adapter/ (the tab's default; the page can change it)"),)),
     Tab("Generation", "generation",
         (Option("--sd-pipeline", keyword="default_pipeline", check=_sd_pipeline, metavar="DIR",
-                help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder (the tab's default; the page "
-                     "can change it)"),)),
+                help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder, or embedded-sd (the packaged "
+                     "model, the tab's default; the page can change it)"),)),
 ]
 
 

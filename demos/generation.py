@@ -6,7 +6,9 @@ one image, with the masks that decided which adapter drew where.
         --adapter cat=output/dreambooth-cat [--port 7860]
 
 The pipeline is diffusers' `DiffusionPipeline.from_pretrained(folder)` (Stable Diffusion
-1.x/2.x or SDXL); adapters go in with `visionpeft.pipelines.clora.load_pipeline_adapter`
+1.x/2.x or SDXL; by default ``embedded-sd``, the packaged 64 px model of satellite scenes,
+which needs no download: try "a satellite image of river"); adapters go in with
+`visionpeft.pipelines.clora.load_pipeline_adapter`
 (our adapter folders, DreamBooth outputs, diffusers / PEFT / kohya / LyCORIS files) and
 CLoRA is `visionpeft.pipelines.clora.compose`.
 """
@@ -47,7 +49,9 @@ _PIPELINES: OrderedDict[str, _Loaded] = OrderedDict()
 
 def find_pipeline(folder) -> Path:
     """The pipeline folder, or FileNotFoundError in one line naming what is missing."""
-    text = str(folder).strip()
+    from visionpeft.backbones.embedded_sd import resolve
+
+    text = str(resolve(str(folder).strip()))  # `embedded-sd`: the packaged model
     path = Path(text).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{text} does not exist (give a diffusers pipeline folder: Stable Diffusion "
@@ -306,7 +310,7 @@ def _slots(adapters: str):
     return [*uses, *scales, gr.update(choices=[("none", "")] + [(n, n) for n in names])]
 
 
-def build(default_pipeline: str = "", default_adapters: str = ""):
+def build(default_pipeline: str = "embedded-sd", default_adapters: str = ""):
     import gradio as gr
 
     try:
@@ -318,7 +322,8 @@ def build(default_pipeline: str = "", default_adapters: str = ""):
                     "the adapters you tick. CLoRA: several concept adapters in one image.")
         with gr.Row():
             folder = gr.Textbox(label="pipeline folder", value=default_pipeline,
-                                info="a diffusers Stable Diffusion 1.x/2.x or SDXL folder")
+                                info="a diffusers Stable Diffusion 1.x/2.x or SDXL folder, or embedded-sd "
+                                     "(the packaged 64 px model of satellite scenes)")
             adapters = gr.Textbox(label="adapters", value=default_adapters, lines=3, info=ADAPTERS_HELP,
                                   placeholder="dog=output/dreambooth-dog")
         with gr.Row():
@@ -377,7 +382,8 @@ def build(default_pipeline: str = "", default_adapters: str = ""):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", default="", help="a diffusers Stable Diffusion 1.x/2.x or SDXL folder")
+    p.add_argument("--pipeline", default="embedded-sd",
+                   help="a diffusers Stable Diffusion 1.x/2.x or SDXL folder, or embedded-sd (the packaged model)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter (repeatable)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--host", default="127.0.0.1")

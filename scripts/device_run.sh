@@ -81,9 +81,12 @@ mkdir -p "$SITE" && ln -s "$ROOT/visionpeft" "$SITE/visionpeft"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
   TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg TQDM_DISABLE=1
-# nothing written into the tree or the home folder: bytecode and Triton's cache go to the
-# run's temporary folder, and a caller's pytest options (--cov, -n) do not reach ours
-export PYTHONPYCACHEPREFIX="$WORK/pyc" TRITON_CACHE_DIR="$WORK/triton"
+# nothing written into the tree or the home folder: no bytecode (the installed packages'
+# own __pycache__ is still read: a private PYTHONPYCACHEPREFIX made every step recompile
+# torch's and diffusers' sources), Triton's cache in the run's temporary folder, and a
+# caller's pytest options (--cov, -n) do not reach ours
+unset PYTHONPYCACHEPREFIX
+export PYTHONDONTWRITEBYTECODE=1 TRITON_CACHE_DIR="$WORK/triton"
 unset PYTEST_ADDOPTS
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -668,6 +668,9 @@ def _load_diffusion_pipeline(folder: str, dtype):
 
     from diffusers import DiffusionPipeline
 
+    from .backbones.embedded_sd import resolve
+
+    folder = resolve(folder)  # the packaged `embedded-sd` by name
     if not (Path(folder) / "model_index.json").is_file():
         raise FileNotFoundError(f"--pipeline {folder}: not a diffusers pipeline folder (no model_index.json)")
     try:
@@ -703,7 +706,7 @@ def _cmd_demo(args) -> int:
 # the task names YAML configs take (the pipelines register them; tests check this list is complete,
 # so that `train --help` need not import every pipeline)
 TASKS = ("change_detection", "dreambooth", "fewshot_clip", "point_classification", "pretrain_clip",
-         "pretrain_embedded", "pretrain_point_mae", "segmentation")
+         "pretrain_embedded", "pretrain_point_mae", "pretrain_sd_unet", "pretrain_sd_vae", "segmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -806,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", help='JSON list of {"path", "top": [[class, probability], ...]}')
     d.set_defaults(func=_cmd_predict_points)
     c = sub.add_parser("compose", help="CLoRA: several concept adapters in one image (one UNet pass per step)")
-    c.add_argument("--pipeline", required=True, help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder")
+    c.add_argument("--pipeline", required=True, help="a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline folder, or "
+                   "embedded-sd (the packaged one)")
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="an adapter to load (repeatable): our folder, a DreamBooth output folder, or a diffusers / "
                         "PEFT / kohya / LyCORIS file")

@@ -330,39 +330,23 @@ HOSTS: dict[str, Callable[[int], tuple[nn.Module, Runner]]] = {
 }
 
 
-def _byte_level_vocab() -> dict[str, int]:
-    """CLIP's byte-level alphabet (each of the 256 symbols, alone and with ``</w>``) plus
-    the start and end tokens: enough for CLIPTokenizer to run with no merges."""
-    # the GPT-2/CLIP byte alphabet: printable Latin-1 bytes stand for themselves, the
-    # other bytes are shifted to code points from 256 up
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    symbols = [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}
-
-
 def save_tiny_sd_pipeline(folder, seed: int = 0, xl: bool = False):
     """Write a complete tiny Stable Diffusion pipeline (UNet, VAE, CLIP text encoder(s),
     tokenizer(s), DDPM scheduler) with ``save_pretrained``, so that it loads back through
     diffusers' own ``from_pretrained``: an offline stand-in for a hub checkpoint.
     ``xl=True`` writes the SDXL layout (two text encoders, added time/text conditioning)."""
-    import json
-    import tempfile
     from pathlib import Path
 
     from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .embedded_sd import byte_level_tokenizer, byte_level_vocab
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    vocab = _byte_level_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                                  model_max_length=16)
+    vocab = byte_level_vocab()
+    tokenizer = byte_level_tokenizer(max_length=16)
     text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
                               bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],

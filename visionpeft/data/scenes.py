@@ -208,3 +208,22 @@ def scene_set(n: int, size: int = 64, scenes=PRETRAIN_SCENES, seed: int = 0):
         rgb, cls = make_scene(rng, size, scenes[k])
         images[i], classes[i] = rgb.transpose(2, 0, 1), cls
     return torch.from_numpy(images), torch.from_numpy(classes), torch.from_numpy(labels)
+
+
+def write_scene_images(folder, scene: str, n: int, size: int = 64, seed: int = 0) -> list:
+    """Write ``n`` scenes of one type as PNG files ``{scene}_{i:03d}.png`` into ``folder``
+    (created): DreamBooth's instance or class images, e.g. five held-out "desert" scenes for
+    the embedded text-to-image model. Returns the paths."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    images, _, _ = scene_set(n, size, (scene,), seed=seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = folder / f"{scene}_{i:03d}.png"
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -27,6 +27,7 @@ def _pretrain_task(values: dict) -> Task:
 register_task("pretrain_embedded", _pretrain_task)
 from . import pretrain_clip  # noqa: E402,F401  (registers task pretrain_clip: the embedded CLIP's recipe)
 from . import pretrain_points  # noqa: E402,F401  (registers task pretrain_point_mae: the embedded Point-MAE's)
+from . import pretrain_sd  # noqa: E402,F401  (registers pretrain_sd_vae and pretrain_sd_unet: the embedded SD's)
 
 
 def run_config(values: dict) -> TrainResult:

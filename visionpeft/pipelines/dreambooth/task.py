@@ -72,7 +72,7 @@ class DreamBoothConfig:
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     sample_batch_size: int = 4
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's own size (UNet sample_size x VAE factor: SD1.5 512, SDXL 1024)
     center_crop: bool = True
     snr_gamma: float | None = None
     cache_latents: bool = False
@@ -150,6 +150,8 @@ class DreamBoothTask(Task):
             raise TrainingError(f"instance_data_dir {cfg.instance_data_dir} has no images "
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         self._load_components()
+        if cfg.resolution is None:
+            cfg.resolution = self.native_resolution()
         if cfg.with_prior_preservation:
             state = PartialState()
             if state.is_main_process:
@@ -172,7 +174,9 @@ class DreamBoothTask(Task):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        path = self.cfg.pretrained_model
+        from visionpeft.backbones.embedded_sd import resolve
+
+        path = resolve(self.cfg.pretrained_model)  # `embedded-sd`: the packaged model
         try:
             self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         except (OSError, ValueError) as err:
@@ -188,6 +192,11 @@ class DreamBoothTask(Task):
             self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
         for m in (self.unet, self.vae, *self.text_encoders):
             m.requires_grad_(False)
+
+    def native_resolution(self) -> int:
+        """The size the model was trained at: its latent grid (UNet sample_size) times the
+        VAE's downsampling (2 per level after the first), as diffusers' pipelines default."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _pipeline(self):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

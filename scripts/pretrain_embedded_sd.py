@@ -1,0 +1,231 @@
+"""Pretrain the embedded text-to-image model (`embedded-sd`) and write it into the package.
+
+Stages (``--stages``, each resumable with ``--resume latest``), all through the shared
+training loop (visionpeft/train/pretrain_sd.py):
+
+  vae      the AutoencoderKL: ``--vae-steps`` on random 32 px crops, then ``--vae64-steps``
+           on whole 64 px scenes (so its attention sees the 16 x 16 latent grid); the
+           latents' spread then sets the VAE's scaling_factor
+  unet     the UNet and the text encoder jointly on the VAE's latents (min-SNR 5, 10%
+           empty captions, EMA of the weights)
+  assemble the EMA weights, the VAE, the byte-level tokenizer and a DDIM scheduler as one
+           StableDiffusionPipeline folder, swapped whole into
+           visionpeft/backbones/weights/embedded-sd/ (fp32, at most 20 MB)
+  eval     the folder loaded back by diffusers' from_pretrained; ``--eval-n`` images per
+           bare caption "a satellite image of {type}" (DDIM 20 steps, guidance 7.5, the
+           demo's defaults), scored by the scene judge (visionpeft.backbones.scene_judge);
+           a sample grid, the curves and the settings go to docs/
+
+    python scripts/pretrain_embedded_sd.py                     # the shipped model (~75 min, 2 cores)
+    python scripts/pretrain_embedded_sd.py --stages unet --resume latest   # go on after an interruption
+    python scripts/pretrain_embedded_sd.py --vae-steps 2 --vae64-steps 1 --unet-steps 2 --pool 64 \\
+        --eval-n 2 --target /tmp/sd --docs '' --output-dir /tmp/sd-run    # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import visionpeft as vp
+from visionpeft.backbones import embedded_sd
+from visionpeft.data.scenes import HELD_OUT_SCENES, PRETRAIN_SCENES, SCENE_TYPES
+from visionpeft.train import TrainConfig, train
+from visionpeft.train.pretrain_sd import SDUnetConfig, SDUnetTask, SDVaeConfig, SDVaeTask
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BYTES = 20 * 2 ** 20  # the package folder's budget (its three safetensors files)
+STAGES = ("vae", "unet", "assemble", "eval")
+EVAL_SEED = 2024
+GUIDANCE, EVAL_STEPS = 7.5, 20
+
+
+def loop_config(out: Path, args, steps: int, batch: int, lr: float, warmup: int) -> TrainConfig:
+    return TrainConfig(output_dir=str(out), seed=args.seed, max_train_steps=steps, train_batch_size=batch,
+                       learning_rate=lr, lr_scheduler="cosine", lr_warmup_steps=min(warmup, steps),
+                       lr_min=lr / 50, adam_weight_decay=0.01, max_grad_norm=1.0,
+                       checkpointing_steps=max(1, min(200, steps)), checkpoints_total_limit=2,
+                       resume_from_checkpoint=args.resume, cpu=not torch.cuda.is_available())
+
+
+def curve(folder: Path, keys: tuple[str, ...], points: int = 60) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    every = max(1, len(rows) // points)
+    return [{k: round(r[k], 5) if isinstance(r.get(k), float) else r.get(k) for k in ("step", "loss", *keys)}
+            for r in rows[::every] + rows[-1:]]
+
+
+def stage_vae(args, out: Path, pool: dict) -> dict:
+    start = time.time()
+    crops = SDVaeConfig(crop=32, **pool)
+    train(SDVaeTask(crops), loop_config(out / "vae32", args, args.vae_steps, args.vae_batch, args.vae_lr, 50))
+    full = SDVaeConfig(crop=64, init_from=str(out / "vae32" / "adapter" / "vae"), **pool)
+    result = train(SDVaeTask(full), loop_config(out / "vae64", args, args.vae64_steps, args.vae_batch // 2,
+                                                 args.vae_lr / 5, 10))
+    return {"wall_s": round(time.time() - start), "latents": result.report,
+            "curve_32px": curve(out / "vae32", ("l1", "psnr", "kl", "latent_std")),
+            "curve_64px": curve(out / "vae64", ("l1", "psnr", "kl", "latent_std"))}
+
+
+def stage_unet(args, out: Path, pool: dict) -> dict:
+    start = time.time()
+    cfg = SDUnetConfig(vae=str(out / "vae64" / "adapter" / "vae"), **pool)
+    train(SDUnetTask(cfg), loop_config(out / "unet", args, args.unet_steps, args.unet_batch, args.unet_lr,
+                                       args.unet_warmup))
+    return {"wall_s": round(time.time() - start), "curve": curve(out / "unet", ("mse",))}
+
+
+def assemble(out: Path, target: Path) -> dict:
+    """The pipeline folder from the trained parts (the EMA weights of UNet and text encoder)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    unet, text_encoder = embedded_sd.build_unet(), embedded_sd.build_text_encoder()
+    unet.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "unet.safetensors")))
+    text_encoder.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "text_encoder.safetensors")),
+                                 strict=False)
+    vae = AutoencoderKL.from_pretrained(out / "vae64" / "adapter" / "vae")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=embedded_sd.byte_level_tokenizer(),
+                                   unet=unet, scheduler=embedded_sd.noise_scheduler("ddim"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    vp.atomic_write_dir(target, lambda tmp: pipe.save_pretrained(tmp))
+    files = sorted(target.rglob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    if size > MAX_BYTES:
+        raise SystemExit(f"the pipeline's weights are {size / 2**20:.1f} MB, over the 20 MB budget")
+    return {"size_bytes": size, "sha256": {str(f.relative_to(target)): hashlib.sha256(f.read_bytes()).hexdigest()
+                                            for f in files}}
+
+
+@torch.no_grad()
+def evaluate(target: Path, n: int, docs: Path | None, recon_n: int = 600) -> dict:
+    """Judge accuracy of the intended type for ``n`` images per bare caption (seen types),
+    the held-out captions as a negative control, and the judge on VAE reconstructions."""
+    from diffusers import StableDiffusionPipeline
+
+    from visionpeft.backbones.scene_judge import load_scene_judge
+    from visionpeft.data.scenes import scene_set
+
+    pipe = StableDiffusionPipeline.from_pretrained(target)
+    pipe.set_progress_bar_config(disable=True)
+    judge = load_scene_judge()
+    report, grid = {"seen": {}, "held_out": {}}, []
+    for part, types in (("seen", PRETRAIN_SCENES), ("held_out", HELD_OUT_SCENES)):
+        for scene in types:
+            g = torch.Generator().manual_seed(EVAL_SEED)
+            images = pipe([f"a satellite image of {scene}"] * n, num_inference_steps=EVAL_STEPS,
+                          guidance_scale=GUIDANCE, generator=g, output_type="pt").images
+            found = [judge.classes[i] for i in judge.classify(images)]
+            report[part][scene] = {"accuracy": round(sum(f == scene for f in found) / n, 4),
+                                   "judged": {t: found.count(t) for t in SCENE_TYPES if found.count(t)}}
+            grid.append(images[:8])
+    seen = [r["accuracy"] for r in report["seen"].values()]
+    report["seen_accuracy"] = round(sum(seen) / len(seen), 4)
+    real, _, labels = scene_set(recon_n, 64, PRETRAIN_SCENES, seed=EVAL_SEED)
+    recon = torch.cat([pipe.vae.decode(pipe.vae.encode(real[i:i + 100] * 2 - 1).latent_dist.mean).sample
+                       for i in range(0, recon_n, 100)]).clamp(-1, 1) / 2 + 0.5
+    names = [judge.classes[i] for i in judge.classify(recon)]
+    report["judge_on_vae_reconstructions"] = round(
+        sum(nm == PRETRAIN_SCENES[k] for nm, k in zip(names, labels.tolist())) / len(names), 4)
+    report["psnr_vae_reconstructions"] = round(
+        (10 * torch.log10(1 / ((recon - real) ** 2).mean())).item(), 2)
+    report.update(n=n, steps=EVAL_STEPS, guidance=GUIDANCE, seed=EVAL_SEED, scheduler="DDIM")
+    if docs is not None:
+        save_grid(torch.cat(grid), [*PRETRAIN_SCENES, *HELD_OUT_SCENES], docs / "embedded_sd_samples.png")
+    return report
+
+
+def save_grid(images: torch.Tensor, rows: list[str], path: Path) -> None:
+    """One row of 8 samples per caption, labelled, written atomically."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.use("Agg")
+    cols = len(images) // len(rows)
+    fig = Figure(figsize=(cols * 0.9 + 1.2, len(rows) * 0.9))
+    for r, name in enumerate(rows):
+        for c in range(cols):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+            ax.imshow(images[r * cols + c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle('"a satellite image of <type>" (DDIM 20 steps, guidance 7.5); last 4 rows: never-seen types',
+                 fontsize=8)
+    vp.atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae64-steps", type=int, default=100)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-lr", type=float, default=6e-4)
+    p.add_argument("--unet-warmup", type=int, default=100)
+    p.add_argument("--pool", type=int, default=20000, help="captioned scenes generated once")
+    p.add_argument("--data-seed", type=int, default=4321)
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order, noise")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-n", type=int, default=64, help="images per caption in the evaluation")
+    p.add_argument("--recon-n", type=int, default=600, help="real scenes judged after a VAE round trip")
+    p.add_argument("--output-dir", default=str(ROOT / "output" / "pretrain-embedded-sd"))
+    p.add_argument("--resume", default=None, choices=["latest"], help="go on from each stage's last checkpoint")
+    p.add_argument("--target", default=None, help="where the pipeline folder goes (default: the package)")
+    p.add_argument("--docs", default=str(ROOT / "docs"), help="where curves, samples and log go ('' = nowhere)")
+    args = p.parse_args(argv)
+    for name in ("vae_steps", "vae64_steps", "vae_batch", "unet_steps", "unet_batch", "pool", "eval_n", "recon_n",
+                 "threads"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    target = Path(args.target) if args.target else embedded_sd.FOLDER
+    docs = Path(args.docs) if args.docs else None
+    pool = {"pool_size": args.pool, "data_seed": args.data_seed, "pool_cache": str(out / "pool")}
+    log_path = out / "summary.json"
+    summary = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("stages", "resume", "docs", "target")}
+    for stage in args.stages:
+        t = time.time()
+        if stage == "vae":
+            summary["vae"] = stage_vae(args, out, pool)
+        elif stage == "unet":
+            summary["unet"] = stage_unet(args, out, pool)
+        elif stage == "assemble":
+            summary["files"] = assemble(out, target)
+        else:
+            summary["eval"] = evaluate(target, args.eval_n, docs, args.recon_n)
+        print(f"stage {stage}: {(time.time() - t) / 60:.1f} min")
+        out.mkdir(parents=True, exist_ok=True)
+        body = json.dumps(summary, indent=1)
+        vp.atomic_write_file(log_path, lambda tmp: Path(tmp).write_text(body))
+    summary["date"] = str(date.today())
+    if docs is not None:
+        body = json.dumps(summary, indent=1)
+        vp.atomic_write_file(docs / "embedded_sd_pretrain.json", lambda tmp: Path(tmp).write_text(body))
+        for name, folder in (("vae", "vae32"), ("unet", "unet")):
+            if (out / folder / "loss.png").is_file():
+                vp.atomic_write_file(docs / f"embedded_sd_{name}_loss.png",
+                                     lambda tmp, f=folder: shutil.copyfile(out / f / "loss.png", tmp))
+    if "eval" in summary:
+        e = summary["eval"]
+        print(f"judge accuracy of the intended type, seen captions: {e['seen_accuracy']:.3f} "
+              f"({ {k: v['accuracy'] for k, v in e['seen'].items()} }); on VAE reconstructions "
+              f"{e['judge_on_vae_reconstructions']:.3f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

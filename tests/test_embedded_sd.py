@@ -1,0 +1,144 @@
+"""The embedded text-to-image model (`embedded-sd`): the shipped folder loads through
+diffusers' own from_pretrained and generates; DreamBooth and composition run on it by
+name; its tokenizer, its name resolution and its pretraining tasks (tiny seeded runs)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import visionpeft as vp
+from visionpeft.backbones import embedded_sd
+from visionpeft.backbones.embedded_sd import byte_level_tokenizer, embedded_sd_path, resolve
+from visionpeft.data.captions import caption_set
+from visionpeft.data.scenes import PRETRAIN_SCENES, write_scene_images
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(embedded_sd_path())
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_the_shipped_folder_is_a_stable_diffusion_checkpoint_within_20_mb(pipe):
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    files = sorted(embedded_sd_path().rglob("*.safetensors"))
+    assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 20 * 2 ** 20
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} <= {"F32", "I64"}, f
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.model_max_length == 96
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.steps_offset == 1
+    # the trained VAE's latents were scaled to unit spread (an untrained VAE keeps diffusers' default 0.18215)
+    assert pipe.vae.config.scaling_factor != 0.18215
+    index = json.loads((embedded_sd_path() / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["safety_checker"] == [None, None]
+
+
+def test_it_generates_64_px_images_from_a_caption(pipe):
+    g = torch.Generator().manual_seed(0)
+    out = pipe("a satellite image of farmland", num_inference_steps=2, generator=g, output_type="pt").images
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all() and 0 <= out.min() <= out.max() <= 1
+    again = pipe("a satellite image of farmland", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="pt").images
+    torch.testing.assert_close(out, again)  # seeded: the same image
+
+
+def test_the_byte_level_tokenizer_is_one_token_per_character_and_fits_every_caption():
+    tok = byte_level_tokenizer()
+    vocab = embedded_sd.byte_level_vocab()
+    ids = tok("ab c").input_ids
+    assert ids == [vocab["<|startoftext|>"], vocab["a"], vocab["b</w>"], vocab["c</w>"], vocab["<|endoftext|>"]]
+    _, captions, _ = caption_set(300, 16, PRETRAIN_SCENES, seed=3, style="sd")
+    lengths = [len(tok(c).input_ids) for c in captions]
+    assert max(lengths) <= tok.model_max_length == 96
+    assert all(c.startswith("a satellite image of ") for c in captions)
+
+
+def test_the_name_resolves_to_the_packaged_folder_and_a_missing_one_says_how_to_make_it(tmp_path, monkeypatch):
+    assert resolve("embedded-sd") == str(embedded_sd.FOLDER) and resolve("some/hub-id") == "some/hub-id"
+    assert resolve(tmp_path) == tmp_path
+    monkeypatch.setattr(embedded_sd, "FOLDER", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="scripts/pretrain_embedded_sd.py") as err:
+        resolve("embedded-sd")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_dreambooth_and_compose_run_on_it_by_name(tmp_path):
+    """Two 2-step DreamBooth runs (two held-out types) on `pretrained_model: embedded-sd` at
+    its own 64 px, then both adapters composed with CLoRA through `visionpeft compose`."""
+    from PIL import Image
+
+    from visionpeft.cli import main
+    from visionpeft.train import run_config
+
+    outs = {}
+    for scene in ("desert", "lake"):
+        write_scene_images(tmp_path / scene, scene, 2, seed=1)
+        result = run_config({"task": "dreambooth", "pretrained_model": "embedded-sd",
+                             "instance_data_dir": str(tmp_path / scene), "instance_prompt": "a satellite image of sks",
+                             "adapter": {"method": "lora", "r": 2, "target_modules": ["to_q", "to_k", "to_v"]},
+                             "max_train_steps": 2, "learning_rate": 1e-3, "output_dir": str(tmp_path / f"db-{scene}"),
+                             "cpu": True, "seed": 0})
+        assert result.step == 2 and result.losses and all(map(lambda v: v == v, result.losses))
+        outs[scene] = tmp_path / f"db-{scene}"
+        assert vp.read_adapter_config(outs[scene] / "adapter" / "unet")["method"] == "lora"
+    image = tmp_path / "both.png"
+    code = main(["compose", "--pipeline", "embedded-sd", "--adapter", f"desert={outs['desert']}",
+                 "--adapter", f"lake={outs['lake']}", "--prompt", "a satellite image of sks and sks",
+                 "--concept", "desert:a satellite image of sks:sks", "--concept", "lake:a satellite image of sks:sks",
+                 "--steps", "2", "--refine-rounds", "1", "--update-until", "1", "-o", str(image)])
+    assert code == 0 and Image.open(image).size == (64, 64)
+
+
+def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path):
+    """A tiny run of every stage twice: the same weights byte for byte, a folder diffusers
+    loads, and nothing in the package touched."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_embedded_sd.py"
+    spec = importlib.util.spec_from_file_location("pretrain_embedded_sd", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
+    hashes, summaries = [], []
+    for run, stages in (("a", ["vae", "unet", "assemble", "eval"]), ("b", ["vae", "unet", "assemble"])):
+        summary = module.main(["--vae-steps", "2", "--vae64-steps", "1", "--vae-batch", "4", "--unet-steps", "2",
+                               "--unet-batch", "4", "--pool", "24", "--eval-n", "1", "--recon-n", "8",
+                               "--output-dir", str(tmp_path / run), "--target", str(tmp_path / f"sd-{run}"),
+                               "--docs", "", "--stages", *stages])
+        hashes.append(summary["files"]["sha256"])
+        summaries.append(summary)
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 3
+    assert set(summaries[0]["eval"]["seen"]) == set(PRETRAIN_SCENES) and "eval" not in summaries[1]
+    assert set(summary["vae"]["latents"]) >= {"scaling_factor", "channel_mean"}
+    from diffusers import StableDiffusionPipeline
+
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b").vae.config.scaling_factor == \
+        summary["vae"]["latents"]["scaling_factor"]
+    assert before == {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
+
+
+def test_the_wheel_ships_every_file_of_the_folder():
+    """pyproject's package-data globs (setuptools': ``*`` stays within one folder) cover each
+    file of the nested folder, so an installed package has the model too."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "visionpeft.backbones"]
+    package = root / "visionpeft" / "backbones"
+    files = [f.relative_to(package).as_posix() for f in embedded_sd_path().rglob("*") if f.is_file()]
+    assert len(files) >= 9  # model_index.json and each part's config and weights
+    patterns = [re.compile("".join("[^/]*" if c == "*" else re.escape(c) for c in g) + "$") for g in globs]
+    for rel in files:
+        assert any(p.match(rel) for p in patterns), rel

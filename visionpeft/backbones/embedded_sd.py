@@ -1,0 +1,116 @@
+"""The embedded text-to-image model, ``embedded-sd``: a small latent diffusion pipeline
+(AutoencoderKL, UNet2DConditionModel, CLIPTextModel with a byte-level CLIPTokenizer, DDIM
+scheduler) pretrained by visionpeft on captioned procedural scenes of the six pretraining
+types (`scripts/pretrain_embedded_sd.py`, docs/EMBEDDED.md) and shipped inside the package
+as a diffusers folder, so DreamBooth, composition and the generation demo produce images
+one can judge where no Stable Diffusion weights can be downloaded.
+
+The folder is an ordinary Stable Diffusion checkpoint; diffusers loads it itself::
+
+    from diffusers import StableDiffusionPipeline
+    from visionpeft.backbones import embedded_sd_path
+    pipe = StableDiffusionPipeline.from_pretrained(embedded_sd_path())
+    image = pipe("a satellite image of farmland", num_inference_steps=20).images[0]  # 64 x 64
+
+and ``pretrained_model: embedded-sd`` names it in a DreamBooth config (``resolve``). Its
+captions start "a satellite image of <scene type>"; the held-out types (desert,
+industrial, lake, orchard) were never named or shown, so they stay new concepts.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+NAME = "embedded-sd"
+FOLDER = Path(__file__).resolve().parent / "weights" / NAME
+REGENERATE = "python scripts/pretrain_embedded_sd.py"
+MAX_LENGTH = 96  # tokens: the longest caption ("... with a, b and c in autumn, hazy") is under 90
+RESOLUTION = 64  # pixels: the UNet's 16 x 16 latents times the VAE's factor 4
+
+
+def embedded_sd_path() -> Path:
+    """The packaged pipeline folder; a FileNotFoundError saying how to regenerate it when
+    missing (a source checkout before the pretraining script ran, or a build that dropped
+    package data)."""
+    if not (FOLDER / "model_index.json").is_file():
+        raise FileNotFoundError(f"the embedded text-to-image model {FOLDER} is missing; regenerate it with "
+                                f"`{REGENERATE}` (see docs/EMBEDDED.md) or name a Stable Diffusion folder")
+    return FOLDER
+
+
+def resolve(name_or_path):
+    """``embedded-sd`` -> the packaged folder; anything else (a hub id, a folder) unchanged."""
+    if isinstance(name_or_path, str) and name_or_path == NAME:
+        return str(embedded_sd_path())
+    return name_or_path
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet (each of the 256 symbols, alone and with ``</w>``) plus
+    the start and end tokens: enough for CLIPTokenizer to run with no merges (514 tokens)."""
+    # the GPT-2/CLIP byte alphabet: printable Latin-1 bytes stand for themselves, the
+    # other bytes are shifted to code points from 256 up
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    symbols = [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+def byte_level_tokenizer(max_length: int = MAX_LENGTH):
+    """transformers' CLIPTokenizer over the byte-level vocabulary with no merges: one token
+    per character (plus ``</w>`` on each word's last), so no BPE file needs shipping."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(byte_level_vocab()))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=max_length)
+
+
+def build_vae():
+    """The autoencoder: 3 levels (factor 4), 64 px -> 16 x 16 x 4 latents, 0.95M parameters."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=16, sample_size=RESOLUTION)
+
+
+def build_unet():
+    """The denoiser: 16 x 16 x 4 latents, cross-attention on 128-d text states, 3.2M parameters."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64, 128),
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
+
+
+def build_text_encoder():
+    """CLIPTextModel: 3 layers of width 128 over the 514 byte-level tokens, 96 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = byte_level_vocab()
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=128,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"])
+    return CLIPTextModel(cfg)
+
+
+def noise_scheduler(kind: str = "ddim"):
+    """Stable Diffusion 1's noise schedule (scaled_linear 0.00085-0.012, 1000 steps, epsilon):
+    DDIM for sampling (what the folder ships), DDPM for training."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False, steps_offset=1, prediction_type="epsilon")
+    if kind == "ddim":
+        return DDIMScheduler(set_alpha_to_one=False, **common)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    raise ValueError(f"noise_scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")

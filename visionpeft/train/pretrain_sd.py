@@ -1,0 +1,364 @@
+"""Pretraining of the embedded text-to-image model (`visionpeft.backbones.embedded_sd`) from
+scratch on captioned procedural scenes of the six pretraining types, in two tasks:
+
+``pretrain_sd_vae``: the AutoencoderKL on random crops (``crop``) of the pool, each turned
+by one of the 4 rotations and mirrored at random; loss L1(x, x^) + ``edge_weight`` x L1 of
+the horizontal and vertical differences (a cheap stand-in for the perceptual loss of
+Rombach et al., *High-Resolution Image Synthesis with Latent Diffusion Models*, CVPR 2022,
+which needs pretrained VGG weights) + ``kl_weight`` x the posterior's KL to N(0, I), per
+latent element. No adversarial term. ``finish`` measures the latents' spread on the pool
+and records ``scaling_factor = 1 / std`` in the VAE's config, as Stable Diffusion's 0.18215
+was found. SD pipelines apply no shift, so the channel means are reported too: an offset
+m only moves the data the denoiser learns, and at the last timestep it is scaled by
+sqrt(alpha_bar_T) = 0.07, so a mean of a few tenths of the std is harmless.
+
+``pretrain_sd_unet``: the UNet2DConditionModel and the CLIPTextModel trained jointly (one
+AdamW) to predict the noise (DDPM, Ho et al. 2020) of the frozen VAE's latents, which are
+encoded once and sampled from their posterior each step; Min-SNR-5 loss weighting (Hang et
+al., *Efficient Diffusion Training via Min-SNR Weighting Strategy*, ICCV 2023); 10% of the
+captions dropped to "" so classifier-free guidance (Ho & Salimans 2022) works; an
+exponential moving average of the weights (decay warmed up as (1+t)/(10+t)), which is
+what ships. The text encoder is trained because a random byte-level tower would condition
+poorly and there is no pretrained one to start from.
+
+The pool (images and captions, `visionpeft.data.captions.caption_set(style="sd")`) is
+generated once from ``data_seed`` in chunks, and can be kept in ``pool_cache`` so both
+tasks (and a resumed run) read the same one. The four held-out scene types are never seen:
+neither their images nor their names.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from .task import Task, register_task, task_config
+
+
+@dataclass
+class SDPoolConfig:
+    pool_size: int = 20000
+    image_size: int = 64
+    data_seed: int = 4321
+    chunk: int = 1000  # scenes generated per seed: chunk i uses data_seed + i * chunk
+    pool_cache: str | None = None  # a folder keeping the generated pool between runs
+
+    def __post_init__(self):
+        for name in ("pool_size", "image_size", "chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{self.task_name}: {name} must be a positive integer, got {v!r}")
+
+    task_name = "pretrain_sd"
+
+    def pool_settings(self) -> dict:
+        return {"pool_size": self.pool_size, "image_size": self.image_size, "data_seed": self.data_seed,
+                "chunk": self.chunk}
+
+
+def build_sd_pool(cfg: SDPoolConfig) -> tuple[torch.Tensor, list[str]]:
+    """(uint8 images (n, 3, s, s), captions) of the six pretraining types; read from
+    ``cfg.pool_cache`` when it holds the pool of the same settings, written there otherwise."""
+    import visionpeft as vp
+
+    from ..data.captions import caption_set
+    from ..data.scenes import PRETRAIN_SCENES
+
+    settings = json.dumps(cfg.pool_settings(), sort_keys=True)
+    cache = Path(cfg.pool_cache) / "pool.safetensors" if cfg.pool_cache else None
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            meta = f.metadata()
+            if meta.get("settings") == settings:
+                return f.get_tensor("images"), json.loads(meta["captions"])
+    images, captions = [], []
+    for start in range(0, cfg.pool_size, cfg.chunk):
+        img, cap, _ = caption_set(min(cfg.chunk, cfg.pool_size - start), cfg.image_size, PRETRAIN_SCENES,
+                                  seed=cfg.data_seed + start, style="sd")
+        images.append(img)
+        captions += cap
+    images = torch.cat(images)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"settings": settings, "captions": json.dumps(captions)}
+        vp.atomic_write_file(cache, lambda tmp: save_file({"images": images}, tmp, metadata=meta))
+    return images, captions
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> floats in [-1, 1], the VAE's input range."""
+    return images.float() / 127.5 - 1
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image."""
+    n, _, h, w = images.shape
+    if size >= h and size >= w:
+        return images
+    ys = torch.randint(0, h - size + 1, (n,), generator=generator)
+    xs = torch.randint(0, w - size + 1, (n,), generator=generator)
+    return torch.stack([img[:, y:y + size, x:x + size] for img, y, x in zip(images, ys.tolist(), xs.tolist())])
+
+
+def edge_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance of the horizontal and vertical neighbour differences."""
+    return ((x.diff(dim=-1) - y.diff(dim=-1)).abs().mean() + (x.diff(dim=-2) - y.diff(dim=-2)).abs().mean()) / 2
+
+
+class _Indices(Dataset):
+    """The loop batches indices; the task looks up its pool tensors itself (one gather
+    per batch instead of a Python call per item)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+def _save_state(model: torch.nn.Module, path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+
+
+# --- the autoencoder ----------------------------------------------------------------------
+
+@dataclass
+class SDVaeConfig(SDPoolConfig):
+    crop: int = 32  # the VAE is convolutional: small crops train it faster; 64 lets its attention see the grid
+    kl_weight: float = 1e-4
+    edge_weight: float = 0.5
+    init_from: str | None = None  # a diffusers AutoencoderKL folder to go on from (the 64 px phase)
+    scaling_images: int = 4096  # pool images whose latents set scaling_factor in finish
+
+    task_name = "pretrain_sd_vae"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.crop, int) and 8 <= self.crop <= self.image_size and self.crop % 4 == 0):
+            raise ValueError(f"pretrain_sd_vae: crop must be a multiple of 4 in [8, image_size "
+                             f"{self.image_size}], got {self.crop!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SDVaeConfig":
+        return task_config(cls, values, "pretrain_sd_vae")
+
+
+class SDVaeTask(Task):
+    """Trains every VAE parameter; checkpoints and the final folder hold it as diffusers
+    writes it (``vae/config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+
+    name = "vae"
+
+    def __init__(self, cfg: SDVaeConfig):
+        self.cfg = cfg
+
+    def setup(self, device, dtype):
+        from diffusers import AutoencoderKL
+
+        from ..backbones.embedded_sd import build_vae
+
+        self.vae = AutoencoderKL.from_pretrained(self.cfg.init_from) if self.cfg.init_from else build_vae()
+        self.vae.train()
+        self.images, _ = build_sd_pool(self.cfg)
+
+    def models(self):
+        return {self.name: self.vae}
+
+    def train_dataset(self):
+        return _Indices(len(self.images))
+
+    def loss(self, models, batch):
+        from .pretrain_clip import rotate_flip
+
+        vae = models[self.name]
+        x = to_unit_range(rotate_flip(random_crops(self.images[batch], self.cfg.crop)))
+        x = x.to(next(vae.parameters()).device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        l1 = (recon - x).abs().mean()
+        edge = edge_l1(recon, x)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        loss = l1 + self.cfg.edge_weight * edge + self.cfg.kl_weight * kl
+        with torch.no_grad():
+            mse = F.mse_loss(recon.clamp(-1, 1), x)
+            psnr = 10 * math.log10(4 / max(mse.item(), 1e-12))  # the range is 2
+        return loss, {"l1": l1.item(), "kl": kl.item(), "psnr": psnr, "latent_std": posterior.std.mean().item()}
+
+    def save_adapters(self, models, folder: Path) -> None:
+        models[self.name].save_pretrained(folder / self.name)
+
+    def load_adapters(self, models, folder: Path) -> None:
+        models[self.name].load_state_dict(load_file(str(folder / self.name / "diffusion_pytorch_model.safetensors")))
+
+    def finish(self, models, output_dir: Path) -> dict:
+        stats = latent_stats(models[self.name], self.images[:self.cfg.scaling_images])
+        vae = models[self.name]
+        vae.register_to_config(scaling_factor=stats["scaling_factor"])
+        vae.save_pretrained(output_dir / "adapter" / self.name)  # the final folder, now with the factor
+        return stats
+
+
+@torch.no_grad()
+def latent_stats(vae, images: torch.Tensor, batch: int = 256) -> dict:
+    """Per-channel means and the overall std of sampled latents; ``scaling_factor`` = 1/std."""
+    was = vae.training
+    vae.eval()
+    g = torch.Generator().manual_seed(0)
+    try:
+        z = torch.cat([vae.encode(to_unit_range(images[i:i + batch])).latent_dist.sample(g)
+                       for i in range(0, len(images), batch)])
+    finally:
+        vae.train(was)
+    std = z.std().item()
+    return {"scaling_factor": round(1 / std, 6), "std": round(std, 5),
+            "channel_mean": [round(v, 5) for v in z.mean((0, 2, 3)).tolist()],
+            "channel_std": [round(v, 5) for v in z.std((0, 2, 3)).tolist()]}
+
+
+# --- the denoiser and the text encoder ------------------------------------------------------
+
+@dataclass
+class SDUnetConfig(SDPoolConfig):
+    vae: str = ""  # the trained AutoencoderKL folder (pretrain_sd_vae's adapter/vae), scaling_factor set
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    encode_batch: int = 256
+
+    task_name = "pretrain_sd_unet"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.vae:
+            raise ValueError("pretrain_sd_unet: vae must name the trained AutoencoderKL folder "
+                             "(pretrain_sd_vae's output_dir/adapter/vae)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"pretrain_sd_unet: caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"pretrain_sd_unet: ema_decay must be in (0, 1), got {self.ema_decay!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SDUnetConfig":
+        return task_config(cls, values, "pretrain_sd_unet")
+
+
+class SDUnetTask(Task):
+    """Trains the UNet and the text encoder together; checkpoints and the final folder hold
+    both as diffusers / transformers write them, plus their moving averages (``ema/``)."""
+
+    def __init__(self, cfg: SDUnetConfig):
+        self.cfg = cfg
+        self.ema: dict[str, torch.Tensor] = {}
+
+    def setup(self, device, dtype):
+        from diffusers import AutoencoderKL
+
+        from ..backbones.embedded_sd import build_text_encoder, build_unet, byte_level_tokenizer, noise_scheduler
+
+        self.unet, self.text_encoder = build_unet(), build_text_encoder()  # random init, the loop's seed
+        self.unet.train()
+        self.text_encoder.train()
+        self.scheduler = noise_scheduler("ddpm")
+        vae = AutoencoderKL.from_pretrained(self.cfg.vae)
+        self.scaling_factor = vae.config.scaling_factor
+        images, captions = build_sd_pool(self.cfg)
+        tok = byte_level_tokenizer()
+        # the pipeline's own tokenisation: padded to the maximum length with the end token
+        self.tokens = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+        self.empty = tok([""], padding="max_length", max_length=tok.model_max_length,
+                         return_tensors="pt").input_ids[0]
+        self.mean, self.std = encode_pool(vae, images, self.cfg.encode_batch)
+
+    def models(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def train_dataset(self):
+        return _Indices(len(self.tokens))
+
+    def loss(self, models, batch):
+        from diffusers.training_utils import compute_snr
+
+        from .pretrain_clip import rotate_flip
+
+        unet, text_encoder = models["unet"], models["text_encoder"]
+        device = next(unet.parameters()).device
+        latents = self.mean[batch] + self.std[batch] * torch.randn_like(self.mean[batch])
+        latents = rotate_flip(latents * self.scaling_factor).to(device)  # the captions hold under D4
+        ids = self.tokens[batch].clone()
+        ids[torch.rand(len(ids)) < self.cfg.caption_dropout] = self.empty
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), device=device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(ids.to(device))[0]).sample
+        per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3))
+        snr = compute_snr(self.scheduler, t)
+        weights = snr.clamp(max=self.cfg.snr_gamma) / snr  # epsilon prediction
+        return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
+
+    # the moving average -----------------------------------------------------------------
+    def _named(self, models):
+        for name in ("unet", "text_encoder"):
+            model = getattr(models[name], "module", models[name])
+            for key, p in model.state_dict().items():
+                yield f"{name}.{key}", p
+
+    @torch.no_grad()
+    def after_backward(self, models, step: int) -> None:
+        # called before the optimizer applies step ``step``: the average trails by one step
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        for key, p in self._named(models):
+            if key not in self.ema or not p.is_floating_point():
+                self.ema[key] = p.detach().clone()
+            else:
+                self.ema[key].lerp_(p.detach(), 1 - decay)
+
+    def ema_state(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = name + "."
+        return {k[len(prefix):]: v.contiguous().cpu() for k, v in self.ema.items() if k.startswith(prefix)}
+
+    def save_adapters(self, models, folder: Path) -> None:
+        for name in ("unet", "text_encoder"):
+            models[name].save_pretrained(folder / name)
+        if self.ema:
+            (folder / "ema").mkdir(parents=True, exist_ok=True)
+            for name in ("unet", "text_encoder"):
+                save_file(self.ema_state(name), str(folder / "ema" / f"{name}.safetensors"))
+
+    def load_adapters(self, models, folder: Path) -> None:
+        files = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+        for name, file in files.items():
+            models[name].load_state_dict(load_file(str(folder / name / file)), strict=False)
+        if (folder / "ema").is_dir():
+            self.ema = {f"{name}.{k}": v for name in files
+                        for k, v in load_file(str(folder / "ema" / f"{name}.safetensors")).items()}
+
+
+@torch.no_grad()
+def encode_pool(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std of every pool image (computed once; each step then
+    samples from them, as DreamBooth's latent cache does)."""
+    from tqdm.auto import tqdm
+
+    vae.eval()
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encoding the pool", leave=False):
+        dist = vae.encode(to_unit_range(images[i:i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+register_task("pretrain_sd_vae", lambda values: SDVaeTask(SDVaeConfig.from_dict(values)))
+register_task("pretrain_sd_unet", lambda values: SDUnetTask(SDUnetConfig.from_dict(values)))
