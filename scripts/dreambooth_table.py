@@ -14,7 +14,8 @@ about the same trainable-parameter budget, prior preservation with 50 class imag
   this is what prior preservation keeps small).
 
 DDIM 20 steps, guidance 7.5 (the generation demo's defaults), seeded generators. Beside
-each row: trainable parameters, the optimizer's state, and seconds per training step.
+each row: trainable parameters, the optimizer's state, and the run's wall time (loading,
+training, saving; the first run of a --work folder also makes the class images).
 
     python scripts/dreambooth_table.py --output docs/dreambooth_table.json      # 5 methods x 3 seeds
     python scripts/dreambooth_table.py --quick --output /tmp/db.json            # a smoke run
@@ -112,7 +113,7 @@ def run(variant: str, scene: str, seed: int, args, work: Path, judge) -> dict:
     row = scores(pipe, judge, scene, args.n, args.n_seen, args.eval_seed)
     params = sum(p.numel() for n, p in pipe.unet.named_parameters() if ".adapters." in n)
     return {"variant": variant, "scene": scene, "seed": seed, **row, "trainable": params,
-            "optimizer_mb": round(params * 8 / 2 ** 20, 3), "step_s": round(seconds / result.step, 4),
+            "optimizer_mb": round(params * 8 / 2 ** 20, 3), "run_s": round(seconds, 1),
             "final_loss": round(result.losses[-1], 5)}
 
 
@@ -129,7 +130,7 @@ def table(runs: list[dict], base: dict) -> list[dict]:
                     "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0}
         rows.append({"variant": variant, "seeds": len(mine), "sks_before": base["sks"], "sks_after": stat("sks"),
                      "seen_before": base["seen"], "seen_after": stat("seen"), "trainable": mine[0]["trainable"],
-                     "optimizer_mb": mine[0]["optimizer_mb"], "step_s": stat("step_s")})
+                     "optimizer_mb": mine[0]["optimizer_mb"], "run_s": stat("run_s")})
     return rows
 
 
@@ -184,7 +185,7 @@ def main(argv=None):
                 runs.append(row)
                 print(f"{variant} seed {seed}: sks {state['base']['sks']:.2f} -> {row['sks']:.2f}, "
                       f"seen {state['base']['seen']:.2f} -> {row['seen']:.2f}, {row['trainable']:,} params, "
-                      f"{row['step_s']:.2f} s/step", flush=True)
+                      f"{row['run_s']:.0f} s", flush=True)
                 state["table"] = table(runs, state["base"])
                 state["date"] = str(date.today())
                 body = json.dumps(state, indent=1)

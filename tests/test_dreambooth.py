@@ -208,15 +208,20 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path):
     cfg = _write_config(tmp_path / "cfg.yaml", values)
     proc = subprocess.Popen([sys.executable, "-m", "visionpeft.cli", "train", str(cfg)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoint-6").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "adapter").exists()
-    assert full.wait(timeout=300) == 0, full_log.read_text()[-2000:]
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "killed" / "checkpoint-6").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "killed" / "adapter").exists()
+        assert full.wait(timeout=300) == 0, full_log.read_text()[-2000:]
+    finally:  # a failed assertion leaves no process running
+        for p in (full, proc):
+            if p.poll() is None:
+                p.kill()
     done = _cli(["train", str(cfg), "--set", "resume_from_checkpoint=latest"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout

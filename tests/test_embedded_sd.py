@@ -64,6 +64,12 @@ def test_the_byte_level_tokenizer_is_one_token_per_character_and_fits_every_capt
 def test_the_name_resolves_to_the_packaged_folder_and_a_missing_one_says_how_to_make_it(tmp_path, monkeypatch):
     assert resolve("embedded-sd") == str(embedded_sd.FOLDER) and resolve("some/hub-id") == "some/hub-id"
     assert resolve(tmp_path) == tmp_path
+    import transformers
+
+    with monkeypatch.context() as m:  # its text encoder is in transformers 5's key layout
+        m.setattr(transformers, "__version__", "4.57.0")
+        with pytest.raises(RuntimeError, match=r"needs transformers >= 5 \(installed: 4.57.0\)"):
+            embedded_sd_path()
     monkeypatch.setattr(embedded_sd, "FOLDER", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="scripts/pretrain_embedded_sd.py") as err:
         resolve("embedded-sd")
@@ -142,3 +148,35 @@ def test_the_wheel_ships_every_file_of_the_folder():
     patterns = [re.compile("".join("[^/]*" if c == "*" else re.escape(c) for c in g) + "$") for g in globs]
     for rel in files:
         assert any(p.match(rel) for p in patterns), rel
+
+
+def test_the_denoiser_task_resumes_exactly_with_its_moving_average(tmp_path):
+    """pretrain_sd_unet for 4 steps against 2 steps then a resume to 4: the same weights and
+    the same moving average byte for byte; a checkpoint without ema/ is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from visionpeft.train import run_config
+    from visionpeft.train.pretrain_sd import SDUnetTask
+
+    vae = tmp_path / "vae"
+    embedded_sd.build_vae().save_pretrained(vae)
+    base = {"task": "pretrain_sd_unet", "vae": str(vae), "pool_size": 12, "pool_cache": str(tmp_path / "pool"),
+            "train_batch_size": 4, "learning_rate": 1e-3, "checkpointing_steps": 2, "cpu": True, "seed": 3}
+    run_config({**base, "max_train_steps": 4, "output_dir": str(tmp_path / "whole")})
+    run_config({**base, "max_train_steps": 2, "output_dir": str(tmp_path / "cut")})
+    run_config({**base, "max_train_steps": 4, "output_dir": str(tmp_path / "cut"), "resume_from_checkpoint": "latest"})
+    for part in ("ema/unet.safetensors", "ema/text_encoder.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        a, b = (load_file(str(tmp_path / run / "adapter" / part)) for run in ("whole", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    ema = load_file(str(tmp_path / "whole" / "adapter" / "ema" / "unet.safetensors"))
+    raw = load_file(str(tmp_path / "whole" / "adapter" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # an average, not a copy
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "whole" / "adapter", broken)
+    shutil.rmtree(broken / "ema")
+    task = SDUnetTask.__new__(SDUnetTask)
+    models = {"unet": embedded_sd.build_unet(), "text_encoder": embedded_sd.build_text_encoder()}
+    with pytest.raises(Exception, match="holds no ema/"):
+        task.load_adapters(models, broken)

@@ -35,7 +35,14 @@ def embedded_sd_path() -> Path:
     package data)."""
     if not (FOLDER / "model_index.json").is_file():
         raise FileNotFoundError(f"the embedded text-to-image model {FOLDER} is missing; regenerate it with "
-                                f"`{REGENERATE}` (see docs/EMBEDDED.md) or name a Stable Diffusion folder")
+                                f"`{REGENERATE}` in a source checkout (see docs/EMBEDDED.md) or name a Stable "
+                                f"Diffusion folder")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # its text encoder was saved in transformers 5's key layout, which 4.x would not match (random weights)
+        raise RuntimeError(f"embedded-sd needs transformers >= 5 (installed: {transformers.__version__}); "
+                           f"upgrade with pip install -U 'transformers>=5'")
     return FOLDER
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from .task import Task, register_task, task_config
+from .task import Task, TrainingError, register_task, task_config
 
 
 @dataclass
@@ -182,6 +182,7 @@ class SDVaeTask(Task):
         from .pretrain_clip import rotate_flip
 
         vae = models[self.name]
+        batch = batch.cpu()  # the loop moves batches to the device; the pool stays on the CPU
         x = to_unit_range(rotate_flip(random_crops(self.images[batch], self.cfg.crop)))
         x = x.to(next(vae.parameters()).device)
         posterior = vae.encode(x).latent_dist
@@ -202,10 +203,13 @@ class SDVaeTask(Task):
         models[self.name].load_state_dict(load_file(str(folder / self.name / "diffusion_pytorch_model.safetensors")))
 
     def finish(self, models, output_dir: Path) -> dict:
-        stats = latent_stats(models[self.name], self.images[:self.cfg.scaling_images])
+        import visionpeft as vp
+
         vae = models[self.name]
+        stats = latent_stats(vae, self.images[:self.cfg.scaling_images])
         vae.register_to_config(scaling_factor=stats["scaling_factor"])
-        vae.save_pretrained(output_dir / "adapter" / self.name)  # the final folder, now with the factor
+        # the final folder again, now with the factor, swapped in whole
+        vp.atomic_write_dir(output_dir / "adapter" / self.name, lambda tmp: vae.save_pretrained(tmp))
         return stats
 
 
@@ -214,9 +218,10 @@ def latent_stats(vae, images: torch.Tensor, batch: int = 256) -> dict:
     """Per-channel means and the overall std of sampled latents; ``scaling_factor`` = 1/std."""
     was = vae.training
     vae.eval()
-    g = torch.Generator().manual_seed(0)
+    device = next(vae.parameters()).device
+    g = torch.Generator(device).manual_seed(0)
     try:
-        z = torch.cat([vae.encode(to_unit_range(images[i:i + batch])).latent_dist.sample(g)
+        z = torch.cat([vae.encode(to_unit_range(images[i:i + batch]).to(device)).latent_dist.sample(g).cpu()
                        for i in range(0, len(images), batch)])
     finally:
         vae.train(was)
@@ -279,7 +284,7 @@ class SDUnetTask(Task):
                           return_tensors="pt").input_ids
         self.empty = tok([""], padding="max_length", max_length=tok.model_max_length,
                          return_tensors="pt").input_ids[0]
-        self.mean, self.std = encode_pool(vae, images, self.cfg.encode_batch)
+        self.mean, self.std = encode_pool(vae.to(device), images, self.cfg.encode_batch)
 
     def models(self):
         return {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -294,6 +299,7 @@ class SDUnetTask(Task):
 
         unet, text_encoder = models["unet"], models["text_encoder"]
         device = next(unet.parameters()).device
+        batch = batch.cpu()  # the loop moves batches to the device; the pool stays on the CPU
         latents = self.mean[batch] + self.std[batch] * torch.randn_like(self.mean[batch])
         latents = rotate_flip(latents * self.scaling_factor).to(device)  # the captions hold under D4
         ids = self.tokens[batch].clone()
@@ -322,6 +328,8 @@ class SDUnetTask(Task):
             if key not in self.ema or not p.is_floating_point():
                 self.ema[key] = p.detach().clone()
             else:
+                if self.ema[key].device != p.device:  # loaded on the CPU by a resume
+                    self.ema[key] = self.ema[key].to(p.device)
                 self.ema[key].lerp_(p.detach(), 1 - decay)
 
     def ema_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -339,10 +347,12 @@ class SDUnetTask(Task):
     def load_adapters(self, models, folder: Path) -> None:
         files = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
         for name, file in files.items():
-            models[name].load_state_dict(load_file(str(folder / name / file)), strict=False)
-        if (folder / "ema").is_dir():
-            self.ema = {f"{name}.{k}": v for name in files
-                        for k, v in load_file(str(folder / "ema" / f"{name}.safetensors")).items()}
+            models[name].load_state_dict(load_file(str(folder / name / file)))  # strict: a mismatch is an error
+        if not (folder / "ema").is_dir():
+            raise TrainingError(f"{folder} holds no ema/ (the weights' moving average): not a checkpoint of "
+                                f"pretrain_sd_unet, or an incomplete one")
+        self.ema = {f"{name}.{k}": v for name in files
+                    for k, v in load_file(str(folder / "ema" / f"{name}.safetensors")).items()}
 
 
 @torch.no_grad()
@@ -352,11 +362,12 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tens
     from tqdm.auto import tqdm
 
     vae.eval()
+    device = next(vae.parameters()).device
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encoding the pool", leave=False):
-        dist = vae.encode(to_unit_range(images[i:i + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(to_unit_range(images[i:i + batch]).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 

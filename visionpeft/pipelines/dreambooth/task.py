@@ -183,7 +183,14 @@ class DreamBoothTask(Task):
             first_line = str(err).splitlines()[0]
             raise TrainingError(f"pretrained_model {path!r}: cannot load its unet ({first_line})") from None
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # training: DDPM's noise
+        # sampling (class and validation images) with the folder's own scheduler, as its pipeline would
+        import diffusers
+
+        sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler")
+        sampler = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
+        self.sample_scheduler = (sampler if isinstance(sampler, type) and issubclass(sampler, diffusers.SchedulerMixin)
+                                 else DDPMScheduler).from_config(sched_cfg)
         self.xl = self.unet.config.addition_embed_type == "text_time"
         self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
         self.text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
@@ -196,7 +203,10 @@ class DreamBoothTask(Task):
     def native_resolution(self) -> int:
         """The size the model was trained at: its latent grid (UNet sample_size) times the
         VAE's downsampling (2 per level after the first), as diffusers' pipelines default."""
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.unet.config.sample_size
+        if not isinstance(size, int):
+            raise TrainingError(f"the UNet's sample_size is {size!r}, not one number: set resolution in the config")
+        return size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _pipeline(self):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -205,10 +215,10 @@ class DreamBoothTask(Task):
             return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
                                              text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizers[0],
                                              tokenizer_2=self.tokenizers[1], unet=self.unet,
-                                             scheduler=self.noise_scheduler)
+                                             scheduler=self.sample_scheduler)
         return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
                                        tokenizer=self.tokenizers[0], unet=self.unet,
-                                       scheduler=self.noise_scheduler, safety_checker=None,
+                                       scheduler=self.sample_scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
     def _make_class_images(self):
