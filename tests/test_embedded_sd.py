@@ -68,7 +68,7 @@ def test_the_name_resolves_to_the_packaged_folder_and_a_missing_one_says_how_to_
 
     with monkeypatch.context() as m:  # its text encoder is in transformers 5's key layout
         m.setattr(transformers, "__version__", "4.57.0")
-        with pytest.raises(RuntimeError, match=r"needs transformers >= 5 \(installed: 4.57.0\)"):
+        with pytest.raises(ValueError, match=r"needs transformers >= 5 \(installed: 4.57.0\)"):
             embedded_sd_path()
     monkeypatch.setattr(embedded_sd, "FOLDER", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="scripts/pretrain_embedded_sd.py") as err:

@@ -41,7 +41,7 @@ def embedded_sd_path() -> Path:
 
     if int(transformers.__version__.split(".")[0]) < 5:
         # its text encoder was saved in transformers 5's key layout, which 4.x would not match (random weights)
-        raise RuntimeError(f"embedded-sd needs transformers >= 5 (installed: {transformers.__version__}); "
+        raise ValueError(f"embedded-sd needs transformers >= 5 (installed: {transformers.__version__}); "
                            f"upgrade with pip install -U 'transformers>=5'")
     return FOLDER
 
