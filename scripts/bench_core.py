@@ -375,6 +375,16 @@ def main(argv=None):
     return emit(result, args.json)
 
 
+def write_table(out, settings: dict, results: dict, text: str) -> None:
+    """An adaptation table's JSON (settings, date, every run, the markdown table), written
+    whole: the table scripts rewrite it after each run, so a cut run keeps what it did."""
+    from pathlib import Path
+
+    body = json.dumps({"settings": settings, "date": time.strftime("%Y-%m-%d"), "runs": results, "table": text},
+                      indent=1)
+    vp.atomic_write_file(out, lambda tmp: Path(tmp).write_text(body))
+
+
 def emit(result: dict, path: str | None) -> dict:
     """Print the results, and write them to ``path`` when given."""
     print(json.dumps(result, indent=1))

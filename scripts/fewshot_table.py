@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, when loaded by path
+from bench_core import write_table  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _RS = {"alpha": 1, "rank_stabilized": True, "dropout": 0.25}
@@ -152,14 +155,6 @@ def table(results: dict, variants: list[str], shots: list[int]) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, settings: dict, results: dict, text: str) -> None:
-    import visionpeft as vp
-
-    body = json.dumps({"settings": settings, "date": time.strftime("%Y-%m-%d"), "runs": results, "table": text},
-                      indent=1)
-    vp.atomic_write_file(out, lambda tmp: Path(tmp).write_text(body))
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="default: datasets/fewshot_scenes (written if missing)")
@@ -227,10 +222,10 @@ def main(argv=None) -> dict:
                     results[key] = run_adapter(args, variant, max(shots, 1), seed)
                 print(f"   accuracy {results[key]['accuracy']:.4f} ({results[key]['seconds']} s)", file=sys.stderr)
                 if out:
-                    _write(out, settings, results, table(results, args.variants, args.shots))
+                    write_table(out, settings, results, table(results, args.variants, args.shots))
     text = table(results, args.variants, args.shots)
     if out:
-        _write(out, settings, results, text)
+        write_table(out, settings, results, text)
     print(text)
     return {"runs": results, "table": text}
 

@@ -43,6 +43,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, when loaded by path
+from bench_core import write_table  # noqa: E402
+
 # name -> the task's adapter value (None: full fine-tuning)
 VARIANTS = {
     "point_peft": {"method": "point_peft"},
@@ -154,14 +157,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, settings: dict, results: dict, text: str) -> None:
-    import visionpeft as vp
-
-    body = json.dumps({"settings": settings, "date": time.strftime("%Y-%m-%d"), "runs": results, "table": text},
-                      indent=1)
-    vp.atomic_write_file(out, lambda tmp: Path(tmp).write_text(body))
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "scanobjectnn", "modelnet40"])
@@ -219,10 +214,10 @@ def main(argv=None) -> dict:
             results[key] = run_linear_probe(args, seed) if variant == "linear_probe" else run(args, variant, seed)
             print(f"   accuracy {results[key]['accuracy']:.4f} ({results[key]['seconds']} s)", file=sys.stderr)
             if out:
-                _write(out, settings, results, table(results))
+                write_table(out, settings, results, table(results))
     text = table(results)
     if out:
-        _write(out, settings, results, text)
+        write_table(out, settings, results, text)
     print(text)
     return {"runs": results, "table": text}
 
