@@ -14,10 +14,13 @@ about the same trainable-parameter budget, prior preservation with 50 class imag
   this is what prior preservation keeps small).
 
 DDIM 20 steps, guidance 7.5 (the generation demo's defaults), seeded generators. Beside
-each row: trainable parameters, the optimizer's state, and the run's wall time (loading,
-training, saving; the first run of a --work folder also makes the class images).
+each row: trainable parameters, the optimizer's state, the run's wall time (loading,
+training, saving; the first run of a --work folder also makes the class images), and one
+training step measured apart (`step_cost`: median wall time of forward, backward and
+AdamW on 2 x batch rows, and the peak bytes torch's CPU allocator held above the weights).
 
-    python scripts/dreambooth_table.py --output docs/dreambooth_table.json      # 5 methods x 3 seeds
+    python scripts/dreambooth_table.py --work output/dbtable --output docs/dreambooth_table.json \
+        --picture docs/dreambooth_table.png                                     # 5 methods x 3 seeds, ~40 min
     python scripts/dreambooth_table.py --quick --output /tmp/db.json            # a smoke run
 
 The JSON holds every run and the table, rewritten whole after each run; a second call with
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from datetime import date
@@ -36,6 +41,9 @@ from pathlib import Path
 import torch
 
 import visionpeft as vp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, when loaded by path
+from bench_core import cpu_peak_bytes  # noqa: E402
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 # trainable parameters on the embedded UNet's attention Linears (printed by --budgets):
@@ -66,19 +74,25 @@ def load_pipe():
 
 
 @torch.no_grad()
-def judged(pipe, judge, prompt: str, n: int, seed: int) -> list[str]:
-    """The judge's type for each of ``n`` images of ``prompt`` (one seeded generator)."""
+def judged(pipe, judge, prompt: str, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """The judge's type for each of ``n`` images of ``prompt`` (one seeded generator), and the images."""
     images = pipe([prompt] * n, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                   generator=torch.Generator().manual_seed(seed), output_type="pt").images
-    return [judge.classes[i] for i in judge.classify(images)]
+    return [judge.classes[i] for i in judge.classify(images)], images
 
 
-def scores(pipe, judge, scene: str, n: int, n_seen: int, seed: int) -> dict:
+def scores(pipe, judge, scene: str, n: int, n_seen: int, seed: int, samples: Path | None = None) -> dict:
+    """The row's numbers; with ``samples``, the first 6 "sks" images saved there (for --picture)."""
+    from safetensors.torch import save_file
+
     from visionpeft.data.scenes import PRETRAIN_SCENES
 
-    sks = judged(pipe, judge, SKS_PROMPT, n, seed)
-    seen = {s: judged(pipe, judge, SEEN_TEMPLATE.format(s), n_seen, seed + 1) for s in PRETRAIN_SCENES}
-    return {"sks": round(sks.count(scene) / n, 4), "sks_judged": {t: sks.count(t) for t in set(sks)},
+    sks, images = judged(pipe, judge, SKS_PROMPT, n, seed)
+    if samples is not None:
+        first = {"images": images[:6].contiguous()}
+        vp.atomic_write_file(samples, lambda t: save_file(first, str(t)))
+    seen = {s: judged(pipe, judge, SEEN_TEMPLATE.format(s), n_seen, seed + 1)[0] for s in PRETRAIN_SCENES}
+    return {"sks": round(sks.count(scene) / n, 4), "sks_judged": {t: sks.count(t) for t in sorted(set(sks))},
             "seen": round(sum(v.count(s) for s, v in seen.items()) / (n_seen * len(seen)), 4)}
 
 
@@ -90,34 +104,101 @@ def trainable_params(variant: str) -> int:
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
-def run(variant: str, scene: str, seed: int, args, work: Path, judge) -> dict:
+def instance_folder(work: Path, scene: str, seed: int, n: int) -> Path:
+    """``n`` real scenes of ``scene`` (seed 1000 + ``seed``) in --work, written once: into a
+    temporary folder renamed when complete, so a killed run never leaves a short one."""
     from visionpeft.data.scenes import write_scene_images
-    from visionpeft.pipelines.clora import load_pipeline_adapter
+
+    folder = work / f"instance-{scene}-{seed}-{n}"
+    if not folder.is_dir():
+        partial = work / f".{folder.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_scene_images(partial, scene, n, seed=1000 + seed)
+        partial.rename(folder)
+    return folder
+
+
+def train_adapter(variant: str, scene: str, seed: int, args, work: Path, prompt: str = SKS_PROMPT,
+                  export: tuple = ()) -> tuple[Path, float, list[float]]:
+    """One DreamBooth run of ``variant`` on ``args.instances`` images of ``scene`` as
+    ``prompt``: (its output folder, wall seconds, losses). The class images are shared by
+    every run of one --work folder (the first run makes them, which its seconds include).
+    A finished run of the same settings in --work is reused; an unfinished one is redone."""
     from visionpeft.train import run_config
 
-    instance = work / f"instance-{scene}-{seed}"
-    if not instance.is_dir():
-        write_scene_images(instance, scene, args.instances, seed=1000 + seed)
-    out = work / f"{variant}-{scene}-{seed}"
+    instance = instance_folder(work, scene, seed, args.instances)
+    out = work / f"{variant}-{scene}-{prompt.split()[-1]}-{seed}"
     values = {"task": "dreambooth", "pretrained_model": "embedded-sd", "instance_data_dir": str(instance),
-              "instance_prompt": SKS_PROMPT, "class_data_dir": str(work / "class"), "class_prompt": CLASS_PROMPT,
+              "instance_prompt": prompt, "class_data_dir": str(work / "class"), "class_prompt": CLASS_PROMPT,
               "with_prior_preservation": True, "num_class_images": args.class_images,
               "adapter": VARIANTS[variant], "max_train_steps": args.steps, "train_batch_size": args.batch,
               "learning_rate": LR[variant], "lr_scheduler": "constant", "seed": seed, "output_dir": str(out),
-              "checkpointing_steps": args.steps, "cpu": True, "mixed_precision": "no"}
+              "checkpointing_steps": args.steps, "cpu": True, "mixed_precision": "no",
+              "export_formats": list(export)}
+    done = out / "table_run.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record["values"] == values:
+            return out, record["seconds"], record["losses"]
+    shutil.rmtree(out, ignore_errors=True)  # unfinished, or of other settings
     start = time.time()
     result = run_config(values)
     seconds = time.time() - start
+    body = json.dumps({"values": values, "seconds": seconds, "losses": result.losses})
+    vp.atomic_write_file(done, lambda t: Path(t).write_text(body))
+    return out, seconds, result.losses
+
+
+def step_cost(variant: str, batch: int, repeats: int = 5) -> dict:
+    """One training step of the embedded UNet with ``variant`` as a DreamBooth run with
+    prior preservation takes it (2 x batch rows: instance and class): the median wall
+    time of forward, backward and AdamW over ``repeats`` steps after one warm-up, and the
+    peak bytes torch's CPU allocator held in one forward and backward above the weights
+    (bench_core.cpu_peak_bytes)."""
+    from visionpeft.backbones.embedded_sd import build_text_encoder, build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet().requires_grad_(False)
+    vp.inject(unet, vp.config_from_dict(VARIANTS[variant]), name="x")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rows, size = 2 * batch, unet.config.sample_size
+    latents = torch.randn(rows, unet.config.in_channels, size, size)
+    text = torch.randn(rows, build_text_encoder().config.max_position_embeddings, unet.config.cross_attention_dim)
+    t = torch.randint(0, 1000, (rows,))
+
+    def forward_backward():
+        unet(latents, t, text).sample.pow(2).mean().backward()
+
+    def step():
+        forward_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = cpu_peak_bytes(forward_backward)
+    return {"step_ms": round(1000 * statistics.median(times), 1), "step_peak_mb": round(peak / 2 ** 20, 1)}
+
+
+def run(variant: str, scene: str, seed: int, args, work: Path, judge) -> dict:
+    from visionpeft.pipelines.clora import load_pipeline_adapter
+
+    out, seconds, losses = train_adapter(variant, scene, seed, args, work)
     pipe = load_pipe()
     load_pipeline_adapter(pipe, out / "adapter", "sks")
-    row = scores(pipe, judge, scene, args.n, args.n_seen, args.eval_seed)
+    row = scores(pipe, judge, scene, args.n, args.n_seen, args.eval_seed, out / "sks_samples.safetensors")
     params = sum(p.numel() for n, p in pipe.unet.named_parameters() if ".adapters." in n)
     return {"variant": variant, "scene": scene, "seed": seed, **row, "trainable": params,
             "optimizer_mb": round(params * 8 / 2 ** 20, 3), "run_s": round(seconds, 1),
-            "final_loss": round(result.losses[-1], 5)}
+            "final_loss": round(losses[-1], 5)}
 
 
-def table(runs: list[dict], base: dict) -> list[dict]:
+def table(runs: list[dict], base: dict, cost: dict) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
@@ -130,14 +211,36 @@ def table(runs: list[dict], base: dict) -> list[dict]:
                     "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0}
         rows.append({"variant": variant, "seeds": len(mine), "sks_before": base["sks"], "sks_after": stat("sks"),
                      "seen_before": base["seen"], "seen_after": stat("seen"), "trainable": mine[0]["trainable"],
-                     "optimizer_mb": mine[0]["optimizer_mb"], "run_s": stat("run_s")})
+                     "optimizer_mb": mine[0]["optimizer_mb"], "run_s": stat("run_s"), **cost.get(variant, {})})
     return rows
+
+
+def save(state: dict, output: Path) -> None:
+    """The JSON rewritten whole, table included, so a killed call loses at most one run."""
+    state["table"] = table(state["runs"], state["base"], state.get("cost", {}))
+    state["date"] = str(date.today())
+    body = json.dumps(state, indent=1)
+    vp.atomic_write_file(output, lambda t: Path(t).write_text(body))
+
+
+def markdown(state: dict) -> str:
+    """The table as docs/QUALITY.md shows it: mean ± std over seeds."""
+    def pm(cell):
+        return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    lines = ["| method | trainable | seeds | sks judged as the type: before -> after | training types: before -> after "
+             "| step (ms) | step peak (MB) | run (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in state["table"]:
+        lines.append(f"| {r['variant']} | {r['trainable']:,} | {r['seeds']} | {r['sks_before']:.2f} -> "
+                     f"{pm(r['sks_after'])} | {r['seen_before']:.2f} -> {pm(r['seen_after'])} | "
+                     f"{r.get('step_ms', float('nan')):.0f} | {r.get('step_peak_mb', float('nan')):.1f} | "
+                     f"{r['run_s']['mean']:.0f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--scene", default="desert", help="the held-out type learned (desert, industrial, lake, orchard)")
+    p.add_argument("--scene", default="lake", help="the held-out type learned (desert, industrial, lake, orchard)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=4)
@@ -150,8 +253,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="2 steps, 1 seed, 2 images: a smoke run")
     p.add_argument("--budgets", action="store_true", help="print each variant's trainable parameters and stop")
     p.add_argument("--work", default=None, help="instance/class images and runs (default: a temporary folder)")
+    p.add_argument("--picture", default=None,
+                   help="a PNG of instance images and samples before and after (needs --work)")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
+    if args.picture and not args.work:
+        p.error("--picture reads the samples each run saved in --work: give --work")
     from visionpeft.data.scenes import HELD_OUT_SCENES
 
     if args.scene not in HELD_OUT_SCENES:
@@ -168,14 +275,17 @@ def main(argv=None):
     judge = load_scene_judge()
     output = Path(args.output)
     state = json.loads(output.read_text()) if output.is_file() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("output", "work", "variants", "budgets", "threads")}
+    local = ("output", "work", "variants", "budgets", "threads", "picture")
+    settings = {k: v for k, v in vars(args).items() if k not in local}
     if state.get("settings") not in (None, settings):
         p.error(f"{output} holds runs of other settings {state['settings']}; choose another --output")
     state["settings"] = settings
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if "base" not in state:
-            state["base"] = scores(load_pipe(), judge, args.scene, args.n, args.n_seen, args.eval_seed)
+            state["base"] = scores(load_pipe(), judge, args.scene, args.n, args.n_seen, args.eval_seed,
+                                   work / "base_samples.safetensors")
         runs = state.setdefault("runs", [])
         for variant in args.variants:
             for seed in args.seeds:
@@ -186,12 +296,57 @@ def main(argv=None):
                 print(f"{variant} seed {seed}: sks {state['base']['sks']:.2f} -> {row['sks']:.2f}, "
                       f"seen {state['base']['seen']:.2f} -> {row['seen']:.2f}, {row['trainable']:,} params, "
                       f"{row['run_s']:.0f} s", flush=True)
-                state["table"] = table(runs, state["base"])
-                state["date"] = str(date.today())
-                body = json.dumps(state, indent=1)
-                vp.atomic_write_file(output, lambda t: Path(t).write_text(body))
-    state["table"] = table(state.get("runs", []), state["base"])
+                save(state, output)
+            cost = state.setdefault("cost", {})
+            if variant not in cost and any(r["variant"] == variant for r in runs):
+                cost[variant] = step_cost(variant, args.batch, 1 if args.quick else 5)
+                save(state, output)
+    state["table"] = table(state.get("runs", []), state["base"], state.get("cost", {}))
+    if args.picture:
+        picture(Path(args.work), args, Path(args.picture))
+    print(markdown(state))
     return state
+
+
+def picture(work: Path, args, path: Path) -> None:
+    """Rows: the instance images, then "a satellite image of sks" before (the base model)
+    and after each variant's first seed, from the samples its run saved in --work."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = args.seeds[0]
+    base = work / "base_samples.safetensors"
+    if not base.is_file():
+        raise SystemExit(f"--picture: {base} is missing (the base row was scored in another --work); "
+                         "give the --work of the first call or a new --output")
+    instance = sorted(instance_folder(work, args.scene, seed, args.instances).iterdir())
+    rows = {f"{args.scene}\n(instances)": [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                                           / 255 for f in instance]}
+    rows["before"] = list(load_file(str(base))["images"])
+    for variant in args.variants:
+        f = work / f"{variant}-{args.scene}-sks-{seed}" / "sks_samples.safetensors"
+        if f.is_file():
+            rows[variant] = list(load_file(str(f))["images"])
+    k = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), k, figsize=(1.2 * k, 1.3 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.axis("on" if c < len(images) else "off")
+            if c < len(images):
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    vp.atomic_write_file(path, lambda t: fig.savefig(t, format="png", dpi=100))
+    plt.close(fig)
 
 
 if __name__ == "__main__":

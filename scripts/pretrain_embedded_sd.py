@@ -16,7 +16,7 @@ training loop (visionpeft/train/pretrain_sd.py):
            demo's defaults), scored by the scene judge (visionpeft.backbones.scene_judge);
            a sample grid, the curves and the settings go to docs/
 
-    python scripts/pretrain_embedded_sd.py                     # the shipped model (~46 min, 2 cores)
+    python scripts/pretrain_embedded_sd.py                     # the shipped model (~45 min, 2 cores)
     python scripts/pretrain_embedded_sd.py --stages unet --resume latest   # go on after an interruption
     python scripts/pretrain_embedded_sd.py --vae-steps 2 --vae64-steps 1 --unet-steps 2 --pool 64 \\
         --eval-n 2 --target /tmp/sd --docs '' --output-dir /tmp/sd-run    # a smoke run
@@ -177,11 +177,11 @@ def save_grid(images: torch.Tensor, rows: list[str], path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--vae64-steps", type=int, default=100)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae64-steps", type=int, default=150)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--vae-edge-weight", type=float, default=0.5, help="weight of the L1 of neighbour differences")
+    p.add_argument("--vae-lr", type=float, default=5e-4)
+    p.add_argument("--vae-edge-weight", type=float, default=1.0, help="weight of the L1 of neighbour differences")
     p.add_argument("--vae-kl-weight", type=float, default=1e-4, help="weight of the KL per latent element")
     p.add_argument("--unet-steps", type=int, default=1800)
     p.add_argument("--unet-batch", type=int, default=32)

@@ -180,3 +180,76 @@ def test_the_denoiser_task_resumes_exactly_with_its_moving_average(tmp_path):
     models = {"unet": embedded_sd.build_unet(), "text_encoder": embedded_sd.build_text_encoder()}
     with pytest.raises(Exception, match="holds no ema/"):
         task.load_adapters(models, broken)
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_dreambooth_table_script_runs_scores_and_resumes(tmp_path):
+    """--quick: one run of LoRA on a held-out type, its row's parameters those the variant
+    injects, the base row shared, the JSON resumed without rerunning; bad input refused."""
+    script = _script("dreambooth_table")
+    out = tmp_path / "db.json"
+    args = ["--quick", "--variants", "lora", "--scene", "lake", "--work", str(tmp_path / "w"), "--output", str(out)]
+    first = script.main(args)
+    doc = json.loads(out.read_text())
+    (row,) = doc["runs"]
+    assert (row["variant"], row["scene"], row["seed"]) == ("lora", "lake", 0)
+    # LoRA r 4 on to_q/to_k/to_v/to_out.0: the sum over those Linears of 4 x (in + out)
+    unet = embedded_sd.build_unet()
+    want = sum(4 * (m.in_features + m.out_features) for n, m in unet.named_modules()
+               if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0"))
+    assert row["trainable"] == want == script.trainable_params("lora")
+    assert sum(row["sks_judged"].values()) == 2 and row["sks"] == row["sks_judged"].get("lake", 0) / 2
+    (t,) = doc["table"]
+    assert t["sks_before"] == doc["base"]["sks"] and t["sks_after"]["mean"] == row["sks"]
+    assert t["step_ms"] > 0 and t["step_peak_mb"] > 0
+    assert f"| lora | {want:,} | 1 | {doc['base']['sks']:.2f} -> {row['sks']:.2f} ± 0.00 |" in script.markdown(first)
+    assert script.main(args)["runs"] == first["runs"]  # nothing rerun
+    with pytest.raises(SystemExit):
+        script.main([*args[:-2], "--eval-seed", "8", "--output", str(out)])  # other settings, same file
+    with pytest.raises(SystemExit):
+        script.main(["--scene", "forest", "--output", str(tmp_path / "x.json")])  # a training type
+
+
+def test_the_composition_table_counts_a_concept_where_the_judge_finds_it():
+    """The metric on real generator images, where the answer is known: a half-desert,
+    half-lake image has both; a whole desert image only one; quadrants a mask covers."""
+    from visionpeft.backbones.scene_judge import load_scene_judge
+
+    script = _script("compose_table")
+    judge = load_scene_judge()
+    pairs = script.real_pairs(("desert", "lake"), 4, seed=3)
+    assert torch.equal(script.quadrants(pairs)[:, 0], pairs[:, :, :32, :32])
+    assert torch.equal(script.quadrants(pairs)[:, 3], pairs[:, :, 32:, 32:])
+    whole, quads = script.verdicts(judge, pairs)
+    assert [q[0] for q in quads] == [q[2] for q in quads] == ["desert"] * 4  # left halves: real desert
+    row = script.score(judge, pairs, ("desert", "lake"))
+    assert row["found_a"] == 1.0 and row["both"] == row["found_b"] >= 0.5
+    assert row["whole"] == {t: whole.count(t) for t in set(whole)}
+    desert = script.real_pairs(("desert", "desert"), 4, seed=3)
+    assert script.score(judge, desert, ("desert", "lake"))["found_b"] == 0.0
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1  # the left half: quadrants 0 and 2
+    assert script.mask_quadrants(mask) == [0, 2]
+    corner = torch.zeros(16, 16)
+    corner[:3, 12:] = 1  # a corner of the top-right quadrant, under half of it
+    assert script.mask_quadrants(corner) == [1]
+    # a concept counts in its mask only where the judge finds it there: masks on the
+    # right sides keep both, swapped masks lose the desert (every right half is lake)
+    right = [torch.stack([mask, 1 - mask])] * 4
+    swapped = [torch.stack([1 - mask, mask])] * 4
+    kept = script.score(judge, pairs, ("desert", "lake"), right)
+    assert kept["in_mask_a"] == 1.0 and kept["both_in_mask"] == kept["in_mask_b"] == row["found_b"]
+    lost = script.score(judge, pairs, ("desert", "lake"), swapped)
+    lake_left = sum(any(q[k] == "lake" for k in (0, 2)) for q in quads) / 4
+    assert lost["in_mask_a"] == sum(any(q[k] == "desert" for k in (1, 3)) for q in quads) / 4 < 1.0
+    assert lost["in_mask_b"] == lake_left == 0.0

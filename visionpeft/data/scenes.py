@@ -212,7 +212,7 @@ def scene_set(n: int, size: int = 64, scenes=PRETRAIN_SCENES, seed: int = 0):
 
 def write_scene_images(folder, scene: str, n: int, size: int = 64, seed: int = 0) -> list:
     """Write ``n`` scenes of one type as PNG files ``{scene}_{i:03d}.png`` into ``folder``
-    (created): DreamBooth's instance or class images, e.g. five held-out "desert" scenes for
+    (created): DreamBooth's instance or class images, e.g. five held-out "lake" scenes for
     the embedded text-to-image model. Returns the paths."""
     from pathlib import Path
 
