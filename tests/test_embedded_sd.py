@@ -253,3 +253,34 @@ def test_the_composition_table_counts_a_concept_where_the_judge_finds_it():
     lake_left = sum(any(q[k] == "lake" for k in (0, 2)) for q in quads) / 4
     assert lost["in_mask_a"] == sum(any(q[k] == "desert" for k in (1, 3)) for q in quads) / 4 < 1.0
     assert lost["in_mask_b"] == lake_left == 0.0
+
+
+def test_the_composition_table_script_runs_every_row_and_reuses_its_adapters(tmp_path):
+    """--quick end to end: two DreamBooth runs exported in diffusers' format and loaded by
+    diffusers itself for the weighted sums, CLoRA through compose, the real control row;
+    a second call reuses the finished runs in --work instead of training again."""
+    script = _script("compose_table")
+    work, out = tmp_path / "w", tmp_path / "c.json"
+    args = ["--quick", "--work", str(work), "--output", str(out)]
+    first = script.main(args)
+    doc = json.loads(out.read_text())
+    assert list(doc["rows"]) == ["base", "only A", "only B", "sum 0.5", "sum 1", "clora", "real"]
+    assert set(doc["rows"]["clora"]) >= {"in_mask_a", "in_mask_b", "both_in_mask"}
+    assert "in_mask_a" not in doc["rows"]["sum 1"]
+    from visionpeft.backbones.scene_judge import load_scene_judge
+
+    real = script.score(load_scene_judge(), script.real_pairs(("lake", "industrial"), 2, 7), ("lake", "industrial"))
+    assert doc["rows"]["real"] == real
+    runs = sorted(work.glob("lora-*/table_run.json"))
+    assert [r.parent.name for r in runs] == ["lora-industrial-zwx-0", "lora-lake-sks-0"]
+    assert all((r.parent / "export" / "diffusers" / "pytorch_lora_weights.safetensors").is_file() for r in runs)
+    # the same run asked again: the finished one is reused, not trained again
+    from types import SimpleNamespace
+
+    stamp, record = runs[1].stat().st_mtime_ns, json.loads(runs[1].read_text())
+    quick = SimpleNamespace(instances=2, class_images=2, steps=2, batch=4)
+    folder, seconds, losses = script.train_adapter("lora", "lake", 0, quick, work, "a satellite image of sks",
+                                                   export=("diffusers",))
+    assert folder == runs[1].parent and runs[1].stat().st_mtime_ns == stamp
+    assert (seconds, losses) == (record["seconds"], record["losses"]) and len(losses) == 2
+    assert first["settings"]["steps"] == 2
