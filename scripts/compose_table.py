@@ -44,7 +44,7 @@ import torch
 import visionpeft as vp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dreambooth_table, when loaded by path
-from dreambooth_table import GUIDANCE, STEPS, load_pipe, train_adapter  # noqa: E402
+from dreambooth_table import GUIDANCE, STEPS, image_grid, load_pipe, train_adapter  # noqa: E402
 
 WORDS = ("sks", "zwx")
 PROMPT = "a satellite image of sks and zwx"
@@ -148,26 +148,6 @@ def judge_on_quadrants(judge, n: int, seed: int) -> float:
     return round(right / total, 4)
 
 
-def picture(rows: dict[str, torch.Tensor], path: Path, k: int = 6) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), k, figsize=(1.3 * k, 1.4 * len(rows)), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
-        for c in range(k):
-            ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    vp.atomic_write_file(path, lambda t: fig.savefig(t, format="png", dpi=100))
-    plt.close(fig)
-
-
 def main(argv=None):
     from visionpeft.data.scenes import HELD_OUT_SCENES
 
@@ -225,7 +205,7 @@ def main(argv=None):
     body = json.dumps(state, indent=1)
     vp.atomic_write_file(Path(args.output), lambda t: Path(t).write_text(body))
     if args.picture:
-        picture(images, Path(args.picture), k=min(6, args.n))
+        image_grid({name: list(v) for name, v in images.items()}, Path(args.picture), k=min(6, args.n))
     print(markdown(state, scenes))
     return state
 

@@ -311,13 +311,9 @@ def main(argv=None):
 def picture(work: Path, args, path: Path) -> None:
     """Rows: the instance images, then "a satellite image of sks" before (the base model)
     and after each variant's first seed, from the samples its run saved in --work."""
-    import matplotlib
     import numpy as np
     from PIL import Image
     from safetensors.torch import load_file
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     seed = args.seeds[0]
     base = work / "base_samples.safetensors"
@@ -332,7 +328,18 @@ def picture(work: Path, args, path: Path) -> None:
         f = work / f"{variant}-{args.scene}-sks-{seed}" / "sks_samples.safetensors"
         if f.is_file():
             rows[variant] = list(load_file(str(f))["images"])
-    k = max(len(v) for v in rows.values())
+    image_grid(rows, path)
+
+
+def image_grid(rows: dict[str, list], path: Path, k: int | None = None) -> None:
+    """One row of images (CHW in [0, 1]) per name, at most ``k`` a row (default: the longest
+    row's length; shorter rows leave blank cells), written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = k or max(len(v) for v in rows.values())
     fig, axes = plt.subplots(len(rows), k, figsize=(1.2 * k, 1.3 * len(rows)), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(k):

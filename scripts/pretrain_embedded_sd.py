@@ -6,6 +6,8 @@ training loop (visionpeft/train/pretrain_sd.py):
   vae      the AutoencoderKL: ``--vae-steps`` on random 32 px crops, then ``--vae64-steps``
            on whole 64 px scenes (so its attention sees the 16 x 16 latent grid); the
            latents' spread then sets the VAE's scaling_factor
+  decoder  ``--vae-decoder-steps`` more for the decoder alone on whole scenes, the encoder
+           frozen (so the latents, and the unet stage's input, stay the same)
   unet     the UNet and the text encoder jointly on the VAE's latents (min-SNR 5, 10%
            empty captions, EMA of the weights)
   assemble the EMA weights, the VAE, the byte-level tokenizer and a DDIM scheduler as one
@@ -16,10 +18,10 @@ training loop (visionpeft/train/pretrain_sd.py):
            demo's defaults), scored by the scene judge (visionpeft.backbones.scene_judge);
            a sample grid, the curves and the settings go to docs/
 
-    python scripts/pretrain_embedded_sd.py                     # the shipped model (~45 min, 2 cores)
+    python scripts/pretrain_embedded_sd.py                     # the shipped model (~60 min, 2 cores)
     python scripts/pretrain_embedded_sd.py --stages unet --resume latest   # go on after an interruption
-    python scripts/pretrain_embedded_sd.py --vae-steps 2 --vae64-steps 1 --unet-steps 2 --pool 64 \\
-        --eval-n 2 --target /tmp/sd --docs '' --output-dir /tmp/sd-run    # a smoke run
+    python scripts/pretrain_embedded_sd.py --vae-steps 2 --vae64-steps 1 --vae-decoder-steps 1 --unet-steps 2 \\
+        --pool 64 --eval-n 2 --target /tmp/sd --docs '' --output-dir /tmp/sd-run    # a smoke run
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from visionpeft.train.pretrain_sd import SDUnetConfig, SDUnetTask, SDVaeConfig, 
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 20 * 2 ** 20  # the package folder's budget (its three safetensors files)
-STAGES = ("vae", "unet", "assemble", "eval")
+STAGES = ("vae", "decoder", "unet", "assemble", "eval")
 EVAL_SEED = 2024
 GUIDANCE, EVAL_STEPS = 7.5, 20
 
@@ -76,6 +78,36 @@ def stage_vae(args, out: Path, pool: dict) -> dict:
             "curve_64px": curve(out / "vae64", ("l1", "psnr", "kl", "latent_std"))}
 
 
+def stage_decoder(args, out: Path, pool: dict) -> dict:
+    start = time.time()
+    cfg = SDVaeConfig(crop=64, init_from=str(out / "vae64" / "adapter" / "vae"), train_part="decoder",
+                      edge_weight=args.vae_edge_weight, **pool)
+    result = train(SDVaeTask(cfg), loop_config(out / "vaedec", args, args.vae_decoder_steps, args.vae_batch // 2,
+                                               args.vae_lr / 2.5, 20))
+    return {"wall_s": round(time.time() - start), "latents": result.report,
+            "curve": curve(out / "vaedec", ("l1", "psnr"))}
+
+
+def final_vae(out: Path) -> Path:
+    """The VAE that ships: the decoder stage's when it ran, else the vae stage's. A decoder
+    stage left unfinished, or trained on another encoder than the vae stage's now in
+    ``out``, is an error: its decoder would not read the latents the UNet learnt."""
+    from safetensors.torch import load_file
+
+    encoder = out / "vae64" / "adapter" / "vae"
+    if not (out / "vaedec").is_dir():
+        return encoder
+    decoder = out / "vaedec" / "adapter" / "vae"
+    if not decoder.is_dir():
+        raise SystemExit(f"{out / 'vaedec'} holds an unfinished decoder stage: run --stages decoder --resume latest "
+                         f"(or delete it to ship the vae stage's decoder)")
+    weights = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(encoder / weights)), load_file(str(decoder / weights))
+    if any(not torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv."))):
+        raise SystemExit(f"{decoder} was trained on another encoder than {encoder}: run --stages decoder again")
+    return decoder
+
+
 def stage_unet(args, out: Path, pool: dict) -> dict:
     start = time.time()
     cfg = SDUnetConfig(vae=str(out / "vae64" / "adapter" / "vae"), **pool)
@@ -92,7 +124,8 @@ def assemble(out: Path, target: Path) -> dict:
     unet, text_encoder = embedded_sd.build_unet(), embedded_sd.build_text_encoder()
     unet.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "unet.safetensors")))
     text_encoder.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "text_encoder.safetensors")))
-    vae = AutoencoderKL.from_pretrained(out / "vae64" / "adapter" / "vae")
+    vae_folder = final_vae(out)
+    vae = AutoencoderKL.from_pretrained(vae_folder)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=embedded_sd.byte_level_tokenizer(),
                                    unet=unet, scheduler=embedded_sd.noise_scheduler("ddim"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -105,8 +138,8 @@ def assemble(out: Path, target: Path) -> dict:
     vp.atomic_write_dir(target, write)
     files = sorted(target.rglob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
-    return {"size_bytes": size, "sha256": {str(f.relative_to(target)): hashlib.sha256(f.read_bytes()).hexdigest()
-                                            for f in files}}
+    sha = {str(f.relative_to(target)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    return {"vae": str(vae_folder.relative_to(out)), "size_bytes": size, "sha256": sha}
 
 
 @torch.no_grad()
@@ -179,6 +212,7 @@ def main(argv=None):
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae64-steps", type=int, default=150)
+    p.add_argument("--vae-decoder-steps", type=int, default=1200, help="the decoder alone, encoder frozen")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-edge-weight", type=float, default=1.0, help="weight of the L1 of neighbour differences")
@@ -198,8 +232,8 @@ def main(argv=None):
     p.add_argument("--target", default=None, help="where the pipeline folder goes (default: the package)")
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where curves, samples and log go ('' = nowhere)")
     args = p.parse_args(argv)
-    for name in ("vae_steps", "vae64_steps", "vae_batch", "unet_steps", "unet_batch", "pool", "eval_n", "recon_n",
-                 "threads"):
+    for name in ("vae_steps", "vae64_steps", "vae_decoder_steps", "vae_batch", "unet_steps", "unet_batch", "pool",
+                 "eval_n", "recon_n", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     torch.set_num_threads(args.threads)
@@ -214,6 +248,8 @@ def main(argv=None):
         t = time.time()
         if stage == "vae":
             summary["vae"] = stage_vae(args, out, pool)
+        elif stage == "decoder":
+            summary["decoder"] = stage_decoder(args, out, pool)
         elif stage == "unet":
             summary["unet"] = stage_unet(args, out, pool)
         elif stage == "assemble":
@@ -228,7 +264,7 @@ def main(argv=None):
     if docs is not None:
         body = json.dumps(summary, indent=1)
         vp.atomic_write_file(docs / "embedded_sd_pretrain.json", lambda tmp: Path(tmp).write_text(body))
-        for name, folder in (("vae", "vae32"), ("unet", "unet")):
+        for name, folder in (("vae", "vae32"), ("vae_decoder", "vaedec"), ("unet", "unet")):
             if (out / folder / "loss.png").is_file():
                 vp.atomic_write_file(docs / f"embedded_sd_{name}_loss.png",
                                      lambda tmp, f=folder: shutil.copyfile(out / f / "loss.png", tmp))

@@ -3,7 +3,8 @@ run on visionpeft's loop with any adapter. Every flag maps to a config key of
 `visionpeft train` (see configs/dreambooth_lora_sd15.yaml); --adapter picks the method
 and --adapter_args adds its fields. --rank sets the method's rank field (r for LoRA,
 WaRA, Block-LoRA, SNELL and LoHa; bottleneck for the bottleneck adapter; LoRA's default is 4,
-as in diffusers); a method without one (KronA: use its factors a1/a2) refuses it.
+as in diffusers); a method without one (KronA: use its factors a1/a2) refuses it. Without
+--pretrained_model_name_or_path it trains the packaged 64 px model (`embedded-sd`), offline.
 
     accelerate launch scripts/train_dreambooth.py \\
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\

@@ -115,8 +115,10 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     spec.loader.exec_module(module)
     before = {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
     hashes, summaries = [], []
-    for run, stages in (("a", ["vae", "unet", "assemble", "eval"]), ("b", ["vae", "unet", "assemble"])):
-        summary = module.main(["--vae-steps", "2", "--vae64-steps", "1", "--vae-batch", "4", "--unet-steps", "2",
+    for run, stages in (("a", ["vae", "decoder", "unet", "assemble", "eval"]),
+                        ("b", ["vae", "decoder", "unet", "assemble"])):
+        summary = module.main(["--vae-steps", "2", "--vae64-steps", "1", "--vae-decoder-steps", "2",
+                               "--vae-batch", "4", "--unet-steps", "2",
                                "--unet-batch", "4", "--pool", "24", "--eval-n", "1", "--recon-n", "8",
                                "--output-dir", str(tmp_path / run), "--target", str(tmp_path / f"sd-{run}"),
                                "--docs", "", "--stages", *stages])
@@ -127,9 +129,39 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     assert set(summary["vae"]["latents"]) >= {"scaling_factor", "channel_mean"}
     from diffusers import StableDiffusionPipeline
 
-    assert StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b").vae.config.scaling_factor == \
-        summary["vae"]["latents"]["scaling_factor"]
+    shipped = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b").vae
+    assert shipped.config.scaling_factor == summary["vae"]["latents"]["scaling_factor"]
+    # the decoder stage (what ships) trained the decoder alone: the encoder, so the latents the
+    # UNet learnt, are the vae stage's bit for bit
+    from diffusers import AutoencoderKL
+
+    encoder_stage = AutoencoderKL.from_pretrained(tmp_path / "b" / "vae64" / "adapter" / "vae").state_dict()
+    final = shipped.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith("decoder."))
     assert before == {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
+
+
+def test_the_decoder_stage_refuses_what_would_not_fit(tmp_path):
+    """train_part is checked, a decoder-only run needs the VAE it goes on from, and the
+    script will not ship an unfinished decoder stage's folder."""
+    import importlib.util
+    from pathlib import Path
+
+    from visionpeft.train.pretrain_sd import SDVaeConfig
+
+    with pytest.raises(ValueError, match="train_part must be 'all' or 'decoder'"):
+        SDVaeConfig(train_part="encoder")
+    with pytest.raises(ValueError, match="needs init_from"):
+        SDVaeConfig(train_part="decoder")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_embedded_sd.py"
+    spec = importlib.util.spec_from_file_location("pretrain_embedded_sd", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.final_vae(tmp_path) == tmp_path / "vae64" / "adapter" / "vae"  # no decoder stage
+    (tmp_path / "vaedec" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="unfinished decoder stage"):
+        module.final_vae(tmp_path)
 
 
 def test_the_wheel_ships_every_file_of_the_folder():

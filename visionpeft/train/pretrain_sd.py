@@ -8,7 +8,10 @@ Rombach et al., *High-Resolution Image Synthesis with Latent Diffusion Models*, 
 which needs pretrained VGG weights) + ``kl_weight`` x the posterior's KL to N(0, I), per
 latent element. No adversarial term. ``finish`` measures the latents' spread on the pool
 and records ``scaling_factor = 1 / std`` in the VAE's config, as Stable Diffusion's 0.18215
-was found. SD pipelines apply no shift, so the channel means are reported too: an offset
+was found. With ``train_part="decoder"`` the encoder stays frozen and only the decoder goes
+on training (the KL term, which then has no gradient, is left out), as Stable Diffusion's
+ft-EMA / ft-MSE decoders were made: the latents, their ``scaling_factor`` and any denoiser
+trained on them stay valid. SD pipelines apply no shift, so the channel means are reported too: an offset
 m only moves the data the denoiser learns, and at the last timestep it is scaled by
 sqrt(alpha_bar_T) = 0.07, so a mean of a few tenths of the std is harmless.
 
@@ -140,6 +143,9 @@ class SDVaeConfig(SDPoolConfig):
     edge_weight: float = 0.5
     init_from: str | None = None  # a diffusers AutoencoderKL folder to go on from (the 64 px phase)
     scaling_images: int = 4096  # pool images whose latents set scaling_factor in finish
+    # "decoder": the encoder (and so the latent space a denoiser learns) stays frozen and only
+    # the decoder trains, as Stable Diffusion's ft-EMA / ft-MSE decoders were made
+    train_part: str = "all"
 
     task_name = "pretrain_sd_vae"
 
@@ -148,6 +154,11 @@ class SDVaeConfig(SDPoolConfig):
         if not (isinstance(self.crop, int) and 8 <= self.crop <= self.image_size and self.crop % 4 == 0):
             raise ValueError(f"pretrain_sd_vae: crop must be a multiple of 4 in [8, image_size "
                              f"{self.image_size}], got {self.crop!r}")
+        if self.train_part not in ("all", "decoder"):
+            raise ValueError(f"pretrain_sd_vae: train_part must be 'all' or 'decoder', got {self.train_part!r}")
+        if self.train_part == "decoder" and not self.init_from:
+            raise ValueError("pretrain_sd_vae: train_part 'decoder' needs init_from (the trained AutoencoderKL "
+                             "folder whose encoder stays frozen)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SDVaeConfig":
@@ -155,8 +166,9 @@ class SDVaeConfig(SDPoolConfig):
 
 
 class SDVaeTask(Task):
-    """Trains every VAE parameter; checkpoints and the final folder hold it as diffusers
-    writes it (``vae/config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+    """Trains every VAE parameter, or with ``train_part="decoder"`` the decoder and
+    post_quant_conv only; checkpoints and the final folder hold it as diffusers writes it
+    (``vae/config.json`` + ``diffusion_pytorch_model.safetensors``)."""
 
     name = "vae"
 
@@ -170,6 +182,9 @@ class SDVaeTask(Task):
 
         self.vae = AutoencoderKL.from_pretrained(self.cfg.init_from) if self.cfg.init_from else build_vae()
         self.vae.train()
+        if self.cfg.train_part == "decoder":
+            for module in (self.vae.encoder, self.vae.quant_conv):
+                module.requires_grad_(False)
         self.images, _ = build_sd_pool(self.cfg)
 
     def models(self):
@@ -185,12 +200,16 @@ class SDVaeTask(Task):
         batch = batch.cpu()  # the loop moves batches to the device; the pool stays on the CPU
         x = to_unit_range(rotate_flip(random_crops(self.images[batch], self.cfg.crop)))
         x = x.to(next(vae.parameters()).device)
-        posterior = vae.encode(x).latent_dist
+        frozen = self.cfg.train_part == "decoder"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            posterior = vae.encode(x).latent_dist
+        # sampled latents also when only the decoder trains: the denoiser learns (and so
+        # generates) samples of the posterior, not its mean
         recon = vae.decode(posterior.sample()).sample
         l1 = (recon - x).abs().mean()
         edge = edge_l1(recon, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
-        loss = l1 + self.cfg.edge_weight * edge + self.cfg.kl_weight * kl
+        loss = l1 + self.cfg.edge_weight * edge + (0 if frozen else self.cfg.kl_weight * kl)
         with torch.no_grad():
             mse = F.mse_loss(recon.clamp(-1, 1), x)
             psnr = 10 * math.log10(4 / max(mse.item(), 1e-12))  # the range is 2
@@ -207,6 +226,8 @@ class SDVaeTask(Task):
 
         vae = models[self.name]
         stats = latent_stats(vae, self.images[:self.cfg.scaling_images])
+        if self.cfg.train_part == "decoder":  # the latents are the init's: so is their factor
+            stats["scaling_factor"] = vae.config.scaling_factor
         vae.register_to_config(scaling_factor=stats["scaling_factor"])
         # the final folder again, now with the factor, swapped in whole
         vp.atomic_write_dir(output_dir / "adapter" / self.name, lambda tmp: vae.save_pretrained(tmp))

@@ -61,10 +61,11 @@ def check_exports(formats, rank, adapters: dict) -> None:
 
 @dataclass
 class DreamBoothConfig:
-    pretrained_model: str
     instance_data_dir: str
     instance_prompt: str
     adapter: dict
+    # a diffusers folder or hub id; left out, the packaged 64 px model, which runs offline
+    pretrained_model: str = "embedded-sd"
     text_encoder_adapter: dict | None = None
     class_data_dir: str | None = None
     class_prompt: str | None = None
