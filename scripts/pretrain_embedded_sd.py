@@ -78,7 +78,14 @@ def stage_vae(args, out: Path, pool: dict) -> dict:
             "curve_64px": curve(out / "vae64", ("l1", "psnr", "kl", "latent_std"))}
 
 
+def need_vae_stage(out: Path) -> None:
+    if not (out / "vae64" / "adapter" / "vae" / "config.json").is_file():
+        raise SystemExit(f"{out} holds no finished vae stage (vae64/adapter/vae): run --stages vae first, "
+                         f"or give the --output-dir that has it")
+
+
 def stage_decoder(args, out: Path, pool: dict) -> dict:
+    need_vae_stage(out)
     start = time.time()
     cfg = SDVaeConfig(crop=64, init_from=str(out / "vae64" / "adapter" / "vae"), train_part="decoder",
                       edge_weight=args.vae_edge_weight, **pool)
@@ -109,6 +116,7 @@ def final_vae(out: Path) -> Path:
 
 
 def stage_unet(args, out: Path, pool: dict) -> dict:
+    need_vae_stage(out)
     start = time.time()
     cfg = SDUnetConfig(vae=str(out / "vae64" / "adapter" / "vae"), **pool)
     train(SDUnetTask(cfg), loop_config(out / "unet", args, args.unet_steps, args.unet_batch, args.unet_lr,
@@ -121,6 +129,9 @@ def assemble(out: Path, target: Path) -> dict:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from safetensors.torch import load_file
 
+    need_vae_stage(out)
+    if not (out / "unet" / "adapter" / "ema" / "unet.safetensors").is_file():
+        raise SystemExit(f"{out} holds no finished unet stage (unet/adapter/ema): run --stages unet first")
     unet, text_encoder = embedded_sd.build_unet(), embedded_sd.build_text_encoder()
     unet.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "unet.safetensors")))
     text_encoder.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "text_encoder.safetensors")))

@@ -158,6 +158,12 @@ def test_the_decoder_stage_refuses_what_would_not_fit(tmp_path):
     spec = importlib.util.spec_from_file_location("pretrain_embedded_sd", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    for stage in (module.stage_decoder, module.stage_unet):  # a stage that needs the vae stage's folder
+        with pytest.raises(SystemExit, match="holds no finished vae stage"):
+            stage(None, tmp_path, {})
+    with pytest.raises(SystemExit, match="holds no finished vae stage"):
+        module.assemble(tmp_path, tmp_path / "target")
+    assert not (tmp_path / "target").exists()
     assert module.final_vae(tmp_path) == tmp_path / "vae64" / "adapter" / "vae"  # no decoder stage
     (tmp_path / "vaedec" / "checkpoint-2").mkdir(parents=True)
     with pytest.raises(SystemExit, match="unfinished decoder stage"):

@@ -11,9 +11,10 @@ and records ``scaling_factor = 1 / std`` in the VAE's config, as Stable Diffusio
 was found. With ``train_part="decoder"`` the encoder stays frozen and only the decoder goes
 on training (the KL term, which then has no gradient, is left out), as Stable Diffusion's
 ft-EMA / ft-MSE decoders were made: the latents, their ``scaling_factor`` and any denoiser
-trained on them stay valid. SD pipelines apply no shift, so the channel means are reported too: an offset
-m only moves the data the denoiser learns, and at the last timestep it is scaled by
-sqrt(alpha_bar_T) = 0.07, so a mean of a few tenths of the std is harmless.
+trained on them stay valid. SD pipelines apply no shift, so the channel means are
+reported too: an offset m only moves the data the denoiser learns, and at the last
+timestep it is scaled by sqrt(alpha_bar_T) = 0.07, so a mean of a few tenths of the std
+is harmless.
 
 ``pretrain_sd_unet``: the UNet2DConditionModel and the CLIPTextModel trained jointly (one
 AdamW) to predict the noise (DDPM, Ho et al. 2020) of the frozen VAE's latents, which are
