@@ -68,9 +68,10 @@ def curve(folder: Path, keys: tuple[str, ...], points: int = 60) -> list[dict]:
 def stage_vae(args, out: Path, pool: dict) -> dict:
     start = time.time()
     losses = {"edge_weight": args.vae_edge_weight, "kl_weight": args.vae_kl_weight}
-    crops = SDVaeConfig(crop=32, **losses, **pool)
+    crops = SDVaeConfig(crop=32, latent_channels=args.latent_channels, **losses, **pool)
     train(SDVaeTask(crops), loop_config(out / "vae32", args, args.vae_steps, args.vae_batch, args.vae_lr, 50))
-    full = SDVaeConfig(crop=64, init_from=str(out / "vae32" / "adapter" / "vae"), **losses, **pool)
+    full = SDVaeConfig(crop=64, init_from=str(out / "vae32" / "adapter" / "vae"),
+                       whiten_latents=args.whiten_latents, **losses, **pool)
     result = train(SDVaeTask(full), loop_config(out / "vae64", args, args.vae64_steps, args.vae_batch // 2,
                                                  args.vae_lr / 5, 10))
     return {"wall_s": round(time.time() - start), "latents": result.report,
@@ -118,13 +119,14 @@ def final_vae(out: Path) -> Path:
 def stage_unet(args, out: Path, pool: dict) -> dict:
     need_vae_stage(out)
     start = time.time()
-    cfg = SDUnetConfig(vae=str(out / "vae64" / "adapter" / "vae"), **pool)
+    cfg = SDUnetConfig(vae=str(out / "vae64" / "adapter" / "vae"), prediction_type=args.prediction_type,
+                       zero_terminal_snr=args.zero_terminal_snr, **pool)
     train(SDUnetTask(cfg), loop_config(out / "unet", args, args.unet_steps, args.unet_batch, args.unet_lr,
                                        args.unet_warmup))
     return {"wall_s": round(time.time() - start), "curve": curve(out / "unet", ("mse",))}
 
 
-def assemble(out: Path, target: Path) -> dict:
+def assemble(out: Path, target: Path, prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> dict:
     """The pipeline folder from the trained parts (the EMA weights of UNet and text encoder)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -132,13 +134,14 @@ def assemble(out: Path, target: Path) -> dict:
     need_vae_stage(out)
     if not (out / "unet" / "adapter" / "ema" / "unet.safetensors").is_file():
         raise SystemExit(f"{out} holds no finished unet stage (unet/adapter/ema): run --stages unet first")
-    unet, text_encoder = embedded_sd.build_unet(), embedded_sd.build_text_encoder()
-    unet.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "unet.safetensors")))
-    text_encoder.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "text_encoder.safetensors")))
     vae_folder = final_vae(out)
     vae = AutoencoderKL.from_pretrained(vae_folder)
+    unet, text_encoder = embedded_sd.build_unet(vae.config.latent_channels), embedded_sd.build_text_encoder()
+    unet.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "unet.safetensors")))
+    text_encoder.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "text_encoder.safetensors")))
+    scheduler = embedded_sd.noise_scheduler("ddim", prediction_type, zero_terminal_snr)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=embedded_sd.byte_level_tokenizer(),
-                                   unet=unet, scheduler=embedded_sd.noise_scheduler("ddim"), safety_checker=None,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     def write(tmp):
         pipe.save_pretrained(tmp)
@@ -227,7 +230,14 @@ def main(argv=None):
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-edge-weight", type=float, default=1.0, help="weight of the L1 of neighbour differences")
+    p.add_argument("--latent-channels", type=int, default=embedded_sd.LATENT_CHANNELS,
+                   help="channels of the VAE's 16 x 16 latents (and of the UNet's input and output)")
+    p.add_argument("--whiten-latents", action=argparse.BooleanOptionalAction, default=False,
+                   help="end the vae stage with zero-mean, unit-spread latents per channel (scaling_factor 1)")
     p.add_argument("--vae-kl-weight", type=float, default=1e-4, help="weight of the KL per latent element")
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=False,
+                   help="rescale the betas to SNR 0 at the last step (needs v_prediction), trailing DDIM steps")
     p.add_argument("--unet-steps", type=int, default=1800)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=6e-4)
@@ -244,7 +254,7 @@ def main(argv=None):
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where curves, samples and log go ('' = nowhere)")
     args = p.parse_args(argv)
     for name in ("vae_steps", "vae64_steps", "vae_decoder_steps", "vae_batch", "unet_steps", "unet_batch", "pool",
-                 "eval_n", "recon_n", "threads"):
+                 "eval_n", "recon_n", "threads", "latent_channels"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     torch.set_num_threads(args.threads)
@@ -264,7 +274,7 @@ def main(argv=None):
         elif stage == "unet":
             summary["unet"] = stage_unet(args, out, pool)
         elif stage == "assemble":
-            summary["files"] = assemble(out, target)
+            summary["files"] = assemble(out, target, args.prediction_type, args.zero_terminal_snr)
         else:
             summary["eval"] = evaluate(target, args.eval_n, docs, args.recon_n)
         print(f"stage {stage}: {(time.time() - t) / 60:.1f} min")

@@ -35,6 +35,8 @@ def test_the_shipped_folder_is_a_stable_diffusion_checkpoint_within_20_mb(pipe):
     assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.model_max_length == 96
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.steps_offset == 1
+    channels = embedded_sd.LATENT_CHANNELS  # the builders' default is what ships
+    assert pipe.vae.config.latent_channels == channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels
     # the trained VAE's latents were scaled to unit spread (an untrained VAE keeps diffusers' default 0.18215)
     assert pipe.vae.config.scaling_factor != 0.18215
     index = json.loads((embedded_sd_path() / "model_index.json").read_text())
@@ -118,7 +120,7 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     for run, stages in (("a", ["vae", "decoder", "unet", "assemble", "eval"]),
                         ("b", ["vae", "decoder", "unet", "assemble"])):
         summary = module.main(["--vae-steps", "2", "--vae64-steps", "1", "--vae-decoder-steps", "2",
-                               "--vae-batch", "4", "--unet-steps", "2",
+                               "--vae-batch", "4", "--unet-steps", "2", "--latent-channels", "3", "--whiten-latents",
                                "--unet-batch", "4", "--pool", "24", "--eval-n", "1", "--recon-n", "8",
                                "--output-dir", str(tmp_path / run), "--target", str(tmp_path / f"sd-{run}"),
                                "--docs", "", "--stages", *stages])
@@ -126,11 +128,15 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
         summaries.append(summary)
     assert hashes[0] == hashes[1] and len(hashes[0]) == 3
     assert set(summaries[0]["eval"]["seen"]) == set(PRETRAIN_SCENES) and "eval" not in summaries[1]
-    assert set(summary["vae"]["latents"]) >= {"scaling_factor", "channel_mean"}
+    assert set(summary["vae"]["latents"]) >= {"scaling_factor", "channel_mean", "before_whitening"}
+    assert summary["vae"]["latents"]["scaling_factor"] == 1.0  # whitened at the end of the vae stage
     from diffusers import StableDiffusionPipeline
 
-    shipped = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b").vae
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b")
+    shipped = loaded.vae
     assert shipped.config.scaling_factor == summary["vae"]["latents"]["scaling_factor"]
+    # --latent-channels reaches the VAE and, through its config, the UNet's input and output
+    assert shipped.config.latent_channels == 3 == loaded.unet.config.in_channels == loaded.unet.config.out_channels
     # the decoder stage (what ships) trained the decoder alone: the encoder, so the latents the
     # UNet learnt, are the vae stage's bit for bit
     from diffusers import AutoencoderKL
@@ -154,6 +160,8 @@ def test_the_decoder_stage_refuses_what_would_not_fit(tmp_path):
         SDVaeConfig(train_part="encoder")
     with pytest.raises(ValueError, match="needs init_from"):
         SDVaeConfig(train_part="decoder")
+    with pytest.raises(ValueError, match="latent_channels must be an integer in"):
+        SDVaeConfig(latent_channels=0)
     script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_embedded_sd.py"
     spec = importlib.util.spec_from_file_location("pretrain_embedded_sd", script)
     module = importlib.util.module_from_spec(spec)
@@ -322,3 +330,62 @@ def test_the_composition_table_script_runs_every_row_and_reuses_its_adapters(tmp
     assert folder == runs[1].parent and runs[1].stat().st_mtime_ns == stamp
     assert (seconds, losses) == (record["seconds"], record["losses"]) and len(losses) == 2
     assert first["settings"]["steps"] == 2
+
+
+def test_whitening_the_latents_keeps_the_reconstructions_and_centres_each_channel():
+    """whiten_latents against the plain affine map: the new posterior mean is (z - m) / s
+    per channel, its std is the old one / s, and decode(encode(x)) is unchanged."""
+    from visionpeft.train.pretrain_sd import SDVaeConfig, whiten_latents
+
+    torch.manual_seed(0)
+    vae = embedded_sd.build_vae(latent_channels=3).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        recon = vae.decode(before.mean).sample
+    m, s = [0.5, -1.0, 2.0], [2.0, 0.5, 1.5]
+    whiten_latents(vae, m, s)
+    with torch.no_grad():
+        after = vae.encode(x).latent_dist
+        recon_after = vae.decode(after.mean).sample
+    shift, scale = torch.tensor(m).view(1, -1, 1, 1), torch.tensor(s).view(1, -1, 1, 1)
+    torch.testing.assert_close(after.mean, (before.mean - shift) / scale, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.std, before.std / scale, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(recon_after, recon, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="need 3 channel means and positive stds"):
+        whiten_latents(vae, [0.0, 0.0, 0.0], [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="whiten in the run that trains the encoder"):
+        SDVaeConfig(train_part="decoder", init_from="x", whiten_latents=True)
+
+
+def test_zero_terminal_snr_ends_in_pure_noise_and_trains_a_v_target(tmp_path):
+    """With zero_terminal_snr the last training step keeps none of the signal (SD's own betas
+    keep sqrt(alpha_bar) = 0.068), DDIM starts sampling there, the v weight is finite at
+    SNR 0 (hand-computed Min-SNR values), a run trains, and epsilon with SNR 0 is refused."""
+    from visionpeft.train import run_config
+    from visionpeft.train.pretrain_sd import SDUnetConfig, min_snr_weights
+
+    plain = embedded_sd.noise_scheduler("ddpm")
+    zero = embedded_sd.noise_scheduler("ddpm", "v_prediction", zero_terminal_snr=True)
+    assert plain.alphas_cumprod[-1].sqrt() == pytest.approx(0.068, abs=1e-3)
+    assert zero.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-9)
+    ddim = embedded_sd.noise_scheduler("ddim", "v_prediction", zero_terminal_snr=True)
+    ddim.set_timesteps(20)
+    assert ddim.timesteps[0] == 999 and ddim.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="needs prediction_type 'v_prediction'"):
+        embedded_sd.noise_scheduler("ddim", "epsilon", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type 'v_prediction'"):
+        SDUnetConfig(vae="x", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon' or 'v_prediction'"):
+        SDUnetConfig(vae="x", prediction_type="sample")
+    snr = torch.tensor([0.0, 0.5, 3.0, 20.0])
+    torch.testing.assert_close(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([1.0, 1 / 1.5, 3 / 4, 5 / 21]))
+    torch.testing.assert_close(min_snr_weights(snr[1:], 5.0, "epsilon"), torch.tensor([1.0, 1.0, 5 / 20]))
+    vae = tmp_path / "vae"
+    embedded_sd.build_vae().save_pretrained(vae)
+    run_config({"task": "pretrain_sd_unet", "vae": str(vae), "pool_size": 8, "pool_cache": str(tmp_path / "pool"),
+                "train_batch_size": 4, "max_train_steps": 1, "cpu": True, "seed": 0,
+                "prediction_type": "v_prediction", "zero_terminal_snr": True, "output_dir": str(tmp_path / "run")})
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(0 < v < float("inf") for v in losses)

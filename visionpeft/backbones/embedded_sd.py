@@ -27,6 +27,7 @@ FOLDER = Path(__file__).resolve().parent / "weights" / NAME
 REGENERATE = "python scripts/pretrain_embedded_sd.py"
 MAX_LENGTH = 96  # tokens: the longest caption ("... with a, b and c in autumn, hazy") is under 90
 RESOLUTION = 64  # pixels: the UNet's 16 x 16 latents times the VAE's factor 4
+LATENT_CHANNELS = 4  # per latent position, each standing for 4 x 4 pixels
 
 
 def embedded_sd_path() -> Path:
@@ -77,20 +78,24 @@ def byte_level_tokenizer(max_length: int = MAX_LENGTH):
                              model_max_length=max_length)
 
 
-def build_vae():
-    """The autoencoder: 3 levels (factor 4), 64 px -> 16 x 16 x 4 latents, 0.95M parameters."""
+def build_vae(latent_channels: int = LATENT_CHANNELS):
+    """The autoencoder: 3 levels (factor 4), 64 px -> 16 x 16 x ``latent_channels`` latents,
+    about 0.95M parameters."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(32, 64, 64),
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=16, sample_size=RESOLUTION)
 
 
-def build_unet():
-    """The denoiser: 16 x 16 x 4 latents, cross-attention on 128-d text states, 3.2M parameters."""
+def build_unet(latent_channels: int = LATENT_CHANNELS):
+    """The denoiser: 16 x 16 x ``latent_channels`` latents, cross-attention on 128-d text
+    states, 3.2M parameters."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+    return UNet2DConditionModel(sample_size=RESOLUTION // 4, in_channels=latent_channels,
+                                out_channels=latent_channels, layers_per_block=1,
                                 block_out_channels=(32, 64, 128),
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -109,13 +114,28 @@ def build_text_encoder():
     return CLIPTextModel(cfg)
 
 
-def noise_scheduler(kind: str = "ddim"):
-    """Stable Diffusion 1's noise schedule (scaled_linear 0.00085-0.012, 1000 steps, epsilon):
-    DDIM for sampling (what the folder ships), DDPM for training."""
+def noise_scheduler(kind: str = "ddim", prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """Stable Diffusion 1's noise schedule (scaled_linear 0.00085-0.012, 1000 steps): DDIM for
+    sampling (what the folder ships), DDPM for training. ``zero_terminal_snr`` rescales the
+    betas so the last step is pure noise and samples from it ("trailing" steps; Lin et al.
+    2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): with SD's own
+    betas the last step keeps sqrt(alpha_bar) = 0.068 of the signal, and on a 16 x 16 latent
+    the starting noise's per-channel mean (std 1/16) is as large as that signal's, so the
+    seed, not the caption, sets each image's overall colour. It needs ``v_prediction``
+    (an epsilon target says nothing about the image at SNR 0)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"noise_scheduler prediction_type must be 'epsilon' or 'v_prediction', "
+                         f"got {prediction_type!r}")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("noise_scheduler: zero_terminal_snr needs prediction_type 'v_prediction' (an epsilon "
+                         "target is undefined at SNR 0)")
     common = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False, steps_offset=1, prediction_type="epsilon")
+                  clip_sample=False, steps_offset=1, prediction_type=prediction_type,
+                  rescale_betas_zero_snr=zero_terminal_snr)
+    if zero_terminal_snr:
+        common["timestep_spacing"] = "trailing"
     if kind == "ddim":
         return DDIMScheduler(set_alpha_to_one=False, **common)
     if kind == "ddpm":

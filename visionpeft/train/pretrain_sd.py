@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ..backbones.embedded_sd import LATENT_CHANNELS
 from .task import Task, TrainingError, register_task, task_config
 
 
@@ -147,6 +148,10 @@ class SDVaeConfig(SDPoolConfig):
     # "decoder": the encoder (and so the latent space a denoiser learns) stays frozen and only
     # the decoder trains, as Stable Diffusion's ft-EMA / ft-MSE decoders were made
     train_part: str = "all"
+    latent_channels: int = LATENT_CHANNELS  # of a new VAE (one given by init_from keeps its own)
+    # fold a per-channel shift and scale into the VAE at the end (whiten_latents), so its
+    # latents have zero mean and unit spread per channel and scaling_factor is 1
+    whiten_latents: bool = False
 
     task_name = "pretrain_sd_vae"
 
@@ -155,8 +160,14 @@ class SDVaeConfig(SDPoolConfig):
         if not (isinstance(self.crop, int) and 8 <= self.crop <= self.image_size and self.crop % 4 == 0):
             raise ValueError(f"pretrain_sd_vae: crop must be a multiple of 4 in [8, image_size "
                              f"{self.image_size}], got {self.crop!r}")
+        if not (isinstance(self.latent_channels, int) and 1 <= self.latent_channels <= 64):
+            raise ValueError(f"pretrain_sd_vae: latent_channels must be an integer in [1, 64], "
+                             f"got {self.latent_channels!r}")
         if self.train_part not in ("all", "decoder"):
             raise ValueError(f"pretrain_sd_vae: train_part must be 'all' or 'decoder', got {self.train_part!r}")
+        if self.whiten_latents and self.train_part == "decoder":
+            raise ValueError("pretrain_sd_vae: whiten_latents changes the encoder's output, which train_part "
+                             "'decoder' keeps frozen; whiten in the run that trains the encoder")
         if self.train_part == "decoder" and not self.init_from:
             raise ValueError("pretrain_sd_vae: train_part 'decoder' needs init_from (the trained AutoencoderKL "
                              "folder whose encoder stays frozen)")
@@ -181,7 +192,8 @@ class SDVaeTask(Task):
 
         from ..backbones.embedded_sd import build_vae
 
-        self.vae = AutoencoderKL.from_pretrained(self.cfg.init_from) if self.cfg.init_from else build_vae()
+        self.vae = AutoencoderKL.from_pretrained(self.cfg.init_from) if self.cfg.init_from else \
+            build_vae(self.cfg.latent_channels)
         self.vae.train()
         if self.cfg.train_part == "decoder":
             for module in (self.vae.encoder, self.vae.quant_conv):
@@ -229,10 +241,36 @@ class SDVaeTask(Task):
         stats = latent_stats(vae, self.images[:self.cfg.scaling_images])
         if self.cfg.train_part == "decoder":  # the latents are the init's: so is their factor
             stats["scaling_factor"] = vae.config.scaling_factor
+        elif self.cfg.whiten_latents:
+            whiten_latents(vae, stats["channel_mean"], stats["channel_std"])
+            stats = {**latent_stats(vae, self.images[:self.cfg.scaling_images]), "scaling_factor": 1.0,
+                     "before_whitening": stats}
         vae.register_to_config(scaling_factor=stats["scaling_factor"])
         # the final folder again, now with the factor, swapped in whole
         vp.atomic_write_dir(output_dir / "adapter" / self.name, lambda tmp: vae.save_pretrained(tmp))
         return stats
+
+
+@torch.no_grad()
+def whiten_latents(vae, mean: list[float], std: list[float]) -> None:
+    """Make the latents ``(z - mean) / std`` per channel without changing what the VAE
+    reconstructs: the shift and scale go into quant_conv's mean rows (and its log-variance
+    rows, by -2 log std) and their inverse into post_quant_conv. Stable Diffusion pipelines
+    scale latents by one number and shift them by none; a denoiser started from zero-mean
+    noise otherwise has to learn each channel's offset, and a sampler carries the noise's
+    own channel means into the image as a colour cast."""
+    m = torch.tensor(mean, dtype=vae.quant_conv.weight.dtype, device=vae.quant_conv.weight.device)
+    s = torch.tensor(std, dtype=m.dtype, device=m.device)
+    c = len(m)
+    if vae.quant_conv.out_channels != 2 * c or (s <= 0).any():
+        raise ValueError(f"whiten_latents: need {vae.quant_conv.out_channels // 2} channel means and positive "
+                         f"stds, got {c} and {std!r}")
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= s.view(-1, 1, 1, 1)
+    q.bias[:c] = (q.bias[:c] - m) / s
+    q.bias[c:] -= 2 * torch.log(s)
+    p.bias += p.weight[:, :, 0, 0] @ m  # with the old weight: post_quant_conv(s z' + m)
+    p.weight *= s.view(1, -1, 1, 1)
 
 
 @torch.no_grad()
@@ -255,11 +293,23 @@ def latent_stats(vae, images: torch.Tensor, batch: int = 256) -> dict:
 
 # --- the denoiser and the text encoder ------------------------------------------------------
 
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for an epsilon or a v target:
+    min(snr, gamma) / snr and min(snr, gamma) / (snr + 1). The v weight's SNR is floored at
+    one, so the last steps (SNR near or, with a zero-terminal-SNR schedule, at 0), which set
+    an image's layout and colours, still train instead of getting weight ~0."""
+    if prediction_type == "v_prediction":
+        return snr.clamp(max=gamma).clamp(min=1) / (snr + 1)
+    return snr.clamp(max=gamma) / snr
+
+
 @dataclass
 class SDUnetConfig(SDPoolConfig):
     vae: str = ""  # the trained AutoencoderKL folder (pretrain_sd_vae's adapter/vae), scaling_factor set
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    zero_terminal_snr: bool = False  # embedded_sd.noise_scheduler's; needs v_prediction
     ema_decay: float = 0.999
     encode_batch: int = 256
 
@@ -274,6 +324,11 @@ class SDUnetConfig(SDPoolConfig):
             raise ValueError(f"pretrain_sd_unet: caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"pretrain_sd_unet: ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"pretrain_sd_unet: prediction_type must be 'epsilon' or 'v_prediction', "
+                             f"got {self.prediction_type!r}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("pretrain_sd_unet: zero_terminal_snr needs prediction_type 'v_prediction'")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SDUnetConfig":
@@ -293,10 +348,11 @@ class SDUnetTask(Task):
 
         from ..backbones.embedded_sd import build_text_encoder, build_unet, byte_level_tokenizer, noise_scheduler
 
-        self.unet, self.text_encoder = build_unet(), build_text_encoder()  # random init, the loop's seed
+        channels = AutoencoderKL.load_config(self.cfg.vae)["latent_channels"]  # (draws no random numbers)
+        self.unet, self.text_encoder = build_unet(channels), build_text_encoder()  # random init, the loop's seed
         self.unet.train()
         self.text_encoder.train()
-        self.scheduler = noise_scheduler("ddpm")
+        self.scheduler = noise_scheduler("ddpm", self.cfg.prediction_type, self.cfg.zero_terminal_snr)
         vae = AutoencoderKL.from_pretrained(self.cfg.vae)
         self.scaling_factor = vae.config.scaling_factor
         images, captions = build_sd_pool(self.cfg)
@@ -330,9 +386,11 @@ class SDUnetTask(Task):
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), device=device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         pred = unet(noisy, t, text_encoder(ids.to(device))[0]).sample
-        per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3))
         snr = compute_snr(self.scheduler, t)
-        weights = snr.clamp(max=self.cfg.snr_gamma) / snr  # epsilon prediction
+        v = self.cfg.prediction_type == "v_prediction"
+        target = self.scheduler.get_velocity(latents, noise, t) if v else noise
+        weights = min_snr_weights(snr, self.cfg.snr_gamma, self.cfg.prediction_type)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
         return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
 
     # the moving average -----------------------------------------------------------------
