@@ -5,7 +5,8 @@ training loop (visionpeft/train/pretrain_sd.py):
 
   vae      the AutoencoderKL: ``--vae-steps`` on random 32 px crops, then ``--vae64-steps``
            on whole 64 px scenes (so its attention sees the 16 x 16 latent grid); the
-           latents' spread then sets the VAE's scaling_factor
+           latents' spread then sets the VAE's scaling_factor (``--whiten-latents``: their
+           per-channel mean and spread are folded into the VAE instead, scaling_factor 1)
   decoder  ``--vae-decoder-steps`` more for the decoder alone on whole scenes, the encoder
            frozen (so the latents, and the unet stage's input, stay the same)
   unet     the UNet and the text encoder jointly on the VAE's latents (min-SNR 5, 10%
@@ -20,6 +21,8 @@ training loop (visionpeft/train/pretrain_sd.py):
 
     python scripts/pretrain_embedded_sd.py                     # the shipped model (~60 min, 2 cores)
     python scripts/pretrain_embedded_sd.py --stages unet --resume latest   # go on after an interruption
+    python scripts/pretrain_embedded_sd.py --latent-channels 8 --whiten-latents --prediction-type v_prediction \\
+        --zero-terminal-snr --output-dir output/sd-v6 --target /tmp/sd-v6 --docs /tmp/sd-v6-docs   # an experiment
     python scripts/pretrain_embedded_sd.py --vae-steps 2 --vae64-steps 1 --vae-decoder-steps 1 --unet-steps 2 \\
         --pool 64 --eval-n 2 --target /tmp/sd --docs '' --output-dir /tmp/sd-run    # a smoke run
 """
