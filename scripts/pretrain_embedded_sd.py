@@ -48,6 +48,7 @@ from visionpeft.train.pretrain_sd import SDUnetConfig, SDUnetTask, SDVaeConfig, 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 20 * 2 ** 20  # the package folder's budget (its three safetensors files)
 STAGES = ("vae", "decoder", "unet", "assemble", "eval")
+NOISE_FILE = "noise_schedule.json"  # in the unet stage's folder
 EVAL_SEED = 2024
 GUIDANCE, EVAL_STEPS = 7.5, 20
 
@@ -126,11 +127,15 @@ def stage_unet(args, out: Path, pool: dict) -> dict:
                        zero_terminal_snr=args.zero_terminal_snr, **pool)
     train(SDUnetTask(cfg), loop_config(out / "unet", args, args.unet_steps, args.unet_batch, args.unet_lr,
                                        args.unet_warmup))
+    # what the UNet learnt to predict, so assemble ships the matching scheduler whatever its own flags
+    body = json.dumps({"prediction_type": cfg.prediction_type, "zero_terminal_snr": cfg.zero_terminal_snr})
+    vp.atomic_write_file(out / "unet" / NOISE_FILE, lambda tmp: Path(tmp).write_text(body))
     return {"wall_s": round(time.time() - start), "curve": curve(out / "unet", ("mse",))}
 
 
-def assemble(out: Path, target: Path, prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> dict:
-    """The pipeline folder from the trained parts (the EMA weights of UNet and text encoder)."""
+def assemble(out: Path, target: Path) -> dict:
+    """The pipeline folder from the trained parts (the EMA weights of UNet and text encoder),
+    with the DDIM scheduler of the noise schedule the unet stage trained on."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -142,7 +147,9 @@ def assemble(out: Path, target: Path, prediction_type: str = "epsilon", zero_ter
     unet, text_encoder = embedded_sd.build_unet(vae.config.latent_channels), embedded_sd.build_text_encoder()
     unet.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "unet.safetensors")))
     text_encoder.load_state_dict(load_file(str(out / "unet" / "adapter" / "ema" / "text_encoder.safetensors")))
-    scheduler = embedded_sd.noise_scheduler("ddim", prediction_type, zero_terminal_snr)
+    noise = out / "unet" / NOISE_FILE  # absent in runs from before the file: SD's epsilon schedule
+    noise = json.loads(noise.read_text()) if noise.is_file() else {}
+    scheduler = embedded_sd.noise_scheduler("ddim", **noise)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=embedded_sd.byte_level_tokenizer(),
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -260,6 +267,8 @@ def main(argv=None):
                  "eval_n", "recon_n", "threads", "latent_channels"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.zero_terminal_snr and args.prediction_type != "v_prediction":
+        p.error("--zero-terminal-snr needs --prediction-type v_prediction (an epsilon target is undefined at SNR 0)")
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     target = Path(args.target) if args.target else embedded_sd.FOLDER
@@ -277,7 +286,7 @@ def main(argv=None):
         elif stage == "unet":
             summary["unet"] = stage_unet(args, out, pool)
         elif stage == "assemble":
-            summary["files"] = assemble(out, target, args.prediction_type, args.zero_terminal_snr)
+            summary["files"] = assemble(out, target)
         else:
             summary["eval"] = evaluate(target, args.eval_n, docs, args.recon_n)
         print(f"stage {stage}: {(time.time() - t) / 60:.1f} min")

@@ -116,27 +116,32 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     before = {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
-    hashes, summaries = [], []
-    for run, stages in (("a", ["vae", "decoder", "unet", "assemble", "eval"]),
-                        ("b", ["vae", "decoder", "unet", "assemble"])):
-        summary = module.main(["--vae-steps", "2", "--vae64-steps", "1", "--vae-decoder-steps", "2",
-                               "--vae-batch", "4", "--unet-steps", "2", "--latent-channels", "3", "--whiten-latents",
-                               "--unet-batch", "4", "--pool", "24", "--eval-n", "1", "--recon-n", "8",
-                               "--output-dir", str(tmp_path / run), "--target", str(tmp_path / f"sd-{run}"),
-                               "--docs", "", "--stages", *stages])
-        hashes.append(summary["files"]["sha256"])
-        summaries.append(summary)
-    assert hashes[0] == hashes[1] and len(hashes[0]) == 3
-    assert set(summaries[0]["eval"]["seen"]) == set(PRETRAIN_SCENES) and "eval" not in summaries[1]
+    tiny = ["--vae-steps", "2", "--vae64-steps", "1", "--vae-decoder-steps", "2", "--vae-batch", "4",
+            "--unet-steps", "2", "--unet-batch", "4", "--pool", "24", "--eval-n", "1", "--recon-n", "8", "--docs", ""]
+    variant = ["--latent-channels", "3", "--whiten-latents", "--prediction-type", "v_prediction",
+               "--zero-terminal-snr"]
+
+    def main(run, stages, flags):
+        return module.main([*tiny, *flags, "--output-dir", str(tmp_path / run), "--target", str(tmp_path / f"sd-{run}"),
+                            "--stages", *stages])
+
+    # twice the same variant run; b assembles in a call of its own, without the variant's flags
+    a = main("a", ["vae", "decoder", "unet", "assemble", "eval"], variant)
+    main("b", ["vae", "decoder", "unet"], variant)
+    summary = main("b", ["assemble"], [])
+    assert a["files"]["sha256"] == summary["files"]["sha256"] and len(summary["files"]["sha256"]) == 3
+    assert set(a["eval"]["seen"]) == set(PRETRAIN_SCENES) and "eval" not in summary
     assert set(summary["vae"]["latents"]) >= {"scaling_factor", "channel_mean", "before_whitening"}
     assert summary["vae"]["latents"]["scaling_factor"] == 1.0  # whitened at the end of the vae stage
     from diffusers import StableDiffusionPipeline
 
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b")
     shipped = loaded.vae
-    assert shipped.config.scaling_factor == summary["vae"]["latents"]["scaling_factor"]
+    assert shipped.config.scaling_factor == 1.0
     # --latent-channels reaches the VAE and, through its config, the UNet's input and output
     assert shipped.config.latent_channels == 3 == loaded.unet.config.in_channels == loaded.unet.config.out_channels
+    # the scheduler that ships is the one the UNet trained on, not the assembling call's flags
+    assert loaded.scheduler.config.prediction_type == "v_prediction" and loaded.scheduler.config.rescale_betas_zero_snr
     # the decoder stage (what ships) trained the decoder alone: the encoder, so the latents the
     # UNet learnt, are the vae stage's bit for bit
     from diffusers import AutoencoderKL
@@ -145,6 +150,16 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     final = shipped.state_dict()
     assert all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith(("encoder.", "quant_conv.")))
     assert not all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith("decoder."))
+    # the defaults: the shipped recipe (4 channels, scaled not whitened, SD's epsilon schedule)
+    plain = main("c", ["vae", "unet", "assemble"], [])
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-c")
+    assert loaded.vae.config.scaling_factor == plain["vae"]["latents"]["scaling_factor"] != 1.0
+    assert "before_whitening" not in plain["vae"]["latents"]
+    assert loaded.vae.config.latent_channels == embedded_sd.LATENT_CHANNELS == loaded.unet.config.in_channels
+    assert loaded.scheduler.config.prediction_type == "epsilon" and not loaded.scheduler.config.rescale_betas_zero_snr
+    with pytest.raises(SystemExit):  # argparse's one line, before any stage runs
+        main("d", ["vae"], ["--zero-terminal-snr"])
+    assert not (tmp_path / "d").exists()
     assert before == {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
 
 
@@ -352,8 +367,10 @@ def test_whitening_the_latents_keeps_the_reconstructions_and_centres_each_channe
     torch.testing.assert_close(after.mean, (before.mean - shift) / scale, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after.std, before.std / scale, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(recon_after, recon, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="need 3 channel means and positive stds"):
+    with pytest.raises(ValueError, match="every channel's std must be positive"):
         whiten_latents(vae, [0.0, 0.0, 0.0], [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="has 3 latent channels, got 3 means and 1 stds"):
+        whiten_latents(vae, [0.0, 0.0, 0.0], [1.0])
     with pytest.raises(ValueError, match="whiten in the run that trains the encoder"):
         SDVaeConfig(train_part="decoder", init_from="x", whiten_latents=True)
 

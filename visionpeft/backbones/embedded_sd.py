@@ -126,7 +126,7 @@ def noise_scheduler(kind: str = "ddim", prediction_type: str = "epsilon", zero_t
     from diffusers import DDIMScheduler, DDPMScheduler
 
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"noise_scheduler prediction_type must be 'epsilon' or 'v_prediction', "
+        raise ValueError(f"noise_scheduler: prediction_type must be 'epsilon' or 'v_prediction', "
                          f"got {prediction_type!r}")
     if zero_terminal_snr and prediction_type != "v_prediction":
         raise ValueError("noise_scheduler: zero_terminal_snr needs prediction_type 'v_prediction' (an epsilon "
@@ -140,4 +140,4 @@ def noise_scheduler(kind: str = "ddim", prediction_type: str = "epsilon", zero_t
         return DDIMScheduler(set_alpha_to_one=False, **common)
     if kind == "ddpm":
         return DDPMScheduler(**common)
-    raise ValueError(f"noise_scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")
+    raise ValueError(f"noise_scheduler: kind must be 'ddim' or 'ddpm', got {kind!r}")

@@ -261,10 +261,11 @@ def whiten_latents(vae, mean: list[float], std: list[float]) -> None:
     own channel means into the image as a colour cast."""
     m = torch.tensor(mean, dtype=vae.quant_conv.weight.dtype, device=vae.quant_conv.weight.device)
     s = torch.tensor(std, dtype=m.dtype, device=m.device)
-    c = len(m)
-    if vae.quant_conv.out_channels != 2 * c or (s <= 0).any():
-        raise ValueError(f"whiten_latents: need {vae.quant_conv.out_channels // 2} channel means and positive "
-                         f"stds, got {c} and {std!r}")
+    c = vae.quant_conv.out_channels // 2
+    if len(m) != c or len(s) != c:
+        raise ValueError(f"whiten_latents: the VAE has {c} latent channels, got {len(m)} means and {len(s)} stds")
+    if (s <= 0).any():
+        raise ValueError(f"whiten_latents: every channel's std must be positive, got {std!r}")
     q, p = vae.quant_conv, vae.post_quant_conv
     q.weight[:c] /= s.view(-1, 1, 1, 1)
     q.bias[:c] = (q.bias[:c] - m) / s
