@@ -406,3 +406,45 @@ def test_zero_terminal_snr_ends_in_pure_noise_and_trains_a_v_target(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert losses and all(0 < v < float("inf") for v in losses)
+
+
+def test_the_v_target_is_diffusers_velocity_with_min_snr_weights(tmp_path):
+    """One loss of pretrain_sd_unet with v_prediction and a UNet that predicts 0: it must be
+    the Min-SNR-weighted mean of the squared velocity that diffusers' get_velocity gives for
+    the step's own latents, noise and timesteps (recorded as the task draws them)."""
+    from types import SimpleNamespace
+
+    from visionpeft.train.pretrain_sd import SDUnetConfig, SDUnetTask, min_snr_weights
+
+    vae = tmp_path / "vae"
+    embedded_sd.build_vae().save_pretrained(vae)
+    task = SDUnetTask(SDUnetConfig(vae=str(vae), pool_size=8, pool_cache=str(tmp_path / "pool"),
+                                   prediction_type="v_prediction", zero_terminal_snr=True))
+    task.setup(torch.device("cpu"), torch.float32)
+    seen = {}
+    add_noise, get_velocity = task.scheduler.add_noise, task.scheduler.get_velocity
+
+    def record_noise(latents, noise, t):
+        seen.update(t=t)
+        return add_noise(latents, noise, t)
+
+    def record_velocity(latents, noise, t):
+        seen.update(v=get_velocity(latents, noise, t), t_v=t)
+        return seen["v"]
+
+    task.scheduler.add_noise, task.scheduler.get_velocity = record_noise, record_velocity
+    class Zero(torch.nn.Module):  # predicts 0: the loss is then the weighted mean square of the target
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))  # the task reads its device from a parameter
+
+        def forward(self, x, t, text):
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    unet = Zero()
+    torch.manual_seed(0)
+    loss, _ = task.loss({"unet": unet, "text_encoder": task.text_encoder}, torch.arange(4))
+    assert torch.equal(seen["t"], seen["t_v"])
+    snr = task.scheduler.alphas_cumprod[seen["t"]] / (1 - task.scheduler.alphas_cumprod[seen["t"]])
+    expected = (seen["v"].pow(2).mean((1, 2, 3)) * min_snr_weights(snr, 5.0, "v_prediction")).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
