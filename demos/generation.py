@@ -24,10 +24,24 @@ from pathlib import Path
 import torch
 
 from demo_common import one_line
+from visionpeft.backbones import embedded_sd
 
 MAX_ADAPTERS = 4  # one (use, scale) slot each in the page
 MAX_PIPELINES = 2  # pipelines kept loaded (an SDXL one is several GB)
 REFINE_AT = (0, 10, 20)  # compose's default steps for the extra refinement rounds
+# the default folder's (embedded-sd) evaluated sampling: guidance and diffusers' guidance_rescale
+GUIDANCE, RESCALE = embedded_sd.SAMPLING["guidance_scale"], embedded_sd.SAMPLING["guidance_rescale"]
+PLAIN_GUIDANCE, PLAIN_RESCALE = 7.5, 0.0  # diffusers' defaults, the page's for any other folder
+
+
+def page_sampling(folder: str) -> tuple[float, float]:
+    """The page's guidance and rescale sliders for a default folder: embedded-sd's evaluated
+    settings for the packaged model (by name or path), diffusers' defaults otherwise."""
+    name = (folder or "").strip()
+    ours = name == embedded_sd.NAME or (bool(name) and Path(name).resolve() == embedded_sd.FOLDER.resolve())
+    return (GUIDANCE, RESCALE) if ours else (PLAIN_GUIDANCE, PLAIN_RESCALE)
+RESCALE_HELP = ("0 = plain guidance; about 0.7 for models trained to zero terminal SNR (v-prediction), "
+                "such as the packaged embedded-sd")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # what vp.inject accepts as a name
 ADAPTERS_HELP = "one adapter a line, NAME=PATH (an adapter folder, a DreamBooth output, a diffusers / PEFT / " \
                 "kohya / LyCORIS file)"
@@ -217,6 +231,18 @@ def _settings(steps, seed) -> tuple[int, int]:
     return steps, seed
 
 
+def _rescale(value) -> float:
+    import gradio as gr
+
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"guidance rescale must be a number in [0, 1], got {value!r}") from None
+    if not 0 <= value <= 1:
+        raise gr.Error(f"guidance rescale={value:g}: give 0 (off) to 1")
+    return value
+
+
 def load_pipeline(folder: str, adapters: str) -> str:
     """Load the pipeline and the adapters of the lines (what generate and compose do first);
     a line on what is loaded."""
@@ -226,9 +252,10 @@ def load_pipeline(folder: str, adapters: str) -> str:
         return f"{type(loaded.pipe).__name__} from {folder.strip()}; adapters: {parts}"
 
 
-def generate(folder: str, adapters: str, prompt: str, steps: int = 20, guidance: float = 7.5, seed: int = 0,
+def generate(folder: str, adapters: str, prompt: str, steps: int = 20, guidance: float = GUIDANCE, seed: int = 0,
              use_1: bool = True, use_2: bool = True, use_3: bool = True, use_4: bool = True,
-             scale_1: float = 1.0, scale_2: float = 1.0, scale_3: float = 1.0, scale_4: float = 1.0):
+             scale_1: float = 1.0, scale_2: float = 1.0, scale_3: float = 1.0, scale_4: float = 1.0,
+             guidance_rescale: float = RESCALE):
     """(image, text): the pipeline's own sampling with the ticked adapters active (slot i
     is the i-th adapter line), each at its scale, and a line saying which were on."""
     import gradio as gr
@@ -237,6 +264,7 @@ def generate(folder: str, adapters: str, prompt: str, steps: int = 20, guidance:
     if not prompt:
         raise gr.Error("enter a prompt")
     steps, seed = _settings(steps, seed)
+    rescale = _rescale(guidance_rescale)
     uses, scales = (use_1, use_2, use_3, use_4), (scale_1, scale_2, scale_3, scale_4)
     with _LOCK:
         loaded, names = _prepare(folder, adapters)
@@ -244,11 +272,12 @@ def generate(folder: str, adapters: str, prompt: str, steps: int = 20, guidance:
         _set_scales(loaded.pipe, dict(zip(names, scales)), active)
         try:
             image = loaded.pipe(prompt, num_inference_steps=steps, guidance_scale=float(guidance),
-                                generator=torch.Generator().manual_seed(seed)).images[0]
+                                guidance_rescale=rescale, generator=torch.Generator().manual_seed(seed)).images[0]
         except ValueError as err:
             raise gr.Error(one_line(err)) from None
     on = ", ".join(f"{n} x{float(s):g}" for n, s, u in zip(names, scales, uses) if u)
-    return image, f"adapters on: {on or 'none'}; {steps} steps, guidance {float(guidance):g}, seed {seed}"
+    rescaled = f" (rescale {rescale:g})" if rescale else ""
+    return image, f"adapters on: {on or 'none'}; {steps} steps, guidance {float(guidance):g}{rescaled}, seed {seed}"
 
 
 def _losses_text(result) -> str:
@@ -260,9 +289,10 @@ def _losses_text(result) -> str:
 
 
 def compose(folder: str, adapters: str, prompt: str, concepts: str, style: str = "", steps: int = 20,
-            guidance: float = 7.5, seed: int = 0, mask_alpha: float = 0.3, step_size: float = 20,
+            guidance: float = GUIDANCE, seed: int = 0, mask_alpha: float = 0.3, step_size: float = 20,
             update_until: int = 10, refine_rounds: int = 2,
-            scale_1: float = 1.0, scale_2: float = 1.0, scale_3: float = 1.0, scale_4: float = 1.0):
+            scale_1: float = 1.0, scale_2: float = 1.0, scale_3: float = 1.0, scale_4: float = 1.0,
+            guidance_rescale: float = RESCALE):
     """(image, mask picture, losses) of CLoRA: ``concepts`` lines ADAPTER:PROMPT:WORDS,
     ``style`` an adapter on in every branch ("" for none); the adapters at their slots' scales."""
     import gradio as gr
@@ -274,6 +304,7 @@ def compose(folder: str, adapters: str, prompt: str, concepts: str, style: str =
     if not prompt:
         raise gr.Error("enter a base prompt that mentions every concept, e.g. a dog and a cat")
     steps, seed = _settings(steps, seed)
+    rescale = _rescale(guidance_rescale)
     scales = (scale_1, scale_2, scale_3, scale_4)
     with _LOCK:
         loaded, names = _prepare(folder, adapters)
@@ -284,7 +315,8 @@ def compose(folder: str, adapters: str, prompt: str, concepts: str, style: str =
             _set_scales(loaded.pipe, dict(zip(names, scales)))
             result = clora_compose(loaded.pipe, prompt, concepts=parsed, style=style or None,
                                    num_inference_steps=steps, guidance_scale=float(guidance),
-                                   step_size=float(step_size), update_until=int(update_until), refine_at=REFINE_AT,
+                                   guidance_rescale=rescale, step_size=float(step_size),
+                                   update_until=int(update_until), refine_at=REFINE_AT,
                                    refine_rounds=int(refine_rounds), mask_alpha=float(mask_alpha), attn_res=None,
                                    batched=True, generator=torch.Generator().manual_seed(seed))
         except (ValueError, KeyError) as err:  # a bad line, unknown adapter, words not in a prompt
@@ -317,6 +349,7 @@ def build(default_pipeline: str = "embedded-sd", default_adapters: str = ""):
         names = [n for n, _ in parse_adapters(default_adapters)]
     except ValueError:
         names = []
+    guidance0, rescale0 = page_sampling(default_pipeline)
     with gr.Blocks(title="visionpeft generation") as demo:
         gr.Markdown("## Generation (Stable Diffusion with adapters)\nPlain: the pipeline's own sampling with "
                     "the adapters you tick. CLoRA: several concept adapters in one image.")
@@ -342,7 +375,9 @@ def build(default_pipeline: str = "embedded-sd", default_adapters: str = ""):
                 prompt = gr.Textbox(label="prompt", value="a dog and a cat")
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps")
-                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance")
+                    guidance = gr.Slider(0, 20, value=guidance0, step=0.5, label="guidance")
+                    rescale = gr.Slider(0, 1, value=rescale0, step=0.05, label="guidance rescale",
+                                        info=RESCALE_HELP)
                     seed = gr.Number(value=0, precision=0, label="seed")
                 run = gr.Button("Generate", variant="primary")
                 with gr.Row():
@@ -360,7 +395,8 @@ def build(default_pipeline: str = "embedded-sd", default_adapters: str = ""):
                     mask_alpha = gr.Slider(0, 1, value=0.3, step=0.05, label="mask alpha")
                 with gr.Accordion("more CLoRA settings", open=False):
                     with gr.Row():
-                        c_guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="compose guidance")
+                        c_guidance = gr.Slider(0, 20, value=guidance0, step=0.5, label="compose guidance")
+                        c_rescale = gr.Slider(0, 1, value=rescale0, step=0.05, label="compose guidance rescale")
                         step_size = gr.Number(value=20, label="latent step size")
                         update_until = gr.Slider(0, 100, value=10, step=1, label="update the latent until step")
                         at = ", ".join(map(str, REFINE_AT))
@@ -372,10 +408,10 @@ def build(default_pipeline: str = "embedded-sd", default_adapters: str = ""):
                 losses = gr.Textbox(label="contrastive loss", interactive=False, lines=2)
         adapters.change(_slots, [adapters], [*uses, *scales, style], api_visibility="private")
         load_button.click(load_pipeline, [folder, adapters], [loaded], api_name="load_pipeline")
-        run.click(generate, [folder, adapters, prompt, steps, guidance, seed, *uses, *scales], [image, status],
+        run.click(generate, [folder, adapters, prompt, steps, guidance, seed, *uses, *scales, rescale], [image, status],
                   api_name="generate")
         c_run.click(compose, [folder, adapters, c_prompt, concepts, style, c_steps, c_guidance, c_seed, mask_alpha,
-                              step_size, update_until, refine_rounds, *scales], [c_image, masks, losses],
+                              step_size, update_until, refine_rounds, *scales, c_rescale], [c_image, masks, losses],
                     api_name="compose")
     return demo
 

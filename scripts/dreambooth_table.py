@@ -13,7 +13,9 @@ about the same trainable-parameter budget, prior preservation with 50 class imag
   the six training-type captions, with the adapter on (the base model's accuracy minus
   this is what prior preservation keeps small).
 
-DDIM 20 steps, guidance 7.5 (the generation demo's defaults), seeded generators. Beside
+The shipped scheduler, 20 steps, the guidance (and guidance rescale) the model was evaluated
+with (``embedded_sd.SAMPLING``, also the generation demo's defaults; ``--guidance``,
+``--guidance-rescale``), for every generated image: class, validation and judged; seeded generators. Beside
 each row: trainable parameters, the optimizer's state, the run's wall time (loading,
 training, saving; the first run of a --work folder also makes the class images), and one
 training step measured apart (`step_cost`: median wall time of forward, backward and
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 
 import visionpeft as vp
+from visionpeft.backbones import embedded_sd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, when loaded by path
 from bench_core import cpu_peak_bytes  # noqa: E402
@@ -60,7 +63,12 @@ LR = {"lora": 1e-3, "krona": 1e-3, "wara": 1e-3, "block_lora": 1e-3, "snell": 1e
 SEEN_TEMPLATE = "a satellite image of {}"
 SKS_PROMPT = "a satellite image of sks"
 CLASS_PROMPT = "a satellite image"
-STEPS, GUIDANCE = 20, 7.5
+STEPS = embedded_sd.SAMPLING["num_inference_steps"]
+
+
+def sampling(args) -> dict:
+    """The pipeline-call settings of every generated image (class, validation, judged)."""
+    return {"num_inference_steps": STEPS, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale}
 
 
 def load_pipe():
@@ -74,24 +82,25 @@ def load_pipe():
 
 
 @torch.no_grad()
-def judged(pipe, judge, prompt: str, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    """The judge's type for each of ``n`` images of ``prompt`` (one seeded generator), and the images."""
-    images = pipe([prompt] * n, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+def judged(pipe, judge, prompt: str, n: int, seed: int, sample: dict) -> tuple[list[str], torch.Tensor]:
+    """The judge's type for each of ``n`` images of ``prompt`` (one seeded generator, the
+    pipeline-call settings ``sample``), and the images."""
+    images = pipe([prompt] * n, **sample, generator=torch.Generator().manual_seed(seed), output_type="pt").images
     return [judge.classes[i] for i in judge.classify(images)], images
 
 
-def scores(pipe, judge, scene: str, n: int, n_seen: int, seed: int, samples: Path | None = None) -> dict:
+def scores(pipe, judge, scene: str, n: int, n_seen: int, seed: int, sample: dict,
+           samples: Path | None = None) -> dict:
     """The row's numbers; with ``samples``, the first 6 "sks" images saved there (for --picture)."""
     from safetensors.torch import save_file
 
     from visionpeft.data.scenes import PRETRAIN_SCENES
 
-    sks, images = judged(pipe, judge, SKS_PROMPT, n, seed)
+    sks, images = judged(pipe, judge, SKS_PROMPT, n, seed, sample)
     if samples is not None:
         first = {"images": images[:6].contiguous()}
         vp.atomic_write_file(samples, lambda t: save_file(first, str(t)))
-    seen = {s: judged(pipe, judge, SEEN_TEMPLATE.format(s), n_seen, seed + 1)[0] for s in PRETRAIN_SCENES}
+    seen = {s: judged(pipe, judge, SEEN_TEMPLATE.format(s), n_seen, seed + 1, sample)[0] for s in PRETRAIN_SCENES}
     return {"sks": round(sks.count(scene) / n, 4), "sks_judged": {t: sks.count(t) for t in sorted(set(sks))},
             "seen": round(sum(v.count(s) for s, v in seen.items()) / (n_seen * len(seen)), 4)}
 
@@ -122,18 +131,21 @@ def train_adapter(variant: str, scene: str, seed: int, args, work: Path, prompt:
                   export: tuple = ()) -> tuple[Path, float, list[float]]:
     """One DreamBooth run of ``variant`` on ``args.instances`` images of ``scene`` as
     ``prompt``: (its output folder, wall seconds, losses). The class images are shared by
-    every run of one --work folder (the first run makes them, which its seconds include).
+    every run of one --work folder at one guidance setting (the first run makes them, which
+    its seconds include).
     A finished run of the same settings in --work is reused; an unfinished one is redone."""
     from visionpeft.train import run_config
 
     instance = instance_folder(work, scene, seed, args.instances)
     out = work / f"{variant}-{scene}-{prompt.split()[-1]}-{seed}"
+    classes = work / f"class-g{args.guidance:g}-r{args.guidance_rescale:g}"  # made at these settings
     values = {"task": "dreambooth", "pretrained_model": "embedded-sd", "instance_data_dir": str(instance),
-              "instance_prompt": prompt, "class_data_dir": str(work / "class"), "class_prompt": CLASS_PROMPT,
+              "instance_prompt": prompt, "class_data_dir": str(classes), "class_prompt": CLASS_PROMPT,
               "with_prior_preservation": True, "num_class_images": args.class_images,
               "adapter": VARIANTS[variant], "max_train_steps": args.steps, "train_batch_size": args.batch,
               "learning_rate": LR[variant], "lr_scheduler": "constant", "seed": seed, "output_dir": str(out),
               "checkpointing_steps": args.steps, "cpu": True, "mixed_precision": "no",
+              "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
               "export_formats": list(export)}
     done = out / "table_run.json"
     if done.is_file():
@@ -191,7 +203,8 @@ def run(variant: str, scene: str, seed: int, args, work: Path, judge) -> dict:
     out, seconds, losses = train_adapter(variant, scene, seed, args, work)
     pipe = load_pipe()
     load_pipeline_adapter(pipe, out / "adapter", "sks")
-    row = scores(pipe, judge, scene, args.n, args.n_seen, args.eval_seed, out / "sks_samples.safetensors")
+    row = scores(pipe, judge, scene, args.n, args.n_seen, args.eval_seed, sampling(args),
+                 out / "sks_samples.safetensors")
     params = sum(p.numel() for n, p in pipe.unet.named_parameters() if ".adapters." in n)
     return {"variant": variant, "scene": scene, "seed": seed, **row, "trainable": params,
             "optimizer_mb": round(params * 8 / 2 ** 20, 3), "run_s": round(seconds, 1),
@@ -249,6 +262,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="images of the sks prompt per run")
     p.add_argument("--n-seen", type=int, default=16, help="images per training-type caption per run")
     p.add_argument("--eval-seed", type=int, default=7)
+    p.add_argument("--guidance", type=float, default=embedded_sd.SAMPLING["guidance_scale"],
+                   help="classifier-free guidance of every generated image (default: the model's evaluated one)")
+    p.add_argument("--guidance-rescale", type=float, default=embedded_sd.SAMPLING["guidance_rescale"],
+                   help="diffusers' guidance_rescale, in [0, 1]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="2 steps, 1 seed, 2 images: a smoke run")
     p.add_argument("--budgets", action="store_true", help="print each variant's trainable parameters and stop")
@@ -263,6 +280,8 @@ def main(argv=None):
 
     if args.scene not in HELD_OUT_SCENES:
         p.error(f"--scene must be a held-out type {HELD_OUT_SCENES}, got {args.scene!r}")
+    if not 0 <= args.guidance_rescale <= 1:
+        p.error(f"--guidance-rescale must be within [0, 1], got {args.guidance_rescale}")
     if args.quick:
         args.steps, args.seeds, args.n, args.n_seen, args.class_images, args.instances = 2, [0], 2, 1, 2, 2
     torch.set_num_threads(args.threads)
@@ -284,7 +303,7 @@ def main(argv=None):
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "base" not in state:
-            state["base"] = scores(load_pipe(), judge, args.scene, args.n, args.n_seen, args.eval_seed,
+            state["base"] = scores(load_pipe(), judge, args.scene, args.n, args.n_seen, args.eval_seed, sampling(args),
                                    work / "base_samples.safetensors")
         runs = state.setdefault("runs", [])
         for variant in args.variants:

@@ -165,6 +165,8 @@ def test_compose_writes_image_masks_and_settings(made, tmp_path):
     # one concept has nothing to contrast with: no latent update, one pass a step
     assert report["unet_calls"] == 3 and report["losses"] == [0.0, 0.0, 0.0]
     assert report["branches"][1]["adapters"] == ["dog"] and report["settings"]["batched"] is True
+    # a folder other than embedded-sd: plain guidance 7.5 unless told
+    assert report["settings"]["guidance_scale"] == 7.5 and report["settings"]["guidance_rescale"] == 0.0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["img.json", "img.masks.png", "img.png"]
 
 
@@ -172,6 +174,7 @@ def test_compose_writes_image_masks_and_settings(made, tmp_path):
     (["--concept", "bird:a bird:bird"], r"the concepts name adapters \['bird'\] that no --adapter NAME=PATH loads"),
     (["--concept", "dog-a sks dog"], r"give ADAPTER:PROMPT:WORDS"),
     (["--scale", "dog=big"], r"give NAME=NUMBER"),
+    (["--guidance-rescale", "1.5"], r"--guidance-rescale 1.5: give 0 \(off\) to 1"),
 ])
 def test_bad_arguments_end_in_one_line_before_loading(made, tmp_path, capsys, extra, message):
     out = tmp_path / "img.png"

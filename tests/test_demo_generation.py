@@ -23,7 +23,8 @@ CONCEPT_DICTS = [{"adapter": "dog", "prompt": "a sks dog and a cat", "words": ["
                  {"adapter": "cat", "prompt": "a dog and a sks cat", "words": ["sks cat"]}]
 STEPS = 3
 # compose's settings as the tests send them (the page's defaults but for the steps)
-COMPOSE = dict(guidance=7.5, seed=0, mask_alpha=0.3, step_size=20, update_until=10, refine_rounds=2)
+COMPOSE = dict(guidance=7.5, seed=0, mask_alpha=0.3, step_size=20, update_until=10, refine_rounds=2,
+               guidance_rescale=0.0)
 
 
 def _hub():
@@ -92,9 +93,11 @@ def _set(pipe, scales, active=None):
             vp.set_active(comp, [n for n in active if n in vp.adapter_names(comp)])
 
 
-def _plain(pipe, seed, scales, active):
+def _plain(pipe, seed, scales, active, rescale=0.0):
+    """The pipeline's own image; ``rescale``: by default the page's for a folder other than
+    embedded-sd (diffusers' 0)."""
     _set(pipe, scales, active)
-    return np.asarray(pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5,
+    return np.asarray(pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, guidance_rescale=rescale,
                            generator=torch.Generator().manual_seed(seed)).images[0])
 
 
@@ -106,6 +109,7 @@ def _composed(pipe, scales=None, mask_alpha=COMPOSE["mask_alpha"]):
     return compose(pipe, PROMPT, concepts=CONCEPT_DICTS, style=None, num_inference_steps=STEPS,
                    guidance_scale=c["guidance"], step_size=c["step_size"], update_until=c["update_until"],
                    refine_at=(0, 10, 20), refine_rounds=c["refine_rounds"], mask_alpha=mask_alpha,
+                   guidance_rescale=c["guidance_rescale"],
                    attn_res=None, batched=True, generator=torch.Generator().manual_seed(c["seed"]))
 
 
@@ -140,10 +144,10 @@ def test_the_tab_is_one_entry_with_named_endpoints(served, client, sd):
     params = {k: [p["parameter_name"] for p in v["parameters"]]
               for k, v in client.view_api(print_info=False, return_format="dict")["named_endpoints"].items()}
     assert params["/generate"] == ["folder", "adapters", "prompt", "steps", "guidance", "seed", "use_1", "use_2",
-                                   "use_3", "use_4", "scale_1", "scale_2", "scale_3", "scale_4"]
+                                   "use_3", "use_4", "scale_1", "scale_2", "scale_3", "scale_4", "guidance_rescale"]
     assert params["/compose"] == ["folder", "adapters", "prompt", "concepts", "style", "steps", "guidance", "seed",
                                   "mask_alpha", "step_size", "update_until", "refine_rounds", "scale_1", "scale_2",
-                                  "scale_3", "scale_4"]
+                                  "scale_3", "scale_4", "guidance_rescale"]
     values = [c["props"].get("value") for c in served.config["components"] if c["type"] == "textbox"]
     assert str(sd / "sd") in values  # --sd-pipeline is the tab's default folder
     text = client.predict(str(sd / "sd"), _adapters(sd), api_name="/load_pipeline")
@@ -153,11 +157,19 @@ def test_the_tab_is_one_entry_with_named_endpoints(served, client, sd):
 def test_generate_answers_as_the_pipeline_does(sd, client, direct):
     image, text = client.predict(folder=str(sd / "sd"), adapters=_adapters(sd), prompt=PROMPT, steps=STEPS,
                                  guidance=7.5, seed=3, use_1=True, use_2=True, scale_1=0.5, scale_2=1.5,
-                                 api_name="/generate")
-    want = _plain(direct, 3, {"dog": 0.5, "cat": 1.5}, ["dog", "cat"])
+                                 guidance_rescale=0.0, api_name="/generate")
+    want = _plain(direct, 3, {"dog": 0.5, "cat": 1.5}, ["dog", "cat"], rescale=0.0)
     assert want.shape == (32, 32, 3)
     np.testing.assert_array_equal(_rgb(image), want)
     assert text == f"adapters on: dog x0.5, cat x1.5; {STEPS} steps, guidance 7.5, seed 3"
+    # diffusers' guidance_rescale reaches the pipeline's call and the settings line
+    image, text = client.predict(folder=str(sd / "sd"), adapters=_adapters(sd), prompt=PROMPT, steps=STEPS,
+                                 guidance=7.5, seed=3, use_1=True, use_2=True, scale_1=0.5, scale_2=1.5,
+                                 guidance_rescale=0.7, api_name="/generate")
+    rescaled = _plain(direct, 3, {"dog": 0.5, "cat": 1.5}, ["dog", "cat"], rescale=0.7)
+    np.testing.assert_array_equal(_rgb(image), rescaled)
+    assert np.abs(rescaled.astype(int) - want).max() > 0
+    assert text == f"adapters on: dog x0.5, cat x1.5; {STEPS} steps, guidance 7.5 (rescale 0.7), seed 3"
     # only the ticked adapters run; the text encoder's cat is off with the UNet's
     image, text = client.predict(folder=str(sd / "sd"), adapters=_adapters(sd), prompt=PROMPT, steps=STEPS,
                                  guidance=7.5, seed=3, use_1=False, use_2=True, api_name="/generate")
@@ -195,7 +207,7 @@ def test_compose_answers_as_compose_does(sd, client, direct):
     image, masks, losses = client.predict(str(sd / "sd"), _adapters(sd), PROMPT, CONCEPTS, "", STEPS,
                                           COMPOSE["guidance"], COMPOSE["seed"], 0.95, COMPOSE["step_size"],
                                           COMPOSE["update_until"], COMPOSE["refine_rounds"], 0.8, 1.0, 1.0, 1.0,
-                                          api_name="/compose")
+                                          COMPOSE["guidance_rescale"], api_name="/compose")
     want = _composed(direct, scales={"dog": 0.8, "cat": 1.0}, mask_alpha=0.95)
     np.testing.assert_array_equal(_rgb(image), np.asarray(want.images[0]))
     assert len(want.losses) == STEPS and len(want.refine_losses[0]) == COMPOSE["refine_rounds"]
@@ -253,6 +265,14 @@ def test_bad_input_ends_in_one_line(sd, client, tmp_path):
         "concept 'dog': the word 'sks dgo' is not in its prompt 'a sks dog and a cat', whose tokens are ")
     assert error("/compose", folder, good, PROMPT, CONCEPTS, "bird", 1) == \
         "the style adapter 'bird' is not among the adapters (dog, cat)"
+    import gradio as gr  # the slider refuses 1.5 before the function runs; called directly, the function does
+
+    with pytest.raises(gr.Error, match=r"guidance rescale=1.5: give 0 \(off\) to 1"):
+        gen.generate(folder, good, PROMPT, guidance_rescale=1.5)
+    # the sliders start at embedded-sd's evaluated settings for it, at diffusers' defaults elsewhere
+    assert gen.page_sampling("embedded-sd") == gen.page_sampling(str(gen.embedded_sd.FOLDER)) == (
+        gen.embedded_sd.SAMPLING["guidance_scale"], gen.embedded_sd.SAMPLING["guidance_rescale"])
+    assert gen.page_sampling(folder) == (7.5, 0.0)
     assert vp.adapter_names(gen.pipeline(folder).unet) == ["dog", "cat"]
 
 

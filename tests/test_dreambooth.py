@@ -760,3 +760,37 @@ def test_the_krona_configs_lycoris_export_loads_in_lycoris_with_the_trained_unet
         got = theirs(lat, 10, hidden).sample
     assert effect > 1e-3 * float(expect.abs().max()), effect
     torch.testing.assert_close(got, expect, atol=effect / 1000, rtol=0)
+
+
+def test_class_images_follow_the_guidance_settings_as_the_pipeline_does(tiny, tmp_path):
+    """guidance_scale / guidance_rescale reach the class images: each is the folder's own
+    pipeline's image at those settings (zero-terminal-SNR models such as embedded-sd need the
+    rescale), and a rescale outside [0, 1] is refused when the config is built."""
+    from diffusers import StableDiffusionPipeline
+
+    settings = {"guidance_scale": 3.0, "guidance_rescale": 0.7}
+    values = _values(tiny, tmp_path / "out", with_prior_preservation=True, class_data_dir=str(tmp_path / "cls"),
+                     class_prompt="a dog", num_class_images=1, sample_batch_size=1, max_train_steps=1, **settings)
+    run_config(values)
+    made = np.asarray(Image.open(tmp_path / "cls" / "class-00000.png"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny / "sd", safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(**kw):
+        return np.asarray(pipe(["a dog"], height=32, width=32, generator=torch.Generator().manual_seed(1234),
+                               **kw).images[0])
+
+    np.testing.assert_array_equal(made, image(**settings))
+    assert np.abs(made.astype(int) - image(guidance_scale=3.0)).max() > 0  # the rescale did something
+    with pytest.raises(ValueError, match=r"guidance_rescale must be a number within \[0, 1\]"):
+        _task(_values(tiny, tmp_path / "o2", guidance_rescale=1.5))
+    with pytest.raises(ValueError, match=r"guidance_scale must be a number within \[0, 100\]"):
+        _task(_values(tiny, tmp_path / "o2", guidance_scale="high"))
+    # left out: diffusers' 7.5 and 0 for this folder, the packaged model's evaluated ones for embedded-sd
+    from visionpeft.backbones import embedded_sd
+    from visionpeft.pipelines.dreambooth.task import sampling_defaults
+
+    plain = _task(_values(tiny, tmp_path / "o3")).cfg
+    assert sampling_defaults(plain, tiny / "sd") == {"guidance_scale": 7.5, "guidance_rescale": 0.0}
+    assert sampling_defaults(plain, embedded_sd.FOLDER) == {k: embedded_sd.SAMPLING[k]
+                                                           for k in ("guidance_scale", "guidance_rescale")}

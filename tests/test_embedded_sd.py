@@ -37,8 +37,12 @@ def test_the_shipped_folder_is_a_stable_diffusion_checkpoint_within_20_mb(pipe):
     assert pipe.scheduler.config.steps_offset == 1
     channels = embedded_sd.LATENT_CHANNELS  # the builders' default is what ships
     assert pipe.vae.config.latent_channels == channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels
-    # the trained VAE's latents were scaled to unit spread (an untrained VAE keeps diffusers' default 0.18215)
-    assert pipe.vae.config.scaling_factor != 0.18215
+    # the trained VAE's latents were whitened per channel (an untrained VAE keeps diffusers' default 0.18215),
+    # and the UNet was trained for v-prediction on a zero-terminal-SNR schedule, which the scheduler keeps
+    assert pipe.vae.config.scaling_factor == 1.0
+    sched = pipe.scheduler.config
+    assert sched.prediction_type == "v_prediction" and sched.rescale_betas_zero_snr
+    assert sched.timestep_spacing == "trailing"
     index = json.loads((embedded_sd_path() / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["safety_checker"] == [None, None]
 
@@ -131,8 +135,8 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     summary = main("b", ["assemble"], [])
     assert a["files"]["sha256"] == summary["files"]["sha256"] and len(summary["files"]["sha256"]) == 3
     assert set(a["eval"]["seen"]) == set(PRETRAIN_SCENES) and "eval" not in summary
-    assert set(summary["vae"]["latents"]) >= {"scaling_factor", "channel_mean", "before_whitening"}
-    assert summary["vae"]["latents"]["scaling_factor"] == 1.0  # whitened at the end of the vae stage
+    stats = summary["vae"]["latents"]  # recorded by the vae stage, folded in for the unet stage and assemble
+    assert summary["unet"]["whitened_with"] == {k: stats[k] for k in ("channel_mean", "channel_std")}
     from diffusers import StableDiffusionPipeline
 
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-b")
@@ -143,22 +147,35 @@ def test_the_pretraining_script_is_seeded_and_writes_a_loadable_folder(tmp_path)
     # the scheduler that ships is the one the UNet trained on, not the assembling call's flags
     assert loaded.scheduler.config.prediction_type == "v_prediction" and loaded.scheduler.config.rescale_betas_zero_snr
     # the decoder stage (what ships) trained the decoder alone: the encoder, so the latents the
-    # UNet learnt, are the vae stage's bit for bit
+    # UNet learnt, are the vae stage's bit for bit; whitened after it, the shipped VAE encodes
+    # the unet stage's latents and reconstructs as the decoder stage's VAE does
     from diffusers import AutoencoderKL
 
     encoder_stage = AutoencoderKL.from_pretrained(tmp_path / "b" / "vae64" / "adapter" / "vae").state_dict()
     final = shipped.state_dict()
-    assert all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith("encoder."))
     assert not all(torch.equal(final[k], v) for k, v in encoder_stage.items() if k.startswith("decoder."))
-    # the defaults: the shipped recipe (4 channels, scaled not whitened, SD's epsilon schedule)
-    plain = main("c", ["vae", "unet", "assemble"], [])
+    unet_vae = AutoencoderKL.from_pretrained(tmp_path / "b" / "unet-vae").state_dict()
+    assert all(torch.equal(final[k], unet_vae[k]) for k in final if k.startswith(("encoder.", "quant_conv.")))
+    decoder_stage = AutoencoderKL.from_pretrained(tmp_path / "b" / "vaedec" / "adapter" / "vae")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = shipped.encode(x).latent_dist
+        z_raw = decoder_stage.encode(x).latent_dist
+        m, s = (torch.tensor(stats[k]).view(1, -1, 1, 1) for k in ("channel_mean", "channel_std"))
+        torch.testing.assert_close(z.mean, (z_raw.mean - m) / s, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(shipped.decode(z.mean).sample, decoder_stage.decode(z_raw.mean).sample,
+                                   atol=1e-5, rtol=1e-4)
+    # v3's recipe (4 channels, scaled not whitened, SD's epsilon schedule), all three defaults turned off
+    plain = main("c", ["vae", "unet", "assemble"], ["--no-whiten-latents", "--prediction-type", "epsilon",
+                                                    "--no-zero-terminal-snr"])
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd-c")
     assert loaded.vae.config.scaling_factor == plain["vae"]["latents"]["scaling_factor"] != 1.0
-    assert "before_whitening" not in plain["vae"]["latents"]
+    assert plain["unet"]["whitened_with"] is None and not (tmp_path / "c" / "unet-vae").exists()
     assert loaded.vae.config.latent_channels == embedded_sd.LATENT_CHANNELS == loaded.unet.config.in_channels
     assert loaded.scheduler.config.prediction_type == "epsilon" and not loaded.scheduler.config.rescale_betas_zero_snr
-    with pytest.raises(SystemExit):  # argparse's one line, before any stage runs
-        main("d", ["vae"], ["--zero-terminal-snr"])
+    with pytest.raises(SystemExit):  # argparse's one line, before any stage runs (zero SNR is on by default)
+        main("d", ["vae"], ["--prediction-type", "epsilon"])
     assert not (tmp_path / "d").exists()
     assert before == {p: p.stat().st_mtime_ns for p in embedded_sd.FOLDER.rglob("*")}
 
@@ -183,7 +200,7 @@ def test_the_decoder_stage_refuses_what_would_not_fit(tmp_path):
     spec.loader.exec_module(module)
     for stage in (module.stage_decoder, module.stage_unet):  # a stage that needs the vae stage's folder
         with pytest.raises(SystemExit, match="holds no finished vae stage"):
-            stage(None, tmp_path, {})
+            stage(None, tmp_path, {}, {}) if stage is module.stage_unet else stage(None, tmp_path, {})
     with pytest.raises(SystemExit, match="holds no finished vae stage"):
         module.assemble(tmp_path, tmp_path / "target")
     assert not (tmp_path / "target").exists()
@@ -279,6 +296,14 @@ def test_the_dreambooth_table_script_runs_scores_and_resumes(tmp_path):
         script.main([*args[:-2], "--eval-seed", "8", "--output", str(out)])  # other settings, same file
     with pytest.raises(SystemExit):
         script.main(["--scene", "forest", "--output", str(tmp_path / "x.json")])  # a training type
+    with pytest.raises(SystemExit):
+        script.main([*args[:-2], "--guidance-rescale", "1.5", "--output", str(tmp_path / "y.json")])
+    # every image of the run (class, validation, judged) at the model's evaluated sampling
+    values = json.loads((tmp_path / "w" / "lora-lake-sks-0" / "table_run.json").read_text())["values"]
+    sampling = embedded_sd.SAMPLING
+    assert (values["guidance_scale"], values["guidance_rescale"]) == (sampling["guidance_scale"],
+                                                                      sampling["guidance_rescale"]) == (
+        doc["settings"]["guidance"], doc["settings"]["guidance_rescale"])
 
 
 def test_the_composition_table_counts_a_concept_where_the_judge_finds_it():
@@ -316,6 +341,60 @@ def test_the_composition_table_counts_a_concept_where_the_judge_finds_it():
     assert lost["in_mask_b"] == lake_left == 0.0
 
 
+def test_the_land_cover_judge_is_the_nearest_mean_of_segmented_class_shares():
+    """LandCoverJudge with a known segmenter (each pixel's class = the scene generator's own
+    label map, looked up by image): its shares are the label maps' class fractions, its
+    centroids their means per type over whole images and quadrants, and its verdict the
+    L1-nearest centroid, checked by a brute-force loop."""
+    import numpy as np
+
+    from visionpeft.data.scenes import CLASSES, SCENE_TYPES, make_scene
+
+    script = _script("compose_table")
+    labels = {}  # image bytes -> the generator's class map, so the fake segmenter is exact
+
+    def segment(images):
+        out = []
+        for x in images:
+            hit = labels.get(x.numpy().tobytes())
+            out.append(hit if hit is not None else torch.zeros(x.shape[-2:], dtype=torch.long))
+        return torch.stack(out)
+
+    rng = np.random.default_rng(5)
+    made = {}
+    for s in SCENE_TYPES[:3]:
+        rgb, cls = make_scene(rng, 64, s)[:2]
+        x = torch.from_numpy(rgb).permute(2, 0, 1)
+        labels[x.numpy().tobytes()] = torch.from_numpy(np.asarray(cls)).long()
+        made[s] = x
+    judge = script.LandCoverJudge(segment, torch.rand(len(SCENE_TYPES), len(CLASSES),
+                                                      generator=torch.Generator().manual_seed(0)), SCENE_TYPES)
+    x = torch.stack(list(made.values()))
+    shares = judge.shares(x)
+    for i, s in enumerate(made):
+        cls = labels[made[s].numpy().tobytes()]
+        want = torch.tensor([(cls == k).float().mean().item() for k in range(len(CLASSES))])
+        torch.testing.assert_close(shares[i], want)
+    verdict = judge.classify(x)
+    for i in range(len(x)):  # brute force: the smallest sum of absolute differences
+        d = [sum(abs(float(shares[i, k]) - float(judge.centroids[t, k])) for k in range(len(CLASSES)))
+             for t in range(len(SCENE_TYPES))]
+        assert int(verdict[i]) == int(np.argmin(d))
+    # fit, with a segmenter that reads brightness: each centroid is the mean of the shares of
+    # that type's n whole images and their 4n quadrants, drawn in order from one generator
+    def bright(images):
+        return (images.mean(1) * len(CLASSES)).long().clamp(max=len(CLASSES) - 1)
+
+    fitted = script.LandCoverJudge.fit(bright, len(CLASSES), 2, seed=1)
+    rng = np.random.default_rng(1)
+    for t, s in enumerate(SCENE_TYPES):
+        x = torch.stack([torch.from_numpy(make_scene(rng, 64, s)[0]).permute(2, 0, 1) for _ in range(2)])
+        parts = [x[i] for i in range(2)] + [q for i in range(2) for q in script.quadrants(x)[i]]
+        want = torch.stack([torch.tensor([(bright(p[None])[0] == k).float().mean().item() for k in range(len(CLASSES))])
+                            for p in parts]).mean(0)
+        torch.testing.assert_close(fitted.centroids[t], want)
+
+
 def test_the_composition_table_script_runs_every_row_and_reuses_its_adapters(tmp_path):
     """--quick end to end: two DreamBooth runs exported in diffusers' format and loaded by
     diffusers itself for the weighted sums, CLoRA through compose, the real control row;
@@ -339,7 +418,9 @@ def test_the_composition_table_script_runs_every_row_and_reuses_its_adapters(tmp
     from types import SimpleNamespace
 
     stamp, record = runs[1].stat().st_mtime_ns, json.loads(runs[1].read_text())
-    quick = SimpleNamespace(instances=2, class_images=2, steps=2, batch=4)
+    quick = SimpleNamespace(instances=2, class_images=2, steps=2, batch=4,
+                            guidance=embedded_sd.SAMPLING["guidance_scale"],
+                            guidance_rescale=embedded_sd.SAMPLING["guidance_rescale"])
     folder, seconds, losses = script.train_adapter("lora", "lake", 0, quick, work, "a satellite image of sks",
                                                    export=("diffusers",))
     assert folder == runs[1].parent and runs[1].stat().st_mtime_ns == stamp

@@ -591,6 +591,14 @@ def _cmd_compose(args) -> int:
             raise ValueError(f"--adapter {name.strip()!r} is given twice")
         adapters[name.strip()] = path.strip()
     concepts = [_parse_concept(c) for c in args.concept]
+    from .backbones import embedded_sd
+
+    ours = args.pipeline == embedded_sd.NAME or Path(args.pipeline).resolve() == embedded_sd.FOLDER.resolve()
+    sampling = embedded_sd.SAMPLING if ours else {}  # embedded-sd's evaluated settings, by name or path
+    guidance = sampling.get("guidance_scale", 7.5) if args.guidance is None else args.guidance
+    rescale = sampling.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale
+    if not 0 <= rescale <= 1:
+        raise ValueError(f"--guidance-rescale {rescale:g}: give 0 (off) to 1 (about 0.7 for zero-terminal-SNR models)")
     used = {c["adapter"] for c in concepts} | ({args.style} if args.style else set())
     unknown = sorted(used - set(adapters))
     if unknown:
@@ -626,8 +634,9 @@ def _cmd_compose(args) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
     result = compose(pipe, args.prompt, concepts, style=args.style, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, step_size=args.step_size, update_until=args.update_until,
-                     refine_at=refine_at, refine_rounds=args.refine_rounds, mask_alpha=args.mask_alpha,
+                     guidance_scale=guidance, guidance_rescale=rescale, step_size=args.step_size,
+                     update_until=args.update_until, refine_at=refine_at, refine_rounds=args.refine_rounds,
+                     mask_alpha=args.mask_alpha,
                      attn_res=args.attn_res, batched=not args.sequential, generator=generator,
                      negative_prompt=args.negative_prompt, height=args.height, width=args.width)
     seconds = time.perf_counter() - start
@@ -821,7 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--style", metavar="NAME", help="an adapter on in every branch (loaded with --adapter)")
     c.add_argument("--scale", action="append", default=[], metavar="NAME=VALUE", help="an adapter's scale")
     c.add_argument("--steps", type=int, default=50, help="denoising steps")
-    c.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    c.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7.5; for embedded-sd "
+                   "the guidance it was evaluated with)")
+    c.add_argument("--guidance-rescale", type=float, help="diffusers' guidance_rescale in [0, 1] (default: 0; for "
+                   "embedded-sd the value it was evaluated with)")
     c.add_argument("--step-size", type=float, default=20, help="latent update step size")
     c.add_argument("--update-until", type=int, default=25, help="update the latent while step < this")
     c.add_argument("--refine-at", default="0,10,20", help="steps with extra refinement rounds (comma-separated)")

@@ -8,9 +8,9 @@ one can judge where no Stable Diffusion weights can be downloaded.
 The folder is an ordinary Stable Diffusion checkpoint; diffusers loads it itself::
 
     from diffusers import StableDiffusionPipeline
-    from visionpeft.backbones import embedded_sd_path
+    from visionpeft.backbones import embedded_sd, embedded_sd_path
     pipe = StableDiffusionPipeline.from_pretrained(embedded_sd_path())
-    image = pipe("a satellite image of farmland", num_inference_steps=20).images[0]  # 64 x 64
+    image = pipe("a satellite image of farmland", **embedded_sd.SAMPLING).images[0]  # 64 x 64
 
 and ``pretrained_model: embedded-sd`` names it in a DreamBooth config (``resolve``). Its
 captions start "a satellite image of <scene type>"; the held-out types (desert,
@@ -28,6 +28,10 @@ REGENERATE = "python scripts/pretrain_embedded_sd.py"
 MAX_LENGTH = 96  # tokens: the longest caption ("... with a, b and c in autumn, hazy") is under 90
 RESOLUTION = 64  # pixels: the UNet's 16 x 16 latents times the VAE's factor 4
 LATENT_CHANNELS = 4  # per latent position, each standing for 4 x 4 pixels
+# the sampling the shipped folder was evaluated with (docs/EMBEDDED.md), the default of the
+# generation demo and the DreamBooth / composition tables; pass them to the pipeline's call
+# (its scheduler ends at zero SNR, so guidance is rescaled as Lin et al. 2024 advise)
+SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0, "guidance_rescale": 0.7}
 
 
 def embedded_sd_path() -> Path:

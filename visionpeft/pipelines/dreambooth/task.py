@@ -81,6 +81,11 @@ class DreamBoothConfig:
     validation_prompt: str | None = None
     num_validation_images: int = 4
     validation_inference_steps: int = 25
+    # classifier-free guidance of the class and validation images; guidance_rescale as diffusers'
+    # (arXiv 2305.08891, 0.7 there), for models trained to zero terminal SNR such as embedded-sd.
+    # None: embedded-sd's evaluated settings for that model, diffusers' 7.5 and 0 for others
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
     export_formats: tuple = ()
     export_rank: int | None = None
     adapter_name: str = "default"
@@ -91,6 +96,11 @@ class DreamBoothConfig:
                              "e.g. {method: lora, r: 4, target_modules: [to_q, to_k, to_v, to_out.0]}")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise ValueError("with_prior_preservation needs class_data_dir and class_prompt")
+        for key, low, high in (("guidance_scale", 0.0, 100.0), ("guidance_rescale", 0.0, 1.0)):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
+                raise ValueError(f"{key} must be a number within [{low:g}, {high:g}] (guidance_rescale: 0 = off, 0.7 "
+                                 f"for zero-terminal-SNR models), got {value!r}")
         self.export_formats = tuple(self.export_formats or ())
         check_exports(self.export_formats, self.export_rank,
                       {"adapter": self.adapter, **({"text_encoder_adapter": self.text_encoder_adapter}
@@ -99,6 +109,17 @@ class DreamBoothConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "DreamBoothConfig":
         return task_config(cls, values, "dreambooth")
+
+
+def sampling_defaults(cfg: DreamBoothConfig, path) -> dict:
+    """guidance_scale and guidance_rescale of the class and validation images: the config's,
+    else the packaged embedded-sd's evaluated ones for that model, else diffusers' defaults."""
+    from visionpeft.backbones import embedded_sd
+
+    ours = Path(path).resolve() == embedded_sd.FOLDER.resolve()
+    base = embedded_sd.SAMPLING if ours else {"guidance_scale": 7.5, "guidance_rescale": 0.0}
+    return {k: base[k] if getattr(cfg, k) is None else float(getattr(cfg, k))
+            for k in ("guidance_scale", "guidance_rescale")}
 
 
 def list_images(folder: str | None, what: str) -> list[Path]:
@@ -178,6 +199,7 @@ class DreamBoothTask(Task):
         from visionpeft.backbones.embedded_sd import resolve
 
         path = resolve(self.cfg.pretrained_model)  # `embedded-sd`: the packaged model
+        self.sampling = sampling_defaults(self.cfg, path)
         try:
             self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
         except (OSError, ValueError) as err:
@@ -247,6 +269,7 @@ class DreamBoothTask(Task):
             while made < missing:
                 n = min(cfg.sample_batch_size, missing - made)
                 images = pipe([cfg.class_prompt] * n, height=cfg.resolution, width=cfg.resolution,
+                              **self.sampling,
                               generator=g).images
                 for im in images:
                     im.save(folder / f"class-{have + made:05d}.png")
@@ -400,6 +423,7 @@ class DreamBoothTask(Task):
                                              enabled=self.dtype != torch.float32):
             images = pipe([cfg.validation_prompt] * cfg.num_validation_images, height=cfg.resolution,
                           width=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                          **self.sampling,
                           generator=g).images
         folder = output_dir / "validation"
         folder.mkdir(parents=True, exist_ok=True)
