@@ -31,17 +31,15 @@ MAX_PIPELINES = 2  # pipelines kept loaded (an SDXL one is several GB)
 REFINE_AT = (0, 10, 20)  # compose's default steps for the extra refinement rounds
 # the default folder's (embedded-sd) evaluated sampling: guidance and diffusers' guidance_rescale
 GUIDANCE, RESCALE = embedded_sd.SAMPLING["guidance_scale"], embedded_sd.SAMPLING["guidance_rescale"]
-PLAIN_GUIDANCE, PLAIN_RESCALE = 7.5, 0.0  # diffusers' defaults, the page's for any other folder
+RESCALE_HELP = ("0 = plain guidance; about 0.7 for models trained to zero terminal SNR (v-prediction), "
+                "such as the packaged embedded-sd")
 
 
 def page_sampling(folder: str) -> tuple[float, float]:
     """The page's guidance and rescale sliders for a default folder: embedded-sd's evaluated
     settings for the packaged model (by name or path), diffusers' defaults otherwise."""
-    name = (folder or "").strip()
-    ours = name == embedded_sd.NAME or (bool(name) and Path(name).resolve() == embedded_sd.FOLDER.resolve())
-    return (GUIDANCE, RESCALE) if ours else (PLAIN_GUIDANCE, PLAIN_RESCALE)
-RESCALE_HELP = ("0 = plain guidance; about 0.7 for models trained to zero terminal SNR (v-prediction), "
-                "such as the packaged embedded-sd")
+    chosen = embedded_sd.guidance_defaults(folder)
+    return chosen["guidance_scale"], chosen["guidance_rescale"]
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # what vp.inject accepts as a name
 ADAPTERS_HELP = "one adapter a line, NAME=PATH (an adapter folder, a DreamBooth output, a diffusers / PEFT / " \
                 "kohya / LyCORIS file)"

@@ -82,6 +82,19 @@ def test_the_name_resolves_to_the_packaged_folder_and_a_missing_one_says_how_to_
     assert len(str(err.value).splitlines()) == 1
 
 
+def test_the_packaged_model_is_known_by_name_or_path_and_gets_its_guidance(tmp_path):
+    """embedded-sd (the name or its folder, however written) is sampled at its evaluated
+    guidance; any other model at diffusers' 7.5 and 0."""
+    ours = {"guidance_scale": embedded_sd.SAMPLING["guidance_scale"],
+            "guidance_rescale": embedded_sd.SAMPLING["guidance_rescale"]}
+    for name in ("embedded-sd", " embedded-sd ", embedded_sd.FOLDER, str(embedded_sd.FOLDER / ".." / "embedded-sd")):
+        assert embedded_sd.is_embedded(name) and embedded_sd.guidance_defaults(name) == ours, name
+    for other in ("runwayml/stable-diffusion-v1-5", tmp_path, "", None):
+        assert not embedded_sd.is_embedded(other)
+        assert embedded_sd.guidance_defaults(other) == {"guidance_scale": 7.5, "guidance_rescale": 0.0}
+    assert ours != embedded_sd.guidance_defaults(tmp_path)  # the test would mean nothing otherwise
+
+
 def test_dreambooth_and_compose_run_on_it_by_name(tmp_path):
     """Two 2-step DreamBooth runs (two held-out types) on `pretrained_model: embedded-sd` at
     its own 64 px, then both adapters composed with CLoRA through `visionpeft compose`."""

@@ -593,10 +593,9 @@ def _cmd_compose(args) -> int:
     concepts = [_parse_concept(c) for c in args.concept]
     from .backbones import embedded_sd
 
-    ours = args.pipeline == embedded_sd.NAME or Path(args.pipeline).resolve() == embedded_sd.FOLDER.resolve()
-    sampling = embedded_sd.SAMPLING if ours else {}  # embedded-sd's evaluated settings, by name or path
-    guidance = sampling.get("guidance_scale", 7.5) if args.guidance is None else args.guidance
-    rescale = sampling.get("guidance_rescale", 0.0) if args.guidance_rescale is None else args.guidance_rescale
+    sampling = embedded_sd.guidance_defaults(args.pipeline)  # embedded-sd's evaluated ones, by name or path
+    guidance = sampling["guidance_scale"] if args.guidance is None else args.guidance
+    rescale = sampling["guidance_rescale"] if args.guidance_rescale is None else args.guidance_rescale
     if not 0 <= rescale <= 1:
         raise ValueError(f"--guidance-rescale {rescale:g}: give 0 (off) to 1 (about 0.7 for zero-terminal-SNR models)")
     used = {c["adapter"] for c in concepts} | ({args.style} if args.style else set())

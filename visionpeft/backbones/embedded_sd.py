@@ -32,6 +32,19 @@ LATENT_CHANNELS = 4  # per latent position, each standing for 4 x 4 pixels
 # generation demo and the DreamBooth / composition tables; pass them to the pipeline's call
 # (its scheduler ends at zero SNR, so guidance is rescaled as Lin et al. 2024 advise)
 SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0, "guidance_rescale": 0.7}
+PLAIN_GUIDANCE = {"guidance_scale": 7.5, "guidance_rescale": 0.0}  # diffusers' defaults, for any other model
+
+
+def is_embedded(model) -> bool:
+    """Whether ``model`` (a name, hub id or folder) is the packaged pipeline, by name or path."""
+    name = str(model or "").strip()
+    return name == NAME or (bool(name) and Path(name).resolve() == FOLDER.resolve())
+
+
+def guidance_defaults(model) -> dict:
+    """guidance_scale and guidance_rescale to sample ``model`` with when none are given:
+    embedded-sd's evaluated ones (it ends at zero SNR), diffusers' 7.5 and 0 otherwise."""
+    return {k: SAMPLING[k] for k in PLAIN_GUIDANCE} if is_embedded(model) else dict(PLAIN_GUIDANCE)
 
 
 def embedded_sd_path() -> Path:

@@ -114,12 +114,9 @@ class DreamBoothConfig:
 def sampling_defaults(cfg: DreamBoothConfig, path) -> dict:
     """guidance_scale and guidance_rescale of the class and validation images: the config's,
     else the packaged embedded-sd's evaluated ones for that model, else diffusers' defaults."""
-    from visionpeft.backbones import embedded_sd
+    from visionpeft.backbones.embedded_sd import guidance_defaults
 
-    ours = Path(path).resolve() == embedded_sd.FOLDER.resolve()
-    base = embedded_sd.SAMPLING if ours else {"guidance_scale": 7.5, "guidance_rescale": 0.0}
-    return {k: base[k] if getattr(cfg, k) is None else float(getattr(cfg, k))
-            for k in ("guidance_scale", "guidance_rescale")}
+    return {k: v if getattr(cfg, k) is None else float(getattr(cfg, k)) for k, v in guidance_defaults(path).items()}
 
 
 def list_images(folder: str | None, what: str) -> list[Path]:
