@@ -115,17 +115,21 @@ def clora_images(folders, n: int, seed: int, sample: dict) -> tuple[torch.Tensor
     return torch.stack(images).clamp(0, 1), masks
 
 
-def real_pairs(scenes, n: int, seed: int) -> torch.Tensor:
-    """Left half scene A, right half scene B: real generator images, the metric's ceiling."""
+def real_scenes(rng, scene: str, n: int) -> torch.Tensor:
+    """(n, 3, 64, 64) in [0, 1]: ``n`` generator images of ``scene``, drawn in order from ``rng``."""
     from visionpeft.data.scenes import make_scene
 
+    return torch.stack([torch.from_numpy(make_scene(rng, 64, scene)[0]).permute(2, 0, 1) for _ in range(n)])
+
+
+def real_pairs(scenes, n: int, seed: int) -> torch.Tensor:
+    """Left half scene A, right half scene B: real generator images, the metric's ceiling."""
     import numpy as np
 
     out = []
     for i in range(n):
         rng = np.random.default_rng(seed + i)
-        a, b = (torch.from_numpy(make_scene(rng, 64, s)[0]).permute(2, 0, 1)
-                for s in scenes)
+        a, b = (real_scenes(rng, s, 1)[0] for s in scenes)
         out.append(torch.cat([a[:, :, :32], b[:, :, 32:]], 2))
     return torch.stack(out)
 
@@ -152,7 +156,7 @@ class LandCoverJudge:
     def fit(cls, segment, num_classes: int, n: int, seed: int) -> "LandCoverJudge":
         """Centroids from ``n`` real scenes of each of the ten types, whole and quartered
         (the table asks about both)."""
-        from visionpeft.data.scenes import SCENE_TYPES, make_scene
+        from visionpeft.data.scenes import SCENE_TYPES
 
         import numpy as np
 
@@ -160,7 +164,7 @@ class LandCoverJudge:
         judge = cls(segment, torch.zeros(len(SCENE_TYPES), num_classes), SCENE_TYPES)
         rows = []
         for s in SCENE_TYPES:
-            x = torch.stack([torch.from_numpy(make_scene(rng, 64, s)[0]).permute(2, 0, 1) for _ in range(n)])
+            x = real_scenes(rng, s, n)
             rows.append(torch.cat([judge.shares(x), judge.shares(quadrants(x).flatten(0, 1))]).mean(0))
         judge.centroids = torch.stack(rows)
         return judge
@@ -184,35 +188,26 @@ def segmenter(checkpoint: str):
     return segment, cfg["num_classes"]
 
 
-def judge_on_real(judge, n: int, seed: int) -> float:
-    """The judge's accuracy on whole real images of all ten types."""
-    from visionpeft.data.scenes import SCENE_TYPES, make_scene
-
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    right = 0
-    for s in SCENE_TYPES:
-        x = torch.stack([torch.from_numpy(make_scene(rng, 64, s)[0]).permute(2, 0, 1) for _ in range(n)])
-        right += int((judge.classify(x) == judge.classes.index(s)).sum())
-    return round(right / (n * len(SCENE_TYPES)), 4)
-
-
-def judge_on_quadrants(judge, n: int, seed: int) -> float:
-    """The judge's accuracy on quadrants of real images of all ten types."""
-    from visionpeft.data.scenes import SCENE_TYPES, make_scene
+def judge_on_real(judge, n: int, seed: int, quartered: bool = False) -> float:
+    """The judge's accuracy on ``n`` real images of each of the ten types, whole or (with
+    ``quartered``) on each of their four quadrants."""
+    from visionpeft.data.scenes import SCENE_TYPES
 
     import numpy as np
 
     rng = np.random.default_rng(seed)
     right = total = 0
     for s in SCENE_TYPES:
-        x = torch.stack([torch.from_numpy(make_scene(rng, 64, s)[0]).permute(2, 0, 1)
-                         for _ in range(n)])
-        types = judge.classify(quadrants(x).flatten(0, 1))
+        x = real_scenes(rng, s, n)
+        types = judge.classify(quadrants(x).flatten(0, 1) if quartered else x)
         right += int((types == judge.classes.index(s)).sum())
         total += types.numel()
     return round(right / total, 4)
+
+
+def judge_on_quadrants(judge, n: int, seed: int) -> float:
+    """The judge's accuracy on quadrants of real images of all ten types."""
+    return judge_on_real(judge, n, seed, quartered=True)
 
 
 def main(argv=None):

@@ -96,11 +96,11 @@ class DreamBoothConfig:
                              "e.g. {method: lora, r: 4, target_modules: [to_q, to_k, to_v, to_out.0]}")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise ValueError("with_prior_preservation needs class_data_dir and class_prompt")
-        for key, low, high in (("guidance_scale", 0.0, 100.0), ("guidance_rescale", 0.0, 1.0)):
+        for key, low, high, hint in (("guidance_scale", 0.0, 100.0, "7.5 is diffusers' default"),
+                                     ("guidance_rescale", 0.0, 1.0, "0 = off, 0.7 for zero-terminal-SNR models")):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
-                raise ValueError(f"{key} must be a number within [{low:g}, {high:g}] (guidance_rescale: 0 = off, 0.7 "
-                                 f"for zero-terminal-SNR models), got {value!r}")
+                raise ValueError(f"{key} must be a number within [{low:g}, {high:g}] ({hint}), got {value!r}")
         self.export_formats = tuple(self.export_formats or ())
         check_exports(self.export_formats, self.export_rank,
                       {"adapter": self.adapter, **({"text_encoder_adapter": self.text_encoder_adapter}
